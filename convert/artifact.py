@@ -1,0 +1,70 @@
+"""The safety artifact: the learned [CLS] input row, the two head rows, and its card.
+
+On disk: `<name>.safety.safetensors` (tensors `cls_embedding` (D,), `head` (2, D) with
+rows [benign, malicious]) beside `card.json` (data, recipe, metrics, calibrated threshold).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+TENSORS = "safety.safetensors"
+CARD = "card.json"
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+@dataclass
+class Artifact:
+    cls_embedding: np.ndarray  # (D,)
+    head: np.ndarray           # (2, D): [benign, malicious]
+    card: dict
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.cls_embedding.shape[0])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.cls_embedding, np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.head, np.float32).tobytes())
+        h.update(json.dumps(self.card, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({"cls_embedding": self.cls_embedding.astype(np.float32),
+                   "head": self.head.astype(np.float32)}, str(d / TENSORS))
+        (d / CARD).write_text(json.dumps(self.card, indent=2, sort_keys=True) + "\n")
+        return d
+
+
+def load_artifact(directory: str | Path) -> Artifact:
+    d = Path(directory)
+    if not (d / TENSORS).is_file() or not (d / CARD).is_file():
+        raise ArtifactError(f"{d} is not a safety artifact (needs {TENSORS} and {CARD})")
+    try:
+        t = load_file(str(d / TENSORS))
+        card = json.loads((d / CARD).read_text())
+    except Exception as e:  # corrupt file: say which
+        raise ArtifactError(f"{d}: cannot read the artifact: {e}") from None
+    cls_row, head = t.get("cls_embedding"), t.get("head")
+    if cls_row is None or head is None or cls_row.ndim != 1 or head.shape != (2, cls_row.shape[0]):
+        raise ArtifactError(f"{d}: expected cls_embedding (D,) and head (2, D) tensors")
+    if not 0.0 < float(card.get("threshold", -1)) < 1.0:
+        raise ArtifactError(f"{d}: card.json has no calibrated threshold in (0, 1)")
+    if not (np.isfinite(cls_row).all() and np.isfinite(head).all()):
+        raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
+    return Artifact(cls_row.astype(np.float32), head.astype(np.float32), card)

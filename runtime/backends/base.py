@@ -1,0 +1,50 @@
+"""The small interface the decoding strategy needs from an inference engine.
+
+A backend owns one KV cache and one sampler. The strategy drives it:
+
+    p = backend.start(prompt_tokens, sampling, check=True)   # prefill (+ side [CLS])
+    tok = backend.sample()                                   # from the last real position
+    p = backend.advance(tok, check=...)                      # decode tok (+ side [CLS])
+    p = backend.check()                                      # a lone [CLS] on the current cache
+
+`start`, `advance` and `check` return p_unsafe in [0, 1] for a check (the verdict on
+everything in the cache), or None when no check was asked for. A side [CLS] never stays in
+the cache: the next token takes its position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Backend(Protocol):
+    n_ctx: int
+
+    def tokenize(self, text: str, special: bool) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None: ...
+
+    def sample(self) -> int: ...
+
+    def advance(self, token: int, check: bool) -> float | None: ...
+
+    def check(self) -> float: ...

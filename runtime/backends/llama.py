@@ -1,0 +1,281 @@
+"""llama.cpp backend on llama-cpp-python's low-level (ctypes) API.
+
+Per check step one decode holds two positions, `[token at n, [CLS] at n+1]`, with logits
+for both rows; row 0 feeds the sampler, row 1 gives the verdict, then the [CLS] cell is
+removed from the KV cache so the next token takes position n+1 (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp as ll
+
+from convert.metadata import PREFIX, SafetyMeta
+
+from ..errors import ContextOverflowError, ModelFileError
+from .base import Sampling
+
+try:  # the native module built from cpp_ext/ by pip install
+    from runtime import _native
+except ImportError:  # pragma: no cover - only when the package was not installed with pip
+    _native = None
+
+_init_lock = threading.Lock()
+_initialised = False
+_log_lines: list[str] = []
+
+
+@ll.llama_log_callback
+def _log(level, text, user_data):  # keep llama.cpp quiet; remember errors for messages
+    if level >= 4 and text:  # GGML_LOG_LEVEL_ERROR == 4
+        _log_lines.append(text.decode("utf-8", "replace").strip())
+        del _log_lines[:-20]
+
+
+def _init():
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            ll.llama_log_set(_log, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _initialised = True
+
+
+def p_unsafe_from_logits(row, safe_id: int, unsafe_id: int) -> float:
+    """softmax([safe, unsafe])[1] of a logits row (pure-Python reference of the native one)."""
+    d = float(row[unsafe_id]) - float(row[safe_id])
+    if d != d:
+        return float("nan")
+    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
+
+
+class LlamaModelFile:
+    """A loaded GGUF: model weights, vocabulary and metadata (shared by its contexts)."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+        _init()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(f"model file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelFileError(f"{self.path} is not a GGUF model file (bad magic)")
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        _log_lines.clear()
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            detail = "; ".join(_log_lines[-3:]) or "llama.cpp could not load it"
+            raise ModelFileError(f"{self.path} is corrupt or unsupported: {detail}")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.metadata = self._read_metadata()
+        tmpl = ll.llama_model_chat_template(self.model, None)
+        self.chat_template = tmpl.decode("utf-8") if tmpl else None
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.bos = ll.llama_vocab_bos(self.vocab)
+        self._piece_cache: dict[int, bytes] = {}
+
+    def _read_metadata(self) -> dict[str, str]:
+        out = {}
+        buf = ctypes.create_string_buffer(1 << 16)
+        for i in range(ll.llama_model_meta_count(self.model)):
+            n = ll.llama_model_meta_key_by_index(self.model, i, buf, len(buf))
+            if n < 0:
+                continue
+            key = buf.value.decode("utf-8", "replace")
+            if not key.startswith(PREFIX):
+                continue
+            n = ll.llama_model_meta_val_str_by_index(self.model, i, buf, len(buf))
+            if n >= 0:
+                out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def safety_meta(self) -> SafetyMeta:
+        return SafetyMeta.from_kv(self.metadata, self.n_vocab, where=str(self.path))
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (ll.llama_token * n_max)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, special)
+        if n < 0:
+            buf = (ll.llama_token * -n)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, -n, False, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:max(n, 0)]
+            self._piece_cache[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self):
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        self.close()
+
+
+class LlamaBackend:
+    """One llama.cpp context (one KV cache, one sampler chain) implementing `Backend`."""
+
+    def __init__(self, mf: LlamaModelFile, n_ctx: int = 4096, threads: int | None = None,
+                 n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None):
+        self.mf = mf
+        threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        p = ll.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
+        p.n_threads = p.n_threads_batch = threads
+        p.n_seq_max = 1
+        p.no_perf = True
+        self.ctx = ll.llama_init_from_model(mf.model, p)
+        if not self.ctx:
+            raise ModelFileError(f"llama.cpp could not create a context for {mf.path} (n_ctx={n_ctx})")
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_batch = n_batch
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(n_batch, 0, 1)
+        self.safety_ids = safety_ids  # (cls, safe, unsafe) or None
+        self.sampler = None
+        self.n_past = 0
+        self._row = -1  # batch row holding the logits of the last real token
+
+    # -- tokens ----------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.mf.tokenize(text, special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.mf.token_bytes(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self.mf.is_eog(token)
+
+    # -- decoding --------------------------------------------------------------------
+    def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool) -> None:
+        """Decode tokens at start_pos.. (+ [CLS] right after them); logits for last (and [CLS])."""
+        b = self.batch
+        items = list(tokens) + ([self.safety_ids[0]] if cls else [])
+        for i, t in enumerate(items):
+            b.token[i] = t
+            b.pos[i] = start_pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 0
+        if want_last and tokens:
+            b.logits[len(tokens) - 1] = 1
+        if cls:
+            b.logits[len(items) - 1] = 1
+        b.n_tokens = len(items)
+        rc = ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        if want_last and tokens:
+            self._row = len(tokens) - 1
+
+    def _verdict(self, row: int) -> float:
+        logits = ll.llama_get_logits_ith(self.ctx, row)
+        _, safe, unsafe = self.safety_ids
+        if not logits:
+            return float("nan")
+        if _native is not None:
+            return _native.p_unsafe(ctypes.addressof(logits.contents), safe, unsafe)
+        return p_unsafe_from_logits(logits, safe, unsafe)
+
+    def _drop_cls(self, pos: int) -> None:
+        if not ll.llama_memory_seq_rm(self.mem, 0, pos, -1):
+            raise RuntimeError("could not remove the [CLS] cell from the KV cache")
+
+    def _with_cls(self, tokens: list[int], start: int, want_last: bool) -> float:
+        self._decode(tokens, start, want_last, cls=True)
+        p = self._verdict(len(tokens))
+        self._drop_cls(start + len(tokens))
+        return p
+
+    def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
+        if not tokens:
+            raise ValueError("empty prompt")
+        if len(tokens) + 2 > self.n_ctx:
+            raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        if check and self.safety_ids is None:
+            raise RuntimeError("this model has no safety tokens")
+        ll.llama_memory_clear(self.mem, True)
+        self._make_sampler(sampling)
+        chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk
+        for s in range(0, len(tokens), chunk):
+            part = tokens[s:s + chunk]
+            final = s + chunk >= len(tokens)
+            if final and check:
+                p = self._with_cls(part, s, want_last=True)
+            else:
+                self._decode(part, s, want_last=final, cls=False)
+        self.n_past = len(tokens)
+        return p if check else None
+
+    def advance(self, token: int, check: bool) -> float | None:
+        n = self.n_past
+        if check:
+            p = self._with_cls([token], n, want_last=True)
+        else:
+            self._decode([token], n, want_last=True, cls=False)
+            p = None
+        self.n_past = n + 1
+        return p
+
+    def check(self) -> float:
+        self._decode([], self.n_past, want_last=False, cls=True)
+        p = self._verdict(0)
+        self._drop_cls(self.n_past)
+        return p
+
+    def sample(self) -> int:
+        return int(ll.llama_sampler_sample(self.sampler, self.ctx, self._row))
+
+    def _make_sampler(self, s: Sampling) -> None:
+        if self.sampler is not None:
+            ll.llama_sampler_free(self.sampler)
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if self.safety_ids:
+            bias = (ll.llama_logit_bias * 3)()
+            for i, tok in enumerate(self.safety_ids):
+                bias[i].token, bias[i].bias = tok, float("-inf")
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, 3, bias))
+        if s.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self.mf.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+        if s.greedy:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+        self.sampler = chain
+
+    def close(self):
+        if getattr(self, "sampler", None):
+            ll.llama_sampler_free(self.sampler)
+            self.sampler = None
+        if getattr(self, "batch", None) is not None:
+            ll.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,102 @@
+"""`load()` and `Model.chat()`: the friendly layer over a backend and the decoding strategy."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from convert.metadata import MetadataError, SafetyMeta
+
+from .backends.base import Sampling
+from .errors import ContextOverflowError, MessagesError, ModelFileError
+from .prompt import build_prompt, prompt_tokens
+from .reply import Reply
+from .strategy import Generation, SafetyPolicy, generate
+
+BACKENDS = ("llama", "onnx")
+
+
+def _policy(safety: Any) -> SafetyPolicy | None:
+    if safety is None or safety == "on":
+        return SafetyPolicy()
+    if safety == "off":
+        return None
+    if isinstance(safety, SafetyPolicy):
+        return safety
+    if isinstance(safety, dict):
+        return SafetyPolicy(**safety)
+    raise ValueError(f"safety must be 'on', 'off', a SafetyPolicy or a dict of its fields, got {safety!r}")
+
+
+class Model:
+    """A loaded model file with one KV cache; `chat` calls are serialised by a lock."""
+
+    def __init__(self, path: str | Path, backend: str = "llama", n_ctx: int = 4096, n_gpu_layers: int = 0,
+                 threads: int | None = None, safety: Any = "on"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnx":
+            raise NotImplementedError("the ONNX backend is not built yet (issue 5); use backend='llama'")
+        from .backends.llama import LlamaBackend, LlamaModelFile
+
+        self.policy = _policy(safety)
+        self.file = LlamaModelFile(path, n_gpu_layers=n_gpu_layers)
+        self.meta: SafetyMeta | None = None
+        try:
+            self.meta = self.file.safety_meta()
+        except MetadataError as e:
+            if self.policy is not None:
+                raise ModelFileError(f"{e}. Load it with safety='off' to run it without checks.") from None
+        ids = self.meta.token_ids if self.meta else None
+        self.backend = LlamaBackend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids)
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def tokenize_messages(self, messages: Any) -> list[int]:
+        prompt = build_prompt(self.file.chat_template, messages)
+        bos = self.file.bos if self.file.add_bos else None
+        return prompt_tokens(prompt, self.backend.tokenize, bos)
+
+    def chat(self, messages: Any, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
+             stream: bool = False, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+             repeat_penalty: float = 1.0, safety: Any = None) -> Reply | Generation:
+        """Answer `messages` (a string or OpenAI-style list; a final assistant message is a prefill).
+
+        Returns a `Reply`, or with `stream=True` a `Generation` that yields text pieces and
+        holds the `Reply` in `.reply` when done. `safety` overrides the model's policy per call.
+        """
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise MessagesError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        policy = self.policy if safety is None else _policy(safety)
+        if policy is not None and self.meta is None:
+            raise ModelFileError(f"{self.path} has no safety metadata; only safety='off' can run it")
+        tokens = self.tokenize_messages(messages)
+        if len(tokens) + 2 > self.backend.n_ctx:
+            raise ContextOverflowError(f"the conversation is {len(tokens)} tokens; the context window holds "
+                                       f"{self.backend.n_ctx}: shorten the history or load with a larger n_ctx")
+        sampling = Sampling(temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, seed=int(seed))
+        gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
+                       sampling=sampling, max_tokens=max_tokens)
+        g = Generation(self._locked(gen))
+        return g if stream else g.run()
+
+    def _locked(self, gen):
+        with self._lock:
+            return (yield from gen)
+
+    def close(self):
+        self.backend.close()
+        self.file.close()
+
+
+def load(path: str | Path | None = None, backend: str = "llama", n_gpu_layers: int = 0,
+         threads: int | None = None, safety: Any = "on", n_ctx: int = 4096) -> Model:
+    """Load a safe model file; with no path, the embedded default (built on first use)."""
+    if path is None:
+        from .default_model import default_model_path
+        path = default_model_path()
+    return Model(path, backend=backend, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, safety=safety)

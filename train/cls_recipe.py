@@ -1,0 +1,186 @@
+"""The frozen-LM `cls` recipe (DESIGN.md section 4): learn the [CLS] input row and two head rows.
+
+Strategic attention makes this cheap: nothing attends to [CLS], so the context's keys and
+values do not depend on it. Each training sequence is run through the frozen model once
+(no grad) and its keys/values are cached on disk; then [CLS] query positions (end of the
+prompt or prefill, and points inside benign responses) are trained against that cache.
+Only the [CLS] forward pass (one position, 30 layers) is differentiated.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from runtime.prompt import build_prompt, prompt_tokens
+
+from .llama_torch import FrozenLlama
+
+RESPONSE_POINTS = (8, 24, 48)  # [CLS] after this many tokens of a benign reference response
+
+
+@dataclass
+class Encoded:
+    tokens: list[int]
+    positions: list[int]  # [CLS] goes right after tokens[:p]
+    label: int
+    meta: dict
+
+
+def encode(example: dict, tokenize, template: str | None, bos: int | None = None) -> Encoded:
+    """Token ids exactly as the runtime builds them, plus the [CLS] positions to train/evaluate."""
+    msgs = [{"role": "user", "content": example["prompt"]}]
+    if example.get("prefill"):
+        msgs.append({"role": "assistant", "content": example["prefill"]})
+    toks = prompt_tokens(build_prompt(template, msgs), tokenize, bos)
+    positions = [len(toks)]
+    if example.get("response") and not example.get("prefill"):
+        resp = tokenize(example["response"], False)[:max(RESPONSE_POINTS)]
+        positions += [len(toks) + k for k in RESPONSE_POINTS if k <= len(resp)]
+        toks = toks + resp
+    return Encoded(toks, positions, int(example["label"]), example)
+
+
+class KVCache:
+    """Keys/values of every training sequence, token-major fp16 on disk: (tokens, layer, k/v, head, dim)."""
+
+    def __init__(self, model: FrozenLlama, seqs: list[list[int]], path: Path, max_batch_tokens: int = 4096):
+        c = model.cfg
+        self.offsets = np.cumsum([0] + [len(s) for s in seqs])
+        shape = (int(self.offsets[-1]), c.n_layer, 2, c.n_head_kv, c.head_dim)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        batches, cur = [], []
+        for i in order:  # length-sorted batches under a token budget
+            if cur and (len(cur) + 1) * len(seqs[i]) > max_batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+        for b in tqdm(batches, desc="prefill (frozen model, keys/values)", unit="batch"):
+            T = max(len(seqs[i]) for i in b)
+            toks = torch.zeros(len(b), T, dtype=torch.long)
+            for j, i in enumerate(b):
+                toks[j, :len(seqs[i])] = torch.tensor(seqs[i])
+            kv, _ = model.prefill(toks)  # (layer, 2, B, T, H, D)
+            kv = kv.permute(2, 3, 0, 1, 4, 5).to(torch.float16).numpy()
+            for j, i in enumerate(b):
+                n = len(seqs[i])
+                self.data[self.offsets[i]:self.offsets[i] + n] = kv[j, :n]
+        self.data.flush()
+
+    def gather(self, seq_idx: list[int], ctx_len: list[int]) -> torch.Tensor:
+        """Padded context keys/values for queries: (layer, 2, Q, L, H, D) float32."""
+        L = max(ctx_len)
+        rows = np.zeros((len(seq_idx), L), dtype=np.int64)
+        for q, (i, n) in enumerate(zip(seq_idx, ctx_len)):
+            rows[q, :n] = np.arange(self.offsets[i], self.offsets[i] + n)
+        kv = torch.from_numpy(self.data[rows.reshape(-1)].astype(np.float32))
+        kv = kv.view(len(seq_idx), L, *kv.shape[1:])           # (Q, L, layer, 2, H, D)
+        return kv.permute(2, 3, 0, 1, 4, 5)
+
+
+def _query_batches(queries, max_tokens: int, rng: random.Random):
+    qs = sorted(queries, key=lambda q: q[1])
+    batches, cur = [], []
+    for q in qs:
+        if cur and (len(cur) + 1) * q[1] > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(q)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, epochs: int = 4,
+              lr: float = 3e-3, seed: int = 0, max_batch_tokens: int = 6144, log=print):
+    """Train the [CLS] row and head rows; return (cls_row (D,), head (2, D)) as float32 numpy."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.time()
+    cache = KVCache(model, [e.tokens for e in encoded], cache_path)
+    log(f"cached keys/values for {len(encoded)} sequences, {cache.offsets[-1]} tokens in {time.time() - t0:.0f}s")
+    queries = [(i, p, e.label) for i, e in enumerate(encoded) for p in e.positions]
+    n_pos = sum(q[2] for q in queries)
+    w_pos = len(queries) / (2.0 * max(n_pos, 1))
+    w_neg = len(queries) / (2.0 * max(len(queries) - n_pos, 1))
+    emb = model.w["token_embd.weight"]
+    cls_row = (emb.mean(0) + 0.01 * torch.randn(emb.shape[1])).requires_grad_(True)
+    head = torch.zeros(2, emb.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([{"params": [cls_row], "lr": lr}, {"params": [head], "lr": lr * 3}])
+    steps = epochs * len(_query_batches(queries, max_batch_tokens, random.Random(0)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr * 3], total_steps=steps, pct_start=0.1)
+    for ep in range(epochs):
+        tot, n, correct = 0.0, 0, 0
+        for batch in tqdm(_query_batches(queries, max_batch_tokens, rng), desc=f"epoch {ep + 1}/{epochs}"):
+            idx, ctx, lab = zip(*batch)
+            kv = cache.gather(list(idx), list(ctx))
+            hid = model.cls_forward(cls_row, kv, torch.tensor(ctx))
+            logits = hid @ head.T
+            y = torch.tensor(lab)
+            w = torch.where(y == 1, w_pos, w_neg)
+            loss = (F.cross_entropy(logits, y, reduction="none") * w).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(batch)
+            n += len(batch)
+            correct += (logits.argmax(-1) == y).sum().item()
+        log(f"epoch {ep + 1}: loss {tot / n:.4f} train acc {correct / n:.3f} ({time.time() - t0:.0f}s)")
+    cache_path.unlink(missing_ok=True)
+    return cls_row.detach().numpy().astype(np.float32), head.detach().numpy().astype(np.float32)
+
+
+# -- evaluation on the converted model file (the real runtime path) ---------------------
+def score_gguf(path: Path, encoded: list[Encoded], threads: int | None = None) -> list[list[float]]:
+    """p_unsafe at every [CLS] position of every example, computed by llama.cpp on the model file."""
+    from runtime.backends.base import Sampling
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+
+    mf = LlamaModelFile(path)
+    meta = mf.safety_meta()
+    n_ctx = max(len(e.tokens) for e in encoded) + 8
+    be = LlamaBackend(mf, n_ctx=max(512, n_ctx), threads=threads, safety_ids=meta.token_ids)
+    out = []
+    for e in tqdm(encoded, desc=f"score {path.name} (llama.cpp)"):
+        out.append([be.start(e.tokens[:p], Sampling(), check=True) for p in e.positions])
+    be.close()
+    return out
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = np.argsort(np.argsort(np.concatenate([pos, neg]))) + 1.0
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def calibrate(scores: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on benign examples is <= max_fpr."""
+    neg = np.sort(scores[labels == 0])
+    k = int(math.floor(max_fpr * len(neg)))
+    thr = neg[len(neg) - k - 1] if k < len(neg) else 0.0
+    return float(min(max(np.nextafter(thr, 1.0), 1e-4), 1 - 1e-4))
+
+
+def rates(scores: np.ndarray, labels: np.ndarray, thr: float) -> dict:
+    flag = scores >= thr
+    a = auroc(scores, labels)
+    out = {"n": int(len(labels)), "auroc": round(a, 4) if a == a else None}
+    if (labels == 1).any():
+        out["tpr"] = round(float(flag[labels == 1].mean()), 4)
+    if (labels == 0).any():
+        out["fpr"] = round(float(flag[labels == 0].mean()), 4)
+    return out

@@ -1,0 +1,163 @@
+"""The frozen base model in torch, read straight from a GGUF file.
+
+One readable file in the spirit of gpt-fast: weights are dequantized with gguf-py, the
+forward pass is written out (RMSNorm, grouped-query attention, rotary embeddings, SwiGLU).
+Only the pieces the `cls` recipe needs exist:
+
+* `prefill(tokens)`   runs the frozen model over whole sequences and returns every
+                      layer's keys/values (what a [CLS] position attends to);
+* `cls_forward(...)`  runs [CLS] query positions against those cached keys/values and
+                      returns their final (normed) hidden states, differentiable in the
+                      [CLS] input row.
+
+Weights are used exactly as llama.cpp uses them: GGUF stores Q/K permuted for llama.cpp's
+"normal" (interleaved pair) rotary embedding, so that is the rotation applied here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    rope_base: float
+    eps: float
+    n_vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+class FrozenLlama:
+    """A frozen Llama-architecture model loaded from GGUF (float32, no grad on weights)."""
+
+    def __init__(self, path: str | Path):
+        reader = gguf.GGUFReader(str(path))
+        arch = _field(reader, "general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{path}: architecture {arch!r} is not supported by the cls recipe (llama only)")
+        a = arch
+        w: dict[str, torch.Tensor] = {}
+        for t in reader.tensors:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            w[t.name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        self.w = w
+        self.tied = "output.weight" not in w
+        n_embd = int(_field(reader, f"{a}.embedding_length"))
+        n_head = int(_field(reader, f"{a}.attention.head_count"))
+        self.cfg = Config(
+            n_layer=int(_field(reader, f"{a}.block_count")),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=int(_field(reader, f"{a}.attention.head_count_kv", n_head)),
+            n_ff=int(_field(reader, f"{a}.feed_forward_length")),
+            rope_base=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+            eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            n_vocab=w["token_embd.weight"].shape[0],
+        )
+        hd = self.cfg.head_dim
+        self.inv_freq = 1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+
+    # -- building blocks -------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.w["token_embd.weight"][tokens]
+
+    def output_matrix(self) -> torch.Tensor:
+        return self.w["token_embd.weight"] if self.tied else self.w["output.weight"]
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.eps) * self.w[name]
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Interleaved-pair rotation (llama.cpp ROPE_TYPE_NORM). x: (..., T, H, hd), pos: (..., T)."""
+        ang = (pos.to(torch.float64)[..., None] * self.inv_freq).to(x.dtype)  # (..., T, hd/2)
+        cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2)
+
+    def _qkv(self, i: int, h: torch.Tensor, pos: torch.Tensor):
+        c, p = self.cfg, f"blk.{i}."
+        q = (h @ self.w[p + "attn_q.weight"].T).unflatten(-1, (c.n_head, c.head_dim))
+        k = (h @ self.w[p + "attn_k.weight"].T).unflatten(-1, (c.n_head_kv, c.head_dim))
+        v = (h @ self.w[p + "attn_v.weight"].T).unflatten(-1, (c.n_head_kv, c.head_dim))
+        return self._rope(q, pos), self._rope(k, pos), v
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        p = f"blk.{i}."
+        h = self._norm(x, p + "ffn_norm.weight")
+        g = F.silu(h @ self.w[p + "ffn_gate.weight"].T) * (h @ self.w[p + "ffn_up.weight"].T)
+        return x + g @ self.w[p + "ffn_down.weight"].T
+
+    # -- whole sequences -------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, return_logits: bool = False):
+        """tokens: (B, T), right-padded. Returns (kv, final_hidden[, logits]).
+
+        kv: (n_layer, 2, B, T, n_head_kv, head_dim) keys (rotated) and values.
+        """
+        c = self.cfg
+        B, T = tokens.shape
+        pos = torch.arange(T).expand(B, T)
+        x = self.embed(tokens)
+        kv = torch.empty(c.n_layer, 2, B, T, c.n_head_kv, c.head_dim)
+        rep = c.n_head // c.n_head_kv
+        for i in range(c.n_layer):
+            h = self._norm(x, f"blk.{i}.attn_norm.weight")
+            q, k, v = self._qkv(i, h, pos)
+            kv[i, 0], kv[i, 1] = k, v
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
+                v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)
+            x = x + att.transpose(1, 2).flatten(-2) @ self.w[f"blk.{i}.attn_output.weight"].T
+            x = self._mlp(i, x)
+        hid = self._norm(x, "output_norm.weight")
+        if return_logits:
+            return kv, hid, hid @ self.output_matrix().T
+        return kv, hid
+
+    # -- [CLS] queries against cached context ---------------------------------------
+    def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden state of a [CLS] token placed right after a context.
+
+        cls_row: (D,) the [CLS] input embedding (may require grad).
+        ctx_kv:  (n_layer, 2, Q, L, n_head_kv, head_dim) padded context keys/values, one per query.
+        ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
+                 position ctx_len and attends to context[:ctx_len] and to itself.
+        """
+        c = self.cfg
+        Q, L = ctx_kv.shape[2], ctx_kv.shape[3]
+        rep = c.n_head // c.n_head_kv
+        pos = ctx_len.view(Q, 1)
+        valid = torch.arange(L).view(1, L) < ctx_len.view(Q, 1)                 # (Q, L)
+        mask = torch.cat([valid, torch.ones(Q, 1, dtype=torch.bool)], dim=1)    # self always visible
+        bias = torch.zeros(Q, 1, 1, L + 1).masked_fill(~mask.view(Q, 1, 1, L + 1), float("-inf"))
+        x = cls_row.expand(Q, 1, c.n_embd)
+        for i in range(c.n_layer):
+            h = self._norm(x, f"blk.{i}.attn_norm.weight")
+            q, k, v = self._qkv(i, h, pos)                                      # (Q, 1, H, hd)
+            keys = torch.cat([ctx_kv[i, 0].to(k.dtype), k], dim=1)              # (Q, L+1, Hkv, hd)
+            vals = torch.cat([ctx_kv[i, 1].to(v.dtype), v], dim=1)
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.repeat_interleave(rep, 2).transpose(1, 2),
+                vals.repeat_interleave(rep, 2).transpose(1, 2), attn_mask=bias)
+            x = x + att.transpose(1, 2).flatten(-2) @ self.w[f"blk.{i}.attn_output.weight"].T
+            x = self._mlp(i, x)
+        return self._norm(x, "output_norm.weight")[:, 0]                        # (Q, D)
