@@ -15,7 +15,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from .artifact import Artifact
 from .metadata import FORMAT_VERSION, PREFIX, SPECIAL_TOKENS, SafetyMeta

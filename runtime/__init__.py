@@ -22,7 +22,7 @@ _default: Model | None = None
 _default_lock = threading.Lock()
 
 
-def default_model() -> Model:
+def get_default_model() -> Model:
     """The embedded default safe model, loaded once per process."""
     global _default
     with _default_lock:
@@ -33,4 +33,4 @@ def default_model() -> Model:
 
 def chat(messages, *, stream: bool = False, **kwargs):
     """Chat with the embedded default safe model; see `Model.chat` for the arguments."""
-    return default_model().chat(messages, stream=stream, **kwargs)
+    return get_default_model().chat(messages, stream=stream, **kwargs)

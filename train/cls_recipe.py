@@ -8,6 +8,8 @@ Only the [CLS] forward pass (one position, 30 layers) is differentiated.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
@@ -56,6 +58,12 @@ class KVCache:
         self.offsets = np.cumsum([0] + [len(s) for s in seqs])
         shape = (int(self.offsets[-1]), c.n_layer, 2, c.n_head_kv, c.head_dim)
         path.parent.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(json.dumps([shape, [list(map(int, s)) for s in seqs]]).encode()).hexdigest()
+        stamp = path.with_suffix(".key")
+        if path.is_file() and stamp.is_file() and stamp.read_text() == key:  # reuse a finished cache
+            self.data = np.load(path, mmap_mode="r")
+            return
+        stamp.unlink(missing_ok=True)
         self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         batches, cur = [], []
@@ -65,7 +73,7 @@ class KVCache:
                 cur = []
             cur.append(i)
         batches.append(cur)
-        for b in tqdm(batches, desc="prefill (frozen model, keys/values)", unit="batch"):
+        for b in tqdm(batches, desc="prefill (frozen model, keys/values)", unit="batch", mininterval=10):
             T = max(len(seqs[i]) for i in b)
             toks = torch.zeros(len(b), T, dtype=torch.long)
             for j, i in enumerate(b):
@@ -76,6 +84,7 @@ class KVCache:
                 n = len(seqs[i])
                 self.data[self.offsets[i]:self.offsets[i] + n] = kv[j, :n]
         self.data.flush()
+        stamp.write_text(key)
 
     def gather(self, seq_idx: list[int], ctx_len: list[int]) -> torch.Tensor:
         """Padded context keys/values for queries: (layer, 2, Q, L, H, D) float32."""
@@ -103,7 +112,8 @@ def _query_batches(queries, max_tokens: int, rng: random.Random):
 
 
 def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, epochs: int = 4,
-              lr: float = 3e-3, seed: int = 0, max_batch_tokens: int = 6144, log=print):
+              lr: float = 3e-3, seed: int = 0, max_batch_tokens: int = 6144, keep_cache: bool = False,
+              log=print):
     """Train the [CLS] row and head rows; return (cls_row (D,), head (2, D)) as float32 numpy."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -122,7 +132,7 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr * 3], total_steps=steps, pct_start=0.1)
     for ep in range(epochs):
         tot, n, correct = 0.0, 0, 0
-        for batch in tqdm(_query_batches(queries, max_batch_tokens, rng), desc=f"epoch {ep + 1}/{epochs}"):
+        for batch in tqdm(_query_batches(queries, max_batch_tokens, rng), desc=f"epoch {ep + 1}/{epochs}", mininterval=10):
             idx, ctx, lab = zip(*batch)
             kv = cache.gather(list(idx), list(ctx))
             hid = model.cls_forward(cls_row, kv, torch.tensor(ctx))
@@ -138,7 +148,9 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
             n += len(batch)
             correct += (logits.argmax(-1) == y).sum().item()
         log(f"epoch {ep + 1}: loss {tot / n:.4f} train acc {correct / n:.3f} ({time.time() - t0:.0f}s)")
-    cache_path.unlink(missing_ok=True)
+    if not keep_cache:
+        cache_path.unlink(missing_ok=True)
+        cache_path.with_suffix(".key").unlink(missing_ok=True)
     return cls_row.detach().numpy().astype(np.float32), head.detach().numpy().astype(np.float32)
 
 
@@ -153,7 +165,7 @@ def score_gguf(path: Path, encoded: list[Encoded], threads: int | None = None) -
     n_ctx = max(len(e.tokens) for e in encoded) + 8
     be = LlamaBackend(mf, n_ctx=max(512, n_ctx), threads=threads, safety_ids=meta.token_ids)
     out = []
-    for e in tqdm(encoded, desc=f"score {path.name} (llama.cpp)"):
+    for e in tqdm(encoded, desc=f"score {path.name} (llama.cpp)", mininterval=10):
         out.append([be.start(e.tokens[:p], Sampling(), check=True) for p in e.positions])
     be.close()
     return out

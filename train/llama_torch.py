@@ -57,7 +57,7 @@ class FrozenLlama:
         w: dict[str, torch.Tensor] = {}
         for t in reader.tensors:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            w[t.name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            w[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         self.w = w
         self.tied = "output.weight" not in w
         n_embd = int(_field(reader, f"{a}.embedding_length"))

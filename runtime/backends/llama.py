@@ -136,6 +136,7 @@ class LlamaBackend:
                  n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None):
         self.mf = mf
         threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        self.threads = threads
         p = ll.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
         p.n_threads = p.n_threads_batch = threads

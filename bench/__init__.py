@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench throughput` prints a table of tokens/s."""

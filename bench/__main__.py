@@ -1,0 +1,10 @@
+import sys
+
+from . import throughput
+
+COMMANDS = {"throughput": throughput.main}
+
+if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    print(f"usage: python -m bench {{{','.join(COMMANDS)}}} [options]")
+    sys.exit(2)
+sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -1,0 +1,102 @@
+"""The GGUF converter: tokens, rows, metadata, byte-identical copies, refusals."""
+import gguf
+import numpy as np
+import pytest
+
+from convert.artifact import Artifact, ArtifactError, load_artifact
+from convert.gguf_safe import ConvertError, convert_gguf
+from convert.metadata import PREFIX, SPECIAL_TOKENS
+from tests.tiny_model import N_EMBD, random_artifact
+
+
+def test_safe_model_layout(tiny_base, tiny_safe):
+    base, safe = gguf.GGUFReader(str(tiny_base)), gguf.GGUFReader(str(tiny_safe))
+    n = len(base.fields["tokenizer.ggml.tokens"].contents())
+    toks = safe.fields["tokenizer.ggml.tokens"].contents()
+    types = safe.fields["tokenizer.ggml.token_type"].contents()
+    assert toks[n:] == list(SPECIAL_TOKENS) and toks[:n] == base.fields["tokenizer.ggml.tokens"].contents()
+    assert types[n:] == [gguf.TokenType.CONTROL] * 3
+    assert safe.fields["llama.vocab_size"].contents() == n + 3
+    assert safe.fields[PREFIX + "cls_token_id"].contents() == n
+    assert safe.fields[PREFIX + "safe_token_id"].contents() == n + 1
+    assert safe.fields[PREFIX + "unsafe_token_id"].contents() == n + 2
+    assert 0 < safe.fields[PREFIX + "threshold"].contents() < 1
+    art = random_artifact()
+    bt = {t.name: t for t in base.tensors}
+    for t in safe.tensors:
+        if t.name == "token_embd.weight":
+            rows = np.asarray(t.data).reshape(-1, N_EMBD)
+            np.testing.assert_array_equal(rows[:n], np.asarray(bt[t.name].data).reshape(-1, N_EMBD))
+            np.testing.assert_allclose(rows[n], art.cls_embedding)
+            np.testing.assert_allclose(rows[n + 1:], art.head)
+        else:  # every other tensor is copied byte for byte
+            assert np.asarray(t.data).tobytes() == np.asarray(bt[t.name].data).tobytes()
+
+
+def test_quantized_embedding_rows_stay_in_their_type(tmp_path):
+    """Q8_0 embedding (as in the default base): the new rows are quantized, old rows untouched."""
+    from tests.tiny_model import write_tiny_base
+    src = gguf.GGUFReader(str(write_tiny_base(tmp_path / "f32.gguf")))
+    w = gguf.GGUFWriter(str(tmp_path / "q8.gguf"), "llama")
+    for k, f in src.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in src.tensors:
+        if t.name == "token_embd.weight":
+            w.add_tensor(t.name, gguf.quants.quantize(np.asarray(t.data), gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    art = random_artifact()
+    convert_gguf(tmp_path / "q8.gguf", art, tmp_path / "q8-safe.gguf", progress=False)
+    emb = next(t for t in gguf.GGUFReader(str(tmp_path / "q8-safe.gguf")).tensors if t.name == "token_embd.weight")
+    assert emb.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    rows = gguf.quants.dequantize(emb.data, emb.tensor_type)
+    np.testing.assert_allclose(rows[-3:], np.stack([art.cls_embedding, *art.head]), atol=0.02)
+    from runtime.backends.llama import LlamaModelFile
+    assert LlamaModelFile(tmp_path / "q8-safe.gguf").safety_meta().threshold == pytest.approx(0.5)
+
+
+def test_converting_a_safe_model_again_is_refused(tiny_safe, tmp_path):
+    with pytest.raises(ConvertError, match="already carries safety metadata"):
+        convert_gguf(tiny_safe, random_artifact(), tmp_path / "x.gguf", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written, no temp file left
+
+
+def test_artifact_for_another_hidden_size_is_refused(tiny_base, tmp_path):
+    art = Artifact(np.zeros(32, np.float32), np.zeros((2, 32), np.float32), {"threshold": 0.5})
+    with pytest.raises(ConvertError, match="hidden size 32"):
+        convert_gguf(tiny_base, art, tmp_path / "x.gguf", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_or_corrupt_base(tmp_path):
+    with pytest.raises(ConvertError, match="not found"):
+        convert_gguf(tmp_path / "nope.gguf", random_artifact(), tmp_path / "x.gguf", progress=False)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 40)
+    with pytest.raises(ConvertError, match="not a readable GGUF"):
+        convert_gguf(bad, random_artifact(), tmp_path / "x.gguf", progress=False)
+
+
+def test_artifact_roundtrip_and_validation(tmp_path):
+    art = random_artifact()
+    d = art.save(tmp_path / "a")
+    back = load_artifact(d)
+    np.testing.assert_array_equal(back.head, art.head)
+    assert back.digest() == art.digest()
+    with pytest.raises(ArtifactError, match="not a safety artifact"):
+        load_artifact(tmp_path)
+    (d / "card.json").write_text('{"threshold": 7}')
+    with pytest.raises(ArtifactError, match="threshold"):
+        load_artifact(d)
+
+
+def test_packaged_default_artifact_is_valid():
+    from runtime.default_model import ASSET
+    art = load_artifact(ASSET)
+    assert art.hidden_size == 576
+    assert art.card["metrics"]["test"]["end_of_prompt"]["n"] > 100
+    assert art.card["data"]["packages"]  # versions and licences recorded

@@ -1,0 +1,94 @@
+"""The torch model matches llama.cpp, and the cls recipe learns a separable signal on a tiny model."""
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from runtime.backends.base import Sampling  # noqa: E402
+from runtime.backends.llama import LlamaBackend, LlamaModelFile  # noqa: E402
+from train.cls_recipe import Encoded, auroc, calibrate, encode, score_gguf, train_cls  # noqa: E402
+from train.llama_torch import FrozenLlama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_safe):
+    return FrozenLlama(tiny_safe)
+
+
+def test_torch_forward_matches_llama_cpp(frozen, tiny_safe):
+    import llama_cpp as ll
+    mf = LlamaModelFile(tiny_safe)
+    toks = mf.tokenize("<|im_start|>user\nthe weather in spring<|im_end|>\n", True)
+    be = LlamaBackend(mf, n_ctx=256, threads=1, safety_ids=mf.safety_meta().token_ids)
+    p_ll = be.start(toks, Sampling(), check=True)
+    row = np.ctypeslib.as_array(ll.llama_get_logits_ith(be.ctx, len(toks) - 1), shape=(mf.n_vocab,))
+    _, _, logits = frozen.prefill(torch.tensor([toks]), return_logits=True)
+    np.testing.assert_allclose(logits[0, -1].numpy(), row, rtol=2e-3, atol=1e-2)  # llama.cpp keeps K/V in F16
+    # [CLS] against cached keys/values == [CLS] as the last token of a full sequence == llama.cpp
+    cls, safe, unsafe = mf.safety_meta().token_ids
+    kv, _ = frozen.prefill(torch.tensor([toks]))
+    h = frozen.cls_forward(frozen.w["token_embd.weight"][cls], kv, torch.tensor([len(toks)]))
+    _, full = frozen.prefill(torch.tensor([toks + [cls]]))
+    torch.testing.assert_close(h[0], full[0, -1], atol=1e-5, rtol=1e-5)
+    head = frozen.w["token_embd.weight"][[safe, unsafe]]
+    p_torch = torch.softmax(h @ head.T, -1)[0, 1].item()
+    assert p_torch == pytest.approx(p_ll, abs=1e-3)
+
+
+def test_cls_forward_respects_each_query_context_length(frozen):
+    toks = list(range(10, 40))
+    kv, full = frozen.prefill(torch.tensor([toks]))
+    cls_row = torch.randn(frozen.cfg.n_embd)
+    lens = torch.tensor([5, 17, 30])
+    h = frozen.cls_forward(cls_row, kv[:, :, [0, 0, 0]], lens)
+    for q, n in enumerate(lens.tolist()):
+        ref = frozen.cls_forward(cls_row, kv[:, :, :, :n], torch.tensor([n]))
+        torch.testing.assert_close(h[q], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cls_recipe_learns_and_scores_through_the_converted_file(frozen, tiny_base, tmp_path):
+    """Label 1 = the prompt mentions 'qz'; trained rows, folded into a GGUF, separate in llama.cpp."""
+    from convert.artifact import Artifact
+    from convert.gguf_safe import convert_gguf
+    mf = LlamaModelFile(tiny_base)
+    rng = random.Random(0)
+    words = ["the", "a", "sun", "rain", "tree", "hill", "road", "lamp", "book", "door"]
+    exs = []
+    for i in range(160):
+        label = i % 2
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+        if label:
+            text = text + " qz qz qz"
+        exs.append(encode({"prompt": text, "label": label, "augmentation": "none"}, mf.tokenize, mf.chat_template))
+    train, test = exs[:120], exs[120:]
+    cls_row, head = train_cls(frozen, train, tmp_path / "kv.npy", epochs=6, lr=2e-2, log=lambda *_: None)
+    assert not (tmp_path / "kv.npy").exists()
+    art = Artifact(cls_row, head, {"threshold": 0.5})
+    out = convert_gguf(tiny_base, art, tmp_path / "trained.gguf", progress=False)
+    assert out.cls_token_id == mf.n_vocab
+    scores = np.array([s[0] for s in score_gguf(tmp_path / "trained.gguf", test, threads=1)])
+    labels = np.array([e.label for e in test])
+    assert auroc(scores, labels) > 0.95
+    thr = calibrate(scores, labels, max_fpr=0.05)
+    assert (scores[labels == 0] >= thr).mean() <= 0.05
+
+
+def test_calibrate_respects_the_false_positive_budget():
+    rng = np.random.default_rng(0)
+    s = np.concatenate([rng.uniform(0, 0.6, 500), rng.uniform(0.4, 1, 500)])
+    y = np.array([0] * 500 + [1] * 500)
+    for fpr in (0.0, 0.01, 0.05, 0.2):
+        thr = calibrate(s, y, fpr)
+        assert (s[y == 0] >= thr).mean() <= fpr
+    assert auroc(np.array([0.1, 0.9]), np.array([0, 1])) == 1.0
+
+
+def test_encode_places_cls_after_prompt_and_inside_responses(tiny_base):
+    mf = LlamaModelFile(tiny_base)
+    e = encode({"prompt": "hi", "response": "word " * 40, "label": 0}, mf.tokenize, mf.chat_template)
+    assert isinstance(e, Encoded) and e.positions[0] < e.positions[-1] <= len(e.tokens)
+    p = encode({"prompt": "hi", "prefill": "Sure, here is", "label": 1}, mf.tokenize, mf.chat_template)
+    assert p.positions == [len(p.tokens)] and p.tokens[-len(mf.tokenize("Sure, here is", False)):] == \
+        mf.tokenize("Sure, here is", False)
