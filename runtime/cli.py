@@ -1,4 +1,7 @@
-"""`python -m runtime chat [QUESTION]`: one answer, or an interactive multi-turn chat."""
+"""`python -m runtime chat [QUESTION]`: one answer, or an interactive multi-turn chat.
+
+`python -m runtime serve`: the OpenAI-compatible local HTTP server (needs the `serve` extra).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +10,8 @@ import sys
 
 from .errors import RuntimeSafetyError
 from .strategy import SafetyPolicy
+
+DEFAULT_SERVE_NAME = "smollm2-135m-safe"  # the embedded default model's name on the local server
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -25,7 +30,56 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--action", choices=("refuse", "stop"), default="refuse")
     c.add_argument("--no-safety", action="store_true", help="run WITHOUT safety checks (baselines only)")
     c.add_argument("--system", help="a system message for the conversation")
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs pip install -e '.[serve]')")
+    s.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help=f"a safe GGUF model served as NAME (repeatable; the first is the default). "
+                        f"Default: the embedded model as {DEFAULT_SERVE_NAME}")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--max-tokens-cap", type=int, default=4096, help="reject requests asking for more tokens")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="reject larger request bodies")
     return ap
+
+
+def _parse_models(specs) -> dict:
+    """['name=path', 'path'] -> {name: path}; a bare path is named after its file stem."""
+    from pathlib import Path
+
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if not name or not path:
+            raise ValueError(f"--model expects NAME=PATH, got {spec!r}")
+        if name in out:
+            raise ValueError(f"model name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .model import load
+
+    specs = _parse_models(args.model)
+    if specs:
+        models = {name: load(path, threads=args.threads) for name, path in specs.items()}
+    else:
+        models = {DEFAULT_SERVE_NAME: load(threads=args.threads)}
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(models, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+          max_tokens_cap=args.max_tokens_cap)
+    return 0
 
 
 def _print_reply_end(reply, as_json: bool, out) -> None:
@@ -79,7 +133,7 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return cmd_chat(args)
+        return cmd_serve(args) if args.cmd == "serve" else cmd_chat(args)
     except (RuntimeSafetyError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -63,7 +63,10 @@ def test_cls_recipe_learns_and_scores_through_the_converted_file(frozen, tiny_ba
             text = text + " qz qz qz"
         exs.append(encode({"prompt": text, "label": label, "augmentation": "none"}, mf.tokenize, mf.chat_template))
     train, test = exs[:120], exs[120:]
-    cls_row, head = train_cls(frozen, train, tmp_path / "kv.npy", epochs=6, lr=2e-2, log=lambda *_: None)
+    val = exs[100:120]
+    cls_row, head, info = train_cls(frozen, train[:100], tmp_path / "kv.npy", epochs=6, lr=2e-2, val=val,
+                                    log=lambda *_: None)
+    assert 1 <= info["best_epoch"] <= 6 and info["best_val_auroc_torch"] > 0.9
     assert not (tmp_path / "kv.npy").exists()
     art = Artifact(cls_row, head, {"threshold": 0.5})
     out = convert_gguf(tiny_base, art, tmp_path / "trained.gguf", progress=False)

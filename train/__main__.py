@@ -79,12 +79,13 @@ def cmd_cls(args) -> int:
     model = FrozenLlama(base)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         kv_path = args.kv_cache or Path(tmp) / "kv.npy"
-        cls_row, head = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr,
-                                  seed=args.seed, keep_cache=args.kv_cache is not None)
+        cls_row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                        keep_cache=args.kv_cache is not None, val=by_split["val"])
         del model
         recipe = {"recipe": "cls", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                   "max_tokens": args.max_tokens, "max_plain": args.max_plain,
-                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr}
+                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr,
+                  "selection": "epoch with the best validation AUROC (torch scores)"}
         trained_with = hashlib.sha256(json.dumps([card_data["examples_sha256"], recipe],
                                                  sort_keys=True).encode()).hexdigest()[:16]
         provisional = Artifact(cls_row, head, {"threshold": 0.5})
@@ -114,11 +115,15 @@ def cmd_cls(args) -> int:
         "command": "python -m train cls --out " + str(args.out),
         "data": {k: card_data[k] for k in card_data if k != "examples"},
         "train_sequences": len(train),
+        "training": info,
         "metrics": metrics,
         "seconds": round(time.time() - t0, 1),
     }
     art = Artifact(cls_row, head, card)
     out = art.save(args.out)
+    scores = {split: {e.meta["id"]: [round(float(p), 6) for p in ps] for e, ps in zip(by_split[split], scored[split])}
+              for split in ("val", "test")}
+    (out / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
     (out / "DATA_CARD.md").write_text(data.data_card_markdown(card_data))
     print(json.dumps(metrics, indent=2))
     print(f"artifact written to {out} ({time.time() - t0:.0f}s)")
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-tokens", type=int, default=640, help="skip training sequences longer than this")
     c.add_argument("--max-plain", type=int, default=2400, help="subsample plain training prompts to this many")
-    c.add_argument("--max-fpr", type=float, default=0.03, help="calibrate the threshold to this FPR on val")
+    c.add_argument("--max-fpr", type=float, default=0.02, help="calibrate the threshold to this FPR on val")
     c.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples (smoke runs)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
@@ -165,7 +170,14 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="print an artifact card's metrics as Markdown tables")
     r.add_argument("artifact", type=Path)
     r.add_argument("--splits", nargs="+", default=["test"])
+    ev = sub.add_parser("eval", help="per-slice metrics of an artifact beside a TF-IDF baseline, plus plots")
+    ev.add_argument("artifact", type=Path)
+    ev.add_argument("--out", type=Path, default=Path("bench/out/eval"))
     args = ap.parse_args(argv)
+    if args.cmd == "eval":
+        from .evaluate import evaluate
+        evaluate(args.artifact, args.out)
+        return 0
     return cmd_cls(args) if args.cmd == "cls" else cmd_report(args)
 
 

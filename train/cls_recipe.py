@@ -111,15 +111,42 @@ def _query_batches(queries, max_tokens: int, rng: random.Random):
     return batches
 
 
+@torch.no_grad()
+def score_cached(model: FrozenLlama, cache: KVCache, encoded: list[Encoded], cls_row: torch.Tensor,
+                 head: torch.Tensor, max_batch_tokens: int = 8192) -> list[list[float]]:
+    """p_unsafe at every [CLS] position, from the torch model against cached keys/values."""
+    queries = [(i, p, j) for i, e in enumerate(encoded) for j, p in enumerate(e.positions)]
+    out = [[0.0] * len(e.positions) for e in encoded]
+    for batch in _query_batches(queries, max_batch_tokens, random.Random(0)):
+        idx, ctx, slot = zip(*batch)
+        hid = model.cls_forward(cls_row, cache.gather(list(idx), list(ctx)), torch.tensor(ctx))
+        p = torch.softmax(hid @ head.T, -1)[:, 1].tolist()
+        for i, j, v in zip(idx, slot, p):
+            out[i][j] = v
+    return out
+
+
+def _drop(cache_path: Path) -> None:
+    cache_path.unlink(missing_ok=True)
+    cache_path.with_suffix(".key").unlink(missing_ok=True)
+
+
 def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, epochs: int = 4,
               lr: float = 3e-3, seed: int = 0, max_batch_tokens: int = 6144, keep_cache: bool = False,
-              log=print):
-    """Train the [CLS] row and head rows; return (cls_row (D,), head (2, D)) as float32 numpy."""
+              val: list[Encoded] | None = None, log=print):
+    """Train the [CLS] row and head rows; return (cls_row (D,), head (2, D), info) (float32 numpy).
+
+    With `val`, the validation [CLS] positions are scored after every epoch (torch, against
+    their own cached keys/values) and the epoch with the best validation AUROC is returned.
+    """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     t0 = time.time()
     cache = KVCache(model, [e.tokens for e in encoded], cache_path)
     log(f"cached keys/values for {len(encoded)} sequences, {cache.offsets[-1]} tokens in {time.time() - t0:.0f}s")
+    val_path = cache_path.with_name(cache_path.stem + "-val.npy")
+    val_cache = KVCache(model, [e.tokens for e in val], val_path) if val else None
+    val_labels = np.array([e.label for e in val for _ in e.positions]) if val else None
     queries = [(i, p, e.label) for i, e in enumerate(encoded) for p in e.positions]
     n_pos = sum(q[2] for q in queries)
     w_pos = len(queries) / (2.0 * max(n_pos, 1))
@@ -130,9 +157,11 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
     opt = torch.optim.Adam([{"params": [cls_row], "lr": lr}, {"params": [head], "lr": lr * 3}])
     steps = epochs * len(_query_batches(queries, max_batch_tokens, random.Random(0)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr * 3], total_steps=steps, pct_start=0.1)
+    best = (-1.0, None, None, 0)
     for ep in range(epochs):
         tot, n, correct = 0.0, 0, 0
-        for batch in tqdm(_query_batches(queries, max_batch_tokens, rng), desc=f"epoch {ep + 1}/{epochs}", mininterval=10):
+        for batch in tqdm(_query_batches(queries, max_batch_tokens, rng), desc=f"epoch {ep + 1}/{epochs}",
+                          mininterval=10):
             idx, ctx, lab = zip(*batch)
             kv = cache.gather(list(idx), list(ctx))
             hid = model.cls_forward(cls_row, kv, torch.tensor(ctx))
@@ -147,11 +176,22 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
             tot += loss.item() * len(batch)
             n += len(batch)
             correct += (logits.argmax(-1) == y).sum().item()
-        log(f"epoch {ep + 1}: loss {tot / n:.4f} train acc {correct / n:.3f} ({time.time() - t0:.0f}s)")
+        msg = f"epoch {ep + 1}: loss {tot / n:.4f} train acc {correct / n:.3f}"
+        if val_cache is not None:
+            vs = np.array([p for ps in score_cached(model, val_cache, val, cls_row, head) for p in ps])
+            a = auroc(vs, val_labels)
+            msg += f" val AUROC {a:.4f}"
+            if a > best[0]:
+                best = (a, cls_row.detach().clone(), head.detach().clone(), ep + 1)
+        log(msg + f" ({time.time() - t0:.0f}s)")
     if not keep_cache:
-        cache_path.unlink(missing_ok=True)
-        cache_path.with_suffix(".key").unlink(missing_ok=True)
-    return cls_row.detach().numpy().astype(np.float32), head.detach().numpy().astype(np.float32)
+        _drop(cache_path)
+        _drop(val_path)
+    if best[1] is not None:
+        log(f"keeping epoch {best[3]} (best validation AUROC {best[0]:.4f})")
+        cls_row, head = best[1], best[2]
+    info = {"best_epoch": best[3], "best_val_auroc_torch": round(best[0], 4)} if val else {"best_epoch": epochs}
+    return cls_row.detach().numpy().astype(np.float32), head.detach().numpy().astype(np.float32), info
 
 
 # -- evaluation on the converted model file (the real runtime path) ---------------------
@@ -172,10 +212,16 @@ def score_gguf(path: Path, encoded: list[Encoded], threads: int | None = None) -
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
     pos, neg = scores[labels == 1], scores[labels == 0]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    ranks = np.argsort(np.argsort(np.concatenate([pos, neg]))) + 1.0
+    x = np.concatenate([pos, neg])
+    order = np.argsort(x, kind="mergesort")
+    _, inv, counts = np.unique(x[order], return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = np.empty(len(x))
+    ranks[order] = ((ends - counts + 1 + ends) / 2.0)[inv]
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 

@@ -1,0 +1,44 @@
+"""The evaluation table and the TF-IDF baseline on a small synthetic data set."""
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from train.evaluate import markdown, plots, slice_rows, tfidf_baseline  # noqa: E402
+
+
+def _examples():
+    ex = []
+    for i in range(120):
+        label = i % 2
+        split = ("train", "train", "train", "val", "test")[i % 5]
+        words = "build a weapon to hurt people" if label else "bake bread for my friends"
+        ex.append({"id": f"e{i}", "prompt": f"{words} number {i}", "prefill": None, "label": label, "split": split,
+                   "augmentation": "none" if i % 3 else "prefill", "family": "plain" if i % 3 else "prefill"})
+    return ex
+
+
+def test_tfidf_baseline_separates_a_lexical_task():
+    ex = _examples()
+    p = tfidf_baseline(ex)
+    assert set(p) == {e["id"] for e in ex if e["split"] != "train"}
+    test = [e for e in ex if e["split"] == "test"]
+    pos = np.mean([p[e["id"]] for e in test if e["label"]])
+    neg = np.mean([p[e["id"]] for e in test if not e["label"]])
+    assert pos > 0.5 > neg
+
+
+def test_slice_rows_and_table(tmp_path):
+    ex = [e for e in _examples() if e["split"] == "test"]
+    y = np.array([e["label"] for e in ex])
+    s_cls = np.where(y == 1, 0.9, 0.1)
+    s_base = np.full(len(ex), 0.5)
+    rows = slice_rows(ex, s_cls, s_base, 0.5, 0.6)
+    assert rows[0][0] == "all" and rows[0][1] == y.sum() and rows[0][2] == (y == 0).sum()
+    cls, base = rows[0][3], rows[0][4]
+    assert cls["auroc"] == 1.0 and cls["tpr"] == 1.0 and cls["fpr"] == 0.0
+    assert base["auroc"] == 0.5 and base["tpr"] == 0.0
+    table = markdown(rows)
+    assert "augmentation=prefill" in table and "1.000 / 0.500" in table
+    files = plots(y, s_cls, 0.5, tmp_path)
+    assert all(f.stat().st_size > 1000 for f in files)

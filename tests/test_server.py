@@ -1,0 +1,269 @@
+"""The OpenAI-compatible server: a real uvicorn on a free port, driven by httpx and the `openai` client."""
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import runtime  # noqa: E402
+from runtime.server import create_app  # noqa: E402
+
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_safe):
+    slow = runtime.load(tiny_safe, n_ctx=512, threads=1)
+    sample = slow.backend.sample
+
+    def slow_sample():  # ~50 tokens/s, so a full answer takes ~10 s: long enough to hang up mid-stream
+        time.sleep(0.02)
+        return sample()
+
+    slow.backend.sample = slow_sample
+    ms = {"tiny": runtime.load(tiny_safe, n_ctx=512, threads=1),
+          "tiny-refuse": runtime.load(tiny_safe, n_ctx=512, threads=1, safety={"threshold": 0.0001, "every": 1}),
+          "tiny-slow": slow}
+    yield ms
+    for m in ms.values():  # never free a model while a (failed test's) generation still runs on it
+        if m._lock.acquire(timeout=15):
+            m.close()
+            m._lock.release()
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    app = create_app(models, api_key=KEY, max_body_bytes=64 * 1024, max_tokens_cap=480)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert th.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    th.join(10)
+    sock.close()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def _chat(http, **body):
+    return http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 16, **body})
+
+
+def _sse(http, **body):
+    """POST a streaming request; return the decoded `data:` events (without [DONE]) and whether [DONE] came."""
+    events, done = [], False
+    with http.stream("POST", "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 16, "stream": True,
+                                                           **body}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                if line == "data: [DONE]":
+                    done = True
+                else:
+                    events.append(json.loads(line[6:]))
+    return events, done
+
+
+def _assert_error(r, status, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "code"} and err["message"]
+    assert "Traceback" not in r.text
+    if code:
+        assert err["code"] == code
+
+
+def test_health_and_models(server, http, client):
+    r = httpx.get(f"{server}/health")  # no token needed
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    d = http.get("/v1/models").json()
+    assert d["object"] == "list" and [m["id"] for m in d["data"]] == ["tiny", "tiny-refuse", "tiny-slow"]
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny-refuse", "tiny-slow"]
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_bearer_token(server, http):
+    _assert_error(httpx.get(f"{server}/v1/models"), 401, "invalid_api_key")
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": HELLO},
+                   headers={"Authorization": "Bearer wrong"})
+    _assert_error(r, 401, "invalid_api_key")
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=HELLO)
+
+
+def test_non_streaming_shape(http):
+    r = _chat(http)  # no model: the first one is the default
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["object"] == "chat.completion" and d["model"] == "tiny" and d["id"].startswith("chatcmpl-")
+    ch = d["choices"][0]
+    assert ch["message"]["role"] == "assistant" and isinstance(ch["message"]["content"], str)
+    assert ch["finish_reason"] in ("stop", "length")
+    u = d["usage"]
+    assert u["prompt_tokens"] > 0 and 0 < u["completion_tokens"] <= 16
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    s = d["safety"]
+    assert s["refused"] is False and s["reason"] is None and s["checks"] >= 2 and s["intervened_at"] is None
+    assert 0.0 <= s["max_p_unsafe"] <= 1.0
+
+
+def test_openai_client_stream_equals_non_stream(client):
+    kw = dict(model="tiny", messages=HELLO, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kw)
+    text = full.choices[0].message.content
+    assert text and full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
+    assert full.model_extra["safety"]["refused"] is False
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == text
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == "length"
+    assert final[0].model_extra["safety"]["checks"] == full.model_extra["safety"]["checks"]
+    assert chunks[-1].usage.completion_tokens == 24
+
+
+def test_max_completion_tokens_and_sampling_params(http):
+    d = _chat(http, max_tokens=None, max_completion_tokens=5, temperature=0.7, top_p=0.9, seed=3).json()
+    assert d["usage"]["completion_tokens"] == 5
+    again = _chat(http, max_tokens=5, temperature=0.7, top_p=0.9, seed=3).json()
+    assert again["choices"] == d["choices"] and again["usage"] == d["usage"]  # same seed, same answer
+
+
+def test_safety_refusal_is_content_filter(client, http):
+    r = client.chat.completions.create(model="tiny-refuse", messages=HELLO, max_tokens=16)
+    assert r.choices[0].finish_reason == "content_filter"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == "I can't help with that."
+    s = r.model_extra["safety"]
+    assert s["refused"] is True and s["intervened_at"] == 0 and s["reason"].startswith("unsafe:")
+    assert s["checks"] == 1 and s["max_p_unsafe"] >= 0.0001
+    events, done = _sse(http, model="tiny-refuse")
+    assert done and "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "I can't help with that."
+    assert events[-1]["choices"][0]["finish_reason"] == "content_filter" and events[-1]["safety"]["refused"] is True
+
+
+def test_request_errors(server, http, client):
+    r = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    _assert_error(r, 400, "invalid_json")
+    _assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400)
+    _assert_error(_chat(http, messages=5), 400)
+    _assert_error(_chat(http, messages=[{"role": "wizard", "content": "hi"}]), 400)
+    _assert_error(_chat(http, messages=[{"role": "user", "content": 3}]), 400)
+    _assert_error(_chat(http, messages=[]), 400)
+    _assert_error(_chat(http, messages=[{"role": "user", "content": "x" * 3000}]), 400, "context_length_exceeded")
+    _assert_error(_chat(http, model="nope"), 404, "model_not_found")
+    _assert_error(_chat(http, max_tokens=481), 400)  # above the cap
+    _assert_error(_chat(http, max_tokens=0), 400)
+    _assert_error(_chat(http, temperature="hot"), 400)
+    _assert_error(_chat(http, stream=True, model="nope"), 404)  # streaming errors are plain JSON too
+    _assert_error(_chat(http, messages=[{"role": "user", "content": "x" * 70_000}]), 413, "request_too_large")
+    _assert_error(http.get("/v1/nothing-here"), 404)
+    _assert_error(http.get("/v1/chat/completions"), 405)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=HELLO)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+    assert _chat(http).status_code == 200  # the server is still fine
+
+
+def test_content_parts_are_accepted(http):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    assert _chat(http, messages=parts, max_tokens=8).json()["choices"][0]["message"]["content"] == \
+        _chat(http, max_tokens=8).json()["choices"][0]["message"]["content"]
+
+
+def test_concurrent_requests_no_crosstalk(http, server):
+    jobs = [({"messages": [{"role": "user", "content": "hello"}], "seed": 1}, False),
+            ({"messages": [{"role": "user", "content": "tell me a story please"}], "seed": 2}, True),
+            ({"messages": [{"role": "user", "content": "hello"}], "seed": 1}, True),
+            ({"messages": [{"role": "user", "content": "tell me a story please"}], "seed": 2}, False)]
+    common = {"model": "tiny", "max_tokens": 32, "temperature": 1.0}
+
+    def run(body, stream, c):
+        if stream:
+            events, done = _sse(c, **common, **body)
+            assert done
+            return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
+        r = c.post("/v1/chat/completions", json={**common, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    alone = [run(body, False, http) for body, _ in jobs[:2]]
+    assert alone[0] != alone[1]
+    results = [None] * len(jobs)
+
+    def worker(i):
+        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            results[i] = run(*jobs[i], c)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [alone[0], alone[1], alone[0], alone[1]]
+
+
+def test_client_disconnect_releases_model(server, http, models):
+    slow = models["tiny-slow"]
+    body = {"model": "tiny-slow", "messages": HELLO, "max_tokens": 480, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # the first content piece: the model is busy generating
+        assert slow._lock.locked()
+        t0 = time.time()  # the event loop stays responsive while the model works in a thread
+        assert httpx.get(f"{server}/health", timeout=5).status_code == 200 and time.time() - t0 < 2
+    # the connection is closed mid-stream (a full answer would hold the lock for ~10 s)
+    deadline = time.time() + 3
+    while slow._lock.locked():
+        assert time.time() < deadline, "the model's lock was not released after the client disconnected"
+        time.sleep(0.02)
+    t0 = time.time()
+    r = _chat(http, model="tiny-slow", max_tokens=4)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4 and time.time() - t0 < 3
+    # a non-streaming client that gives up (read timeout) stops its generation too
+    errors = []
+
+    def give_up():
+        try:
+            http.post("/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        except httpx.ReadTimeout as e:
+            errors.append(e)
+
+    t = threading.Thread(target=give_up)
+    t.start()
+    deadline = time.time() + 3
+    while not slow._lock.locked():  # generating (a full answer would hold the lock for ~10 s)
+        assert time.time() < deadline, "the non-streaming request did not start"
+        time.sleep(0.01)
+    t.join(10)
+    assert errors, "the client should have timed out"
+    deadline = time.time() + 3
+    while slow._lock.locked():
+        assert time.time() < deadline, "the model's lock was not released after a non-streaming client left"
+        time.sleep(0.02)
