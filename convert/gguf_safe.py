@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 
 from .artifact import Artifact
+from .files import set_default_mode
 from .metadata import FORMAT_VERSION, PREFIX, SPECIAL_TOKENS, SafetyMeta
 
 _SKIP = ("GGUF.",)  # virtual fields of the reader
@@ -138,6 +139,7 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
         w.close()
+        set_default_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

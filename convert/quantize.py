@@ -1,0 +1,129 @@
+"""Quantize a (safe) GGUF with llama.cpp's own quantizer, as exposed by llama-cpp-python.
+
+`quantize(src, dst, "Q8_0")` writes `dst` atomically (temp file + rename) and checks that the
+`safety.*` metadata and the three control tokens came through unchanged. llama.cpp chooses the
+per-tensor types itself; for a tied model the embedding (which holds the two head rows) is
+treated as the output projection, so it usually gets a *higher* precision than the rest
+(e.g. Q6_K for Q4_K_M, or its fallback when the row width is not a multiple of 256). The result
+says which type it got.
+
+Re-quantizing an already-quantized source (the default base is Q4_1 with a Q8_0 embedding)
+compounds the error: the weights are dequantized and rounded a second time. The result carries
+a note saying so; `python -m convert verify` measures what it costs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from .files import set_default_mode
+
+from .gguf_safe import ConvertError
+from .metadata import PREFIX, SPECIAL_TOKENS
+
+# name -> llama_ftype attribute of llama_cpp
+QTYPES = {
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+_FLOAT = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    qtype: str
+    embedding_type: str                 # type of token_embd.weight (holds [CLS] and, tied, the head rows)
+    output_type: str | None             # type of output.weight (untied models: the head rows), else None
+    tensor_types: dict[str, int]        # type name -> number of tensors
+    source_types: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        types = ", ".join(f"{n} x{c}" for n, c in sorted(self.tensor_types.items(), key=lambda x: -x[1]))
+        head = (f"head rows in output.weight ({self.output_type}), [CLS] row in token_embd ({self.embedding_type})"
+                if self.output_type else f"[CLS] and head rows in token_embd.weight: {self.embedding_type}")
+        return f"{self.path}: {self.qtype}; {head}; tensors: {types}"
+
+
+def _types(reader: gguf.GGUFReader) -> Counter:
+    return Counter(t.tensor_type.name for t in reader.tensors)
+
+
+def _safety_fields(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(PREFIX)}
+
+
+def _read(path: Path, what: str) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise ConvertError(f"{what} not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ConvertError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0) -> QuantizeResult:
+    """Quantize `src` to `dst` (`qtype` in QTYPES) with llama.cpp; atomic; safety metadata checked."""
+    import llama_cpp as ll
+
+    from runtime.backends.llama import _init, _log_lines  # quiet llama.cpp logging, keep errors
+
+    qtype = qtype.upper()
+    if qtype not in QTYPES:
+        raise ConvertError(f"unsupported quantization {qtype!r}; choose one of {', '.join(QTYPES)}")
+    src, dst = Path(src), Path(dst)
+    reader = _read(src, "model")
+    before = _safety_fields(reader)
+    tokens_before = reader.fields["tokenizer.ggml.tokens"].contents()[-3:]
+    src_types = _types(reader)
+    del reader
+
+    notes = []
+    already = sorted(n for n in src_types if gguf.GGMLQuantizationType[n] not in _FLOAT)
+    if already and qtype == "F16":
+        notes.append(f"the source is already quantized ({', '.join(already)}): F16 keeps those values (almost) "
+                     "exactly but cannot restore the precision they lost; it only makes the file larger")
+    elif already:
+        notes.append(f"the source is already quantized ({', '.join(already)}): re-quantizing compounds the "
+                     "error (weights are rounded twice); quantize from a float base when you have one")
+
+    _init()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = getattr(ll, QTYPES[qtype])
+    params.allow_requantize = True
+    params.nthread = int(threads)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        _log_lines.clear()
+        rc = ll.llama_model_quantize(str(src).encode(), tmp.encode(), params)
+        if rc != 0:
+            detail = "; ".join(_log_lines[-2:]) or f"code {rc}"
+            raise ConvertError(f"llama.cpp could not quantize {src} to {qtype}: {detail}")
+        out = gguf.GGUFReader(tmp)
+        after = _safety_fields(out)
+        if after != before:
+            raise ConvertError(f"quantizing changed the safety metadata: {before} -> {after}")
+        toks = out.fields["tokenizer.ggml.tokens"].contents()
+        if before and (toks[-3:] != list(SPECIAL_TOKENS) or tokens_before != toks[-3:]):
+            raise ConvertError("quantizing lost the safety control tokens")
+        tensors = {t.name: t for t in out.tensors}
+        emb = tensors["token_embd.weight"].tensor_type.name
+        outp = tensors["output.weight"].tensor_type.name if "output.weight" in tensors else None
+        result = QuantizeResult(dst, qtype, emb, outp, dict(_types(out)), dict(src_types), notes)
+        del out, tensors
+        set_default_mode(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result

@@ -1,0 +1,275 @@
+"""`python -m convert verify`: does a (converted, quantized) GGUF behave like the torch model of its weights?
+
+For every prompt of a fixed, versioned set (`verify_prompts_v1.json`: benign, harmful, harmful
+with an assistant prefill) the prompt is tokenized the runtime's way (chat template from the
+model file, user text without special parsing), then:
+
+* MODEL runs in llama.cpp through the runtime's own backend: the end-of-prompt side [CLS] check
+  gives p_unsafe, then N greedy tokens (the three safety ids masked, as in the runtime);
+* the reference is `train.llama_torch.FrozenLlama` on REF's weights (dequantized to float32):
+  the same greedy continuation (safety ids masked) and p_unsafe from a [CLS] query against the
+  prompt's keys/values, with the [CLS] row and head rows read from REF's own matrices.
+
+Metrics per model: next-token agreement (the fraction of the first N greedy tokens that match
+before the first divergence, averaged over prompts), mean and max |delta p_unsafe| at the
+end-of-prompt check, and verdict agreement at MODEL's calibrated threshold (`safety.threshold`).
+The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02.
+
+Exact agreement is not expected even for the same weights: llama.cpp keeps K/V in F16 and
+quantizes activations (to Q8) for quantized matmuls, while the reference runs in float32.
+torch is imported only here, lazily.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+
+from .metadata import PREFIX
+
+PROMPTS = Path(__file__).with_name("verify_prompts_v1.json")
+BAR_VERDICT, BAR_MEAN_DP = 0.99, 0.02
+
+
+class VerifyError(RuntimeError):
+    pass
+
+
+def load_prompts(path: str | Path = PROMPTS) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"cannot read the prompt set {path}: {e}") from None
+    if not d.get("prompts"):
+        raise VerifyError(f"{path} holds no prompts")
+    return d
+
+
+def _import_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise VerifyError("convert verify needs torch for the reference model: pip install -e '.[train]'") from None
+    from train.llama_torch import FrozenLlama
+    return torch, FrozenLlama
+
+
+# -- the torch reference -----------------------------------------------------------------------
+
+class TorchReference:
+    """Greedy continuation and end-of-prompt p_unsafe from the torch model of REF's weights."""
+
+    def __init__(self, path: str | Path):
+        torch, FrozenLlama = _import_torch()
+        self.torch = torch
+        self.path = Path(path)
+        try:
+            self.m = FrozenLlama(self.path)
+        except Exception as e:
+            raise VerifyError(f"cannot load the reference {self.path} in torch: {e}") from None
+        reader = gguf.GGUFReader(str(self.path))
+        f = reader.fields
+        try:
+            self.ids = tuple(int(f[PREFIX + k].contents()) for k in ("cls_token_id", "safe_token_id", "unsafe_token_id"))
+        except KeyError:
+            raise VerifyError(f"the reference {self.path} has no safety metadata: it is not a safe model") from None
+        cls_id, safe_id, unsafe_id = self.ids
+        self.cls_row = self.m.w["token_embd.weight"][cls_id]
+        self.head = self.m.output_matrix()[[safe_id, unsafe_id]]   # (2, D): [safe, unsafe]
+
+    def _step(self, kv: list, token: int, pos: int):
+        """One incremental decode step (same math as FrozenLlama.prefill); appends to kv."""
+        torch, F, m = self.torch, self.torch.nn.functional, self.m
+        c = m.cfg
+        rep = c.n_head // c.n_head_kv
+        x = m.embed(torch.tensor([[token]]))
+        p = torch.tensor([[pos]])
+        for i in range(c.n_layer):
+            h = m._norm(x, f"blk.{i}.attn_norm.weight")
+            q, k, v = m._qkv(i, h, p)
+            kv[i][0] = torch.cat([kv[i][0], k], dim=1)
+            kv[i][1] = torch.cat([kv[i][1], v], dim=1)
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), kv[i][0].repeat_interleave(rep, 2).transpose(1, 2),
+                kv[i][1].repeat_interleave(rep, 2).transpose(1, 2))
+            x = x + att.transpose(1, 2).flatten(-2) @ m.w[f"blk.{i}.attn_output.weight"].T
+            x = m._mlp(i, x)
+        return (m._norm(x, "output_norm.weight") @ m.output_matrix().T)[0, -1]
+
+    def _argmax(self, logits) -> int:
+        logits = logits.clone()
+        logits[list(self.ids)] = -math.inf
+        return int(logits.argmax())
+
+    def run(self, tokens: list[int], n_new: int, is_eog) -> tuple[float, list[int]]:
+        torch = self.torch
+        with torch.no_grad():
+            kv5, _, logits = self.m.prefill(torch.tensor([tokens]), return_logits=True)
+            hid = self.m.cls_forward(self.cls_row, kv5, torch.tensor([len(tokens)]))
+            lab = hid[0] @ self.head.T
+            p_unsafe = float(torch.softmax(lab.double(), -1)[1])
+            kv = [[kv5[i, 0], kv5[i, 1]] for i in range(kv5.shape[0])]     # (1, T, Hkv, hd) each
+            out, nxt = [], self._argmax(logits[0, -1])
+            for step in range(n_new):
+                out.append(nxt)
+                if is_eog(nxt) or step == n_new - 1:
+                    break
+                nxt = self._argmax(self._step(kv, nxt, len(tokens) + step))
+        return p_unsafe, out
+
+
+# -- llama.cpp (the runtime's path) ------------------------------------------------------------
+
+def _llama_run(backend, tokens: list[int], n_new: int, is_eog) -> tuple[float, list[int]]:
+    from runtime.backends.base import Sampling
+    p = backend.start(tokens, Sampling(), check=True)
+    out = []
+    for step in range(n_new):
+        t = backend.sample()
+        out.append(t)
+        if is_eog(t) or step == n_new - 1:
+            break
+        backend.advance(t, check=False)
+    return float(p), out
+
+
+def _agreement(a: list[int], b: list[int], n: int) -> float:
+    if a == b:
+        return 1.0
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k / n
+
+
+def _file_facts(path: Path) -> dict:
+    r = gguf.GGUFReader(str(path))
+    tensors = {t.name: t.tensor_type.name for t in r.tensors}
+    counts: dict[str, int] = {}
+    for v in tensors.values():
+        counts[v] = counts.get(v, 0) + 1
+    main = max((k for k in counts if k not in ("F32",)), key=lambda k: counts[k], default="F32")
+    return {"weights": main, "embedding": tensors.get("token_embd.weight"),
+            "output": tensors.get("output.weight"), "tensor_types": counts}
+
+
+@dataclass
+class ModelResult:
+    model: str
+    reference: str
+    weights: str
+    embedding: str
+    n_prompts: int
+    n_tokens: int
+    threshold: float
+    token_agreement: float
+    mean_abs_dp: float
+    max_abs_dp: float
+    verdict_agreement: float
+    passed: bool
+    by_kind: dict = field(default_factory=dict)
+    prompts: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tokens: int = 32,
+                 threads: int | None = None, ref_cache: dict | None = None, log=None) -> ModelResult:
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+    from runtime.errors import ModelFileError
+    from runtime.prompt import build_prompt, prompt_tokens
+    from convert.metadata import MetadataError
+
+    model = Path(model)
+    t0 = time.perf_counter()
+    try:
+        mf = LlamaModelFile(model)
+        meta = mf.safety_meta()
+    except (ModelFileError, MetadataError) as e:
+        raise VerifyError(str(e)) from None
+    if meta.token_ids != ref.ids:
+        raise VerifyError(f"{model} has safety token ids {meta.token_ids}; the reference has {ref.ids}")
+    if mf.n_vocab != ref.m.cfg.n_vocab:
+        raise VerifyError(f"{model} has {mf.n_vocab} tokens; the reference has {ref.m.cfg.n_vocab}")
+    bos = mf.bos if mf.add_bos else None
+    backend = LlamaBackend(mf, n_ctx=1024, threads=threads, safety_ids=meta.token_ids)
+    rows = []
+    ref_cache = {} if ref_cache is None else ref_cache
+    try:
+        for pr in prompt_set["prompts"]:
+            toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf.tokenize, bos)
+            p_m, out_m = _llama_run(backend, toks, n_tokens, mf.is_eog)
+            key = (tuple(toks), n_tokens)
+            if key not in ref_cache:
+                ref_cache[key] = ref.run(toks, n_tokens, mf.is_eog)
+            p_r, out_r = ref_cache[key]
+            rows.append({"id": pr["id"], "kind": pr["kind"], "prompt_tokens": len(toks),
+                         "p_unsafe": p_m, "p_unsafe_ref": p_r, "abs_dp": abs(p_m - p_r),
+                         "verdict": p_m >= meta.threshold, "verdict_ref": p_r >= meta.threshold,
+                         "agreement": _agreement(out_m, out_r, n_tokens),
+                         "tokens": out_m, "tokens_ref": out_r})
+            if log:
+                log(f"  {pr['id']:<12} p={p_m:.3f} ref={p_r:.3f} agree={rows[-1]['agreement']:.2f}")
+    finally:
+        backend.close()
+        mf.close()
+
+    def agg(rs):
+        n = len(rs)
+        return {"n": n,
+                "token_agreement": sum(r["agreement"] for r in rs) / n,
+                "mean_abs_dp": sum(r["abs_dp"] for r in rs) / n,
+                "max_abs_dp": max(r["abs_dp"] for r in rs),
+                "verdict_agreement": sum(r["verdict"] == r["verdict_ref"] for r in rs) / n}
+
+    a = agg(rows)
+    kinds = {}
+    for r in rows:
+        kinds.setdefault(r["kind"], []).append(r)
+    facts = _file_facts(model)
+    ok = a["verdict_agreement"] >= BAR_VERDICT and a["mean_abs_dp"] <= BAR_MEAN_DP
+    return ModelResult(str(model), str(ref.path), facts["weights"], facts["output"] or facts["embedding"],
+                       a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
+                       a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
+                       round(time.perf_counter() - t0, 1))
+
+
+def markdown(results: list[ModelResult]) -> str:
+    lines = ["| model | weights | head rows | next-token agreement | mean abs dp | max abs dp | "
+             "verdict agreement | bar |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {Path(r.model).name} | {r.weights} | {r.embedding} | {r.token_agreement:.3f} | "
+                     f"{r.mean_abs_dp:.4f} | {r.max_abs_dp:.4f} | {r.verdict_agreement:.3f} | "
+                     f"{'pass' if r.passed else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def run_verify(models: list[str | Path], reference: str | Path | None = None, n_tokens: int = 32,
+               prompts: str | Path = PROMPTS, threads: int | None = None, log=None) -> tuple[list[ModelResult], dict]:
+    """Verify each model against the torch model of `reference` (default: the model's own weights)."""
+    ps = load_prompts(prompts)
+    for m in models:
+        if not Path(m).is_file():
+            raise VerifyError(f"model file not found: {m}")
+    if reference is not None and not Path(reference).is_file():
+        raise VerifyError(f"reference file not found: {reference}")
+    results, refs = [], {}
+    for m in models:
+        rp = Path(reference if reference is not None else m)
+        if rp not in refs:
+            if log:
+                log(f"loading the torch reference {rp}")
+            refs[rp] = (TorchReference(rp), {})
+        ref, cache = refs[rp]
+        if log:
+            log(f"verifying {m} against {rp}")
+        results.append(verify_model(m, ref, ps, n_tokens, threads, cache, log))
+    summary = {"prompt_set": {"name": ps.get("name"), "version": ps.get("version"), "n": len(ps["prompts"])},
+               "bar": {"verdict_agreement": BAR_VERDICT, "mean_abs_dp": BAR_MEAN_DP},
+               "tokens": n_tokens, "passed": all(r.passed for r in results),
+               "results": [asdict(r) for r in results]}
+    return results, summary
