@@ -27,6 +27,12 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--every", type=int, default=SafetyPolicy.every, help="check the safety verdict every K tokens")
     c.add_argument("--patience", type=int, default=1, help="consecutive unsafe verdicts before acting")
+    c.add_argument("--max-gap", type=int, default=None, help="adaptive: never more tokens than this between checks")
+    c.add_argument("--entropy-trigger", type=float, default=None, help="adaptive: check after a token sampled "
+                   "at this next-token entropy (nats) or more")
+    c.add_argument("--margin-trigger", type=float, default=None, help="adaptive: check after a token whose top-1 "
+                   "minus top-2 probability was this or less")
+    c.add_argument("--sentence-ends", action="store_true", help="adaptive: check at sentence and line ends")
     c.add_argument("--action", choices=("refuse", "stop"), default="refuse")
     c.add_argument("--no-safety", action="store_true", help="run WITHOUT safety checks (baselines only)")
     c.add_argument("--system", help="a system message for the conversation")
@@ -106,7 +112,9 @@ def _turn(model, messages, args, out) -> str:
 def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
     from .model import load
 
-    safety = "off" if args.no_safety else SafetyPolicy(every=args.every, patience=args.patience, action=args.action)
+    safety = "off" if args.no_safety else SafetyPolicy(
+        every=args.every, patience=args.patience, action=args.action, max_gap=args.max_gap,
+        entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger, sentence_ends=args.sentence_ends)
     model = load(args.model, threads=args.threads, safety=safety)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.question is not None:

@@ -18,6 +18,7 @@ class Safety:
     threshold: float | None = None
     checks: int = 0
     trace: list[tuple[int, float]] = field(default_factory=list)
+    triggers: list[str] = field(default_factory=list)  # why each check ran: prompt/every/entropy/.../end
     intervened_at: int | None = None
     reason: str | None = None
 

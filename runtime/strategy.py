@@ -24,15 +24,52 @@ DEFAULT_REFUSAL = "I can't help with that."
 
 @dataclass(frozen=True)
 class SafetyPolicy:
-    every: int = 4                  # check every k generated tokens (plus prompt and end)
+    """When to check, when to act, and how.
+
+    Checks always run at the end of the prompt (and prefill) and at the end of generation.
+    In between: every `every` tokens (0 = no regular cadence), and, adaptively, right after a
+    token sampled while the model hesitated (`entropy_trigger`: entropy in nats at or above;
+    `margin_trigger`: top-1 minus top-2 probability at or below), after a token that ends a
+    sentence or line (`sentence_ends`), and never more than `max_gap` tokens apart.
+    """
+
+    every: int = 4                  # check every k generated tokens (0: only triggers / max_gap)
     threshold: float | None = None  # None: the calibrated threshold from the model file
     patience: int = 1               # consecutive unsafe verdicts before acting
     action: str = "refuse"          # "refuse" | "stop"
     refusal: str = DEFAULT_REFUSAL
+    max_gap: int | None = None      # k_max: never more tokens than this without a check
+    entropy_trigger: float | None = None
+    margin_trigger: float | None = None
+    sentence_ends: bool = False
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.entropy_trigger is not None or self.margin_trigger is not None
+
+    def due(self, n: int, since: int, stats: tuple[float, float] | None, piece: bytes) -> str | None:
+        """Why a check is due after the n-th generated token (None: not due)."""
+        if self.every and n % self.every == 0:
+            return "every"
+        if self.max_gap and since >= self.max_gap:
+            return "max_gap"
+        if stats is not None:
+            entropy, margin = stats
+            if self.entropy_trigger is not None and entropy >= self.entropy_trigger:
+                return "entropy"
+            if self.margin_trigger is not None and margin <= self.margin_trigger:
+                return "margin"
+        if self.sentence_ends and piece.rstrip(b" \t").endswith((b".", b"!", b"?", b"\n", b":")):
+            return "sentence"
+        return None
 
     def __post_init__(self):
-        if self.every < 1:
-            raise ValueError("SafetyPolicy.every must be >= 1")
+        if self.every < 0:
+            raise ValueError("SafetyPolicy.every must be >= 0")
+        if self.every == 0 and not self.max_gap:
+            raise ValueError("SafetyPolicy needs every >= 1 or a max_gap")
+        if self.max_gap is not None and self.max_gap < 1:
+            raise ValueError("SafetyPolicy.max_gap must be >= 1")
         if self.patience < 1:
             raise ValueError("SafetyPolicy.patience must be >= 1")
         if self.action not in ACTIONS:
@@ -92,6 +129,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
     try:
         p = backend.start(prompt_tokens, sampling, check=enabled)
         if enabled:
+            safety.triggers.append("prompt")
             verdict(p, 0)
         while True:
             if len(prompt_tokens) + len(generated) + 2 >= backend.n_ctx:
@@ -103,10 +141,16 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
                 break
             generated.append(tok)
             last = len(generated) >= max_tokens
-            check = enabled and (len(generated) % policy.every == 0 or last)
+            why = None
+            if enabled:
+                stats = backend.hesitation() if policy.needs_stats else None
+                since = len(generated) - safety.trace[-1][0]
+                why = "end" if last else policy.due(len(generated), since, stats, backend.token_bytes(tok))
+            check = why is not None
             if check or not last:
                 p = backend.advance(tok, check)
             if check:
+                safety.triggers.append(why)
                 piece = verdict(p, len(generated))
             elif not enabled:
                 piece = release(len(generated))
@@ -120,6 +164,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
                 break
         if enabled and (released < len(generated) or streak):
             if released < len(generated) and not safety.trace[-1][0] == len(generated):
+                safety.triggers.append("end")
                 piece = verdict(backend.check(), len(generated))
                 if piece:
                     shown.append(piece)

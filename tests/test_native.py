@@ -30,3 +30,33 @@ def test_native_nan_and_bad_arguments():
         _native.p_unsafe(0, 1, 2)
     with pytest.raises(ValueError):
         _native.p_unsafe(ctypes.addressof(row), -1, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_native_row_stats_matches_numpy(seed):
+    import numpy as np
+
+    from runtime import _native
+    from runtime.backends.llama import row_stats_py
+    rng = np.random.default_rng(seed)
+    row = (rng.standard_normal(5000) * (1 + 5 * seed)).astype(np.float32)
+    excluded = (7, 4999) if seed % 2 else ()
+    got = _native.row_stats(row.ctypes.data, len(row), excluded)
+    ref = row_stats_py(row, len(row), excluded)
+    assert got == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_backend_hesitation_uses_the_sampled_row(tiny_safe):
+    import llama_cpp as ll
+    import numpy as np
+
+    from runtime.backends.base import Sampling
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile, row_stats_py
+    mf = LlamaModelFile(tiny_safe)
+    be = LlamaBackend(mf, n_ctx=256, threads=1, safety_ids=mf.safety_meta().token_ids)
+    be.start(mf.tokenize("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", True), Sampling(), check=True)
+    ent, margin = be.hesitation()
+    row = np.ctypeslib.as_array(ll.llama_get_logits_ith(be.ctx, be._row), shape=(mf.n_vocab,)).copy()
+    assert (ent, margin) == pytest.approx(row_stats_py(row, mf.n_vocab, mf.safety_meta().token_ids))
+    assert 0 < ent < np.log(mf.n_vocab) and 0 <= margin <= 1
+    be.close()

@@ -189,3 +189,56 @@ def test_max_p_unsafe_ignores_nan():
     be = FakeBackend([5, 6], verdict=lambda c: 0.3)
     _, r = run(be)
     assert math.isclose(r.safety.max_p_unsafe, 0.3)
+
+
+class HesitantBackend(FakeBackend):
+    """Scripts (entropy, margin) per generated token index (1-based)."""
+
+    def __init__(self, tokens, stats, **kw):
+        super().__init__(tokens, **kw)
+        self.stats = stats
+        self.n_sampled = 0
+
+    def sample(self):
+        self.n_sampled += 1
+        return super().sample()
+
+    def hesitation(self):
+        return self.stats.get(self.n_sampled, (0.1, 0.9))
+
+
+def test_adaptive_triggers_fire_and_max_gap_is_respected():
+    stats = {3: (4.0, 0.5), 7: (0.2, 0.01)}  # high entropy at token 3, tiny margin at token 7
+    be = HesitantBackend(list(range(10, 40)), stats)
+    pol = SafetyPolicy(every=0, max_gap=10, entropy_trigger=3.0, margin_trigger=0.05)
+    _, r = run(be, pol)
+    covered = [c for c, _ in r.safety.trace]
+    assert covered == [0, 3, 7, 17, 27, 30]
+    assert r.safety.triggers == ["prompt", "entropy", "margin", "max_gap", "max_gap", "end"]
+    assert max(b - a for a, b in zip(covered, covered[1:])) <= 10
+    assert r.text == text_of(range(10, 40))
+
+
+def test_sentence_end_trigger():
+    class Words(FakeBackend):
+        def token_bytes(self, t):
+            return b" end." if t == 13 else f"<{t}>".encode()
+    _, r = run(Words(list(range(10, 20))), SafetyPolicy(every=0, max_gap=100, sentence_ends=True))
+    assert [c for c, _ in r.safety.trace] == [0, 4, 10] and r.safety.triggers[1] == "sentence"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_adaptive_policy_never_shows_unchecked_text(seed):
+    import random
+    rnd = random.Random(seed)
+    stats = {i: (rnd.uniform(0, 5), rnd.uniform(0, 1)) for i in range(1, 60)}
+    turn = rnd.randint(1, 50)
+    be = HesitantBackend(list(range(100, 160)), stats, verdict=lambda c: 0.9 if c >= turn else 0.1)
+    pol = SafetyPolicy(every=0, max_gap=rnd.randint(1, 12), entropy_trigger=4.0, margin_trigger=0.1,
+                       sentence_ends=True)
+    pieces, r = run(be, pol, stream=True)
+    assert r.refused
+    shown = "".join(pieces[:-1])
+    last_safe = max(c for c, p in r.safety.trace if p < 0.5)
+    assert shown == text_of(range(100, 100 + last_safe)) and last_safe < turn
+    assert r.safety.intervened_at - last_safe <= pol.max_gap

@@ -53,6 +53,20 @@ def p_unsafe_from_logits(row, safe_id: int, unsafe_id: int) -> float:
     return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
 
 
+def row_stats_py(row, n_vocab: int, excluded=()) -> tuple[float, float]:
+    """(entropy, top-2 margin) of softmax(row) without the excluded ids (reference of the native one)."""
+    import numpy as np
+
+    x = np.ctypeslib.as_array(row, shape=(n_vocab,)).astype(np.float64) if not isinstance(row, np.ndarray) \
+        else row.astype(np.float64)
+    x = np.delete(x, [i for i in excluded if 0 <= i < n_vocab])
+    d = x - x.max()
+    e = np.exp(d)
+    z = e.sum()
+    top2 = np.sort(d)[-2] if len(d) > 1 else -np.inf
+    return float(np.log(z) - (e * d).sum() / z), float((1.0 - np.exp(top2)) / z)
+
+
 class LlamaModelFile:
     """A loaded GGUF: model weights, vocabulary and metadata (shared by its contexts)."""
 
@@ -240,6 +254,13 @@ class LlamaBackend:
         p = self._verdict(0)
         self._drop_cls(self.n_past)
         return p
+
+    def hesitation(self) -> tuple[float, float]:
+        logits = ll.llama_get_logits_ith(self.ctx, self._row)
+        excluded = tuple(self.safety_ids or ())
+        if _native is not None:
+            return _native.row_stats(ctypes.addressof(logits.contents), self.mf.n_vocab, excluded)
+        return row_stats_py(logits, self.mf.n_vocab, excluded)
 
     def sample(self) -> int:
         return int(ll.llama_sampler_sample(self.sampler, self.ctx, self._row))
