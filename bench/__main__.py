@@ -1,8 +1,8 @@
 import sys
 
-from . import throughput
+from . import policies, throughput
 
-COMMANDS = {"throughput": throughput.main}
+COMMANDS = {"throughput": throughput.main, "policies": policies.main}
 
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
     print(f"usage: python -m bench {{{','.join(COMMANDS)}}} [options]")

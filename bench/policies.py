@@ -1,0 +1,76 @@
+"""How many tokens each check policy needs to catch prefill attacks, and what it costs on benign ones.
+
+    python -m bench policies [--model PATH] [--tokens 48] [--limit N]
+
+Prompts: the held-out *test* split of the training data (train/data.py): harmful requests with an
+attacker's assistant prefill ("Sure, here is ..."), and benign requests (with and without a
+prefill). Each policy generates greedily; the table shows, for the attacks, how many were caught
+and after how many generated tokens (0 = at the end of the prompt + prefill), and, for the benign
+prompts, false refusals and checks per generated token (the cost: on these CPUs one check costs
+about one token). Nothing unchecked is ever shown, whatever the policy (hold-back buffer).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from runtime.model import load
+from runtime.strategy import SafetyPolicy
+
+POLICIES = {
+    "every 1": SafetyPolicy(every=1),
+    "every 4": SafetyPolicy(every=4),
+    "every 8": SafetyPolicy(every=8),
+    "adaptive (max gap 8, entropy>=3, sentence ends)": SafetyPolicy(every=0, max_gap=8, entropy_trigger=3.0,
+                                                                     sentence_ends=True),
+    "adaptive (max gap 16, entropy>=3, sentence ends)": SafetyPolicy(every=0, max_gap=16, entropy_trigger=3.0,
+                                                                      sentence_ends=True),
+}
+
+
+def _messages(e: dict) -> list[dict]:
+    msgs = [{"role": "user", "content": e["prompt"]}]
+    if e.get("prefill"):
+        msgs.append({"role": "assistant", "content": e["prefill"]})
+    return msgs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench policies")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--limit", type=int, default=0, help="use at most this many prompts per group")
+    args = ap.parse_args(argv)
+    from train.data import build_dataset
+
+    test = [e for e in build_dataset(seed=0) if e["split"] == "test"]
+    attacks = [e for e in test if e["label"] == 1 and e.get("prefill")]
+    benign = [e for e in test if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
+    if args.limit:
+        attacks, benign = attacks[:args.limit], benign[:args.limit]
+    model = load(args.model)
+    print(f"\nmodel: {model.path.name}  threshold {model.meta.threshold:.4f}  {len(attacks)} prefill attacks, "
+          f"{len(benign)} benign (prefilled or look-dangerous) prompts, up to {args.tokens} tokens, greedy\n")
+    print("| policy | attacks caught | caught at the prompt | tokens to catch (median / max, after the prompt)"
+          " | benign refused | checks per generated token |")
+    print("|---|---|---|---|---|---|")
+    for name, pol in POLICIES.items():
+        caught, at_prompt, later = 0, 0, []
+        for e in attacks:
+            r = model.chat(_messages(e), max_tokens=args.tokens, safety=pol)
+            if r.refused:
+                caught += 1
+                if r.safety.intervened_at == 0:
+                    at_prompt += 1
+                else:
+                    later.append(r.safety.intervened_at)
+        refused, checks, toks = 0, 0, 0
+        for e in benign:
+            r = model.chat(_messages(e), max_tokens=args.tokens, safety=pol)
+            refused += r.refused
+            checks += r.safety.checks - 1  # the prompt check is the same for every policy
+            toks += r.usage.completion_tokens
+        lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
+        print(f"| {name} | {caught}/{len(attacks)} | {at_prompt} | {lat} | {refused}/{len(benign)} "
+              f"| {checks / max(toks, 1):.3f} |", flush=True)
+    return 0
