@@ -36,6 +36,13 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--action", choices=("refuse", "stop"), default="refuse")
     c.add_argument("--no-safety", action="store_true", help="run WITHOUT safety checks (baselines only)")
     c.add_argument("--system", help="a system message for the conversation")
+    pl = sub.add_parser("plot", help="answer QUESTION and draw its p_unsafe trace as a PNG (needs matplotlib)")
+    pl.add_argument("question")
+    pl.add_argument("--prefill", help="an assistant prefill the model continues (e.g. 'Sure, here is')")
+    pl.add_argument("--out", default="safety_trace.png")
+    pl.add_argument("--model", help="a safe GGUF model file (default: the embedded model)")
+    pl.add_argument("--max-tokens", type=int, default=64)
+    pl.add_argument("--every", type=int, default=1, help="check every K tokens (default 1: the full trace)")
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs pip install -e '.[serve]')")
     s.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                    help=f"a safe GGUF model served as NAME (repeatable; the first is the default). "
@@ -85,6 +92,20 @@ def cmd_serve(args) -> int:
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(models, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
           max_tokens_cap=args.max_tokens_cap)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .model import load
+    from .plot import plot_trace
+
+    model = load(args.model, safety=SafetyPolicy(every=args.every))
+    messages = [{"role": "user", "content": args.question}]
+    if args.prefill:
+        messages.append({"role": "assistant", "content": args.prefill})
+    reply = model.chat(messages, max_tokens=args.max_tokens)
+    print(reply.text)
+    print(f"wrote {plot_trace(reply, args.out)}", file=sys.stderr)
     return 0
 
 
@@ -141,8 +162,8 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return cmd_serve(args) if args.cmd == "serve" else cmd_chat(args)
-    except (RuntimeSafetyError, ValueError, NotImplementedError) as e:
+        return {"serve": cmd_serve, "plot": cmd_plot}.get(args.cmd, cmd_chat)(args)
+    except (RuntimeSafetyError, ValueError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
