@@ -35,12 +35,13 @@ class Model:
                  threads: int | None = None, safety: Any = "on"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "onnx":
-            raise NotImplementedError("the ONNX backend is not built yet (issue 5); use backend='llama'")
-        from .backends.llama import LlamaBackend, LlamaModelFile
-
         self.policy = _policy(safety)
-        self.file = LlamaModelFile(path, n_gpu_layers=n_gpu_layers)
+        if backend == "onnx":  # path is the .onnx file; its GGUF (vocabulary, template) lies beside it
+            from .backends.onnx import OnnxBackend as Backend, OnnxModelFile
+            self.file = OnnxModelFile(path, n_gpu_layers=n_gpu_layers, threads=threads)  # n_gpu_layers: CUDA
+        else:
+            from .backends.llama import LlamaBackend as Backend, LlamaModelFile
+            self.file = LlamaModelFile(path, n_gpu_layers=n_gpu_layers)
         self.meta: SafetyMeta | None = None
         try:
             self.meta = self.file.safety_meta()
@@ -48,7 +49,10 @@ class Model:
             if self.policy is not None:
                 raise ModelFileError(f"{e}. Load it with safety='off' to run it without checks.") from None
         ids = self.meta.token_ids if self.meta else None
-        self.backend = LlamaBackend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids)
+        if backend == "onnx":
+            self.backend = Backend(self.file, n_ctx=n_ctx, safety_ids=ids)
+        else:
+            self.backend = Backend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids)
         self._lock = threading.Lock()
 
     @property
