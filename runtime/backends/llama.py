@@ -140,7 +140,10 @@ class LlamaModelFile:
             self.model = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the ctypes module may already be gone
+            pass
 
 
 class LlamaBackend:
@@ -300,4 +303,7 @@ class LlamaBackend:
             self.ctx = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the ctypes module may already be gone
+            pass
