@@ -70,16 +70,17 @@ def row_stats_py(row, n_vocab: int, excluded=()) -> tuple[float, float]:
 class LlamaModelFile:
     """A loaded GGUF: model weights, vocabulary and metadata (shared by its contexts)."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False):
         _init()
         self.path = Path(path)
         if not self.path.is_file():
-            raise ModelFileError(f"model file not found: {self.path}")
+            raise ModelFileError(f"{'vocabulary GGUF' if vocab_only else 'model file'} not found: {self.path}")
         with open(self.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelFileError(f"{self.path} is not a GGUF model file (bad magic)")
         params = ll.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
+        params.vocab_only = bool(vocab_only)
         _log_lines.clear()
         self.model = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:

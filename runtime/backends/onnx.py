@@ -27,7 +27,7 @@ from convert.metadata import PREFIX, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
 from .base import Sampling
-from .llama import LlamaModelFile, _init, _log_lines, ll, row_stats_py
+from .llama import LlamaModelFile, row_stats_py
 
 try:  # the native module built from cpp_ext/ by pip install
     from runtime import _native
@@ -39,25 +39,7 @@ class VocabFile(LlamaModelFile):
     """A vocab-only llama.cpp load of a GGUF: tokenizer, pieces, EOG, chat template, metadata."""
 
     def __init__(self, path: str | Path):
-        _init()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelFileError(f"vocabulary GGUF not found: {self.path}")
-        params = ll.llama_model_default_params()
-        params.vocab_only = True
-        _log_lines.clear()
-        self.model = ll.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self.model:
-            detail = "; ".join(_log_lines[-3:]) or "llama.cpp could not load it"
-            raise ModelFileError(f"{self.path} is corrupt or unsupported: {detail}")
-        self.vocab = ll.llama_model_get_vocab(self.model)
-        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
-        self.metadata = self._read_metadata()
-        tmpl = ll.llama_model_chat_template(self.model, None)
-        self.chat_template = tmpl.decode("utf-8") if tmpl else None
-        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
-        self.bos = ll.llama_vocab_bos(self.vocab)
-        self._piece_cache: dict[int, bytes] = {}
+        super().__init__(path, vocab_only=True)
 
 
 def _providers(gpu: bool) -> list[str]:
