@@ -34,7 +34,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -61,7 +61,7 @@ def fetch_wheel(name: str, version: str, sha256: str | None, dest: Path | None =
             shutil.move(str(got[0]), final)
             found = [final]
     wheel = found[0]
-    if sha256 and _sha256(wheel) != sha256:
+    if sha256 and sha256_file(wheel) != sha256:
         wheel.unlink()
         raise FetchError(f"{wheel.name} does not match its pinned sha256; deleted it, try again")
     return wheel

