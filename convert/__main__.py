@@ -117,6 +117,17 @@ def cmd_verify(a) -> int:
     return 0 if summary["passed"] else 1
 
 
+def cmd_onnx(a) -> int:
+    try:
+        from .onnx_export import export_onnx
+    except ImportError as e:
+        raise CliError(f"the ONNX export needs torch, onnx and onnxscript ({e}): pip install -e '.[train,onnx]'")
+    _check_writable(Path(a.out))
+    export_onnx(a.gguf, a.out, a.quant, progress=not a.quiet)
+    print(f"wrote {a.out} (keep {Path(a.gguf).name} beside it: the ONNX backend reads its vocabulary)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -136,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant", type=_quant_name, required=True, help="F16, Q8_0, Q4_K_M or Q4_0")
     q.set_defaults(fn=cmd_quantize)
 
+    o = sub.add_parser("onnx", help="safe GGUF -> ONNX with a KV cache and a dedicated safety output")
+    o.add_argument("gguf", help="a safe GGUF (from `python -m convert gguf`)")
+    o.add_argument("out", help="output .onnx file (written atomically)")
+    o.add_argument("--quant", choices=("int8", "int4", "int8-dynamic"), default=None,
+                   help="onnxruntime weight quantization (int8 = 8-bit MatMulNBits, recommended)")
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(fn=cmd_onnx)
+
     v = sub.add_parser("verify", help="compare GGUF models (llama.cpp) against the torch model of a reference")
     v.add_argument("models", nargs="+", metavar="MODEL")
     v.add_argument("--reference", help="GGUF whose weights the torch reference uses (default: each model itself)")
@@ -150,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .artifact import ArtifactError
     from .gguf_safe import ConvertError
+    from .metadata import MetadataError
     from .verify import VerifyError
 
     a = build_parser().parse_args(argv)
@@ -158,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return a.fn(a)
-    except (CliError, ArtifactError, ConvertError, VerifyError) as e:
+    except (CliError, ArtifactError, ConvertError, VerifyError, MetadataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

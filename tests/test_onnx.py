@@ -160,3 +160,20 @@ def test_quantized_export_loads_and_keeps_the_head_float(quant, tiny_safe, model
     ref = mo.chat(PROMPT, max_tokens=8)
     assert abs(r.safety.trace[0][1] - ref.safety.trace[0][1]) < 0.1   # random tiny weights: loose bound
     m.close()
+
+
+def test_convert_cli_onnx_subcommand(tiny_safe, tiny_base, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(tiny_safe, gguf)
+    r = subprocess.run([sys.executable, "-m", "convert", "onnx", str(gguf), str(tmp_path / "m.onnx"), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import runtime
+    m = runtime.load(tmp_path / "m.onnx", backend="onnx", n_ctx=256)
+    assert m.chat("hi", max_tokens=3).safety.checks >= 1
+    r = subprocess.run([sys.executable, "-m", "convert", "onnx", str(tiny_base), str(tmp_path / "x.onnx")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
