@@ -54,14 +54,14 @@ def _print_quant(res) -> None:
 
 def cmd_gguf(a) -> int:
     from .artifact import load_artifact
-    from .gguf_safe import check_compatible, convert_gguf, read_base
+    from .gguf_safe import check_compatible, convert_gguf, read_gguf
 
     out = Path(a.out)
     base = Path(a.base)
     if out.resolve() == base.resolve():
         raise CliError("--out must differ from --base")
     art = load_artifact(a.artifact)
-    reader = read_base(base)
+    reader = read_gguf(base)
     check_compatible(reader, art, str(base))
     del reader
     _check_writable(out)

@@ -48,10 +48,11 @@ def _append_rows(t: gguf.ReaderTensor, rows: np.ndarray) -> tuple[np.ndarray, gg
     return np.concatenate([base, extra]), qtype
 
 
-def read_base(path: str | Path) -> gguf.GGUFReader:
+def read_gguf(path: str | Path, what: str = "base model") -> gguf.GGUFReader:
+    """Open a GGUF with gguf-py; a missing or unreadable file is a ConvertError naming it."""
     p = Path(path)
     if not p.is_file():
-        raise ConvertError(f"base model not found: {p}")
+        raise ConvertError(f"{what} not found: {p}")
     try:
         return gguf.GGUFReader(str(p))
     except Exception as e:
@@ -84,7 +85,7 @@ def check_compatible(reader: gguf.GGUFReader, art: Artifact, where: str) -> dict
 
 def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: bool = True) -> SafetyMeta:
     """Write the safe model to `out` atomically (temp file + rename). Returns its metadata."""
-    reader = read_base(base)
+    reader = read_gguf(base)
     facts = check_compatible(reader, art, str(base))
     n_vocab, tied = facts["n_vocab"], facts["tied"]
     cls_id, safe_id, unsafe_id = n_vocab, n_vocab + 1, n_vocab + 2

@@ -23,7 +23,7 @@ import gguf
 
 from .files import set_default_mode
 
-from .gguf_safe import ConvertError
+from .gguf_safe import ConvertError, read_gguf
 from .metadata import PREFIX, SPECIAL_TOKENS
 
 # name -> llama_ftype attribute of llama_cpp
@@ -61,15 +61,6 @@ def _safety_fields(reader: gguf.GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if k.startswith(PREFIX)}
 
 
-def _read(path: Path, what: str) -> gguf.GGUFReader:
-    if not path.is_file():
-        raise ConvertError(f"{what} not found: {path}")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise ConvertError(f"{path} is not a readable GGUF file: {e}") from None
-
-
 def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0) -> QuantizeResult:
     """Quantize `src` to `dst` (`qtype` in QTYPES) with llama.cpp; atomic; safety metadata checked."""
     import llama_cpp as ll
@@ -80,7 +71,7 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0) 
     if qtype not in QTYPES:
         raise ConvertError(f"unsupported quantization {qtype!r}; choose one of {', '.join(QTYPES)}")
     src, dst = Path(src), Path(dst)
-    reader = _read(src, "model")
+    reader = read_gguf(src, "model")
     before = _safety_fields(reader)
     tokens_before = reader.fields["tokenizer.ggml.tokens"].contents()[-3:]
     src_types = _types(reader)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import ContextOverflowError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -30,6 +32,31 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+def check_prompt(tokens: list[int], n_ctx: int, check: bool, safety_ids) -> None:
+    """What every backend's `start` refuses: an empty prompt, one that leaves no room, a check without ids."""
+    if not tokens:
+        raise ValueError("empty prompt")
+    if len(tokens) + 2 > n_ctx:
+        raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}")
+    if check and safety_ids is None:
+        raise RuntimeError("this model has no safety tokens")
+
+
+class TokensFromFile:
+    """tokenize / token_bytes / is_eog of a backend, delegated to its model file `self.mf`."""
+
+    mf: object
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.mf.tokenize(text, special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.mf.token_bytes(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self.mf.is_eog(token)
 
 
 class Backend(Protocol):

@@ -16,8 +16,8 @@ import llama_cpp as ll
 
 from convert.metadata import PREFIX, SafetyMeta
 
-from ..errors import ContextOverflowError, ModelFileError
-from .base import Sampling
+from ..errors import ModelFileError
+from .base import Sampling, TokensFromFile, check_prompt
 
 try:  # the native module built from cpp_ext/ by pip install
     from runtime import _native
@@ -147,7 +147,7 @@ class LlamaModelFile:
             pass
 
 
-class LlamaBackend:
+class LlamaBackend(TokensFromFile):
     """One llama.cpp context (one KV cache, one sampler chain) implementing `Backend`."""
 
     def __init__(self, mf: LlamaModelFile, n_ctx: int = 4096, threads: int | None = None,
@@ -171,16 +171,6 @@ class LlamaBackend:
         self.sampler = None
         self.n_past = 0
         self._row = -1  # batch row holding the logits of the last real token
-
-    # -- tokens ----------------------------------------------------------------------
-    def tokenize(self, text: str, special: bool) -> list[int]:
-        return self.mf.tokenize(text, special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.mf.token_bytes(token)
-
-    def is_eog(self, token: int) -> bool:
-        return self.mf.is_eog(token)
 
     # -- decoding --------------------------------------------------------------------
     def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool) -> None:
@@ -224,12 +214,7 @@ class LlamaBackend:
         return p
 
     def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
-        if not tokens:
-            raise ValueError("empty prompt")
-        if len(tokens) + 2 > self.n_ctx:
-            raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
-        if check and self.safety_ids is None:
-            raise RuntimeError("this model has no safety tokens")
+        check_prompt(tokens, self.n_ctx, check, self.safety_ids)
         ll.llama_memory_clear(self.mem, True)
         self._make_sampler(sampling)
         chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk

@@ -26,8 +26,8 @@ import numpy as np
 from convert.metadata import PREFIX, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
-from .base import Sampling
-from .llama import LlamaModelFile, row_stats_py
+from .base import Sampling, TokensFromFile, check_prompt
+from .llama import LlamaModelFile, p_unsafe_from_logits, row_stats_py
 
 try:  # the native module built from cpp_ext/ by pip install
     from runtime import _native
@@ -128,7 +128,7 @@ class OnnxModelFile:
         self.session = None
 
 
-class OnnxBackend:
+class OnnxBackend(TokensFromFile):
     """One KV cache (numpy, preallocated) and one numpy sampler implementing `Backend`."""
 
     def __init__(self, mf: OnnxModelFile, n_ctx: int = 4096, threads: int | None = None,
@@ -149,16 +149,6 @@ class OnnxBackend:
         self._rng = np.random.default_rng(0)
         self._history: list[int] = []
         self._mask = np.array(sorted(set(safety_ids or ())), dtype=np.int64)
-
-    # -- tokens ----------------------------------------------------------------------
-    def tokenize(self, text: str, special: bool) -> list[int]:
-        return self.mf.tokenize(text, special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.mf.token_bytes(token)
-
-    def is_eog(self, token: int) -> bool:
-        return self.mf.is_eog(token)
 
     # -- decoding --------------------------------------------------------------------
     def _run(self, tokens: list[int], start: int, keep: int, logits_row: int):
@@ -182,19 +172,8 @@ class OnnxBackend:
                 buf[:, start:start + keep] = new[:, :keep]
         return outs[0][0], outs[1][0]
 
-    def _p(self, safety_logits: np.ndarray) -> float:
-        d = float(safety_logits[1]) - float(safety_logits[0])
-        if d != d:
-            return float("nan")
-        return float(1.0 / (1.0 + np.exp(-d))) if d >= 0 else float(np.exp(d) / (1.0 + np.exp(d)))
-
     def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
-        if not tokens:
-            raise ValueError("empty prompt")
-        if len(tokens) + 2 > self.n_ctx:
-            raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
-        if check and self.safety_ids is None:
-            raise RuntimeError("this model has no safety tokens")
+        check_prompt(tokens, self.n_ctx, check, self.safety_ids)
         self._sampling = sampling
         self._rng = np.random.default_rng(sampling.seed & 0xFFFFFFFF)
         self._history = []
@@ -202,7 +181,7 @@ class OnnxBackend:
         logits, safety = self._run(items, 0, keep=len(tokens), logits_row=len(tokens) - 1)
         self._logits = logits
         self.n_past = len(tokens)
-        return self._p(safety) if check else None
+        return p_unsafe_from_logits(safety, 0, 1) if check else None
 
     def advance(self, token: int, check: bool) -> float | None:
         n = self.n_past
@@ -210,12 +189,12 @@ class OnnxBackend:
         logits, safety = self._run(items, n, keep=1, logits_row=0)
         self._logits = logits
         self.n_past = n + 1
-        return self._p(safety) if check else None
+        return p_unsafe_from_logits(safety, 0, 1) if check else None
 
     def check(self) -> float:
         # a lone [CLS]: its logits row is computed (one projection) but not kept
         _, safety = self._run([self.safety_ids[0]], self.n_past, keep=0, logits_row=0)
-        return self._p(safety)
+        return p_unsafe_from_logits(safety, 0, 1)
 
     def hesitation(self) -> tuple[float, float]:
         row = self._logits
