@@ -145,7 +145,8 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
             if enabled:
                 stats = backend.hesitation() if policy.needs_stats else None
                 since = len(generated) - safety.trace[-1][0]
-                why = "end" if last else policy.due(len(generated), since, stats, backend.token_bytes(tok))
+                piece_bytes = backend.token_bytes(tok) if policy.sentence_ends else b""
+                why = "end" if last else policy.due(len(generated), since, stats, piece_bytes)
             check = why is not None
             if check or not last:
                 p = backend.advance(tok, check)
@@ -200,17 +201,12 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
 class Generation:
     """Iterate for text pieces; `.reply` holds the final Reply once iteration has finished."""
 
-    def __init__(self, gen: Iterator[str], on_close=None):
+    def __init__(self, gen: Iterator[str]):
         self._gen = gen
-        self._on_close = on_close
         self.reply: Reply | None = None
 
     def __iter__(self):
-        try:
-            self.reply = yield from self._gen
-        finally:
-            if self._on_close:
-                self._on_close()
+        self.reply = yield from self._gen
 
     def run(self) -> Reply:
         for _ in self:
