@@ -7,20 +7,17 @@
  * `row_stats(address, n_vocab, excluded)` returns (entropy, top-2 margin) of the softmax of a
  * logits row, skipping the excluded ids (the safety tokens): the "hesitation" signals that
  * trigger an extra check in the adaptive policy, in one pass over 49k floats without copies.
- * The full native decode loop is a later issue.
+ * The native decode loop (`Loop`, `batch_layout`) lives in loop.c.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
 
-static double p_unsafe_from(const float *row, long safe_id, long unsafe_id) {
-    double d = (double)row[unsafe_id] - (double)row[safe_id];
-    if (isnan(d)) return NAN;
-    if (d >= 0) return 1.0 / (1.0 + exp(-d));
-    double e = exp(d);
-    return e / (1.0 + e);
-}
+#include "verdict.h"
+
+PyTypeObject *native_loop_type(void);  /* loop.c */
+PyObject *native_batch_layout(PyObject *self, PyObject *unused);  /* loop.c */
 
 static PyObject *py_p_unsafe(PyObject *self, PyObject *args) {
     unsigned long long addr;
@@ -64,31 +61,10 @@ static PyObject *py_row_stats(PyObject *self, PyObject *args) {
     }
     Py_DECREF(seq);
     const float *row = (const float *)(uintptr_t)addr;
-    double m1 = -INFINITY, m2 = -INFINITY;
+    double entropy, margin;
     Py_BEGIN_ALLOW_THREADS
-    for (long i = 0; i < n; i++) {
-        int skip = 0;
-        for (Py_ssize_t j = 0; j < n_ex; j++) skip |= (ex[j] == i);
-        if (skip) continue;
-        double v = row[i];
-        if (v > m1) { m2 = m1; m1 = v; } else if (v > m2) { m2 = v; }
-    }
+    row_stats_from(row, n, ex, (int)n_ex, &entropy, &margin);
     Py_END_ALLOW_THREADS
-    double z = 0.0, ez = 0.0;
-    Py_BEGIN_ALLOW_THREADS
-    for (long i = 0; i < n; i++) {
-        int skip = 0;
-        for (Py_ssize_t j = 0; j < n_ex; j++) skip |= (ex[j] == i);
-        if (skip) continue;
-        double d = (double)row[i] - m1;
-        double e = exp(d);
-        z += e;
-        ez += e * d;
-    }
-    Py_END_ALLOW_THREADS
-    /* entropy = log z - E[d]; margin = p1 - p2 = (1 - exp(m2 - m1)) / z */
-    double entropy = log(z) - ez / z;
-    double margin = (1.0 - exp(m2 - m1)) / z;
     return Py_BuildValue("dd", entropy, margin);
 }
 
@@ -97,9 +73,23 @@ static PyMethodDef methods[] = {
      "p_unsafe(address, safe_id, unsafe_id) -> float: softmax([row[safe], row[unsafe]])[1]"},
     {"row_stats", py_row_stats, METH_VARARGS,
      "row_stats(address, n_vocab, excluded) -> (entropy, top-2 probability margin) of softmax(row)"},
+    {"batch_layout", native_batch_layout, METH_NOARGS,
+     "batch_layout() -> dict: sizeof and field offsets of llama_batch as this module was compiled"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyTypeObject *loop = native_loop_type();
+    if (PyType_Ready(loop) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(loop);
+    if (PyModule_AddObject(m, "Loop", (PyObject *)loop) < 0) {
+        Py_DECREF(loop);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

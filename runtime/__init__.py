@@ -4,7 +4,7 @@
     r = runtime.chat("How do I bake bread?")     # embedded default safe model
     r.text, r.refused, r.safety
     for piece in runtime.chat(messages, stream=True): ...
-    m = runtime.load(path=None, backend="llama", n_gpu_layers=0, threads=None, safety="on")
+    m = runtime.load(path=None, backend="llama", n_gpu_layers=0, threads=None, safety="on", native=None)
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from convert.metadata import MetadataError, SafetyMeta
+from convert.metadata import MetadataError, SafetyMeta, verification_problem
 
 from .backends.base import Sampling
 from .errors import ContextOverflowError, MessagesError, ModelFileError
@@ -32,28 +32,44 @@ class Model:
     """A loaded model file with one KV cache; `chat` calls are serialised by a lock."""
 
     def __init__(self, path: str | Path, backend: str = "llama", n_ctx: int = 4096, n_gpu_layers: int = 0,
-                 threads: int | None = None, safety: Any = "on"):
+                 threads: int | None = None, safety: Any = "on", native: bool | None = None,
+                 allow_unverified: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if native and backend != "llama":
+            raise ValueError(f"the native decode loop exists for the llama backend only, not {backend!r}")
         self.policy = _policy(safety)
         if backend == "onnx":  # path is the .onnx file; its GGUF (vocabulary, template) lies beside it
-            from .backends.onnx import OnnxBackend as Backend, OnnxModelFile
+            from .backends.onnx import OnnxBackend, OnnxModelFile
             self.file = OnnxModelFile(path, n_gpu_layers=n_gpu_layers, threads=threads)  # n_gpu_layers: CUDA
+            make = lambda ids: OnnxBackend(self.file, n_ctx=n_ctx, safety_ids=ids)  # noqa: E731
         else:
-            from .backends.llama import LlamaBackend as Backend, LlamaModelFile
+            from .backends.llama import LlamaBackend, LlamaModelFile
             self.file = LlamaModelFile(path, n_gpu_layers=n_gpu_layers)
+            make = lambda ids: LlamaBackend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids)  # noqa: E731
         self.meta: SafetyMeta | None = None
         try:
             self.meta = self.file.safety_meta()
         except MetadataError as e:
             if self.policy is not None:
                 raise ModelFileError(f"{e}. Load it with safety='off' to run it without checks.") from None
-        ids = self.meta.token_ids if self.meta else None
-        if backend == "onnx":
-            self.backend = Backend(self.file, n_ctx=n_ctx, safety_ids=ids)
-        else:
-            self.backend = Backend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids)
+        problem = verification_problem(self.file.metadata, str(self.file.path))  # stamped "fail" by convert
+        if problem and not allow_unverified:
+            self.file.close()
+            raise ModelFileError(problem)
+        self.backend = make(self.meta.token_ids if self.meta else None)
+        self.native = self._native_mode(backend, native)
         self._lock = threading.Lock()
+
+    def _native_mode(self, backend: str, native: bool | None) -> bool:
+        """None: the native loop where it exists; True: insist on it (a clear error if it cannot run)."""
+        if native is False or backend != "llama":
+            return False
+        from .backends.native_loop import available, check_abi
+        if native:
+            check_abi()  # raises NativeLoopError naming the mismatch
+            return True
+        return available()
 
     @property
     def path(self) -> Path:
@@ -88,7 +104,7 @@ class Model:
         sampling = Sampling(temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=int(seed))
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
-                       sampling=sampling, max_tokens=max_tokens)
+                       sampling=sampling, max_tokens=max_tokens, native=self.native)
         g = Generation(self._locked(gen))
         return g if stream else g.run()
 
@@ -102,9 +118,17 @@ class Model:
 
 
 def load(path: str | Path | None = None, backend: str = "llama", n_gpu_layers: int = 0,
-         threads: int | None = None, safety: Any = "on", n_ctx: int = 4096) -> Model:
-    """Load a safe model file; with no path, the embedded default (built on first use)."""
+         threads: int | None = None, safety: Any = "on", n_ctx: int = 4096, native: bool | None = None,
+         allow_unverified: bool = False) -> Model:
+    """Load a safe model file; with no path, the embedded default (built on first use).
+
+    A file whose verification stamp says it failed (`convert quantize`/`verify --record`:
+    `safety.verified=fail`) is refused unless `allow_unverified=True`; an unstamped file loads.
+
+    `native`: run the token loop in C with the GIL released (llama backend; None = when available).
+    """
     if path is None:
         from .default_model import default_model_path
         path = default_model_path()
-    return Model(path, backend=backend, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, safety=safety)
+    return Model(path, backend=backend, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, safety=safety,
+                 native=native, allow_unverified=allow_unverified)

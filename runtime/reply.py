@@ -33,6 +33,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    loop_seconds: float = 0.0            # the token loop: from after the prompt's prefill to the last token
+    native_seconds: float | None = None  # of which inside the native decode loop (GIL released), if it ran
 
     @property
     def tokens_per_second(self) -> float:

@@ -84,96 +84,138 @@ class _Intervene(Exception):
         self.covered, self.reason = covered, reason
 
 
+class _Run:
+    """The state of one generation: generated tokens, hold-back buffer, verdicts."""
+
+    def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None):
+        self.backend, self.policy, self.thr = backend, policy, thr
+        self.enabled = policy is not None
+        self.safety = Safety(enabled=self.enabled, threshold=thr)
+        self.generated: list[int] = []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.released = 0
+        self.streak = 0
+
+    def release(self, upto: int) -> str:
+        """Decode generated[released:upto] for display."""
+        data = b"".join(self.backend.token_bytes(t) for t in self.generated[self.released:upto])
+        self.released = upto
+        return self.decoder.decode(data)
+
+    def verdict(self, p: float | None, covered: int, why: str) -> str:
+        """Record a verdict; return newly cleared text, or raise _Intervene."""
+        s = self.safety
+        s.checks += 1
+        s.triggers.append(why)
+        p = float("nan") if p is None else float(p)
+        s.trace.append((covered, p))
+        if not math.isfinite(p) or not 0.0 <= p <= 1.0:
+            raise _Intervene(covered, f"safety verdict could not be computed (p_unsafe={p}) at token {covered}")
+        if p >= self.thr:
+            self.streak += 1
+            if self.streak >= self.policy.patience:
+                where = "the prompt" if covered == 0 else f"token {covered}"
+                raise _Intervene(covered, f"unsafe: p_unsafe={p:.3f} >= {self.thr:.3f} at {where}")
+            return ""
+        self.streak = 0
+        return self.release(covered)
+
+
+def _python_loop(run: _Run, n_prompt: int, max_tokens: int) -> Iterator[str]:
+    """Sample, decode (+ side [CLS] when a check is due) and release, one token per iteration.
+
+    The reference implementation; returns the finish reason ("stop" or "length").
+    """
+    backend, policy, generated = run.backend, run.policy, run.generated
+    while True:
+        if n_prompt + len(generated) + 2 >= backend.n_ctx:
+            return "length"
+        tok = backend.sample()
+        if backend.is_eog(tok):
+            return "stop"
+        generated.append(tok)
+        last = len(generated) >= max_tokens
+        why = None
+        if run.enabled:
+            stats = backend.hesitation() if policy.needs_stats else None
+            since = len(generated) - run.safety.trace[-1][0]
+            piece_bytes = backend.token_bytes(tok) if policy.sentence_ends else b""
+            why = "end" if last else policy.due(len(generated), since, stats, piece_bytes)
+        if why is not None or not last:
+            p = backend.advance(tok, why is not None)
+        if why is not None:
+            piece = run.verdict(p, len(generated), why)
+        else:
+            piece = "" if run.enabled else run.release(len(generated))
+        if piece:
+            yield piece
+        if last:
+            return "length"
+
+
+def _fused_loop(run: _Run, loop) -> Iterator[str]:
+    """The same loop run by the backend (natively, GIL released) between hand-overs.
+
+    Each event brings the tokens and checks made since the last one; the verdicts are replayed
+    through `run.verdict`, so this module stays the one authority over what is shown.
+    """
+    while True:
+        kind, tokens, checks, info = loop.run()
+        run.generated.extend(tokens)
+        piece = "".join(run.verdict(p, covered, why) for covered, p, why in checks)
+        if not run.enabled and tokens:
+            piece += run.release(len(run.generated))
+        if piece:
+            yield piece
+        if kind == "error":
+            raise RuntimeError(info)
+        if kind == "unsafe":  # the replay above must have raised: the two disagree, fail closed
+            raise RuntimeError("the native loop stopped on a verdict the strategy did not confirm")
+        if kind == "done":
+            return info
+
+
 def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy | None,
-             threshold: float | None, sampling: Sampling, max_tokens: int) -> Iterator[str]:
+             threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False) -> Iterator[str]:
     """Yield text pieces as they are cleared for display; return the final `Reply`.
 
-    `policy=None` runs without checks (an explicit caller choice). Use through `Generation`.
+    `policy=None` runs without checks (an explicit caller choice). `native=True` runs the token
+    loop inside the backend (`backend.fused_loop`, the C loop for llama.cpp). Use through `Generation`.
     """
     t0 = time.perf_counter()
     enabled = policy is not None
     thr = (policy.threshold or threshold) if enabled else None
     if enabled and thr is None:
         raise ValueError("safety is on but no threshold is known (model metadata or SafetyPolicy.threshold)")
-    safety = Safety(enabled=enabled, threshold=thr)
-    generated: list[int] = []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    run = _Run(backend, policy, thr)
+    safety = run.safety
     shown: list[str] = []
-    released = 0
-    streak = 0
+    loop = None
     finish = "length"
-
-    def release(upto: int) -> str:
-        nonlocal released
-        data = b"".join(backend.token_bytes(t) for t in generated[released:upto])
-        released = upto
-        return decoder.decode(data)
-
-    def verdict(p: float | None, covered: int) -> str:
-        """Record a verdict; return newly cleared text, or raise _Intervene."""
-        nonlocal streak
-        safety.checks += 1
-        p = float("nan") if p is None else float(p)
-        safety.trace.append((covered, p))
-        if not math.isfinite(p) or not 0.0 <= p <= 1.0:
-            raise _Intervene(covered, f"safety verdict could not be computed (p_unsafe={p}) at token {covered}")
-        if p >= thr:
-            streak += 1
-            if streak >= policy.patience:
-                where = "the prompt" if covered == 0 else f"token {covered}"
-                raise _Intervene(covered, f"unsafe: p_unsafe={p:.3f} >= {thr:.3f} at {where}")
-            return ""
-        streak = 0
-        return release(covered)
-
+    t_loop = t_end = None
     try:
         p = backend.start(prompt_tokens, sampling, check=enabled)
         if enabled:
-            safety.triggers.append("prompt")
-            verdict(p, 0)
-        while True:
-            if len(prompt_tokens) + len(generated) + 2 >= backend.n_ctx:
-                finish = "length"
-                break
-            tok = backend.sample()
-            if backend.is_eog(tok):
-                finish = "stop"
-                break
-            generated.append(tok)
-            last = len(generated) >= max_tokens
-            why = None
-            if enabled:
-                stats = backend.hesitation() if policy.needs_stats else None
-                since = len(generated) - safety.trace[-1][0]
-                piece_bytes = backend.token_bytes(tok) if policy.sentence_ends else b""
-                why = "end" if last else policy.due(len(generated), since, stats, piece_bytes)
-            check = why is not None
-            if check or not last:
-                p = backend.advance(tok, check)
-            if check:
-                safety.triggers.append(why)
-                piece = verdict(p, len(generated))
-            elif not enabled:
-                piece = release(len(generated))
-            else:
-                piece = ""
-            if piece:
-                shown.append(piece)
-                yield piece
-            if last:
-                finish = "length"
-                break
-        if enabled and (released < len(generated) or streak):
-            if released < len(generated) and not safety.trace[-1][0] == len(generated):
-                safety.triggers.append("end")
-                piece = verdict(backend.check(), len(generated))
+            run.verdict(p, 0, "prompt")
+        if native:
+            loop = backend.fused_loop(policy, thr, max_tokens, len(prompt_tokens), run.streak)
+            steps = _fused_loop(run, loop)
+        else:
+            steps = _python_loop(run, len(prompt_tokens), max_tokens)
+        t_loop = time.perf_counter()
+        finish = yield from _collect(steps, shown)
+        t_end = time.perf_counter()
+        generated = run.generated
+        if enabled and (run.released < len(generated) or run.streak):
+            if run.released < len(generated) and not safety.trace[-1][0] == len(generated):
+                piece = run.verdict(backend.check(), len(generated), "end")
                 if piece:
                     shown.append(piece)
                     yield piece
-            if streak:  # the last verdicts were unsafe (below patience): never show what they covered
+            if run.streak:  # the last verdicts were unsafe (below patience): never show what they covered
                 raise _Intervene(len(generated), f"unsafe verdict at the end of generation "
                                                  f"(p_unsafe={safety.trace[-1][1]:.3f} >= {thr:.3f})")
-        tail = decoder.decode(b"", final=True)
+        tail = run.decoder.decode(b"", final=True)
         if tail:
             shown.append(tail)
             yield tail
@@ -188,14 +230,28 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
     except Exception as e:  # a backend failure mid-generation: fail closed when checking
         if not enabled:
             raise
-        safety.intervened_at = released
+        safety.intervened_at = run.released
         safety.reason = f"safety check failed: {type(e).__name__}: {e}"
         finish, refused = "safety", True
         msg = ("\n\n" if shown else "") + policy.refusal
         shown.append(msg)
         yield msg
-    usage = Usage(len(prompt_tokens), len(generated), time.perf_counter() - t0)
+    t = time.perf_counter()
+    usage = Usage(len(prompt_tokens), len(run.generated), t - t0,
+                  loop_seconds=((t_end or t) - t_loop) if t_loop is not None else 0.0,
+                  native_seconds=loop.seconds if loop is not None else None)
     return Reply(text="".join(shown), refused=refused, safety=safety, usage=usage, finish_reason=finish)
+
+
+def _collect(steps: Iterator[str], shown: list[str]) -> Iterator[str]:
+    """Pass the pieces of a token loop through, remembering them; return the loop's finish reason."""
+    while True:
+        try:
+            piece = next(steps)
+        except StopIteration as end:
+            return end.value
+        shown.append(piece)
+        yield piece
 
 
 class Generation:

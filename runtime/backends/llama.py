@@ -254,6 +254,11 @@ class LlamaBackend(TokensFromFile):
     def sample(self) -> int:
         return int(ll.llama_sampler_sample(self.sampler, self.ctx, self._row))
 
+    def fused_loop(self, policy, threshold, max_tokens: int, n_prompt: int, streak: int):
+        """The token loop in C with the GIL released (cpp_ext/loop.c), after `start`."""
+        from .native_loop import FusedLoop
+        return FusedLoop(self, policy, threshold, max_tokens, n_prompt, streak)
+
     def _make_sampler(self, s: Sampling) -> None:
         if self.sampler is not None:
             ll.llama_sampler_free(self.sampler)

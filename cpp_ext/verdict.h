@@ -1,0 +1,40 @@
+/* The arithmetic both the Python-facing helpers and the native decode loop use. */
+#ifndef SAFECHAT_VERDICT_H
+#define SAFECHAT_VERDICT_H
+#include <math.h>
+
+/* softmax([row[safe], row[unsafe]])[1], computed stably; NaN in, NaN out. */
+static inline double p_unsafe_from(const float *row, long safe_id, long unsafe_id) {
+    double d = (double)row[unsafe_id] - (double)row[safe_id];
+    if (isnan(d)) return NAN;
+    if (d >= 0) return 1.0 / (1.0 + exp(-d));
+    double e = exp(d);
+    return e / (1.0 + e);
+}
+
+/* (entropy in nats, top-1 minus top-2 probability) of softmax(row) without the excluded ids. */
+static inline void row_stats_from(const float *row, long n, const long *ex, int n_ex,
+                                  double *entropy, double *margin) {
+    double m1 = -INFINITY, m2 = -INFINITY;
+    for (long i = 0; i < n; i++) {
+        int skip = 0;
+        for (int j = 0; j < n_ex; j++) skip |= (ex[j] == i);
+        if (skip) continue;
+        double v = row[i];
+        if (v > m1) { m2 = m1; m1 = v; } else if (v > m2) { m2 = v; }
+    }
+    double z = 0.0, ez = 0.0;
+    for (long i = 0; i < n; i++) {
+        int skip = 0;
+        for (int j = 0; j < n_ex; j++) skip |= (ex[j] == i);
+        if (skip) continue;
+        double d = (double)row[i] - m1;
+        double e = exp(d);
+        z += e;
+        ez += e * d;
+    }
+    *entropy = log(z) - ez / z;              /* log z - E[d] */
+    *margin = (1.0 - exp(m2 - m1)) / z;      /* p1 - p2 */
+}
+
+#endif

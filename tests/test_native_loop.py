@@ -1,0 +1,143 @@
+"""The native decode loop (cpp_ext/loop.c) gives what the pure-Python reference loop gives.
+
+Same tokens, same verdicts (trace, triggers, intervention, reason), same streamed pieces, on
+the tiny random Llama; thresholds are chosen from the reference run so that interventions
+really happen mid-generation. And an ABI mismatch is a clear error, never a crash.
+"""
+import ctypes
+import statistics
+
+import llama_cpp.llama_cpp as llc
+import pytest
+
+from runtime.backends.native_loop import NativeLoopError, check_abi
+from runtime.model import Model
+from runtime.strategy import SafetyPolicy
+
+PROMPTS = ["Tell me about the weather in spring.", "Write a poem about the sea and the wind.",
+           [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Sure, first"}]]
+POLICIES = {
+    "every1": dict(every=1),
+    "every4": dict(every=4),
+    "every3-patience2": dict(every=3, patience=2),
+    "stop-action": dict(every=2, action="stop"),
+    "adaptive": dict(every=0, max_gap=5, sentence_ends=True),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_safe):
+    py = Model(tiny_safe, n_ctx=512, threads=1, native=False)
+    nat = Model(tiny_safe, n_ctx=512, threads=1, native=True)
+    yield py, nat
+    py.close()
+    nat.close()
+
+
+def _run(model, prompt, **kw):
+    gen = model.chat(prompt, stream=True, **kw)
+    pieces = list(gen)
+    return pieces, gen.reply
+
+
+def _same(a, b):
+    (pa, ra), (pb, rb) = a, b
+    assert pb == pa
+    assert rb.text == ra.text and rb.refused == ra.refused and rb.finish_reason == ra.finish_reason
+    assert rb.safety.trace == ra.safety.trace
+    assert rb.safety.triggers == ra.safety.triggers
+    assert (rb.safety.intervened_at, rb.safety.reason) == (ra.safety.intervened_at, ra.safety.reason)
+    assert rb.usage.completion_tokens == ra.usage.completion_tokens
+
+
+def test_models_really_use_different_loops(models):
+    py, nat = models
+    assert not py.native and nat.native
+    calm = SafetyPolicy(threshold=0.999999)
+    assert py.chat("hi", max_tokens=4, safety=calm).usage.native_seconds is None
+    assert nat.chat("hi", max_tokens=4, safety=calm).usage.native_seconds > 0
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("prompt", range(len(PROMPTS)))
+def test_native_matches_python(models, policy, prompt):
+    py, nat = models
+    kw = dict(max_tokens=40, temperature=0.0)
+    # a threshold that never trips, then the median verdict of that run: an intervention mid-way
+    calm = SafetyPolicy(threshold=0.999999, **POLICIES[policy])
+    ref = _run(py, PROMPTS[prompt], safety=calm, **kw)
+    _same(ref, _run(nat, PROMPTS[prompt], safety=calm, **kw))
+    generated = [p for c, p in ref[1].safety.trace if c > 0]
+    thr = min(max(statistics.median(generated), 1e-6), 0.999999)
+    tight = SafetyPolicy(threshold=thr, **POLICIES[policy])
+    ref = _run(py, PROMPTS[prompt], safety=tight, **kw)
+    _same(ref, _run(nat, PROMPTS[prompt], safety=tight, **kw))
+
+
+@pytest.mark.parametrize("trigger", [dict(entropy_trigger=0.1), dict(margin_trigger=0.96)])
+def test_native_matches_python_with_hesitation_triggers_and_sampling(models, trigger):
+    py, nat = models
+    # the tiny random model grows less certain along a text: these triggers fire part of the time
+    policy = SafetyPolicy(threshold=0.999999, every=0, max_gap=8, **trigger)
+    fired = 0
+    for seed in range(3):
+        kw = dict(max_tokens=30, temperature=0.9, seed=seed, safety=policy)
+        a, b = _run(py, PROMPTS[1], **kw), _run(nat, PROMPTS[1], **kw)
+        _same(a, b)
+        fired += sum(t in ("entropy", "margin") for t in a[1].safety.triggers)
+    assert fired > 0
+
+
+def test_native_with_safety_off_and_eog_and_context_end(models, tiny_safe):
+    py, nat = models
+    for kw in (dict(safety="off", max_tokens=25), dict(max_tokens=1), dict(max_tokens=2, temperature=1.5, seed=3)):
+        _same(_run(py, PROMPTS[0], **kw), _run(nat, PROMPTS[0], **kw))
+    small_py = Model(tiny_safe, n_ctx=48, threads=1, native=False)
+    small_nat = Model(tiny_safe, n_ctx=48, threads=1, native=True)
+    a = _run(small_py, PROMPTS[0], max_tokens=1000, safety=SafetyPolicy(threshold=0.999999))
+    b = _run(small_nat, PROMPTS[0], max_tokens=1000, safety=SafetyPolicy(threshold=0.999999))
+    _same(a, b)
+    assert a[1].finish_reason == "length" and a[1].usage.completion_tokens < 1000
+    small_py.close()
+    small_nat.close()
+
+
+def test_native_loop_leaves_the_cache_ready_for_the_next_turn(models):
+    _, nat = models
+    first = nat.chat(PROMPTS[0], max_tokens=12, safety=SafetyPolicy(threshold=0.999999, every=3))
+    again = nat.chat(PROMPTS[0], max_tokens=12, safety=SafetyPolicy(threshold=0.999999, every=3))
+    assert again.text == first.text and again.safety.trace == first.safety.trace
+
+
+class _ShortBatch(ctypes.Structure):  # llama_batch without its last field
+    _fields_ = [(n, t) for n, t in llc.llama_batch._fields_[:-1]]
+
+
+class _ReorderedBatch(ctypes.Structure):
+    _fields_ = [llc.llama_batch._fields_[0], llc.llama_batch._fields_[3], llc.llama_batch._fields_[2],
+                llc.llama_batch._fields_[1]] + list(llc.llama_batch._fields_[4:])
+
+
+@pytest.mark.parametrize("batch", [_ShortBatch, _ReorderedBatch])
+def test_batch_layout_mismatch_is_a_clear_error(batch):
+    with pytest.raises(NativeLoopError, match="llama_batch layout"):
+        check_abi(batch_type=batch)
+
+
+def test_function_signature_mismatch_is_a_clear_error():
+    class Lib:  # llama-cpp-python's functions, one declared with a different argument list
+        def __getattr__(self, name):
+            return getattr(llc._lib, name)
+
+    lib = Lib()
+    wrong = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)(lambda ctx: 0)
+    wrong.argtypes, wrong.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int32
+    lib.llama_sampler_sample = wrong
+    with pytest.raises(NativeLoopError, match="llama_sampler_sample"):
+        check_abi(lib=lib)
+    check_abi()  # the real one passes
+
+
+def test_native_true_on_onnx_is_refused(tiny_safe):
+    with pytest.raises(ValueError, match="llama backend only"):
+        Model(tiny_safe, backend="onnx", native=True)
