@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m bench throughput` prints a table of tokens/s."""
+"""Benchmarks: `python -m bench overhead | memory | policies | soak` print Markdown tables."""

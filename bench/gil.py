@@ -17,7 +17,7 @@ import time
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+from .common import PROMPT, SPEED_THRESHOLD
 
 
 def _count_while(busy: threading.Event) -> tuple[int, float]:
@@ -45,7 +45,7 @@ def _rate_during(model, tokens: int) -> tuple[float, float]:
 
     def work():
         try:
-            out["reply"] = model.chat(PROMPT, max_tokens=tokens, safety=SafetyPolicy(threshold=0.999999))
+            out["reply"] = model.chat(PROMPT, max_tokens=tokens, safety=SafetyPolicy(threshold=SPEED_THRESHOLD))
         finally:
             busy.clear()
 

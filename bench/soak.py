@@ -11,7 +11,6 @@ the longest conversation, never grow with the number of turns).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
@@ -22,10 +21,7 @@ import numpy as np
 
 from runtime.model import load
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from .common import rss_mb
 
 
 def main(argv=None) -> int:

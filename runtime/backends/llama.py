@@ -215,7 +215,7 @@ class LlamaBackend(TokensFromFile):
 
     def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
-        ll.llama_memory_clear(self.mem, True)
+        ll.llama_memory_clear(self.mem, False)  # metadata only: new tokens overwrite the cells' data
         self._make_sampler(sampling)
         chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk
         for s in range(0, len(tokens), chunk):

@@ -1,0 +1,130 @@
+"""bench overhead / memory / gpu.sh on the tiny model: every row there, sane numbers, clear failures."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from bench import memory, overhead
+from bench.common import load_runtime, mode_label, runtime_modes
+from bench.engine_time import engine_timer
+from tests.tiny_model import N_EMBD, N_HEAD, N_HEAD_KV, N_LAYER
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ["checks off", "check every 1", "check every 4", "check every 8", overhead.describe_default()]
+
+
+def _loadable_groups(path) -> list[str]:
+    groups = []
+    for mode in runtime_modes():
+        try:
+            load_runtime(path, mode, threads=1).close()
+        except Exception:  # noqa: BLE001 - a mode this build cannot run is skipped by the bench too
+            continue
+        groups.append("runtime" + mode_label(mode))
+    return groups
+
+
+def _run_overhead(args, capsys) -> tuple[str, dict]:
+    assert overhead.main(args) == 0
+    out = capsys.readouterr().out
+    return out, json.loads(Path(args[args.index("--json") + 1]).read_text())
+
+
+def _check_rows(out: str, doc: dict, groups: list[str]) -> None:
+    want = [overhead.PLAIN] + [f"{g}, {p}" for g in groups for p in POLICIES]
+    assert [s["name"] for s in doc["summary"]] == want
+    for name in want:
+        assert f"| {name} |" in out
+    for s, c in zip(doc["summary"], doc["configs"]):
+        assert 1 <= s["tokens"] <= 2 and s["tok_s"] > 0 and s["ttft_ms"] > 0
+        assert 0.0 <= s["python_share"] <= 1.0 and s["refused_runs"] == 0
+        assert len(c["runs"]) == 1
+        inst = c["instrumented_run"]
+        assert 0 < inst["engine_seconds"] <= inst["seconds"]
+        if s["policy"] == "checks off" or s["group"] == "plain":
+            assert s["checks_per_token"] == 0
+        if s["policy"] == "check every 1":
+            assert s["checks_per_token"] == 1.0
+        if s["policy"] == "checks off":
+            assert s["vs_checks_off"] == 0.0
+
+
+def test_overhead_tiny(tiny_safe, tmp_path, capsys):
+    groups = _loadable_groups(tiny_safe)
+    assert groups, "the runtime loads the tiny model in at least one mode"
+    args = ["--model", str(tiny_safe), "--tokens", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--json", str(tmp_path / "o.json")]
+    if _has("matplotlib"):
+        args += ["--png", str(tmp_path / "o.png")]
+    out, doc = _run_overhead(args, capsys)
+    _check_rows(out, doc, groups)
+    assert "| configuration | tokens |" in out and doc["meta"]["tokens"] == 2
+    if "--png" in args:
+        assert (tmp_path / "o.png").stat().st_size > 1000
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not all(map(_has, ("onnxruntime", "onnxscript", "torch"))), reason="needs the onnx extra")
+def test_overhead_tiny_with_onnx(tiny_safe, tmp_path, capsys):
+    from convert.onnx_export import export_onnx
+
+    shutil.copy(tiny_safe, tmp_path / "model.gguf")
+    export_onnx(tiny_safe, tmp_path / "model.onnx", progress=False)
+    out, doc = _run_overhead(["--model", str(tiny_safe), "--onnx", str(tmp_path / "model.onnx"), "--tokens", "2",
+                              "--runs", "1", "--warmup", "0", "--threads", "1", "--every", "1", "4", "8",
+                              "--json", str(tmp_path / "o.json")], capsys)
+    _check_rows(out, doc, _loadable_groups(tiny_safe) + ["onnx (CPU)"])
+
+
+def test_engine_timer_counts_and_restores(tiny_safe):
+    decode = llama_cpp.llama_decode
+    m = load_runtime(tiny_safe, False if runtime_modes() != [None] else None, threads=1)
+    with engine_timer() as t:
+        m.chat("hello", max_tokens=2, safety="off")
+    assert t.by_call["llama_decode"][1] >= 1 and t.seconds > 0
+    assert llama_cpp.llama_decode is decode and llama_cpp.llama_cpp.llama_decode is decode
+    m.close()
+
+
+def test_memory_tiny(tiny_safe, tiny_base, tmp_path, capsys):
+    js = tmp_path / "m.json"
+    assert memory.main(["--model", str(tiny_safe), "--base", str(tiny_base), "--repeats", "1", "--tokens", "2",
+                        "--threads", "1", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(js.read_text())
+    c = doc["counted"]
+    assert c["extra_tokens"] == 3
+    assert c["extra_rows_bytes"] == 3 * N_EMBD * 4  # tied float32 embedding: three rows
+    assert c["kv_cls_cell_bytes"] == N_LAYER * 2 * N_HEAD_KV * (N_EMBD // N_HEAD) * 2
+    assert c["cls_logits_row_bytes"] == c["n_vocab"] * 4
+    assert c["file_size_delta_bytes"] >= c["extra_rows_bytes"] + c["metadata_bytes"] - 64  # alignment slack
+    for key in ("base/off", "safe/off", "safe/every 1"):
+        assert doc["median_mb"][key]["resident"] > 0
+    assert out.count("| base (") == 1 and out.count("| safe (") == 2 and "side [CLS] K/V cell" in out
+
+
+def test_gpu_script_fails_fast_without_a_gpu(tmp_path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_DIR=str(tmp_path / "none"), PATH="/usr/bin:/bin",
+               PYTHON=sys.executable)
+    if shutil.which("nvidia-smi", path=env["PATH"]):
+        pytest.skip("this machine has nvidia-smi")
+    r = subprocess.run([bash, str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nvidia-smi found no GPU" in r.stdout + r.stderr
+    r = subprocess.run([bash, str(ROOT / "bench" / "gpu.sh")], env=dict(env, REQUIRE_CUDA="0"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "missing" in r.stdout + r.stderr and "model.gguf" in r.stdout + r.stderr
