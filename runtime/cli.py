@@ -53,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="reject requests asking for more tokens")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="reject larger request bodies")
+    s.add_argument("--max-queue", type=int, default=8, help="requests that may wait per model while it answers "
+                   "one; more get HTTP 503 with Retry-After (default 8)")
     return ap
 
 
@@ -81,6 +83,8 @@ def cmd_serve(args) -> int:
         return 2
     from .model import load
 
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     specs = _parse_models(args.model)
     if specs:
         models = {name: load(path, threads=args.threads) for name, path in specs.items()}
@@ -91,7 +95,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(models, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-          max_tokens_cap=args.max_tokens_cap)
+          max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue)
     return 0
 
 

@@ -4,23 +4,21 @@
                                 events), plus a top-level `safety` object; a refusal is an ordinary
                                 assistant message with finish_reason "content_filter"
     GET  /v1/models             the loaded models (OpenAI list shape); GET /v1/models/{id}
-    GET  /health                liveness, no token needed
+    GET  /health                liveness and per-model queue figures, no token needed
 
-Each `Model` has one KV cache and serialises `chat` behind its own lock, so requests to one model
-queue (FIFO-ish, on the lock). Generation runs in worker threads so the event loop stays responsive:
-a whole non-streaming answer in one thread call, a stream one `next()` per piece (starlette's
-iterate_in_threadpool pattern). When a client disconnects, the generation stops at its next piece
-and is closed in a worker thread, which releases the model's lock.
+Each `Model` has one KV cache, so it answers one request at a time. Requests for a model wait
+for their turn in a bounded FIFO queue on the event loop (`server_limits`); beyond `max_queue`
+waiting requests the server answers 503 with Retry-After. Generation runs in worker threads so
+the event loop stays responsive: a whole non-streaming answer in one thread call, a stream one
+`next()` per piece. When a client disconnects (while waiting or generating), its generation
+stops at the next piece and is closed in a worker thread, which releases the model.
 """
 from __future__ import annotations
 
 import hmac
-import json
-import logging
 import threading
 import time
 import uuid
-from typing import Any
 
 try:
     import anyio
@@ -33,74 +31,40 @@ except ImportError as e:  # the runtime itself never needs these
     raise ImportError(f"the local server needs starlette and uvicorn ({e}); install them with "
                       "pip install -e '.[serve]'") from None
 
-from .errors import ContextOverflowError, RuntimeSafetyError
-
-log = logging.getLogger("runtime.server")
+from .server_limits import DEFAULT_MAX_QUEUE, DEFAULT_RETRY_AFTER_S, ModelQueue, Turn
+from .server_schema import (FINISH, APIError, chunk_event, completion, error_event, error_for, parse_chat,
+                            parse_json_body, queue_full, safety_dict, usage_event)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_TOKENS_CAP = 4096
-DEFAULT_MAX_TOKENS = 256
-FINISH = {"stop": "stop", "length": "length", "safety": "content_filter"}
 
 
-class APIError(Exception):
-    """An error answered in the OpenAI shape: {"error": {"message", "type", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
 
-def _error_for(exc: BaseException) -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, (ValueError, RuntimeSafetyError)):  # MessagesError, ContextOverflowError, bad values
-        code = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else "invalid_request"
-        return APIError(400, str(exc), code=code)
-    log.exception("internal error while serving a request")
-    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
-
-
-def _safety_dict(reply) -> dict:
-    s = reply.safety
-    return {"refused": reply.refused, "reason": s.reason, "checks": s.checks, "max_p_unsafe": s.max_p_unsafe,
-            "intervened_at": s.intervened_at, "threshold": s.threshold, "enabled": s.enabled}
-
-
-def _usage_dict(reply) -> dict:
-    u = reply.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
-
-
-def _number(body: dict, key: str, lo: float, hi: float, default: float | None) -> float | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise APIError(400, f"'{key}' must be a number in [{lo}, {hi}], got {v!r}", param=key)
-    return float(v)
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client hangs up (the body has been read: receive() then waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Stream:
-    """One generation driven from the event loop; every step runs in a worker thread."""
+    """One generation driven from the event loop: every step runs in a worker thread; owns its Turn."""
 
-    def __init__(self, gen):
-        self.gen, self._it = gen, iter(gen)
+    def __init__(self, gen, turn: Turn):
+        self.gen, self._it, self.turn = gen, iter(gen), turn
 
     async def next(self) -> str | None:
         return await anyio.to_thread.run_sync(next, self._it, None)
 
     async def close(self) -> None:
-        """Close the generator in a worker thread (releases the model's lock if it was stopped early)."""
+        """Close the generation in a worker thread (releases the model's lock), then give up the turn."""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._it.close)
+            try:
+                await anyio.to_thread.run_sync(self._it.close)
+            finally:
+                self.turn.release()
 
 
 async def _complete(request: Request, gen):
@@ -117,31 +81,36 @@ async def _complete(request: Request, gen):
             it.close()  # in this thread: releases the model's lock
         return gen.reply
 
-    async def watch_disconnect():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+    async def watch():
+        await _until_disconnect(request)
         stop.set()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_disconnect)
+        tg.start_soon(watch)
         reply = await anyio.to_thread.run_sync(consume)
         tg.cancel_scope.cancel()
     return reply
 
 
 class _EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its body iterator, even when sending fails."""
+    """A StreamingResponse that always closes its generation and gives up its turn, however it ends."""
 
-    async def stream_response(self, send) -> None:
+    def __init__(self, run: _Stream, content, **kw):
+        super().__init__(content, **kw)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                await self.run.close()
 
 
 class Server:
-    def __init__(self, models: dict, api_key: str | None, max_body_bytes: int, max_tokens_cap: int):
+    def __init__(self, models: dict, api_key: str | None, max_body_bytes: int, max_tokens_cap: int,
+                 max_queue: int = DEFAULT_MAX_QUEUE, retry_after: int = DEFAULT_RETRY_AFTER_S):
         if not models:
             raise ValueError("the server needs at least one model")
         self.models = dict(models)
@@ -149,6 +118,9 @@ class Server:
         self.api_key = api_key or None
         self.max_body_bytes = int(max_body_bytes)
         self.max_tokens_cap = int(max_tokens_cap)
+        self.retry_after = max(1, int(retry_after))
+        by_model: dict[int, ModelQueue] = {}  # one queue per Model object, even if served under two names
+        self.queues = {n: by_model.setdefault(id(m), ModelQueue(max_queue)) for n, m in self.models.items()}
         self.created = int(time.time())
 
     # -- request checks ------------------------------------------------------------------------
@@ -173,62 +145,35 @@ class Server:
             if size > self.max_body_bytes:
                 raise too_big
             chunks.append(chunk)
+        return parse_json_body(b"".join(chunks))
+
+    async def take_turn(self, request: Request, name: str) -> Turn | None:
+        """Join `name`'s queue (503 when full) and wait for the model; None if the client left meanwhile."""
+        queue = self.queues[name]
+        turn = queue.join()
+        if turn is None:
+            raise queue_full(name, queue.waiting, queue.max_waiting, self.retry_after)
         try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
-
-    def chat_args(self, body: dict) -> tuple[str, Any, dict, bool, bool]:
-        name = body.get("model") or self.default
-        if not isinstance(name, str) or name not in self.models:
-            raise APIError(404, f"model {name!r} not found; available: {', '.join(self.models)}",
-                           code="model_not_found", param="model")
-        if "messages" not in body:
-            raise APIError(400, "'messages' is required", param="messages")
-        messages = body["messages"]
-        if isinstance(messages, list):  # OpenAI content parts -> plain text (text parts only)
-            messages = [self._flatten(i, m) for i, m in enumerate(messages)]
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens_cap)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise APIError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
-        if max_tokens > self.max_tokens_cap:
-            raise APIError(400, f"'max_tokens' is {max_tokens}; this server allows at most {self.max_tokens_cap}",
-                           param="max_tokens")
-        n = body.get("n")
-        if n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
-        stream = body.get("stream") or False
-        if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be a boolean", param="stream")
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-        kw = {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 0.0, 2.0, 0.0),
-              "top_p": _number(body, "top_p", 0.0, 1.0, 0.95), "seed": (seed or 0) & 0xFFFFFFFF}
-        return name, messages, kw, stream, include_usage
-
-    @staticmethod
-    def _flatten(i: int, m: Any) -> Any:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), list):
-            return m
-        texts = []
-        for part in m["content"]:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{i}]['content']: only text parts are supported", param="messages")
-            texts.append(part["text"])
-        return {**m, "content": "".join(texts)}
+            async with anyio.create_task_group() as tg:
+                async def left():
+                    await _until_disconnect(request)
+                    tg.cancel_scope.cancel()  # stops the wait below
+                tg.start_soon(left)
+                await turn.wait()
+                tg.cancel_scope.cancel()
+        except BaseException:
+            turn.release()
+            raise
+        if not turn.active:  # the client hung up while waiting
+            turn.release()
+            return None
+        return turn
 
     # -- endpoints -------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "models": list(self.models)})
+        return JSONResponse({"status": "ok", "models": list(self.models),
+                             "queues": {n: q.stats() for n, q in self.queues.items()}})
 
     def _model_obj(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "safechat"}
@@ -246,66 +191,66 @@ class Server:
 
     async def chat_completions(self, request: Request):
         self.authorize(request)
-        body = await self.read_json(request)
-        name, messages, kw, stream, include_usage = self.chat_args(body)
-        model = self.models[name]
-        # validates the messages and the context window before anything is sent (400 on error)
-        gen = await anyio.to_thread.run_sync(lambda: model.chat(messages, stream=True, **kw))
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if stream:
-            return _EventStream(self._events(_Stream(gen), head, include_usage), media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        reply = await _complete(request, gen)
-        if reply is None:
+        req = parse_chat(await self.read_json(request), self.models, self.default, self.max_tokens_cap)
+        model = self.models[req.model]
+        # validates the messages and the context window before queueing (400 on error); starts nothing
+        gen = await anyio.to_thread.run_sync(lambda: model.chat(req.messages, stream=True, **req.kwargs))
+        turn = await self.take_turn(request, req.model)
+        if turn is None:
             return JSONResponse({}, status_code=499)  # the client went away; nobody reads this
-        return JSONResponse({
-            **head, "object": "chat.completion", "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                         "logprobs": None, "finish_reason": FINISH.get(reply.finish_reason, "stop")}],
-            "usage": _usage_dict(reply), "safety": _safety_dict(reply)})
-
-    async def _events(self, run: _Stream, head: dict, include_usage: bool):
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-            d = {**head, "object": "chat.completion.chunk", "system_fingerprint": None,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
-
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        if req.stream:
+            run = _Stream(gen, turn)
+            return _EventStream(run, self._events(run, head, req.include_usage), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            reply = await _complete(request, gen)
+        finally:
+            turn.release()
+        if reply is None:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(completion(head, reply))
+
+    @staticmethod
+    async def _events(run: _Stream, head: dict, include_usage: bool):
+        try:
+            yield chunk_event(head, {"role": "assistant", "content": ""})
             try:
                 while (piece := await run.next()) is not None:
-                    yield chunk({"content": piece})
+                    yield chunk_event(head, {"content": piece})
             except Exception as e:  # headers are sent: report in the stream, then end it
-                err = _error_for(e)
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
+                yield error_event(error_for(e))
                 yield "data: [DONE]\n\n"
                 return
             reply = run.gen.reply
-            yield chunk({}, FINISH.get(reply.finish_reason, "stop"), safety=_safety_dict(reply))
+            yield chunk_event(head, {}, FINISH.get(reply.finish_reason, "stop"), safety=safety_dict(reply))
             if include_usage:
-                d = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage_dict(reply)}
-                yield f"data: {json.dumps(d)}\n\n"
+                yield usage_event(head, reply)
             yield "data: [DONE]\n\n"
         finally:  # normal end, client disconnect (cancellation) or aclose(): release the model
             await run.close()
 
 
 def create_app(models: dict, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP) -> Starlette:
-    """The ASGI app serving `models` ({name: runtime.Model}; the first is the default)."""
-    srv = Server(models, api_key, max_body_bytes, max_tokens_cap)
+               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, max_queue: int = DEFAULT_MAX_QUEUE,
+               retry_after: int = DEFAULT_RETRY_AFTER_S) -> Starlette:
+    """The ASGI app serving `models` ({name: runtime.Model}; the first is the default).
+
+    `max_queue`: requests that may wait per model while one generates (more get 503 + Retry-After).
+    """
+    srv = Server(models, api_key, max_body_bytes, max_tokens_cap, max_queue=max_queue, retry_after=retry_after)
 
     def wrap(endpoint):
         async def handler(request: Request):
             try:
                 return await endpoint(request)
             except Exception as e:  # every error answers in the OpenAI shape, never a traceback
-                return _error_for(e).response()
+                return _error_response(error_for(e))
         return handler
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
 
     routes = [Route("/health", wrap(srv.health), methods=["GET"]),
               Route("/v1/models", wrap(srv.list_models), methods=["GET"]),
@@ -318,11 +263,12 @@ def create_app(models: dict, api_key: str | None = None, max_body_bytes: int = D
 
 def serve(models: dict, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-          log_level: str = "info") -> None:
+          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info") -> None:
     """Serve `models` with uvicorn until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     try:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"the local server needs uvicorn ({e}); install it with pip install -e '.[serve]'") from None
-    app = create_app(models, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap)
+    app = create_app(models, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap,
+                     max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

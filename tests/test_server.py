@@ -1,6 +1,7 @@
-"""The OpenAI-compatible server: a real uvicorn on a free port, driven by httpx and the `openai` client."""
+"""The OpenAI-compatible server: a real uvicorn on a free port, driven by httpx and the `openai` client.
+
+Concurrency through the server lives in test_concurrency_and_plot.py, fuzzing in test_fuzz.py."""
 import json
-import socket
 import threading
 import time
 
@@ -12,6 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import runtime  # noqa: E402
 from runtime.server import create_app  # noqa: E402
+from tests.live_server import live_server  # noqa: E402
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -19,10 +21,12 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def models(tiny_safe):
-    slow = runtime.load(tiny_safe, n_ctx=512, threads=1)
+    # the Python token loop (native=False) samples through backend.sample, which is slowed down here to
+    # ~50 tokens/s, so a full answer takes ~10 s: long enough to hang up mid-stream or fill the queue
+    slow = runtime.load(tiny_safe, n_ctx=512, threads=1, native=False)
     sample = slow.backend.sample
 
-    def slow_sample():  # ~50 tokens/s, so a full answer takes ~10 s: long enough to hang up mid-stream
+    def slow_sample():
         time.sleep(0.02)
         return sample()
 
@@ -39,21 +43,8 @@ def models(tiny_safe):
 
 @pytest.fixture(scope="module")
 def server(models):
-    app = create_app(models, api_key=KEY, max_body_bytes=64 * 1024, max_tokens_cap=480)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
-    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert th.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    th.join(10)
-    sock.close()
+    with live_server(create_app(models, api_key=KEY, max_body_bytes=64 * 1024, max_tokens_cap=480)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -98,6 +89,7 @@ def _assert_error(r, status, code=None):
 def test_health_and_models(server, http, client):
     r = httpx.get(f"{server}/health")  # no token needed
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["queues"]["tiny"] == {"in_flight": 0, "waiting": 0, "max_queue": 8}
     d = http.get("/v1/models").json()
     assert d["object"] == "list" and [m["id"] for m in d["data"]] == ["tiny", "tiny-refuse", "tiny-slow"]
     assert [m.id for m in client.models.list()] == ["tiny", "tiny-refuse", "tiny-slow"]
@@ -172,6 +164,10 @@ def test_request_errors(server, http, client):
     _assert_error(_chat(http, messages=5), 400)
     _assert_error(_chat(http, messages=[{"role": "wizard", "content": "hi"}]), 400)
     _assert_error(_chat(http, messages=[{"role": "user", "content": 3}]), 400)
+    r = http.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}')
+    _assert_error(r, 400)  # a JSON escape that decodes to a lone surrogate is not text
+    assert "unpaired surrogate" in r.json()["error"]["message"]
+    _assert_error(_chat(http, n=True), 400)
     _assert_error(_chat(http, messages=[]), 400)
     _assert_error(_chat(http, messages=[{"role": "user", "content": "x" * 3000}]), 400, "context_length_exceeded")
     _assert_error(_chat(http, model="nope"), 404, "model_not_found")
@@ -195,38 +191,6 @@ def test_content_parts_are_accepted(http):
         _chat(http, max_tokens=8).json()["choices"][0]["message"]["content"]
 
 
-def test_concurrent_requests_no_crosstalk(http, server):
-    jobs = [({"messages": [{"role": "user", "content": "hello"}], "seed": 1}, False),
-            ({"messages": [{"role": "user", "content": "tell me a story please"}], "seed": 2}, True),
-            ({"messages": [{"role": "user", "content": "hello"}], "seed": 1}, True),
-            ({"messages": [{"role": "user", "content": "tell me a story please"}], "seed": 2}, False)]
-    common = {"model": "tiny", "max_tokens": 32, "temperature": 1.0}
-
-    def run(body, stream, c):
-        if stream:
-            events, done = _sse(c, **common, **body)
-            assert done
-            return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
-        r = c.post("/v1/chat/completions", json={**common, **body})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["message"]["content"]
-
-    alone = [run(body, False, http) for body, _ in jobs[:2]]
-    assert alone[0] != alone[1]
-    results = [None] * len(jobs)
-
-    def worker(i):
-        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
-            results[i] = run(*jobs[i], c)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert results == [alone[0], alone[1], alone[0], alone[1]]
-
-
 def test_client_disconnect_releases_model(server, http, models):
     slow = models["tiny-slow"]
     body = {"model": "tiny-slow", "messages": HELLO, "max_tokens": 480, "stream": True}
@@ -243,6 +207,7 @@ def test_client_disconnect_releases_model(server, http, models):
     while slow._lock.locked():
         assert time.time() < deadline, "the model's lock was not released after the client disconnected"
         time.sleep(0.02)
+    _wait_for(lambda: http.get("/health").json()["queues"]["tiny-slow"]["in_flight"] == 0, "the turn's release")
     t0 = time.time()
     r = _chat(http, model="tiny-slow", max_tokens=4)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4 and time.time() - t0 < 3
@@ -267,3 +232,56 @@ def test_client_disconnect_releases_model(server, http, models):
     while slow._lock.locked():
         assert time.time() < deadline, "the model's lock was not released after a non-streaming client left"
         time.sleep(0.02)
+    _wait_for(lambda: http.get("/health").json()["queues"]["tiny-slow"]["in_flight"] == 0, "the turn's release")
+
+
+def _wait_for(cond, what, timeout=5.0):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_bounded_queue_answers_503_with_retry_after(models):
+    """One request generates, `max_queue` wait; the next gets 503 + Retry-After, never an unbounded pile-up."""
+    with pytest.raises(ValueError, match="max_queue"):
+        create_app(models, max_queue=-1)
+    app = create_app({"slow": models["tiny-slow"]}, max_queue=2, retry_after=3)
+    queue = app.state.server.queues["slow"]
+    short = {"messages": HELLO, "max_tokens": 4}
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**short, "max_tokens": 480, "stream": True}) as busy:
+            assert busy.status_code == 200  # generating: holds the model for ~10 s
+            assert queue.stats() == {"in_flight": 1, "waiting": 0, "max_queue": 2}
+            # a client that gives up while waiting leaves the queue at once (not when the model frees up)
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/chat/completions", json=short, timeout=0.5)
+            _wait_for(lambda: queue.in_flight == 1, "the impatient client to leave the queue")
+            results = []
+
+            def wait_in_queue():
+                with httpx.Client(base_url=url, timeout=30) as own:
+                    results.append(own.post("/v1/chat/completions", json=short))
+
+            waiters = [threading.Thread(target=wait_in_queue) for _ in range(2)]
+            for t in waiters:
+                t.start()
+            _wait_for(lambda: c.get("/health").json()["queues"]["slow"]["waiting"] == 2, "two queued requests")
+            for body in (short, {**short, "stream": True}):  # the queue is full: refused at once
+                r = c.post("/v1/chat/completions", json=body)
+                _assert_error(r, 503, "model_busy")
+                assert r.headers["retry-after"] == "3" and r.json()["error"]["type"] == "server_error"
+                assert "is busy" in r.json()["error"]["message"] and "2 more are waiting" in r.text
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model="slow", messages=HELLO, max_tokens=4)
+            assert e.value.status_code == 503
+            assert queue.stats() == {"in_flight": 3, "waiting": 2, "max_queue": 2}  # refusals never joined
+            assert not results  # nothing overtook the busy stream
+        # the busy stream is closed mid-answer: the waiting requests get the model, in turn
+        for t in waiters:
+            t.join(20)
+        assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+        assert all(r.json()["usage"]["completion_tokens"] == 4 for r in results)
+        _wait_for(lambda: queue.in_flight == 0, "the queue to drain")
+        assert c.post("/v1/chat/completions", json=short).status_code == 200
