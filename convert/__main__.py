@@ -1,11 +1,14 @@
 """`python -m convert`: fold a safety artifact into a GGUF, quantize it, verify it.
 
-    python -m convert gguf --base BASE.gguf --artifact DIR --out OUT.gguf [--quant F16|Q8_0|Q4_K_M|Q4_0|none]
-    python -m convert quantize SAFE.gguf OUT.gguf --quant Q8_0
-    python -m convert verify MODEL.gguf [MODEL2.gguf ...] [--reference REF.gguf] [--json OUT.json] [--tokens 32]
+    python -m convert gguf --base BASE.gguf --artifact DIR --out OUT.gguf [--quant F16|Q8_0|Q4_K_M|Q4_0|none] [--force]
+    python -m convert quantize SAFE.gguf OUT.gguf --quant Q8_0 [--no-verify]
+    python -m convert verify MODEL.gguf|MODEL.onnx [...] [--reference REF.gguf] [--json OUT.json] [--record]
+    python -m convert onnx SAFE.gguf OUT.onnx [--quant int8|int4|int8-dynamic]
 
 Errors are one line on stderr (`error: ...`) with exit code 2; `verify` exits 1 when a model
-misses the bar (verdict agreement >= 99%, mean |delta p_unsafe| <= 0.02).
+misses the bar (verdict agreement >= 99%, mean |delta p_unsafe| <= 0.02), and so do `quantize`
+and `gguf --quant` when the file they wrote missed it (it is written, stamped
+safety.verified=fail, and the runtime refuses it unless loaded with allow_unverified=True).
 """
 from __future__ import annotations
 
@@ -50,10 +53,43 @@ def _print_quant(res) -> None:
     print(f"quantized: {res.summary()}")
     for n in res.notes:
         print(f"note: {n}")
+    _print_verification(res.verification)
+
+
+def _print_verification(v) -> None:
+    """Say what was stamped into the file just written (`v`: a verify.ModelResult, None when skipped)."""
+    if v is None:
+        print("not verified (--no-verify): the file carries no verification stamp")
+        return
+    from .verify import markdown
+    print(markdown([v]))
+    if v.passed:
+        print(f"verified against {v.reference}: pass (stamped safety.verified=pass)")
+    else:
+        print(f"verification FAILED against {v.reference}: stamped safety.verified=fail; the runtime refuses "
+              "this file unless loaded with runtime.load(..., allow_unverified=True)")
+
+
+def _log(a):
+    return (lambda s: print(s, file=sys.stderr, flush=True)) if getattr(a, "verbose", False) else None
+
+
+def _quantize(a, src: Path, out: Path, reference_label: str | None = None):
+    from .quantize import quantize
+
+    res = quantize(src, out, a.quant, threads=a.threads or 0, verify=not a.no_verify, n_tokens=a.tokens,
+                   prompts=a.prompts, reference_label=reference_label, log=_log(a))
+    _print_quant(res)
+    return res
+
+
+def _exit_code(res) -> int:
+    return 1 if res.verification is not None and not res.verification.passed else 0
 
 
 def cmd_gguf(a) -> int:
     from .artifact import load_artifact
+    from .files import temp_beside
     from .gguf_safe import check_compatible, convert_gguf, read_gguf
 
     out = Path(a.out)
@@ -61,30 +97,29 @@ def cmd_gguf(a) -> int:
     if out.resolve() == base.resolve():
         raise CliError("--out must differ from --base")
     art = load_artifact(a.artifact)
-    reader = read_gguf(base)
-    check_compatible(reader, art, str(base))
-    del reader
+    if base.is_dir():  # a Hugging Face checkpoint folder (hf_import.py)
+        from .hf_import import check_config
+        check_config(base, art.hidden_size, art.card.get("base_vocab_size"))
+    else:
+        check_compatible(read_gguf(base), art, str(base), force=a.force)
     _check_writable(out)
     progress = not a.quiet
+    rc = 0
     if a.quant == "none":
-        meta = convert_gguf(base, art, out, progress=progress)
+        meta = convert_gguf(base, art, out, progress=progress, force=a.force)
     else:
-        from .quantize import quantize
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".unquantized.tmp", dir=out.parent)
-        os.close(fd)
+        tmp = temp_beside(out, ".unquantized.tmp")
         try:
-            meta = convert_gguf(base, art, tmp, progress=progress)
-            _print_quant(quantize(tmp, out, a.quant))
+            meta = convert_gguf(base, art, tmp, progress=progress, force=a.force)
+            rc = _exit_code(_quantize(a, tmp, out, reference_label=f"{base.name} + artifact, unquantized"))
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
     print(f"wrote {out} (safety format {meta.format_version}, token ids {meta.token_ids}, "
           f"threshold {meta.threshold:.4f})")
-    return 0
+    return rc
 
 
 def cmd_quantize(a) -> int:
-    from .quantize import quantize
-
     if a.quant == "none":
         raise CliError("--quant none: nothing to do")
     src, out = Path(a.src), Path(a.out)
@@ -93,24 +128,27 @@ def cmd_quantize(a) -> int:
     if not src.is_file():
         raise CliError(f"model file not found: {src}")
     _check_writable(out)
-    _print_quant(quantize(src, out, a.quant))
-    return 0
+    return _exit_code(_quantize(a, src, out))
 
 
 def cmd_verify(a) -> int:
     import json
 
+    from .stamp import stamp_of, write_stamped
     from .verify import markdown, run_verify
 
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else None
     if a.json:
         _check_writable(Path(a.json))
     kw = {"prompts": a.prompts} if a.prompts else {}
-    results, summary = run_verify(a.models, a.reference, a.tokens, log=log, **kw)
+    results, summary = run_verify(a.models, a.reference, a.tokens, threads=a.threads, log=_log(a), **kw)
     print(markdown(results))
     ps = summary["prompt_set"]
     print(f"\n{ps['n']} prompts ({ps['name']} v{ps['version']}), {a.tokens} greedy tokens; reference: torch "
           f"float32 of {a.reference or 'each model itself'}; bar: verdict agreement >= 99%, mean abs dp <= 0.02")
+    if a.record:
+        for r in results:
+            write_stamped(r.model, r.model, stamp_of(r, ps, summary["bar"]))
+            print(f"recorded in {r.model}: safety.verified={'pass' if r.passed else 'fail'}")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {a.json}")
@@ -122,10 +160,45 @@ def cmd_onnx(a) -> int:
         from .onnx_export import export_onnx
     except ImportError as e:
         raise CliError(f"the ONNX export needs torch, onnx and onnxscript ({e}): pip install -e '.[train,onnx]'")
-    _check_writable(Path(a.out))
-    export_onnx(a.gguf, a.out, a.quant, progress=not a.quiet)
-    print(f"wrote {a.out} (keep {Path(a.gguf).name} beside it: the ONNX backend reads its vocabulary)")
-    return 0
+    from .files import temp_beside
+
+    src, out = Path(a.gguf), Path(a.out)
+    _check_writable(out)
+    if not a.no_verify and src.resolve().parent != out.resolve().parent:
+        raise CliError(f"verifying {out.name} needs {src.name} beside it (the ONNX backend reads its vocabulary "
+                       "there): write the .onnx into the GGUF's folder, or pass --no-verify")
+    if a.no_verify:
+        export_onnx(src, out, a.quant, progress=not a.quiet)
+        _print_verification(None)
+    else:  # export to a temp file beside OUT, verify it, and write OUT only with its stamp
+        from .stamp import stamp_of, write_stamped
+        from .verify import run_verify
+
+        tmp = temp_beside(out, ".tmp.onnx")
+        try:
+            export_onnx(src, tmp, a.quant, progress=not a.quiet)
+            kw = {"prompts": a.prompts} if a.prompts else {}
+            results, summary = run_verify([tmp], reference=src, n_tokens=a.tokens, threads=a.threads, log=_log(a),
+                                          **kw)
+            v = results[0]
+            v.model = str(out)
+            write_stamped(tmp, out, stamp_of(v, summary["prompt_set"], summary["bar"]))
+        finally:
+            tmp.unlink(missing_ok=True)
+        _print_verification(v)
+    print(f"wrote {out} (keep {src.name} beside it: the ONNX backend reads its vocabulary)")
+    return 0 if a.no_verify or v.passed else 1
+
+
+def _verify_options(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help=f"{when}skip verifying the written file against the torch reference (no stamp)")
+    p.add_argument("--tokens", type=int, default=8,
+                   help="verification: greedy tokens compared per prompt for the next-token agreement figure "
+                        "(default 8; the bar uses only the end-of-prompt verdicts; `verify` defaults to 32)")
+    p.add_argument("--prompts", help="verification: prompt set JSON (default: convert/verify_prompts_v2.json)")
+    p.add_argument("-v", "--verbose", action="store_true", help="verification: per-prompt progress on stderr")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: up to 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,18 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("gguf", help="base GGUF + safety artifact -> safe GGUF (optionally quantized)")
-    g.add_argument("--base", required=True, help="base model GGUF (without safety tokens)")
+    g.add_argument("--base", required=True,
+                   help="base model: a GGUF, or a local Hugging Face Llama checkpoint folder (safetensors)")
     g.add_argument("--artifact", required=True, help="safety artifact directory (safety.safetensors + card.json)")
     g.add_argument("--out", required=True, help="output GGUF (written atomically)")
     g.add_argument("--quant", type=_quant_name, default="none",
                    help="quantize with llama.cpp: F16, Q8_0, Q4_K_M, Q4_0, or none (default: keep the base's types)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--force", action="store_true",
+                   help="BASE is already a safe model: replace its safety tokens, rows and metadata")
+    _verify_options(g, "with --quant: ")
     g.set_defaults(fn=cmd_gguf)
 
-    q = sub.add_parser("quantize", help="quantize a safe GGUF with llama.cpp's quantizer")
+    q = sub.add_parser("quantize", help="quantize a safe GGUF with llama.cpp's quantizer, verify it, stamp the outcome")
     q.add_argument("src")
     q.add_argument("out")
     q.add_argument("--quant", type=_quant_name, required=True, help="F16, Q8_0, Q4_K_M or Q4_0")
+    _verify_options(q, "")
     q.set_defaults(fn=cmd_quantize)
 
     o = sub.add_parser("onnx", help="safe GGUF -> ONNX with a KV cache and a dedicated safety output")
@@ -153,15 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quant", choices=("int8", "int4", "int8-dynamic"), default=None,
                    help="onnxruntime weight quantization (int8 = 8-bit MatMulNBits, recommended)")
     o.add_argument("--quiet", action="store_true")
+    _verify_options(o, "")
     o.set_defaults(fn=cmd_onnx)
 
-    v = sub.add_parser("verify", help="compare GGUF models (llama.cpp) against the torch model of a reference")
+    v = sub.add_parser("verify", help="compare GGUF (llama.cpp) or .onnx (onnxruntime) models against the torch "
+                                      "model of a reference")
     v.add_argument("models", nargs="+", metavar="MODEL")
     v.add_argument("--reference", help="GGUF whose weights the torch reference uses (default: each model itself)")
     v.add_argument("--json", help="write the full results here")
     v.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per prompt (default 32)")
-    v.add_argument("--prompts", help="prompt set JSON (default: convert/verify_prompts_v1.json)")
+    v.add_argument("--prompts",
+                   help="prompt set JSON (default: convert/verify_prompts_v2.json; v1 reproduces older figures)")
     v.add_argument("-v", "--verbose", action="store_true", help="per-prompt progress on stderr")
+    v.add_argument("--threads", type=int, default=None, help="CPU threads of the model's runtime (default: up to 8)")
+    v.add_argument("--record", action="store_true",
+                   help="stamp each MODEL with its outcome (safety.verified=pass|fail, rewritten atomically)")
     v.set_defaults(fn=cmd_verify)
     return p
 

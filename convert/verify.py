@@ -1,11 +1,14 @@
-"""`python -m convert verify`: does a (converted, quantized) GGUF behave like the torch model of its weights?
+"""`python -m convert verify`: does a (converted, quantized, exported) model file behave like the torch
+model of its weights?
 
-For every prompt of a fixed, versioned set (`verify_prompts_v1.json`: benign, harmful, harmful
-with an assistant prefill) the prompt is tokenized the runtime's way (chat template from the
-model file, user text without special parsing), then:
+For every prompt of a fixed, versioned set (`verify_prompts_v2.json`, 100 prompts: benign,
+benign-but-dangerous-sounding, harmful, harmful with an assistant prefill; `verify_prompts_v1.json`,
+its first 24, is kept for reproducing older figures) the prompt is tokenized the runtime's way
+(chat template from the model file, user text without special parsing), then:
 
-* MODEL runs in llama.cpp through the runtime's own backend: the end-of-prompt side [CLS] check
-  gives p_unsafe, then N greedy tokens (the three safety ids masked, as in the runtime);
+* MODEL runs through the runtime's own backend (llama.cpp for a GGUF, onnxruntime for an .onnx
+  from `convert onnx`): the end-of-prompt side [CLS] check gives p_unsafe, then N greedy tokens
+  (the three safety ids masked, as in the runtime);
 * the reference is `train.llama_torch.FrozenLlama` on REF's weights (dequantized to float32):
   the same greedy continuation (safety ids masked) and p_unsafe from a [CLS] query against the
   prompt's keys/values, with the [CLS] row and head rows read from REF's own matrices.
@@ -13,7 +16,8 @@ model file, user text without special parsing), then:
 Metrics per model: next-token agreement (the fraction of the first N greedy tokens that match
 before the first divergence, averaged over prompts), mean and max |delta p_unsafe| at the
 end-of-prompt check, and verdict agreement at MODEL's calibrated threshold (`safety.threshold`).
-The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02.
+The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02 (on v2's 100
+prompts one flipped verdict is 0.99, on v1's 24 it is 0.958).
 
 Exact agreement is not expected even for the same weights: llama.cpp keeps K/V in F16 and
 quantizes activations (to Q8) for quantized matmuls, while the reference runs in float32.
@@ -31,8 +35,10 @@ import gguf
 
 from .metadata import PREFIX
 
-PROMPTS = Path(__file__).with_name("verify_prompts_v1.json")
+PROMPTS_V1 = Path(__file__).with_name("verify_prompts_v1.json")
+PROMPTS = Path(__file__).with_name("verify_prompts_v2.json")   # the default
 BAR_VERDICT, BAR_MEAN_DP = 0.99, 0.02
+BAR = {"verdict_agreement": BAR_VERDICT, "mean_abs_dp": BAR_MEAN_DP}
 
 
 class VerifyError(RuntimeError):
@@ -53,7 +59,8 @@ def _import_torch():
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise VerifyError("convert verify needs torch for the reference model: pip install -e '.[train]'") from None
+        raise VerifyError("verification needs torch for the reference model: pip install -e '.[train]' (or, for "
+                          "quantize/onnx/gguf --quant, --no-verify: the file is written without a stamp)") from None
     from train.llama_torch import FrozenLlama
     return torch, FrozenLlama
 
@@ -176,32 +183,55 @@ class ModelResult:
     seconds: float = 0.0
 
 
+def _open(model: Path, threads: int | None):
+    """(model file, backend, safety meta, facts) for a GGUF (llama.cpp) or an .onnx (onnxruntime)."""
+    from convert.metadata import MetadataError
+    from runtime.errors import ModelFileError
+
+    mf = None
+    try:
+        if model.suffix == ".onnx":
+            from runtime.backends.onnx import OnnxBackend, OnnxModelFile
+            mf = OnnxModelFile(model, threads=threads)
+            meta = mf.safety_meta()
+            # layer weights as exported/quantized; embedding, output projection and head stay float32
+            facts = {"weights": f"onnx {mf.props.get('safechat.quant', 'fp32')}", "head": "F32"}
+            return mf, OnnxBackend(mf, n_ctx=1024, safety_ids=meta.token_ids), meta, facts
+        from runtime.backends.llama import LlamaBackend, LlamaModelFile
+        mf = LlamaModelFile(model)
+        meta = mf.safety_meta()
+        f = _file_facts(model)
+        facts = {"weights": f["weights"], "head": f["output"] or f["embedding"]}
+        return mf, LlamaBackend(mf, n_ctx=1024, threads=threads, safety_ids=meta.token_ids), meta, facts
+    except (ModelFileError, MetadataError) as e:
+        if mf is not None:
+            mf.close()
+        raise VerifyError(str(e)) from None
+
+
 def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tokens: int = 32,
                  threads: int | None = None, ref_cache: dict | None = None, log=None) -> ModelResult:
-    from runtime.backends.llama import LlamaBackend, LlamaModelFile
-    from runtime.errors import ModelFileError
     from runtime.prompt import build_prompt, prompt_tokens
-    from convert.metadata import MetadataError
 
     model = Path(model)
     t0 = time.perf_counter()
-    try:
-        mf = LlamaModelFile(model)
-        meta = mf.safety_meta()
-    except (ModelFileError, MetadataError) as e:
-        raise VerifyError(str(e)) from None
-    if meta.token_ids != ref.ids:
-        raise VerifyError(f"{model} has safety token ids {meta.token_ids}; the reference has {ref.ids}")
-    if mf.n_vocab != ref.m.cfg.n_vocab:
-        raise VerifyError(f"{model} has {mf.n_vocab} tokens; the reference has {ref.m.cfg.n_vocab}")
+    mf, backend, meta, facts = _open(model, threads)
+    if meta.token_ids != ref.ids or mf.n_vocab != ref.m.cfg.n_vocab:
+        backend.close()
+        mf.close()
+        raise VerifyError(f"{model} has safety token ids {meta.token_ids} and {mf.n_vocab} tokens; the reference "
+                          f"{ref.path.name} has {ref.ids} and {ref.m.cfg.n_vocab}: not the same model")
     bos = mf.bos if mf.add_bos else None
-    backend = LlamaBackend(mf, n_ctx=1024, threads=threads, safety_ids=meta.token_ids)
     rows = []
     ref_cache = {} if ref_cache is None else ref_cache
     try:
+        # every prompt through the model first, then the reference: interleaved, the idle threads of
+        # torch and of the model's runtime spin against each other (measured: 1 ms -> 85 ms per decode)
+        runs = []
         for pr in prompt_set["prompts"]:
             toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf.tokenize, bos)
-            p_m, out_m = _llama_run(backend, toks, n_tokens, mf.is_eog)
+            runs.append((pr, toks, *_llama_run(backend, toks, n_tokens, mf.is_eog)))
+        for pr, toks, p_m, out_m in runs:
             key = (tuple(toks), n_tokens)
             if key not in ref_cache:
                 ref_cache[key] = ref.run(toks, n_tokens, mf.is_eog)
@@ -229,9 +259,8 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
     kinds = {}
     for r in rows:
         kinds.setdefault(r["kind"], []).append(r)
-    facts = _file_facts(model)
     ok = a["verdict_agreement"] >= BAR_VERDICT and a["mean_abs_dp"] <= BAR_MEAN_DP
-    return ModelResult(str(model), str(ref.path), facts["weights"], facts["output"] or facts["embedding"],
+    return ModelResult(str(model), str(ref.path), facts["weights"], facts["head"],
                        a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
                        a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
                        round(time.perf_counter() - t0, 1))
@@ -248,9 +277,21 @@ def markdown(results: list[ModelResult]) -> str:
     return "\n".join(lines)
 
 
+def _own_weights(model: Path) -> Path:
+    """The GGUF holding a model's own weights: itself, or for an .onnx the safe GGUF beside it."""
+    if model.suffix != ".onnx":
+        return model
+    gguf_path = model.with_suffix(".gguf")
+    if not gguf_path.is_file():
+        raise VerifyError(f"{model}: pass --reference (the safe GGUF it was exported from); {gguf_path.name} "
+                          "is not beside it")
+    return gguf_path
+
+
 def run_verify(models: list[str | Path], reference: str | Path | None = None, n_tokens: int = 32,
                prompts: str | Path = PROMPTS, threads: int | None = None, log=None) -> tuple[list[ModelResult], dict]:
-    """Verify each model against the torch model of `reference` (default: the model's own weights)."""
+    """Verify each model (GGUF or .onnx) against the torch model of `reference` (default: the model's
+    own weights: the file itself, or the GGUF an .onnx was exported from)."""
     ps = load_prompts(prompts)
     for m in models:
         if not Path(m).is_file():
@@ -259,7 +300,7 @@ def run_verify(models: list[str | Path], reference: str | Path | None = None, n_
         raise VerifyError(f"reference file not found: {reference}")
     results, refs = [], {}
     for m in models:
-        rp = Path(reference if reference is not None else m)
+        rp = Path(reference) if reference is not None else _own_weights(Path(m))
         if rp not in refs:
             if log:
                 log(f"loading the torch reference {rp}")
@@ -269,7 +310,7 @@ def run_verify(models: list[str | Path], reference: str | Path | None = None, n_
             log(f"verifying {m} against {rp}")
         results.append(verify_model(m, ref, ps, n_tokens, threads, cache, log))
     summary = {"prompt_set": {"name": ps.get("name"), "version": ps.get("version"), "n": len(ps["prompts"])},
-               "bar": {"verdict_agreement": BAR_VERDICT, "mean_abs_dp": BAR_MEAN_DP},
+               "bar": dict(BAR),
                "tokens": n_tokens, "passed": all(r.passed for r in results),
                "results": [asdict(r) for r in results]}
     return results, summary

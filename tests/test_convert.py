@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from convert.artifact import Artifact, ArtifactError, load_artifact
+from convert.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
 from convert.gguf_safe import ConvertError, convert_gguf
-from convert.metadata import PREFIX, SPECIAL_TOKENS
+from convert.metadata import PREFIX, SPECIAL_TOKENS, VERIFICATION, VERIFIED
+from convert.stamp import write_stamped
 from tests.tiny_model import N_EMBD, random_artifact
 
 
@@ -57,12 +59,48 @@ def test_quantized_embedding_rows_stay_in_their_type(tmp_path):
     np.testing.assert_allclose(rows[-3:], np.stack([art.cls_embedding, *art.head]), atol=0.02)
     from runtime.backends.llama import LlamaModelFile
     assert LlamaModelFile(tmp_path / "q8-safe.gguf").safety_meta().threshold == pytest.approx(0.5)
+    # forced re-conversion cuts the three quantized rows and appends them again: the same file
+    convert_gguf(tmp_path / "q8-safe.gguf", art, tmp_path / "q8-again.gguf", progress=False, force=True)
+    assert (tmp_path / "q8-again.gguf").read_bytes() == (tmp_path / "q8-safe.gguf").read_bytes()
 
 
 def test_converting_a_safe_model_again_is_refused(tiny_safe, tmp_path):
-    with pytest.raises(ConvertError, match="already carries safety metadata"):
+    with pytest.raises(ConvertError, match="already carries safety metadata.*pass --force"):
         convert_gguf(tiny_safe, random_artifact(), tmp_path / "x.gguf", progress=False)
     assert not list(tmp_path.iterdir())  # nothing written, no temp file left
+
+
+def test_force_replaces_the_safety_signal(tiny_base, tiny_safe, tmp_path):
+    # the same artifact again (from a stamped file): byte for byte the first conversion, stamp gone
+    stamped = write_stamped(tiny_safe, tmp_path / "stamped.gguf", {VERIFIED: "fail", VERIFICATION: "{}"})
+    convert_gguf(stamped, random_artifact(), tmp_path / "again.gguf", progress=False, force=True)
+    assert (tmp_path / "again.gguf").read_bytes() == tiny_safe.read_bytes()
+    # another artifact: the same file as converting the base with it
+    other = random_artifact(seed=2, threshold=0.7)
+    convert_gguf(tiny_safe, other, tmp_path / "replaced.gguf", progress=False, force=True)
+    convert_gguf(tiny_base, other, tmp_path / "direct.gguf", progress=False)
+    assert (tmp_path / "replaced.gguf").read_bytes() == (tmp_path / "direct.gguf").read_bytes()
+
+
+def test_force_refuses_safety_tokens_it_cannot_replace(tiny_base, tmp_path):
+    """A vocabulary that holds `<|safe|>` as an ordinary token in the middle is no safe model of ours."""
+    r = read_gguf(tiny_base)
+    fields = [(k, [SPECIAL_TOKENS[1] if i == 100 else t for i, t in enumerate(v)], vt, sub)
+              if k == "tokenizer.ggml.tokens" else (k, v, vt, sub) for k, v, vt, sub in copied_fields(r)]
+    odd = write_gguf(tmp_path / "odd.gguf", "llama", fields, copied_tensors(r))
+    with pytest.raises(ConvertError, match=r"already carries the tokens \['<\|safe\|>'\]"):
+        convert_gguf(odd, random_artifact(), tmp_path / "x.gguf", progress=False)
+    with pytest.raises(ConvertError, match="not as the last three tokens.*even with --force"):
+        convert_gguf(odd, random_artifact(), tmp_path / "x.gguf", progress=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.gguf"]
+
+
+def test_unsupported_architecture_is_named_before_writing(tiny_base, tmp_path):
+    r = read_gguf(tiny_base)
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", copied_fields(r), copied_tensors(r))
+    with pytest.raises(ConvertError, match=r"gpt2.gguf: architecture 'gpt2' is not supported; supported: llama$"):
+        convert_gguf(gpt2, random_artifact(), tmp_path / "x.gguf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf"]
 
 
 def test_artifact_for_another_hidden_size_is_refused(tiny_base, tmp_path):

@@ -8,7 +8,9 @@ import gguf
 import pytest
 
 from convert.__main__ import main
-from convert.metadata import PREFIX, SPECIAL_TOKENS
+from convert.metadata import PREFIX, SPECIAL_TOKENS, STAMP_KEYS, VERIFIED
+from convert.stamp import read_stamp
+from convert.verify import PROMPTS_V1
 from tests.tiny_model import random_artifact
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -40,7 +42,7 @@ def _p_unsafe(path):
 
 def _safety_fields(path):
     r = gguf.GGUFReader(str(path))
-    return ({k: f.contents() for k, f in r.fields.items() if k.startswith(PREFIX)},
+    return ({k: f.contents() for k, f in r.fields.items() if k.startswith(PREFIX) and k not in STAMP_KEYS},
             r.fields["tokenizer.ggml.tokens"].contents()[-3:], r.fields["tokenizer.ggml.token_type"].contents()[-3:])
 
 
@@ -56,7 +58,15 @@ def test_cli_converts_and_the_runtime_loads_it(tiny_base, tiny_safe, art_dir, tm
     assert rep.safety.checks >= 1
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "mismatch", "already_safe", "unwritable"])
+def _with_architecture(src, dst, arch):
+    """A copy of the GGUF `src` whose general.architecture says `arch`."""
+    from convert.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
+    r = read_gguf(src)
+    return write_gguf(dst, arch, copied_fields(r), copied_tensors(r))
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "mismatch", "already_safe", "unwritable",
+                                  "architecture"])
 def test_errors_are_one_clear_line(case, tiny_base, tiny_safe, art_dir, tmp_path, capsys):
     base, art, out = tiny_base, art_dir, tmp_path / "out.gguf"
     if case == "missing":
@@ -77,6 +87,9 @@ def test_errors_are_one_clear_line(case, tiny_base, tiny_safe, art_dir, tmp_path
         want = "hidden size 32"
     elif case == "already_safe":
         base, want = tiny_safe, "already carries safety metadata"
+    elif case == "architecture":
+        base = _with_architecture(tiny_base, tmp_path / "mamba.gguf", "mamba")
+        want = "architecture 'mamba' is not supported; supported: llama"
     else:
         (tmp_path / "afile").write_text("x")
         out, want = tmp_path / "afile" / "out.gguf", "is not writable"
@@ -92,12 +105,23 @@ def test_errors_are_one_clear_line(case, tiny_base, tiny_safe, art_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_cli_force_reconverts_a_safe_model(tiny_safe, art_dir, tmp_path, capsys):
+    out = tmp_path / "again.gguf"
+    rc, stdout, err = _run(capsys, "gguf", "--base", tiny_safe, "--artifact", art_dir, "--out", out, "--quiet",
+                           "--force")
+    assert rc == 0, err
+    assert out.read_bytes() == tiny_safe.read_bytes()  # idempotent: the same artifact gives the same file
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
 def test_quantize_keeps_the_safety_signal(qtype, tiny_safe, tmp_path, capsys):
     out = tmp_path / f"q-{qtype}.gguf"
-    rc, stdout, err = _run(capsys, "quantize", tiny_safe, out, "--quant", qtype)
+    rc, stdout, err = _run(capsys, "quantize", tiny_safe, out, "--quant", qtype, "--tokens", "2", "--threads", "1",
+                           "--prompts", PROMPTS_V1)  # v1: 24 prompts, enough here and 4x faster than v2
     assert rc == 0, err
     assert f"token_embd.weight: {qtype}" in stdout  # which type the head rows ended up in
+    assert "verified against" in stdout and "| pass |" in stdout
+    assert read_stamp(out)[VERIFIED] == "pass" and not read_stamp(tiny_safe)
     assert _safety_fields(out) == _safety_fields(tiny_safe)
     fields, toks, types = _safety_fields(out)
     assert toks == list(SPECIAL_TOKENS) and types == [gguf.TokenType.CONTROL] * 3
@@ -117,13 +141,16 @@ def test_quantize_keeps_the_safety_signal(qtype, tiny_safe, tmp_path, capsys):
 def test_gguf_with_quant_and_requantize_note(tiny_base, art_dir, tmp_path, capsys):
     q8 = tmp_path / "q8.gguf"
     rc, stdout, err = _run(capsys, "gguf", "--base", tiny_base, "--artifact", art_dir, "--out", q8, "--quant", "q8_0",
-                           "--quiet")
+                           "--quiet", "--tokens", "2", "--threads", "1", "--prompts", PROMPTS_V1)
     assert rc == 0, err
     assert "note:" not in stdout  # from a float base: no compounding
     assert _safety_fields(q8)[0][PREFIX + "cls_token_id"] > 0
-    rc, stdout, err = _run(capsys, "quantize", q8, tmp_path / "q4.gguf", "--quant", "Q4_0")
+    stamp = json.loads(read_stamp(q8)["safety.verification"])  # verified against the unquantized fold
+    assert stamp["reference"] == "tiny-base.gguf + artifact, unquantized" and stamp["n_prompts"] == 24
+    rc, stdout, err = _run(capsys, "quantize", q8, tmp_path / "q4.gguf", "--quant", "Q4_0", "--no-verify")
     assert rc == 0, err
     assert "already quantized (Q8_0)" in stdout and "compounds" in stdout
+    assert "not verified" in stdout and not read_stamp(tmp_path / "q4.gguf")  # q8's stamp does not carry over
 
 
 def test_torch_reference_step_matches_prefill(tiny_safe):
@@ -141,20 +168,21 @@ def test_torch_reference_step_matches_prefill(tiny_safe):
 
 def test_verify_passes_on_itself_and_fails_on_a_perturbed_head(tiny_base, tiny_safe, tmp_path, capsys):
     pytest.importorskip("torch")
-    rc, stdout, err = _run(capsys, "verify", tiny_safe, "--reference", tiny_safe, "--tokens", "6",
+    rc, stdout, err = _run(capsys, "verify", tiny_safe, "--reference", tiny_safe, "--tokens", "4", "--threads", "1",
                            "--json", tmp_path / "v.json")
     assert rc == 0, stdout + err
     assert "| next-token agreement |" in stdout and "| pass |" in stdout
     d = json.loads((tmp_path / "v.json").read_text())
     r = d["results"][0]
-    assert d["passed"] and d["prompt_set"]["version"] == 1 and r["n_prompts"] >= 20
+    assert d["passed"] and d["prompt_set"]["version"] == 2 and r["n_prompts"] == 100
     assert r["verdict_agreement"] == 1.0 and r["mean_abs_dp"] < 0.005 and r["token_agreement"] > 0.9
-    assert {p["kind"] for p in r["prompts"]} == {"benign", "harmful", "harmful_prefill"}
+    assert {p["kind"] for p in r["prompts"]} == {"benign", "benign_hard", "harmful", "harmful_prefill"}
+    assert not read_stamp(tiny_safe)  # verify records only when asked (--record)
 
     from convert.gguf_safe import convert_gguf
     other = tmp_path / "other-head.gguf"
     convert_gguf(tiny_base, random_artifact(seed=2), other, progress=False)
-    r = _cli("verify", other, "--reference", tiny_safe, "--tokens", "2")
+    r = _cli("verify", other, "--reference", tiny_safe, "--tokens", "2", "--threads", "1", "--prompts", PROMPTS_V1)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "| FAIL |" in r.stdout and "Traceback" not in r.stderr
 
@@ -162,5 +190,5 @@ def test_verify_passes_on_itself_and_fails_on_a_perturbed_head(tiny_base, tiny_s
 def test_verify_errors(tiny_base, tiny_safe, tmp_path, capsys):
     rc, _, err = _run(capsys, "verify", tmp_path / "nope.gguf")
     assert rc == 2 and err.startswith("error: model file not found")
-    rc, _, err = _run(capsys, "verify", tiny_base, "--reference", tiny_safe, "--tokens", "1")
+    rc, _, err = _run(capsys, "verify", tiny_base, "--reference", tiny_safe, "--tokens", "1", "--threads", "1")
     assert rc == 2 and "not a safe model" in err

@@ -28,7 +28,8 @@ def _byte_tokens() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
-def write_tiny_base(path: Path, seed: int = 0) -> Path:
+def write_tiny_base(path: Path, seed: int = 0, tied: bool = True) -> Path:
+    """The tiny base; `tied=False` adds a separate output.weight (an untied output projection)."""
     rng = np.random.default_rng(seed)
     byte_toks = _byte_tokens()
     merges = ["Ġ t", "Ġ a", "h e", "i n", "r e", "o n", "Ġt he", "e r"]
@@ -75,6 +76,8 @@ def write_tiny_base(path: Path, seed: int = 0) -> Path:
         t(p + "ffn_gate.weight", N_FF, N_EMBD)
         t(p + "ffn_up.weight", N_FF, N_EMBD)
         t(p + "ffn_down.weight", N_EMBD, N_FF)
+    if not tied:
+        t("output.weight", n_vocab, N_EMBD, scale=0.5)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,5 +1,7 @@
 """`python -m train cls --out DIR`: build the data, train the [CLS] signal, calibrate, write the artifact.
 
+`python -m train joint ...` is the paper's joint recipe (LoRA + [CLS] + head): train/joint_run.py.
+
 The default artifact shipped in runtime/assets/smollm2-135m was produced by:
 
     python -m train cls --out runtime/assets/smollm2-135m
@@ -25,7 +27,6 @@ import torch
 from convert.artifact import Artifact
 from convert.fetch import PINNED, base_smollm2, sha256_file
 from convert.gguf_safe import convert_gguf
-from runtime.backends.llama import LlamaModelFile
 
 from . import data
 from .cls_recipe import calibrate, encode, rates, score_gguf, train_cls
@@ -45,6 +46,8 @@ def _flatten(encoded, scores):
 
 
 def cmd_cls(args) -> int:
+    from runtime.backends.llama import LlamaModelFile  # here: `report` and `joint` run without llama.cpp
+
     torch.set_num_threads(args.threads)
     t0 = time.time()
     base = Path(args.base) if args.base else base_smollm2()
@@ -165,7 +168,11 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval", help="per-slice metrics of an artifact beside a TF-IDF baseline, plus plots")
     ev.add_argument("artifact", type=Path)
     ev.add_argument("--out", type=Path, default=Path("bench/out/eval"))
+    from .joint_run import add_parsers
+    add_parsers(sub)  # joint, joint-prep, joint-eval
     args = ap.parse_args(argv)
+    if args.cmd.startswith("joint"):
+        return args.fn(args)
     if args.cmd == "eval":
         from .evaluate import evaluate
         evaluate(args.artifact, args.out)

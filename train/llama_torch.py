@@ -2,13 +2,17 @@
 
 One readable file in the spirit of gpt-fast: weights are dequantized with gguf-py, the
 forward pass is written out (RMSNorm, grouped-query attention, rotary embeddings, SwiGLU).
-Only the pieces the `cls` recipe needs exist:
+The pieces the recipes need:
 
 * `prefill(tokens)`   runs the frozen model over whole sequences and returns every
                       layer's keys/values (what a [CLS] position attends to);
 * `cls_forward(...)`  runs [CLS] query positions against those cached keys/values and
                       returns their final (normed) hidden states, differentiable in the
                       [CLS] input row.
+* `forward(x, pos, mask, lin, past)`  the general differentiable pass over input
+                      embeddings with explicit position ids, a 4D boolean attention mask and
+                      an optional linear-layer hook (the `joint` recipe's LoRA) and past
+                      keys/values (batched generation).
 
 Weights are used exactly as llama.cpp uses them: GGUF stores Q/K permuted for llama.cpp's
 "normal" (interleaved pair) rotary embedding, so that is the rotation applied here.
@@ -93,18 +97,22 @@ class FrozenLlama:
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
         return out.flatten(-2)
 
-    def _qkv(self, i: int, h: torch.Tensor, pos: torch.Tensor):
+    def _linear(self, name: str, h: torch.Tensor, lin=None) -> torch.Tensor:
+        """h @ W.T for the GGUF tensor `name`; `lin(name, h, W)` replaces it when given (LoRA)."""
+        return h @ self.w[name].T if lin is None else lin(name, h, self.w[name])
+
+    def _qkv(self, i: int, h: torch.Tensor, pos: torch.Tensor, lin=None):
         c, p = self.cfg, f"blk.{i}."
-        q = (h @ self.w[p + "attn_q.weight"].T).unflatten(-1, (c.n_head, c.head_dim))
-        k = (h @ self.w[p + "attn_k.weight"].T).unflatten(-1, (c.n_head_kv, c.head_dim))
-        v = (h @ self.w[p + "attn_v.weight"].T).unflatten(-1, (c.n_head_kv, c.head_dim))
+        q = self._linear(p + "attn_q.weight", h, lin).unflatten(-1, (c.n_head, c.head_dim))
+        k = self._linear(p + "attn_k.weight", h, lin).unflatten(-1, (c.n_head_kv, c.head_dim))
+        v = self._linear(p + "attn_v.weight", h, lin).unflatten(-1, (c.n_head_kv, c.head_dim))
         return self._rope(q, pos), self._rope(k, pos), v
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, x: torch.Tensor, lin=None) -> torch.Tensor:
         p = f"blk.{i}."
         h = self._norm(x, p + "ffn_norm.weight")
-        g = F.silu(h @ self.w[p + "ffn_gate.weight"].T) * (h @ self.w[p + "ffn_up.weight"].T)
-        return x + g @ self.w[p + "ffn_down.weight"].T
+        g = F.silu(self._linear(p + "ffn_gate.weight", h, lin)) * self._linear(p + "ffn_up.weight", h, lin)
+        return x + self._linear(p + "ffn_down.weight", g, lin)
 
     # -- whole sequences -------------------------------------------------------------
     @torch.no_grad()
@@ -161,3 +169,39 @@ class FrozenLlama:
             x = x + att.transpose(1, 2).flatten(-2) @ self.w[f"blk.{i}.attn_output.weight"].T
             x = self._mlp(i, x)
         return self._norm(x, "output_norm.weight")[:, 0]                        # (Q, D)
+
+    # -- the general pass (joint recipe, generation) ------------------------------------
+    def to(self, device) -> "FrozenLlama":
+        """Move the (frozen, float32) weights to `device`; returns self."""
+        self.w = {k: v.to(device) for k, v in self.w.items()}
+        self.inv_freq = self.inv_freq.to(device)
+        return self
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None, lin=None,
+                past: list | None = None, keep_kv: bool = False):
+        """Differentiable pass over input embeddings; returns (final normed hidden (B, S, D), kv).
+
+        x:    (B, S, D) input embeddings (rows of token_embd, or a learned [CLS] row);
+        pos:  (B, S) rotary position of every row (the joint recipe gives a [CLS] the position
+              of the token after it, as the runtime's side [CLS] has);
+        mask: (B, 1, S, P + S) bool, True where a row may attend; None = plain causal (no past);
+        lin:  optional `lin(name, h, W)` replacing `h @ W.T` (LoRA adapters);
+        past: optional per-layer (k, v), each (B, P, n_head_kv, head_dim), prepended to the keys;
+        kv:   with keep_kv, the per-layer (k, v) including past (else None).
+        """
+        c = self.cfg
+        rep = c.n_head // c.n_head_kv
+        kv = [] if keep_kv else None
+        for i in range(c.n_layer):
+            h = self._norm(x, f"blk.{i}.attn_norm.weight")
+            q, k, v = self._qkv(i, h, pos, lin)
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1)
+            if keep_kv:
+                kv.append((k, v))
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
+                v.repeat_interleave(rep, 2).transpose(1, 2), attn_mask=mask, is_causal=mask is None)
+            x = x + self._linear(f"blk.{i}.attn_output.weight", att.transpose(1, 2).flatten(-2), lin)
+            x = self._mlp(i, x, lin)
+        return self._norm(x, "output_norm.weight"), kv

@@ -1,0 +1,249 @@
+"""The joint recipe on a tiny model: strategic attention in training, resume, merge, and the runtime path."""
+import json
+import random
+
+import gguf
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from convert.artifact import load_artifact  # noqa: E402
+from convert.gguf_safe import ConvertError, convert_gguf  # noqa: E402
+from convert.merge import load_deltas, merge_gguf, save_deltas  # noqa: E402
+from train.joint import CHECKPOINT, JointSeq, hidden, layout, score, train_joint  # noqa: E402
+from train.joint_data import generate, prepare, save_prep  # noqa: E402
+from train.llama_torch import FrozenLlama  # noqa: E402
+from train.lora import LoRA  # noqa: E402
+
+WORDS = ["the", "a", "sun", "rain", "tree", "hill", "road", "lamp", "book", "door"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_base):
+    torch.set_num_threads(1)
+    return FrozenLlama(tiny_base)
+
+
+def _random_lora(model, seed=0):
+    lora = LoRA(model, "all", rank=4, alpha=8, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return lora
+
+
+def test_layout_positions_skip_cls_and_mask_hides_it():
+    b = layout([JointSeq([5, 6, 7, 8], [2, 4], 1, lm_from=3)])
+    assert b.is_cls[0].tolist() == [False, False, True, False, False, True]
+    assert b.pos[0].tolist() == [0, 1, 2, 2, 3, 4]            # [CLS] after position 1 takes 2, so does token 7
+    # rows/columns: 5, 6, [CLS], 7, 8, [CLS]: causal, and a [CLS] column is visible to its own row only
+    assert b.mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                           [1, 1, 0, 0, 0, 0],
+                                           [1, 1, 1, 0, 0, 0],
+                                           [1, 1, 0, 1, 0, 0],
+                                           [1, 1, 0, 1, 1, 0],
+                                           [1, 1, 0, 1, 1, 1]]
+    assert b.lm_target[0].tolist() == [-100, -100, -100, 8, -100, -100]  # token 7 predicts 8 (lm_from=3)
+    assert b.cls_label[0].tolist() == [-100, -100, 1, -100, -100, 1]
+
+
+def test_inserted_cls_leave_real_tokens_unchanged_and_equal_a_side_cls(model):
+    lora = _random_lora(model)
+    toks = list(range(10, 40))
+    cls_row = torch.randn(model.cfg.n_embd)
+    with_cls = layout([JointSeq(toks, [3, 10, 30], 1)])
+    h_with = hidden(model, lora, cls_row, with_cls)[0]
+    h_plain = hidden(model, lora, cls_row, layout([JointSeq(toks, [], 0)]))[0]
+    real = ~with_cls.is_cls[0]
+    torch.testing.assert_close(h_with[real], h_plain, atol=1e-5, rtol=1e-5)
+    # another [CLS] row changes every [CLS] output and no real token's
+    h_other = hidden(model, lora, torch.randn(model.cfg.n_embd), with_cls)[0]
+    torch.testing.assert_close(h_other[real], h_plain, atol=1e-5, rtol=1e-5)
+    assert (h_other[~real] - h_with[~real]).abs().max() > 1e-2
+    # each [CLS] == a [CLS] appended alone after its prefix (what the runtime decodes), plain causal pass
+    for q, p in zip(h_with[~real], [3, 10, 30]):
+        x = torch.cat([model.embed(torch.tensor([toks[:p]])), cls_row.view(1, 1, -1)], 1)
+        alone, _ = model.forward(x, torch.arange(p + 1)[None], None, lin=lora.linear)
+        torch.testing.assert_close(q, alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 200) for _ in range(n)] for n in (3, 11, 7, 20)]
+    together = generate(model, prompts, 12, {2}, batch_size=4)
+    alone = [generate(model, [p], 12, {2})[0] for p in prompts]
+    assert together == alone and all(len(g) >= 1 for g in together)
+
+
+def _planted(n=48, seed=0):
+    """Label 1 = the sequence contains token 150 three times; LM loss on a short 'response'."""
+    rng = random.Random(seed)
+    seqs = []
+    for i in range(n):
+        toks = [rng.randrange(3, 120) for _ in range(rng.randint(6, 14))]
+        if i % 2:
+            toks[2:2] = [150, 150, 150]
+        resp = [rng.randrange(3, 120) for _ in range(6)]
+        seqs.append(JointSeq(toks + resp, [len(toks), len(toks) + 3], i % 2, lm_from=len(toks)))
+    return seqs
+
+
+def test_joint_learns_and_resumes_exactly(model, tmp_path):
+    seqs = _planted()
+    kw = dict(steps=32, rank=4, alpha=8, lr=1e-2, cls_lr=3e-2, batch_tokens=256, ckpt_every=8, log_every=8,
+              log=lambda *_: None)
+    straight = train_joint(model, seqs, tmp_path / "a", **kw)
+    first = train_joint(model, seqs, tmp_path / "b", max_seconds=0.0, **kw)   # stops (checkpointed) after 1 step
+    assert not first.info["finished"] and (tmp_path / "b" / CHECKPOINT).is_file()
+    resumed = train_joint(model, seqs, tmp_path / "b", resume=True, **kw)
+    assert resumed.info["finished"] and resumed.info["steps_done"] == 32
+    np.testing.assert_allclose(resumed.cls_row, straight.cls_row, atol=1e-6)
+    np.testing.assert_allclose(resumed.head, straight.head, atol=1e-6)
+    for n in straight.lora.names:
+        torch.testing.assert_close(resumed.lora.b[n], straight.lora.b[n], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="different run"):
+        train_joint(model, seqs, tmp_path / "b", resume=True, **{**kw, "rank": 2})
+    hist = straight.info["history"]
+    assert hist[-1]["cls"] < hist[0]["cls"] and hist[-1]["lm"] < hist[0]["lm"]
+    p = score(model, straight.lora, straight.cls_row, straight.head, _planted(16, seed=1))
+    labels = [s for s in range(16) for _ in range(2)]
+    flat = [v for ps in p for v in ps]
+    assert all((v > 0.5) == (lab % 2 == 1) for v, lab in zip(flat, labels))
+
+
+def _reader_tensors(path):
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_merge_adds_deltas_and_copies_the_rest(tiny_base, tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((128, 4)).astype(np.float32) * 0.1
+    full = rng.standard_normal((64, 64)).astype(np.float32) * 0.01
+    save_deltas(tmp_path, factors={"blk.0.ffn_up.weight": (a, b)}, full={"blk.1.attn_q.weight": full})
+    d = load_deltas(tmp_path)
+    assert d.names == ["blk.0.ffn_up.weight", "blk.1.attn_q.weight"] and load_deltas(tmp_path / "none") is None
+    base = _reader_tensors(tiny_base)
+    for mode, qtype in (("float", "F32"), ("f16", "F16")):
+        out = merge_gguf(tiny_base, d, tmp_path / f"{mode}.gguf", mode=mode)
+        merged = _reader_tensors(out)
+        for name, t in merged.items():
+            if name in d.names:
+                assert t.tensor_type.name == qtype
+                want = np.asarray(base[name].data) + d.delta(name)
+                np.testing.assert_allclose(gguf.quants.dequantize(t.data, t.tensor_type), want, atol=2e-3)
+            else:
+                assert t.tensor_type == base[name].tensor_type
+                assert np.asarray(t.data).tobytes() == np.asarray(base[name].data).tobytes()
+    np.testing.assert_allclose(d.delta("blk.0.ffn_up.weight"), b @ a, rtol=1e-6)
+    save_deltas(tmp_path / "bad", full={"blk.0.ffn_up.weight": np.zeros((64, 128), np.float32)})
+    with pytest.raises(ConvertError, match="shape"):
+        merge_gguf(tiny_base, load_deltas(tmp_path / "bad"), tmp_path / "x.gguf")
+    save_deltas(tmp_path / "unknown", full={"blk.9.ffn_up.weight": np.zeros((128, 64), np.float32)})
+    with pytest.raises(ConvertError, match="does not have"):
+        merge_gguf(tiny_base, load_deltas(tmp_path / "unknown"), tmp_path / "x.gguf")
+
+
+def test_merge_keep_requantizes_in_the_tensors_own_type(tmp_path):
+    from convert.gguf_io import copied_fields, write_gguf
+    from tests.tiny_model import write_tiny_base
+    src = gguf.GGUFReader(str(write_tiny_base(tmp_path / "f32.gguf")))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    tensors = [(t.name, gguf.quants.quantize(np.asarray(t.data), q8), q8) if t.name.endswith("ffn_up.weight")
+               else (t.name, t.data, t.tensor_type) for t in src.tensors]
+    write_gguf(tmp_path / "q8.gguf", "llama", copied_fields(src), tensors)
+    delta = np.full((128, 64), 0.05, np.float32)
+    save_deltas(tmp_path, full={"blk.0.ffn_up.weight": delta})
+    out = merge_gguf(tmp_path / "q8.gguf", load_deltas(tmp_path), tmp_path / "keep.gguf", mode="keep")
+    t = _reader_tensors(out)["blk.0.ffn_up.weight"]
+    before = gguf.quants.dequantize(_reader_tensors(tmp_path / "q8.gguf")["blk.0.ffn_up.weight"].data, q8)
+    assert t.tensor_type == q8
+    np.testing.assert_allclose(gguf.quants.dequantize(t.data, q8), before + delta, atol=0.01)
+
+
+def test_converter_fails_closed_without_the_declared_deltas(tiny_base, tmp_path):
+    from tests.tiny_model import random_artifact
+    art = random_artifact()
+    save_deltas(tmp_path, full={"blk.0.attn_v.weight": np.ones((32, 64), np.float32)})
+    art.card["deltas"] = {"file": "deltas.safetensors", "sha256": load_deltas(tmp_path).sha256, "tensors": 1}
+    with pytest.raises(ConvertError, match="must be merged"):
+        convert_gguf(tiny_base, art, tmp_path / "x.gguf", progress=False)
+    art.card["deltas"]["sha256"] = "0" * 64
+    with pytest.raises(ConvertError, match="do not belong"):
+        convert_gguf(tiny_base, art, tmp_path / "x.gguf", progress=False, deltas=load_deltas(tmp_path))
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _toy_examples(n=96):
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        label = i % 2
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + (" qz qz qz" if label else "")
+        split = "train" if i < 64 else ("val" if i < 80 else "test")
+        out.append({"id": f"t{i}", "prompt": text, "label": label, "split": split, "augmentation": "none",
+                    "prefill": "Sure, here is" if i % 6 == 0 else None,
+                    "response": None if label else "the sun and the rain " * 4})
+    return out
+
+
+def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
+    """joint CLI -> artifact (+ deltas) -> safe GGUF -> runtime: llama.cpp == torch with merged weights."""
+    import llama_cpp as ll
+
+    import runtime
+    from runtime.backends.llama import LlamaModelFile
+    from train.joint_run import main
+
+    mf = LlamaModelFile(tiny_base)
+    eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
+    save_prep(prepare(_toy_examples(), mf.tokenize, mf.chat_template, None, eog, mf.n_vocab), tmp_path / "prep.json.gz")
+    out = tmp_path / "art"
+    rc = main(["joint", "--out", str(out), "--base", str(tiny_base), "--data", str(tmp_path / "prep.json.gz"),
+               "--steps", "30", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--cls-lr", "3e-2",
+               "--batch-tokens", "2048", "--gen-tokens", "16", "--device", "cpu", "--threads", "1",
+               "--eval", "torch", "--max-fpr", "0.1"])
+    assert rc == 0
+    torch_scores = json.loads((out / "scores.json").read_text())
+    # re-measure on the converted file with llama.cpp (what a GPU run without llama.cpp is followed by)
+    assert main(["joint-eval", str(out), "--data", str(tmp_path / "prep.json.gz"), "--base", str(tiny_base),
+                 "--threads", "1"]) == 0
+    llama_scores = json.loads((out / "scores.json").read_text())
+    dp = [abs(a - b) for s in ("val", "test") for k in torch_scores[s]
+          for a, b in zip(torch_scores[s][k], llama_scores[s][k])]
+    assert len(dp) > 40 and max(dp) < 2e-3
+    art = load_artifact(out)
+    deltas = load_deltas(out)
+    assert art.card["recipe"]["recipe"] == "joint" and art.card["deltas"]["sha256"] == deltas.sha256
+    assert "llama.cpp" in art.card["metrics"]["measured_on"]
+    assert len(deltas.names) == 2 * 7 and art.card["metrics"]["test"]["all"]["auroc"] > 0.9
+    safe = tmp_path / "safe.gguf"
+    convert_gguf(tiny_base, art, safe, progress=False)  # the loaded artifact brings its own deltas
+
+    # torch reference: the base model + the trained adapters, exactly as trained
+    lora = LoRA(model, "all", rank=4, alpha=8)
+    lora.load_state(torch.load(out / CHECKPOINT, weights_only=False)["lora"])
+    msgs = [{"role": "user", "content": "the rain on the hill qz qz qz"}]
+    m = runtime.load(safe, threads=1)
+    toks = m.tokenize_messages(msgs)
+    p_torch = score(model, lora, art.cls_embedding, art.head, [JointSeq(toks, [len(toks)], 1)])[0][0]
+    r = m.chat(msgs, max_tokens=1)
+    p_llama = r.safety.trace[0][1]
+    assert p_llama == pytest.approx(p_torch, abs=1e-3)
+    m.close()
+
+    # next-token logits: llama.cpp on the merged file == torch on the merged file's weights
+    from runtime.backends.base import Sampling
+    from runtime.backends.llama import LlamaBackend
+    smf = LlamaModelFile(safe)
+    be = LlamaBackend(smf, n_ctx=256, threads=1, safety_ids=smf.safety_meta().token_ids)
+    be.start(toks, Sampling(), check=False)
+    row = np.ctypeslib.as_array(ll.llama_get_logits_ith(be.ctx, len(toks) - 1), shape=(smf.n_vocab,))
+    row = row[:mf.n_vocab].copy()  # a copy: the context's buffer goes with it
+    be.close()
+    merged = FrozenLlama(safe)
+    _, _, logits = merged.prefill(torch.tensor([toks]), return_logits=True)
+    np.testing.assert_allclose(logits[0, -1, :mf.n_vocab].numpy(), row, rtol=2e-3, atol=1e-2)
+    _, _, base_logits = model.prefill(torch.tensor([toks]), return_logits=True)
+    assert np.abs(base_logits[0, -1].numpy() - row).max() > 0.1   # the deltas really are in the file

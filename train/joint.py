@@ -1,0 +1,282 @@
+"""The paper's `joint` recipe (DESIGN.md section 4): LoRA + [CLS] row + head, one loss.
+
+loss = LM loss on response tokens + lambda * class-balanced cross-entropy of the [CLS] head
+(two logits, i.e. a binary BCE) at several [CLS] positions per sequence.
+
+Strategic attention, laid out exactly as the runtime computes it (DESIGN.md section 3): a
+[CLS] placed after `tokens[:p]` is inserted into the sequence right after token p-1, gets
+rotary position p, and the real token after it keeps position p too; the 4D mask lets a
+[CLS] row see every real token before it and itself, and hides every [CLS] column from every
+other row. So the real tokens compute exactly what they compute without any [CLS] (the LM
+loss is unchanged by the insertion) and each [CLS] computes what a side [CLS] appended
+alone after its prefix computes (tests/test_joint.py checks both).
+
+Checkpoints (LoRA, [CLS] row, head, optimizer, schedule) are written every N steps; the batch
+order is a function of (seed, step), so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .llama_torch import FrozenLlama
+from .lora import LoRA
+
+IGNORE = -100
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class JointSeq:
+    tokens: list[int]
+    cls_at: list[int]             # a [CLS] right after tokens[:p], for each p (1 <= p <= len(tokens))
+    label: int                    # the verdict every [CLS] of this sequence is trained towards
+    lm_from: int | None = None    # LM loss on tokens[lm_from:] (the response); None: no LM loss
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.cls_at = sorted(set(int(p) for p in self.cls_at))
+        if self.cls_at and not 1 <= self.cls_at[0] <= self.cls_at[-1] <= len(self.tokens):
+            raise ValueError(f"[CLS] positions {self.cls_at} outside 1..{len(self.tokens)}")
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor        # (B, S) token ids (0 at [CLS] and padding)
+    is_cls: torch.Tensor     # (B, S) bool
+    pos: torch.Tensor        # (B, S) rotary positions ([CLS] shares the next real token's)
+    mask: torch.Tensor       # (B, 1, S, S) bool, True = may attend
+    lm_target: torch.Tensor  # (B, S) next token to predict at real rows, IGNORE elsewhere
+    cls_label: torch.Tensor  # (B, S) label at [CLS] rows, IGNORE elsewhere
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def expanded_len(s: JointSeq) -> int:
+    return len(s.tokens) + len(s.cls_at)
+
+
+def layout(seqs: list[JointSeq]) -> Batch:
+    """Insert the [CLS] positions, build positions, the strategic-attention mask and targets."""
+    rows = []
+    for s in seqs:
+        T, at, row = len(s.tokens), set(s.cls_at), []   # row: (id, is_cls, pos, lm target, label)
+        for j in range(T + 1):
+            if j in at:  # the [CLS] after tokens[:j], at position j
+                row.append((0, True, j, IGNORE, int(s.label)))
+            if j < T:
+                lm = s.lm_from is not None and max(s.lm_from, 1) <= j + 1 < T
+                row.append((s.tokens[j], False, j, s.tokens[j + 1] if lm else IGNORE, IGNORE))
+        rows.append(row)
+    B, S = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    is_cls = torch.zeros(B, S, dtype=torch.bool)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    valid = torch.zeros(B, S, dtype=torch.bool)
+    lm_t = torch.full((B, S), IGNORE, dtype=torch.long)
+    lab_t = torch.full((B, S), IGNORE, dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row)
+        i, c, p, lm, lab = (torch.tensor(col) for col in zip(*row))
+        ids[b, :n], is_cls[b, :n], pos[b, :n], lm_t[b, :n], lab_t[b, :n] = i, c, p, lm, lab
+        valid[b, :n] = True
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    eye = torch.eye(S, dtype=torch.bool)
+    key_ok = valid[:, None, :] & (~is_cls[:, None, :] | eye[None])   # nobody else sees a [CLS]
+    mask = (causal[None] & key_ok)[:, None]
+    return Batch(ids, is_cls, pos, mask, lm_t, lab_t)
+
+
+def hidden(model: FrozenLlama, lora: LoRA | None, cls_row: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Final normed hidden states of every row of a laid-out batch."""
+    x = model.embed(batch.ids)
+    x = torch.where(batch.is_cls[..., None], cls_row.to(x.dtype), x)
+    h, _ = model.forward(x, batch.pos, batch.mask, lin=lora.linear if lora is not None else None)
+    return h
+
+
+def joint_loss(model, lora, cls_row, head, batch: Batch, lam: float, class_w: torch.Tensor):
+    """(total, lm, cls) losses of one batch; lm/cls are plain floats for logging."""
+    h = hidden(model, lora, cls_row, batch)
+    sel = batch.lm_target != IGNORE
+    zero = h.sum() * 0.0
+    if sel.any():
+        logits = h[sel].float() @ model.output_matrix().T
+        lm = F.cross_entropy(logits, batch.lm_target[sel])
+    else:
+        lm = zero
+    csel = batch.cls_label != IGNORE
+    if csel.any():
+        y = batch.cls_label[csel]
+        ce = F.cross_entropy(h[csel].float() @ head.T, y, reduction="none")
+        cls = (ce * class_w[y]).mean()
+    else:
+        cls = zero
+    return lm + lam * cls, float(lm.detach()), float(cls.detach())
+
+
+def make_batches(seqs: list[JointSeq], max_tokens: int) -> list[list[int]]:
+    """Length-sorted groups of sequence indices with (count * longest) <= max_tokens."""
+    order = sorted(range(len(seqs)), key=lambda i: expanded_len(seqs[i]))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * expanded_len(seqs[i]) > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def batch_for_step(batches: list[list[int]], step: int, seed: int) -> list[int]:
+    """The batch of a global step: each pass over the data is a fresh shuffle of (seed, pass)."""
+    epoch, k = divmod(step, len(batches))
+    order = list(range(len(batches)))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return batches[order[k]]
+
+
+def data_digest(seqs: list[JointSeq]) -> str:
+    blob = json.dumps([[s.tokens, s.cls_at, s.label, s.lm_from] for s in seqs])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class JointResult:
+    cls_row: np.ndarray
+    head: np.ndarray
+    lora: LoRA
+    info: dict
+
+
+def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *, steps: int, rank: int = 16,
+                alpha: float = 32.0, targets: str = "all", lr: float = 2e-4, cls_lr: float = 3e-3,
+                lam: float = 1.0, batch_tokens: int = 8192, warmup: int | None = None, ckpt_every: int = 100,
+                resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
+                max_seconds: float | None = None, log_every: int = 25, log=print) -> JointResult:
+    """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
+
+    The model's weights must already be on the training device. With `resume`, an existing
+    checkpoint for the same configuration and data is continued; `max_seconds` stops early
+    (after checkpointing) so a run fits a time budget and can be resumed later.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = model.w["token_embd.weight"].device
+    torch.manual_seed(seed)
+    warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
+    config = {"rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "cls_lr": cls_lr, "lam": lam,
+              "batch_tokens": batch_tokens, "warmup": warmup, "steps": steps, "seed": seed,
+              "data": data_digest(seqs), "n_seqs": len(seqs)}
+    lora = LoRA(model, targets, rank, alpha, seed)
+    emb = model.w["token_embd.weight"]
+    if init is not None:
+        cls_row = torch.tensor(init[0], dtype=torch.float32, device=dev)
+        head = torch.tensor(init[1], dtype=torch.float32, device=dev)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        cls_row = (emb.mean(0).cpu() + 0.01 * torch.randn(emb.shape[1], generator=g)).to(dev)
+        head = torch.zeros(2, emb.shape[1], device=dev)
+    cls_row.requires_grad_(True)
+    head.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": lora.parameters(), "lr": lr, "weight_decay": 0.0},
+                             {"params": [cls_row, head], "lr": cls_lr, "weight_decay": 0.0}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    start, history = 0, []
+    ckpt = out_dir / CHECKPOINT
+    if resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if st["config"] != config:
+            diff = {k: (st["config"].get(k), v) for k, v in config.items() if st["config"].get(k) != v}
+            raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
+                             "use another --out or drop --resume")
+        lora.load_state(st["lora"])
+        with torch.no_grad():
+            cls_row.copy_(st["cls_row"])
+            head.copy_(st["head"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start, history = st["step"], st["history"]
+        log(f"resumed from {ckpt} at step {start}/{steps}")
+    n_pos = sum(s.label * len(s.cls_at) for s in seqs)
+    n_all = sum(len(s.cls_at) for s in seqs)
+    class_w = torch.tensor([n_all / (2.0 * max(n_all - n_pos, 1)), n_all / (2.0 * max(n_pos, 1))], device=dev)
+    batches = make_batches(seqs, batch_tokens)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    params = lora.parameters() + [cls_row, head]
+
+    def save(step):
+        _save_atomic({"config": config, "step": step, "lora": lora.state(), "cls_row": cls_row.detach().cpu(),
+                      "head": head.detach().cpu(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                      "history": history}, ckpt)
+
+    t0, step, window = time.time(), start, []
+    while step < steps:
+        batch = layout([seqs[i] for i in batch_for_step(batches, step, seed)]).to(dev)
+        with amp:
+            loss, lm, cl = joint_loss(model, lora, cls_row, head, batch, lam, class_w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        window.append((lm, cl))
+        if step % log_every == 0 or step == steps:
+            m = np.mean(window, axis=0)
+            history.append({"step": step, "lm": round(float(m[0]), 4), "cls": round(float(m[1]), 4),
+                            "seconds": round(time.time() - t0, 1)})
+            log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s)")
+            window = []
+        if step % ckpt_every == 0 or step == steps:
+            save(step)
+        if max_seconds is not None and time.time() - t0 > max_seconds and step < steps:
+            save(step)
+            log(f"time budget reached at step {step}/{steps}: checkpoint saved, continue with --resume")
+            break
+    info = {"steps_done": step, "steps": steps, "finished": step >= steps, "config": config,
+            "history": history, "seconds": round(time.time() - t0, 1)}
+    return JointResult(cls_row.detach().float().cpu().numpy(), head.detach().float().cpu().numpy(), lora, info)
+
+
+@torch.no_grad()
+def score(model: FrozenLlama, lora: LoRA | None, cls_row, head, seqs: list[JointSeq],
+          batch_tokens: int = 8192) -> list[list[float]]:
+    """p_unsafe at every [CLS] position (in `cls_at` order) of every sequence, in torch."""
+    dev = model.w["token_embd.weight"].device
+    cls_row = torch.as_tensor(cls_row, dtype=torch.float32, device=dev)
+    head = torch.as_tensor(head, dtype=torch.float32, device=dev)
+    out: list[list[float]] = [[] for _ in seqs]
+    for idx in make_batches(seqs, batch_tokens):
+        batch = layout([seqs[i] for i in idx]).to(dev)
+        h = hidden(model, lora, cls_row, batch)
+        p = torch.softmax(h.float() @ head.T, -1)[..., 1]
+        for r, i in enumerate(idx):
+            out[i] = p[r][batch.is_cls[r]].tolist()
+    return out

