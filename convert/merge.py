@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from .gguf_io import ConvertError, Tensor, architecture, copied_fields, read_gguf, write_gguf
 
 DELTAS = "deltas.safetensors"
+VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 FORMAT = "safechat-deltas-1"
 MODES = ("float", "f16", "f32", "keep")
 _Q = gguf.GGMLQuantizationType
@@ -162,6 +163,10 @@ def merge_plan(reader: gguf.GGUFReader, card: dict, deltas: Deltas | None, where
         return {}
     if declared and declared.get("sha256") and declared["sha256"] != deltas.sha256:
         raise ConvertError("the weight deltas do not belong to this artifact (sha256 differs from its card)")
+    rows = [n for n in deltas.names if n in VOCAB_TENSORS]
+    if rows:  # the converter rebuilds these from the base to append the safety rows
+        raise ConvertError(f"weight deltas on {', '.join(rows)} are not supported: the vocabulary matrices "
+                           "are rebuilt by the converter (train LoRA on attention/MLP projections only)")
     touched = check_deltas(reader, deltas, where)
     return {name: merged_tensor(t, deltas.delta(name), mode) for name, t in touched.items()}
 

@@ -36,6 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--action", choices=("refuse", "stop"), default="refuse")
     c.add_argument("--no-safety", action="store_true", help="run WITHOUT safety checks (baselines only)")
     c.add_argument("--system", help="a system message for the conversation")
+    c.add_argument("--allow-unverified", action="store_true",
+                   help="load a file whose verification stamp says it failed (convert verify)")
     pl = sub.add_parser("plot", help="answer QUESTION and draw its p_unsafe trace as a PNG (needs matplotlib)")
     pl.add_argument("question")
     pl.add_argument("--prefill", help="an assistant prefill the model continues (e.g. 'Sure, here is')")
@@ -51,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--allow-unverified", action="store_true",
+                   help="load a file whose verification stamp says it failed (convert verify)")
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="reject requests asking for more tokens")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="reject larger request bodies")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait per model while it answers "
@@ -87,7 +91,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     specs = _parse_models(args.model)
     if specs:
-        models = {name: load(path, threads=args.threads) for name, path in specs.items()}
+        models = {name: load(path, threads=args.threads, allow_unverified=args.allow_unverified)
+                  for name, path in specs.items()}
     else:
         models = {DEFAULT_SERVE_NAME: load(threads=args.threads)}
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
@@ -140,7 +145,7 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
     safety = "off" if args.no_safety else SafetyPolicy(
         every=args.every, patience=args.patience, action=args.action, max_gap=args.max_gap,
         entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger, sentence_ends=args.sentence_ends)
-    model = load(args.model, threads=args.threads, safety=safety)
+    model = load(args.model, threads=args.threads, safety=safety, allow_unverified=args.allow_unverified)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.question is not None:
         _turn(model, history + [{"role": "user", "content": args.question}], args, out)

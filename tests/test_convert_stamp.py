@@ -103,3 +103,12 @@ def test_unrecognised_status_is_refused_and_no_stamp_loads(tiny_safe, tmp_path):
     runtime.load(tiny_safe).close()
     back = write_stamped(odd, tmp_path / "plain.gguf", None)
     assert read_stamp(back) == {} and _tensor_bytes(back) == _tensor_bytes(tiny_safe)
+
+
+def test_cli_refuses_a_failed_file_unless_allowed(q4_failed, capsys):
+    from runtime.cli import main
+    assert main(["chat", "hello", "--model", str(q4_failed), "--max-tokens", "2", "--threads", "1"]) != 0
+    assert "failed safety verification" in capsys.readouterr().err
+    assert main(["chat", "hello", "--model", str(q4_failed), "--max-tokens", "2", "--threads", "1", "--json",
+                 "--allow-unverified"]) == 0
+    assert json.loads(capsys.readouterr().out)["safety"]["checks"] >= 1

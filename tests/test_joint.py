@@ -247,3 +247,13 @@ def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
     np.testing.assert_allclose(logits[0, -1, :mf.n_vocab].numpy(), row, rtol=2e-3, atol=1e-2)
     _, _, base_logits = model.prefill(torch.tensor([toks]), return_logits=True)
     assert np.abs(base_logits[0, -1].numpy() - row).max() > 0.1   # the deltas really are in the file
+
+
+def test_deltas_on_the_vocabulary_matrices_are_refused(tiny_base, tmp_path):
+    from tests.tiny_model import random_artifact
+    art = random_artifact()
+    t = _reader_tensors(tiny_base)["token_embd.weight"]
+    save_deltas(tmp_path, full={"token_embd.weight": np.zeros(tuple(int(x) for x in t.shape[::-1]), np.float32)})
+    with pytest.raises(ConvertError, match="vocabulary matrices"):
+        convert_gguf(tiny_base, art, tmp_path / "x.gguf", progress=False, deltas=load_deltas(tmp_path))
+    assert not (tmp_path / "x.gguf").exists()
