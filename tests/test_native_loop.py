@@ -141,3 +141,18 @@ def test_function_signature_mismatch_is_a_clear_error():
 def test_native_true_on_onnx_is_refused(tiny_safe):
     with pytest.raises(ValueError, match="llama backend only"):
         Model(tiny_safe, backend="onnx", native=True)
+
+
+def test_closing_a_native_stream_midway_releases_the_model(models):
+    _, nat = models
+    calm = SafetyPolicy(threshold=0.999999, every=2)
+    whole = nat.chat(PROMPTS[1], max_tokens=30, safety=calm)
+    gen = nat.chat(PROMPTS[1], max_tokens=30, safety=calm, stream=True)
+    it = iter(gen)
+    first = next(it)
+    assert whole.text.startswith(first) and len(first) < len(whole.text)
+    it.close()  # what a Cancel button or a disconnected client does
+    assert nat._lock.acquire(blocking=False)  # the model is free again
+    nat._lock.release()
+    again = nat.chat(PROMPTS[1], max_tokens=30, safety=calm)
+    assert again.text == whole.text and again.safety.trace == whole.safety.trace
