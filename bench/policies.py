@@ -21,6 +21,7 @@ POLICIES = {
     "every 1": SafetyPolicy(every=1),
     "every 4": SafetyPolicy(every=4),
     "every 8": SafetyPolicy(every=8),
+    "every 16": SafetyPolicy(every=16),
     "adaptive (max gap 8, entropy>=3, sentence ends)": SafetyPolicy(every=0, max_gap=8, entropy_trigger=3.0,
                                                                      sentence_ends=True),
     "adaptive (max gap 16, entropy>=3, sentence ends)": SafetyPolicy(every=0, max_gap=16, entropy_trigger=3.0,
