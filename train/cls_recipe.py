@@ -242,3 +242,24 @@ def rates(scores: np.ndarray, labels: np.ndarray, thr: float) -> dict:
     if (labels == 0).any():
         out["fpr"] = round(float(flag[labels == 0].mean()), 4)
     return out
+
+
+def metrics_for(held: dict, scored: dict, max_fpr: float, measured_on: str) -> tuple[float, dict]:
+    """Calibrate on val; per split: all [CLS] positions, end of prompt, inside responses, per augmentation."""
+    def flat(split):  # (score, label, kind, augmentation) over every [CLS] position; the first is the prompt's
+        rows = [(p, e.label, "prompt" if j == 0 else "response", e.meta["augmentation"])
+                for e, ps in zip(held[split], scored[split]) for j, p in enumerate(ps)]
+        return tuple(np.array(col) for col in zip(*rows))
+
+    vs, vy, _, _ = flat("val")
+    thr = calibrate(vs, vy, max_fpr)
+    metrics = {"threshold": round(thr, 6), "measured_on": measured_on}
+    for split in held:
+        s, y, k, aug = flat(split)
+        m = {"all": rates(s, y, thr), "end_of_prompt": rates(s[k == "prompt"], y[k == "prompt"], thr),
+             "inside_benign_response": rates(s[k == "response"], y[k == "response"], thr)}
+        for a in sorted(set(aug)):
+            sel = (aug == a) & (k == "prompt")
+            m[f"aug:{a}"] = rates(s[sel], y[sel], thr)
+        metrics[split] = m
+    return thr, metrics

@@ -19,13 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from convert.artifact import Artifact
 from convert.merge import DELTAS, file_sha256, load_deltas, save_deltas
 
-from .cls_recipe import calibrate, rates
+from .cls_recipe import metrics_for
 from .joint import CHECKPOINT, JointSeq, score, train_joint
 from .joint_data import build_sequences, held_out, load_prep, load_sequences, prepare, save_prep, save_sequences
 from .llama_torch import FrozenLlama
@@ -101,27 +100,6 @@ def score_llama(base: Path, cls_row, head, deltas_dir: Path, held: dict, threads
         convert_gguf(base, Artifact(cls_row, head, {"threshold": 0.5}), path, progress=False,
                      deltas=load_deltas(deltas_dir))
         return {s: score_gguf(path, held[s], threads=threads) for s in held}
-
-
-def metrics_for(held: dict, scored: dict, max_fpr: float, measured_on: str) -> tuple[float, dict]:
-    """Calibrate on val; per split: all [CLS] positions, end of prompt, inside responses, per augmentation."""
-    def flat(split):  # (score, label, kind, augmentation) over every [CLS] position; the first is the prompt's
-        rows = [(p, e.label, "prompt" if j == 0 else "response", e.meta["augmentation"])
-                for e, ps in zip(held[split], scored[split]) for j, p in enumerate(ps)]
-        return tuple(np.array(col) for col in zip(*rows))
-
-    vs, vy, _, _ = flat("val")
-    thr = calibrate(vs, vy, max_fpr)
-    metrics = {"threshold": round(thr, 6), "measured_on": measured_on}
-    for split in held:
-        s, y, k, aug = flat(split)
-        m = {"all": rates(s, y, thr), "end_of_prompt": rates(s[k == "prompt"], y[k == "prompt"], thr),
-             "inside_benign_response": rates(s[k == "response"], y[k == "response"], thr)}
-        for a in sorted(set(aug)):
-            sel = (aug == a) & (k == "prompt")
-            m[f"aug:{a}"] = rates(s[sel], y[sel], thr)
-        metrics[split] = m
-    return thr, metrics
 
 
 def _held(prep: dict, limit: int, seed: int) -> dict:
