@@ -67,7 +67,20 @@ def row_stats_py(row, n_vocab: int, excluded=()) -> tuple[float, float]:
     return float(np.log(z) - (e * d).sum() / z), float((1.0 - np.exp(top2)) / z)
 
 
-class LlamaModelFile:
+class _FreedOnDelete:
+    """llama.cpp objects freed by `close()`, also when the Python object is collected."""
+
+    def close(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the ctypes module may already be gone
+            pass
+
+
+class LlamaModelFile(_FreedOnDelete):
     """A loaded GGUF: model weights, vocabulary and metadata (shared by its contexts)."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False):
@@ -140,14 +153,9 @@ class LlamaModelFile:
             ll.llama_model_free(self.model)
             self.model = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the ctypes module may already be gone
-            pass
 
 
-class LlamaBackend(TokensFromFile):
+class LlamaBackend(TokensFromFile, _FreedOnDelete):
     """One llama.cpp context (one KV cache, one sampler chain) implementing `Backend`."""
 
     def __init__(self, mf: LlamaModelFile, n_ctx: int = 4096, threads: int | None = None,
@@ -293,8 +301,3 @@ class LlamaBackend(TokensFromFile):
             ll.llama_free(self.ctx)
             self.ctx = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the ctypes module may already be gone
-            pass
