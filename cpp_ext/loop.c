@@ -120,15 +120,16 @@ static int ends_sentence(Loop *L, llama_token tok) {
     return c == '.' || c == '!' || c == '?' || c == '\n' || c == ':';
 }
 
-/* SafetyPolicy.due: why a check is due after the n-th generated token, sampled from `row`. */
-static int due(Loop *L, const float *row, llama_token tok) {
+/* SafetyPolicy.due: why a check is due after the n-th generated token, sampled from batch row `row`. */
+static int due(Loop *L, int row, llama_token tok) {
     int n = L->n_gen;
     if (L->every && n % L->every == 0) return WHY_EVERY;
     if (L->max_gap && n - L->last_covered >= L->max_gap) return WHY_MAX_GAP;
     if (!isnan(L->entropy_trigger) || !isnan(L->margin_trigger)) {
         long ex[3] = {L->cls_id, L->safe_id, L->unsafe_id};
         double entropy = NAN, margin = NAN;
-        if (row) row_stats_from(row, L->n_vocab, ex, 3, &entropy, &margin);
+        const float *logits = L->logits(L->ctx, row); /* only when a hesitation trigger is on */
+        if (logits) row_stats_from(logits, L->n_vocab, ex, 3, &entropy, &margin);
         if (!isnan(L->entropy_trigger) && entropy >= L->entropy_trigger) return WHY_ENTROPY;
         if (!isnan(L->margin_trigger) && margin <= L->margin_trigger) return WHY_MARGIN;
     }
@@ -163,8 +164,8 @@ static int step_until_event(Loop *L) {
             L->finish = "length";
             return EV_DONE;
         }
-        const float *row = L->logits(L->ctx, L->row);
-        llama_token tok = L->sample(L->smpl, L->ctx, L->row);
+        int row = L->row;
+        llama_token tok = L->sample(L->smpl, L->ctx, row);
         if (L->is_eog(L->vocab, tok)) {
             L->finish = "stop";
             return EV_DONE;
