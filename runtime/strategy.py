@@ -95,12 +95,18 @@ class _Run:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.released = 0
         self.streak = 0
+        self.shown: list[str] = []  # every piece shown so far, in order
+
+    def show(self, text: str) -> str:
+        if text:
+            self.shown.append(text)
+        return text
 
     def release(self, upto: int) -> str:
         """Decode generated[released:upto] for display."""
         data = b"".join(self.backend.token_bytes(t) for t in self.generated[self.released:upto])
         self.released = upto
-        return self.decoder.decode(data)
+        return self.show(self.decoder.decode(data))
 
     def verdict(self, p: float | None, covered: int, why: str) -> str:
         """Record a verdict; return newly cleared text, or raise _Intervene."""
@@ -162,9 +168,11 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
     while True:
         kind, tokens, checks, info = loop.run()
         run.generated.extend(tokens)
-        piece = "".join(run.verdict(p, covered, why) for covered, p, why in checks)
-        if not run.enabled and tokens:
-            piece += run.release(len(run.generated))
+        for covered, p, why in checks:  # one at a time: a later unsafe verdict must not hide a shown piece
+            piece = run.verdict(p, covered, why)
+            if piece:
+                yield piece
+        piece = run.release(len(run.generated)) if not run.enabled and tokens else ""
         if piece:
             yield piece
         if kind == "error":
@@ -189,7 +197,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         raise ValueError("safety is on but no threshold is known (model metadata or SafetyPolicy.threshold)")
     run = _Run(backend, policy, thr)
     safety = run.safety
-    shown: list[str] = []
+    shown = run.shown
     loop = None
     finish = "length"
     t_loop = t_end = None
@@ -203,21 +211,19 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         else:
             steps = _python_loop(run, len(prompt_tokens), max_tokens)
         t_loop = time.perf_counter()
-        finish = yield from _collect(steps, shown)
+        finish = yield from steps
         t_end = time.perf_counter()
         generated = run.generated
         if enabled and (run.released < len(generated) or run.streak):
             if run.released < len(generated) and not safety.trace[-1][0] == len(generated):
                 piece = run.verdict(backend.check(), len(generated), "end")
                 if piece:
-                    shown.append(piece)
                     yield piece
             if run.streak:  # the last verdicts were unsafe (below patience): never show what they covered
                 raise _Intervene(len(generated), f"unsafe verdict at the end of generation "
                                                  f"(p_unsafe={safety.trace[-1][1]:.3f} >= {thr:.3f})")
-        tail = run.decoder.decode(b"", final=True)
+        tail = run.show(run.decoder.decode(b"", final=True))
         if tail:
-            shown.append(tail)
             yield tail
         refused = False
     except _Intervene as stop:
@@ -241,17 +247,6 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
                   loop_seconds=((t_end or t) - t_loop) if t_loop is not None else 0.0,
                   native_seconds=loop.seconds if loop is not None else None)
     return Reply(text="".join(shown), refused=refused, safety=safety, usage=usage, finish_reason=finish)
-
-
-def _collect(steps: Iterator[str], shown: list[str]) -> Iterator[str]:
-    """Pass the pieces of a token loop through, remembering them; return the loop's finish reason."""
-    while True:
-        try:
-            piece = next(steps)
-        except StopIteration as end:
-            return end.value
-        shown.append(piece)
-        yield piece
 
 
 class Generation:
