@@ -26,6 +26,10 @@ POLICIES = {
                                                                      sentence_ends=True),
     "adaptive (max gap 16, entropy>=3, sentence ends)": SafetyPolicy(every=0, max_gap=16, entropy_trigger=3.0,
                                                                       sentence_ends=True),
+    # cheap candidates: about one check per 16 tokens costs about 5% on these CPUs (bench profile)
+    "adaptive (max gap 16, entropy>=4)": SafetyPolicy(every=0, max_gap=16, entropy_trigger=4.0),
+    "adaptive (max gap 16, margin<=0.02)": SafetyPolicy(every=0, max_gap=16, margin_trigger=0.02),
+    "adaptive (max gap 32, entropy>=3.5)": SafetyPolicy(every=0, max_gap=32, entropy_trigger=3.5),
 }
 
 
