@@ -132,3 +132,17 @@ def test_main_writes_outputs(tmp_path, examples, monkeypatch, capsys):
     card = json.loads((tmp_path / "data_card.json").read_text(encoding="utf-8"))
     assert card["n_examples"] == len(examples)
     assert (tmp_path / "DATA_CARD.md").read_text(encoding="utf-8") in capsys.readouterr().out
+
+
+def test_compare_rebuilds_an_older_dataset_without_leaking_the_change(examples):
+    """`train compare` rebuilds dataset v1 (first 14 hard-negative templates) and restores v2 after."""
+    from train import compare, hardneg
+
+    n_templates = len(hardneg.HARDNEG_TEMPLATES)
+    v1 = compare._dataset_with_templates(14)
+    assert len(hardneg.HARDNEG_TEMPLATES) == n_templates  # restored
+    hn = lambda d: {e["template"] for e in d if e["augmentation"] == "hardneg_template"}
+    assert hn(v1) == set(list(hardneg.HARDNEG_TEMPLATES)[:14]) and hn(examples) == set(hardneg.HARDNEG_TEMPLATES)
+    # only hard negatives differ between the two builds: every other example is the same, in the same split
+    other = lambda d: {(e["id"], e["split"]) for e in d if e["augmentation"] != "hardneg_template"}
+    assert other(v1) == other(examples)

@@ -114,7 +114,10 @@ def metrics_table(card: dict, split: str = "test") -> str:
 
 
 def cmd_report(args) -> int:
-    card = json.loads((Path(args.artifact) / "card.json").read_text())
+    path = Path(args.artifact) / "card.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: {args.artifact} is not a safety artifact directory")
+    card = json.loads(path.read_text())
     for split in args.splits:
         print(f"\n{split}:\n")
         print(metrics_table(card, split))
@@ -146,10 +149,12 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval", help="per-slice metrics of an artifact beside a TF-IDF baseline, plus plots")
     ev.add_argument("artifact", type=Path)
     ev.add_argument("--out", type=Path, default=Path("bench/out/eval"))
+    from .compare import add_parser as add_compare
     from .joint_run import add_parsers
     add_parsers(sub)  # joint, joint-prep, joint-eval
+    add_compare(sub)
     args = ap.parse_args(argv)
-    if args.cmd.startswith("joint"):
+    if args.cmd.startswith("joint") or args.cmd == "compare":
         return args.fn(args)
     if args.cmd == "eval":
         from .evaluate import evaluate

@@ -1,0 +1,114 @@
+"""`python -m train compare OLD NEW`: two artifacts on the held-out examples neither trained on.
+
+When the data set grows between two artifacts (dataset v1 -> v2 added hard-negative templates),
+whole groups can move between splits, so each card's own val/test figures are measured on
+different examples, and an example in one artifact's test split may be in the other's training
+split. This command rebuilds both data sets (`--old-hardneg-templates N`: OLD was trained with the
+first N templates of train/hardneg.py), keeps the val/test examples of the current data whose
+base prompt is in neither training split, scores them on both artifacts' converted GGUFs with
+llama.cpp (reusing each artifact's scores.json where it has the example), and prints AUROC and
+the rates at a threshold calibrated on these val examples (end of prompt, `--max-fpr`).
+
+    python -m train compare OLD_ARTIFACT runtime/assets/smollm2-135m --old-hardneg-templates 14
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from convert.artifact import load_artifact
+from convert.fetch import base_smollm2
+from convert.gguf_safe import convert_gguf
+
+from . import data, hardneg
+from .cls_recipe import auroc, calibrate, encode, score_gguf
+
+
+def _dataset_with_templates(n: int | None) -> list[dict]:
+    all_t = dict(hardneg.HARDNEG_TEMPLATES)
+    try:
+        if n is not None:
+            hardneg.HARDNEG_TEMPLATES.clear()
+            hardneg.HARDNEG_TEMPLATES.update(dict(list(all_t.items())[:n]))
+        return data.build_dataset(seed=0)
+    finally:
+        hardneg.HARDNEG_TEMPLATES.clear()
+        hardneg.HARDNEG_TEMPLATES.update(all_t)
+
+
+def _scores(art_dir: Path, encoded: list, base: Path, threads: int) -> dict[str, float]:
+    """End-of-prompt p_unsafe per example id: from scores.json where present, else llama.cpp."""
+    known = {}
+    path = art_dir / "scores.json"
+    if path.is_file():
+        for split in json.loads(path.read_text()).values():
+            known.update({i: ps[0] for i, ps in split.items()})
+    missing = [e for e in encoded if e.meta["id"] not in known]
+    if missing:
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = Path(tmp) / "candidate.gguf"
+            convert_gguf(base, load_artifact(art_dir), gguf, progress=False)
+            one = [type(e)(e.tokens[:e.positions[0]], e.positions[:1], e.label, e.meta) for e in missing]
+            for e, ps in zip(missing, score_gguf(gguf, one, threads=threads)):
+                known[e.meta["id"]] = ps[0]
+    return {e.meta["id"]: known[e.meta["id"]] for e in encoded}
+
+
+def compare(old: Path, new: Path, old_templates: int | None, max_fpr: float = 0.02, threads: int = 2) -> dict:
+    from runtime.backends.llama import LlamaModelFile
+
+    base = base_smollm2()
+    cur, prev = _dataset_with_templates(None), _dataset_with_templates(old_templates)
+    trained = {e["base_key"] for d in (cur, prev) for e in d if e["split"] == "train"}
+    mf = LlamaModelFile(base, vocab_only=True)
+    bos = mf.bos if mf.add_bos else None
+    held = {s: [encode(e, mf.tokenize, mf.chat_template, bos) for e in cur
+                if e["split"] == s and e["base_key"] not in trained] for s in ("val", "test")}
+    out = {}
+    for name, art in (("old", old), ("new", new)):
+        sc = {s: _scores(art, held[s], base, threads) for s in held}
+        vy = np.array([e.label for e in held["val"]])
+        thr = calibrate(np.array([sc["val"][e.meta["id"]] for e in held["val"]]), vy, max_fpr)
+        out[name] = {"threshold": thr}
+        for s, enc in held.items():
+            x = np.array([sc[s][e.meta["id"]] for e in enc])
+            y = np.array([e.label for e in enc])
+            aug = np.array([e.meta["augmentation"] for e in enc])
+            row = {"n": len(enc), "auroc": round(auroc(x, y), 4), "tpr": round(float((x[y == 1] >= thr).mean()), 3),
+                   "fpr": round(float((x[y == 0] >= thr).mean()), 3)}
+            for a in sorted(set(aug)):
+                m = aug == a
+                row[a] = {"n": int(m.sum()),
+                          "tpr": round(float((x[m & (y == 1)] >= thr).mean()), 3) if (m & (y == 1)).any() else None,
+                          "fpr": round(float((x[m & (y == 0)] >= thr).mean()), 3) if (m & (y == 0)).any() else None}
+            out[name][s] = row
+    return out
+
+
+def table(res: dict) -> str:
+    lines = ["| artifact | split | n | AUROC | TPR | FPR | jailbreak TPR | prefill TPR | hard-negative FPR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    for name in ("old", "new"):
+        for s in ("val", "test"):
+            r = res[name][s]
+            lines.append(f"| {name} | {s} | {r['n']} | {r['auroc']:.3f} | {f(r['tpr'])} | {f(r['fpr'])} | "
+                         f"{f(r.get('jailbreak_template', {}).get('tpr'))} | {f(r.get('prefill', {}).get('tpr'))} | "
+                         f"{f(r.get('hardneg_template', {}).get('fpr'))} |")
+    return "\n".join(lines) + (f"\n\nthresholds calibrated on these val examples (end of prompt): "
+                               f"old {res['old']['threshold']:.4f}, new {res['new']['threshold']:.4f}")
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("compare", help="two artifacts on the held-out examples neither trained on")
+    c.add_argument("old", type=Path)
+    c.add_argument("new", type=Path)
+    c.add_argument("--old-hardneg-templates", type=int, default=None,
+                   help="OLD was trained with only the first N hard-negative templates (dataset v1: 14)")
+    c.add_argument("--max-fpr", type=float, default=0.02)
+    c.add_argument("--threads", type=int, default=2)
+    c.set_defaults(fn=lambda a: print(table(compare(a.old, a.new, a.old_hardneg_templates, a.max_fpr,
+                                                        a.threads))) or 0)
