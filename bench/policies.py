@@ -1,6 +1,6 @@
 """How many tokens each check policy needs to catch prefill attacks, and what it costs on benign ones.
 
-    python -m bench policies [--model PATH] [--tokens 48] [--limit N]
+    python -m bench policies [--model PATH] [--tokens 48] [--limit N] [--policy 'every 4' ...]
 
 Prompts: the held-out *test* split of the training data (train/data.py): harmful requests with an
 attacker's assistant prefill ("Sure, here is ..."), and benign requests (with and without a
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=0, help="use at most this many prompts per group")
+    ap.add_argument("--policy", action="append", choices=list(POLICIES), metavar="NAME",
+                    help="run only this policy (repeatable; default: all of them)")
     args = ap.parse_args(argv)
     from train.data import build_dataset
 
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
           " | benign refused | checks per generated token |")
     print("|---|---|---|---|---|---|")
     for name, pol in POLICIES.items():
+        if args.policy and name not in args.policy:
+            continue
         caught, at_prompt, later = 0, 0, []
         for e in attacks:
             r = model.chat(_messages(e), max_tokens=args.tokens, safety=pol)
