@@ -95,3 +95,9 @@ def test_encode_places_cls_after_prompt_and_inside_responses(tiny_base):
     p = encode({"prompt": "hi", "prefill": "Sure, here is", "label": 1}, mf.tokenize, mf.chat_template)
     assert p.positions == [len(p.tokens)] and p.tokens[-len(mf.tokenize("Sure, here is", False)):] == \
         mf.tokenize("Sure, here is", False)
+
+
+def test_report_names_a_directory_without_a_card(tmp_path):
+    from train.__main__ import main
+    with pytest.raises(SystemExit, match="card.json not found.*not a safety artifact"):
+        main(["report", str(tmp_path)])
