@@ -13,6 +13,7 @@ the rates at a threshold calibrated on these val examples (end of prompt, `--max
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -24,15 +25,15 @@ from convert.fetch import base_smollm2
 from convert.gguf_safe import convert_gguf
 
 from . import data, hardneg
-from .cls_recipe import auroc, calibrate, encode, score_gguf
+from .cls_recipe import calibrate, encode, rates, score_gguf
 
 
-def _dataset_with_templates(n: int | None) -> list[dict]:
+def _dataset_with_templates(n: int) -> list[dict]:
+    """The data set as it was with only the first n hard-negative templates."""
     all_t = dict(hardneg.HARDNEG_TEMPLATES)
     try:
-        if n is not None:
-            hardneg.HARDNEG_TEMPLATES.clear()
-            hardneg.HARDNEG_TEMPLATES.update(dict(list(all_t.items())[:n]))
+        hardneg.HARDNEG_TEMPLATES.clear()
+        hardneg.HARDNEG_TEMPLATES.update(dict(list(all_t.items())[:n]))
         return data.build_dataset(seed=0)
     finally:
         hardneg.HARDNEG_TEMPLATES.clear()
@@ -51,8 +52,8 @@ def _scores(art_dir: Path, encoded: list, base: Path, threads: int) -> dict[str,
         with tempfile.TemporaryDirectory() as tmp:
             gguf = Path(tmp) / "candidate.gguf"
             convert_gguf(base, load_artifact(art_dir), gguf, progress=False)
-            one = [type(e)(e.tokens[:e.positions[0]], e.positions[:1], e.label, e.meta) for e in missing]
-            for e, ps in zip(missing, score_gguf(gguf, one, threads=threads)):
+            prompt_only = [dataclasses.replace(e, positions=e.positions[:1]) for e in missing]
+            for e, ps in zip(missing, score_gguf(gguf, prompt_only, threads=threads)):
                 known[e.meta["id"]] = ps[0]
     return {e.meta["id"]: known[e.meta["id"]] for e in encoded}
 
@@ -61,7 +62,8 @@ def compare(old: Path, new: Path, old_templates: int | None, max_fpr: float = 0.
     from runtime.backends.llama import LlamaModelFile
 
     base = base_smollm2()
-    cur, prev = _dataset_with_templates(None), _dataset_with_templates(old_templates)
+    cur = data.build_dataset(seed=0)
+    prev = cur if old_templates is None else _dataset_with_templates(old_templates)
     trained = {e["base_key"] for d in (cur, prev) for e in d if e["split"] == "train"}
     mf = LlamaModelFile(base, vocab_only=True)
     bos = mf.bos if mf.add_bos else None
@@ -77,13 +79,8 @@ def compare(old: Path, new: Path, old_templates: int | None, max_fpr: float = 0.
             x = np.array([sc[s][e.meta["id"]] for e in enc])
             y = np.array([e.label for e in enc])
             aug = np.array([e.meta["augmentation"] for e in enc])
-            row = {"n": len(enc), "auroc": round(auroc(x, y), 4), "tpr": round(float((x[y == 1] >= thr).mean()), 3),
-                   "fpr": round(float((x[y == 0] >= thr).mean()), 3)}
-            for a in sorted(set(aug)):
-                m = aug == a
-                row[a] = {"n": int(m.sum()),
-                          "tpr": round(float((x[m & (y == 1)] >= thr).mean()), 3) if (m & (y == 1)).any() else None,
-                          "fpr": round(float((x[m & (y == 0)] >= thr).mean()), 3) if (m & (y == 0)).any() else None}
+            row = rates(x, y, thr)
+            row.update({a: rates(x[aug == a], y[aug == a], thr) for a in sorted(set(aug))})
             out[name][s] = row
     return out
 
@@ -110,5 +107,9 @@ def add_parser(sub) -> None:
                    help="OLD was trained with only the first N hard-negative templates (dataset v1: 14)")
     c.add_argument("--max-fpr", type=float, default=0.02)
     c.add_argument("--threads", type=int, default=2)
-    c.set_defaults(fn=lambda a: print(table(compare(a.old, a.new, a.old_hardneg_templates, a.max_fpr,
-                                                        a.threads))) or 0)
+    c.set_defaults(fn=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    print(table(compare(args.old, args.new, args.old_hardneg_templates, args.max_fpr, args.threads)))
+    return 0
