@@ -30,6 +30,7 @@ from convert.gguf_safe import convert_gguf
 from . import data
 from .cls_recipe import encode, metrics_for, score_gguf, train_cls
 from .llama_torch import FrozenLlama
+from .own_answers import add_own_answers
 
 
 def cmd_cls(args) -> int:
@@ -56,24 +57,36 @@ def cmd_cls(args) -> int:
     if len(plain) > args.max_plain:
         plain = rng.sample(plain, args.max_plain)
     train = other + plain
+    stages = {"data": round(time.time() - t0, 1)}
+    own = None
+    if args.own_harmful or args.own_benign:
+        t1 = time.time()
+        train, own = add_own_answers(base, train, n_harmful=args.own_harmful, n_benign=args.own_benign,
+                                     seed=args.seed, threads=args.threads)
+        stages["own_answers"] = round(time.time() - t1, 1)
+        print(f"own answers: {own}")
     print(f"training on {len(train)} sequences "
           f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
     model = FrozenLlama(base)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         kv_path = args.kv_cache or Path(tmp) / "kv.npy"
+        t1 = time.time()
         cls_row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr, seed=args.seed,
                                         keep_cache=args.kv_cache is not None, val=by_split["val"])
+        stages["cache_and_training"] = round(time.time() - t1, 1)
         del model
         recipe = {"recipe": "cls", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                   "max_tokens": args.max_tokens, "max_plain": args.max_plain,
-                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr,
+                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr, "own_answers": own,
                   "selection": "epoch with the best validation AUROC (torch scores)"}
         trained_with = hashlib.sha256(json.dumps([card_data["examples_sha256"], recipe],
                                                  sort_keys=True).encode()).hexdigest()[:16]
         provisional = Artifact(cls_row, head, {"threshold": 0.5})
         gguf_path = Path(tmp) / "candidate.gguf"
         convert_gguf(base, provisional, gguf_path, progress=False)
+        t1 = time.time()
         scored = {s: score_gguf(gguf_path, by_split[s], threads=args.threads) for s in ("val", "test")}
+        stages["score_gguf"] = round(time.time() - t1, 1)
     thr, metrics = metrics_for({s: by_split[s] for s in ("val", "test")}, scored, args.max_fpr,
                                "converted GGUF, llama.cpp, [CLS] positions")
     card = {
@@ -91,6 +104,7 @@ def cmd_cls(args) -> int:
         "training": info,
         "metrics": metrics,
         "seconds": round(time.time() - t0, 1),
+        "stage_seconds": stages,
     }
     art = Artifact(cls_row, head, card)
     out = art.save(args.out)
@@ -138,6 +152,11 @@ def main(argv=None) -> int:
     c.add_argument("--max-plain", type=int, default=2400, help="subsample plain training prompts to this many")
     c.add_argument("--max-fpr", type=float, default=0.02, help="calibrate the threshold to this FPR on val")
     c.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples (smoke runs)")
+    c.add_argument("--own-harmful", type=int, default=200,
+                   help="harmful training prompts (besides every prefill) that get the base model's own answer "
+                        "with [CLS] positions inside it (0 with --own-benign 0: no own answers)")
+    c.add_argument("--own-benign", type=int, default=200,
+                   help="benign training prompts without a reference response that get the base model's own answer")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
     c.add_argument("--kv-cache", type=Path, default=None,
