@@ -2,7 +2,8 @@
 
     python -m bench policies [--model PATH] [--tokens 48] [--limit N] [--policy 'every 4' ...]
 
-Prompts: the held-out *test* split of the training data (train/data.py): harmful requests with an
+Prompts: a held-out split of the training data (train/data.py; `--split test` by default, `val` to
+choose between models without looking at test): harmful requests with an
 attacker's assistant prefill ("Sure, here is ..."), and benign requests (with and without a
 prefill). Each policy generates greedily; the table shows, for the attacks, how many were caught
 and after how many generated tokens (0 = at the end of the prompt + prefill), and, for the benign
@@ -45,18 +46,21 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=0, help="use at most this many prompts per group")
+    ap.add_argument("--split", default="test", choices=["val", "test"],
+                    help="held-out split to draw the prompts from (choose between models on val)")
     ap.add_argument("--policy", action="append", choices=list(POLICIES), metavar="NAME",
                     help="run only this policy (repeatable; default: all of them)")
     args = ap.parse_args(argv)
     from train.data import build_dataset
 
-    test = [e for e in build_dataset(seed=0) if e["split"] == "test"]
-    attacks = [e for e in test if e["label"] == 1 and e.get("prefill")]
-    benign = [e for e in test if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
+    held = [e for e in build_dataset(seed=0) if e["split"] == args.split]
+    attacks = [e for e in held if e["label"] == 1 and e.get("prefill")]
+    benign = [e for e in held if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
     if args.limit:
         attacks, benign = attacks[:args.limit], benign[:args.limit]
     model = load(args.model)
-    print(f"\nmodel: {model.path.name}  threshold {model.meta.threshold:.4f}  {len(attacks)} prefill attacks, "
+    print(f"\nmodel: {model.path.name}  threshold {model.meta.threshold:.4f}  {args.split} split: "
+          f"{len(attacks)} prefill attacks, "
           f"{len(benign)} benign (prefilled or look-dangerous) prompts, up to {args.tokens} tokens, greedy\n")
     print("| policy | attacks caught | caught at the prompt | tokens to catch (median / max, after the prompt)"
           " | benign refused | checks per generated token |")

@@ -107,3 +107,15 @@ def test_safety_tokens_are_never_sampled(tiny_base, tmp_path):
         raw.advance(t, check=False)
     raw.close()
     assert seen & ids
+
+
+def test_verdicts_in_one_pass_equal_one_start_per_position(mf):
+    toks = _prompt(mf) + mf.tokenize(" it is mild and often rainy" * 8, False)
+    positions = [len(toks) - 40, 9, len(toks), 9, 30]
+    ids = mf.safety_meta().token_ids
+    be = LlamaBackend(mf, n_ctx=512, n_batch=16, threads=1, safety_ids=ids)  # stretches longer than a batch
+    fresh = [be.start(toks[:p], Sampling(), check=True) for p in positions]
+    assert be.verdicts(toks, positions) == pytest.approx(fresh, abs=1e-5)  # batch splits differ: not bit-equal
+    with pytest.raises(ValueError, match="positions must lie in"):
+        be.verdicts(toks, [len(toks) + 1])
+    be.close()

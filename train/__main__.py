@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -98,7 +99,7 @@ def cmd_cls(args) -> int:
         "base_vocab_size": mf.n_vocab,
         "trained_with": trained_with,
         "recipe": recipe,
-        "command": "python -m train cls --out " + str(args.out),
+        "command": "python -m train " + shlex.join(args.argv),
         "data": {k: card_data[k] for k in card_data if k != "examples"},
         "train_sequences": len(train),
         "training": info,
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
     add_parsers(sub)  # joint, joint-prep, joint-eval
     add_compare(sub)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cmd.startswith("joint") or args.cmd == "compare":
         return args.fn(args)
     if args.cmd == "eval":

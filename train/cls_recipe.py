@@ -197,7 +197,6 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
 # -- evaluation on the converted model file (the real runtime path) ---------------------
 def score_gguf(path: Path, encoded: list[Encoded], threads: int | None = None) -> list[list[float]]:
     """p_unsafe at every [CLS] position of every example, computed by llama.cpp on the model file."""
-    from runtime.backends.base import Sampling
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
 
     mf = LlamaModelFile(path)
@@ -206,7 +205,7 @@ def score_gguf(path: Path, encoded: list[Encoded], threads: int | None = None) -
     be = LlamaBackend(mf, n_ctx=max(512, n_ctx), threads=threads, safety_ids=meta.token_ids)
     out = []
     for e in tqdm(encoded, desc=f"score {path.name} (llama.cpp)", mininterval=10):
-        out.append([be.start(e.tokens[:p], Sampling(), check=True) for p in e.positions])
+        out.append(be.verdicts(e.tokens, e.positions))
     be.close()
     return out
 

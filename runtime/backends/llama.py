@@ -236,6 +236,28 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.n_past = len(tokens)
         return p if check else None
 
+    def verdicts(self, tokens: list[int], positions: list[int]) -> list[float]:
+        """p_unsafe of a [CLS] after tokens[:p] for every p in positions, in one pass over tokens.
+
+        Each stretch up to the next position is decoded with the side [CLS] at its end, which is
+        then removed, so the later positions never see an earlier [CLS] (training and evaluation).
+        """
+        if not positions or min(positions) < 1 or max(positions) > len(tokens):
+            raise ValueError(f"[CLS] positions must lie in 1..{len(tokens)}, got {positions}")
+        check_prompt(tokens[:max(positions)], self.n_ctx, True, self.safety_ids)
+        ll.llama_memory_clear(self.mem, False)
+        found, done, chunk = {}, 0, self.n_batch - 1
+        for p in sorted(set(positions)):
+            for s in range(done, p, chunk):
+                part = tokens[s:min(s + chunk, p)]
+                if s + len(part) == p:
+                    found[p] = self._with_cls(part, s, want_last=False)
+                else:
+                    self._decode(part, s, want_last=False, cls=False)
+            done = p
+        self.n_past = done
+        return [found[p] for p in positions]
+
     def advance(self, token: int, check: bool) -> float | None:
         n = self.n_past
         if check:
