@@ -128,3 +128,21 @@ def test_gpu_script_fails_fast_without_a_gpu(tmp_path):
     r = subprocess.run([bash, str(ROOT / "bench" / "gpu.sh")], env=dict(env, REQUIRE_CUDA="0"),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing" in r.stdout + r.stderr and "model.gguf" in r.stdout + r.stderr
+
+
+def test_conversation_threshold_and_first_crossing():
+    import numpy as np
+
+    from bench.conversations import _first, _threshold
+    benign_max = np.array([0.1, 0.2, 0.3, 0.4, 0.9])
+    thr = _threshold(benign_max, 0.2)  # one of five may be refused: the 0.9 one
+    assert 0.4 < thr <= 0.9 and (benign_max >= thr).sum() == 1
+    assert (benign_max >= _threshold(benign_max, 0.0)).sum() == 0
+    assert _first([(0, 0.2), (4, 0.7), (8, 0.95)], 0.5) == 4 and _first([(0, 0.2)], 0.5) is None
+
+
+def test_conversations_tiny(tiny_safe, capsys):
+    from bench import conversations
+    assert conversations.main(["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| tiny")]
+    assert len(rows) == 2 and all(r.count("/2 |") >= 4 for r in rows)

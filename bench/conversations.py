@@ -1,0 +1,99 @@
+"""Conversation-level ROC of a safe model under one check policy: what a user of the runtime sees.
+
+    python -m bench conversations [--model PATH ...] [--every 4] [--tokens 48] [--refusal 0.02 0.05 0.10]
+
+Per-position figures (`train report`) score one [CLS] at a time; the runtime refuses a whole
+conversation as soon as *any* check crosses the threshold, so a benign answer checked 12 times
+has 12 chances to be refused. This runs every prefill attack and every benign prompt (prefilled
+or look-dangerous) of the val and test splits with the policy but without acting (threshold just
+below 1),
+and keeps each conversation's highest p_unsafe over its checks: refusing at threshold t is the
+same as that maximum reaching t (greedy generation does not depend on t; one unsafe verdict
+acts), so one run gives the whole curve. For each benign-refusal budget the threshold is
+calibrated on the *val* conversations and applied to the *test* ones.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+
+from runtime.model import load
+from runtime.strategy import SafetyPolicy
+
+from .policies import _messages
+
+
+def _runs(model, examples, policy, tokens):
+    """The safety trace, [(tokens covered, p_unsafe)] per check, of each conversation."""
+    out = []
+    for e in examples:
+        r = model.chat(_messages(e), max_tokens=tokens, safety=policy)
+        out.append(r.safety.trace)
+    return out
+
+
+def _first(trace, thr):
+    for covered, p in trace:
+        if p >= thr:
+            return covered
+    return None
+
+
+def _threshold(benign_max: np.ndarray, budget: float) -> float:
+    """The lowest threshold that refuses at most `budget` of these benign conversations."""
+    s = np.sort(benign_max)
+    k = int(np.floor(budget * len(s)))
+    return float(np.nextafter(s[len(s) - k - 1], 1.0)) if k < len(s) else 0.0
+
+
+def _auroc(pos, neg):
+    from train.cls_recipe import auroc
+    return auroc(np.concatenate([pos, neg]), np.array([1] * len(pos) + [0] * len(neg)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench conversations")
+    ap.add_argument("--model", action="append", default=None, help="safe GGUF (repeatable; default: the default)")
+    ap.add_argument("--every", type=int, default=4, help="check every k generated tokens (the default policy: 4)")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.05, 0.10],
+                    help="benign-refusal budgets to calibrate on val")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many prompts per group and split")
+    args = ap.parse_args(argv)
+    from train.data import build_dataset
+
+    data = build_dataset(seed=0)
+    groups = {}
+    for split in ("val", "test"):
+        held = [e for e in data if e["split"] == split]
+        att = [e for e in held if e["label"] == 1 and e.get("prefill")]
+        ben = [e for e in held if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
+        groups[split] = (att[:args.limit], ben[:args.limit]) if args.limit else (att, ben)
+    policy = SafetyPolicy(every=args.every, threshold=float(np.nextafter(1.0, 0.0)))  # observe, never act
+    print(f"\nevery {args.every} tokens, up to {args.tokens} greedy tokens; thresholds calibrated on val conversations; "
+          f"val {len(groups['val'][0])} attacks / {len(groups['val'][1])} benign, "
+          f"test {len(groups['test'][0])} / {len(groups['test'][1])}\n")
+    print("| model | benign-refusal budget (val) | threshold | val attacks caught | val benign refused "
+          "| test attacks caught | test benign refused | test tokens to catch (median / max) | test AUROC |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in args.model or [None]:
+        model = load(path, allow_unverified=True)
+        traces = {s: (_runs(model, a, policy, args.tokens), _runs(model, b, policy, args.tokens))
+                  for s, (a, b) in groups.items()}
+        mx = {s: (np.array([max(p for _, p in t) for t in a]), np.array([max(p for _, p in t) for t in b]))
+              for s, (a, b) in traces.items()}
+        auc = _auroc(*mx["test"])
+        rows = [("model's own", float(model.meta.threshold))]
+        rows += [(f"{b:.0%}", _threshold(mx["val"][1], b)) for b in args.refusal]
+        for name, thr in rows:
+            va, vb = mx["val"]
+            ta, tb = mx["test"]
+            later = [c for t in traces["test"][0] if (c := _first(t, thr)) is not None and c > 0]
+            lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
+            print(f"| {model.path.name[:40]} | {name} | {thr:.4f} | {(va >= thr).sum()}/{len(va)} | "
+                  f"{(vb >= thr).sum()}/{len(vb)} | {(ta >= thr).sum()}/{len(ta)} | {(tb >= thr).sum()}/{len(tb)} | "
+                  f"{lat} | {auc:.3f} |", flush=True)
+        model.close()
+    return 0
