@@ -40,6 +40,10 @@ def test_pick_takes_every_prefill_and_skips_reference_responses(tiny_base):
     assert prefills <= set(idx) and len(idx) == len(prefills) + 5
     assert not any(enc[i].meta["response"] and not enc[i].meta["prefill"] for i in idx)
     assert pick(enc, 3, 2, seed=0) == idx  # deterministic
+    for i in (4, 8):  # two benign look-dangerous prompts: every one of them is taken with hardneg=True
+        enc[i].meta["augmentation"] = "hardneg_template"
+    with_hn = pick(enc, 3, 2, seed=0, hardneg=True)
+    assert {4, 8} <= set(with_hn) and len(with_hn) == len(idx) + 2
 
 
 def test_with_answer_puts_cls_inside_the_answer_with_the_same_label():

@@ -63,7 +63,7 @@ def cmd_cls(args) -> int:
     if args.own_harmful or args.own_benign:
         t1 = time.time()
         train, own = add_own_answers(base, train, n_harmful=args.own_harmful, n_benign=args.own_benign,
-                                     seed=args.seed, threads=args.threads)
+                                     hardneg=args.own_hardneg, seed=args.seed, threads=args.threads)
         stages["own_answers"] = round(time.time() - t1, 1)
         print(f"own answers: {own}")
     print(f"training on {len(train)} sequences "
@@ -158,6 +158,8 @@ def main(argv=None) -> int:
                         "with [CLS] positions inside it (0 with --own-benign 0: no own answers)")
     c.add_argument("--own-benign", type=int, default=200,
                    help="benign training prompts without a reference response that get the base model's own answer")
+    c.add_argument("--own-hardneg", action="store_true",
+                   help="also give every look-dangerous-but-benign training prompt its own answer")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
     c.add_argument("--kv-cache", type=Path, default=None,

@@ -52,21 +52,24 @@ def generate(gguf: Path, prompts: list[list[int]], max_new: int, threads: int | 
     return out
 
 
-def pick(encoded: list[Encoded], n_harmful: int, n_benign: int, seed: int = 0) -> list[int]:
+def pick(encoded: list[Encoded], n_harmful: int, n_benign: int, seed: int = 0, hardneg: bool = False) -> list[int]:
     """Indices of the training sequences that get an own answer.
 
-    Every prefill (both labels: the attack and its benign twin), plus up to n_harmful plain or
-    template-wrapped harmful prompts and n_benign benign prompts (none that already carries a
-    reference response).
+    Every prefill (both labels: the attack and its benign twin), with `hardneg` every
+    look-dangerous-but-benign prompt (their answers must not read as unsafe), plus up to
+    n_harmful plain or template-wrapped harmful prompts and n_benign other benign prompts
+    (none that already carries a reference response).
     """
     rng = random.Random(seed)
     prefills = [i for i, e in enumerate(encoded) if e.meta.get("prefill")]
     bare = [i for i, e in enumerate(encoded)  # a reference response is already appended to the others
             if not e.meta.get("prefill") and not e.meta.get("response")]
+    is_hn = lambda i: hardneg and encoded[i].meta.get("augmentation") == "hardneg_template"
+    hard = [i for i in bare if encoded[i].label == 0 and is_hn(i)]
     harmful = [i for i in bare if encoded[i].label == 1]
-    benign = [i for i in bare if encoded[i].label == 0]
+    benign = [i for i in bare if encoded[i].label == 0 and not is_hn(i)]
     take = lambda ids, n: sorted(rng.sample(ids, min(n, len(ids))))
-    return sorted(prefills + take(harmful, n_harmful) + take(benign, n_benign))
+    return sorted(prefills + hard + take(harmful, n_harmful) + take(benign, n_benign))
 
 
 def with_answer(e: Encoded, answer: list[int], points=ANSWER_POINTS) -> Encoded:
@@ -77,10 +80,10 @@ def with_answer(e: Encoded, answer: list[int], points=ANSWER_POINTS) -> Encoded:
                    meta={**e.meta, "own_answer": len(answer)})
 
 
-def add_own_answers(gguf: Path, encoded: list[Encoded], *, n_harmful: int, n_benign: int,
+def add_own_answers(gguf: Path, encoded: list[Encoded], *, n_harmful: int, n_benign: int, hardneg: bool = False,
                     seed: int = 0, threads: int | None = None, points=ANSWER_POINTS) -> tuple[list[Encoded], dict]:
     """`encoded` with own answers appended to the picked sequences; plus a summary for the card."""
-    idx = pick(encoded, n_harmful, n_benign, seed)
+    idx = pick(encoded, n_harmful, n_benign, seed, hardneg)
     answers = generate(gguf, [encoded[i].tokens for i in idx], max(points), threads)
     out = list(encoded)
     for i, ans in zip(idx, answers):
@@ -88,6 +91,7 @@ def add_own_answers(gguf: Path, encoded: list[Encoded], *, n_harmful: int, n_ben
     added = sum(len(out[i].positions) - len(encoded[i].positions) for i in idx)
     summary = {"sequences": len(idx), "harmful": sum(encoded[i].label for i in idx),
                "prefills": sum(bool(encoded[i].meta.get("prefill")) for i in idx),
+               "hard_negatives": sum(encoded[i].meta.get("augmentation") == "hardneg_template" for i in idx),
                "cls_positions_added": added, "points": list(points),
                "answer_tokens": sum(min(len(a), max(points)) for a in answers),
                "generated_by": "llama.cpp, greedy, on the base GGUF"}
