@@ -119,3 +119,22 @@ def test_verdicts_in_one_pass_equal_one_start_per_position(mf):
     with pytest.raises(ValueError, match="positions must lie in"):
         be.verdicts(toks, [len(toks) + 1])
     be.close()
+
+
+def test_verdicts_equal_the_runtimes_step_by_step_checks(mf):
+    """Scoring a reference answer in one pass gives what generation would: prompt, then a token per step."""
+    prompt = _prompt(mf)
+    answer = mf.tokenize(" it is mild and often rainy, with blossoms everywhere", False)
+    toks, positions = prompt + answer, [len(prompt), len(prompt) + 3, len(prompt) + len(answer)]
+    ids = mf.safety_meta().token_ids
+    be = LlamaBackend(mf, n_ctx=512, threads=1, safety_ids=ids)
+    stepped = [be.start(prompt, Sampling(), check=True)]
+    for i, t in enumerate(answer):
+        p = be.advance(t, check=len(prompt) + i + 1 in positions)
+        if p is not None:
+            stepped.append(p)
+    one_pass = be.verdicts(toks, positions)
+    # the end of the prompt is the same batch; a stretch of tokens vs one at a time may round
+    # differently in float32 matmuls (bit-identical on the default Q4_1 model, 30 of 30 positions)
+    assert one_pass[0] == stepped[0] and one_pass == pytest.approx(stepped, abs=1e-6)
+    be.close()

@@ -240,7 +240,9 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         """p_unsafe of a [CLS] after tokens[:p] for every p in positions, in one pass over tokens.
 
         Each stretch up to the next position is decoded with the side [CLS] at its end, which is
-        then removed, so the later positions never see an earlier [CLS] (training and evaluation).
+        then removed, so the later positions never see an earlier [CLS]. With the same output rows
+        as generation (last token + [CLS]) this gives the verdicts the runtime computes when it
+        generates those tokens one by one, checking at those positions (training and evaluation).
         """
         if not positions or min(positions) < 1 or max(positions) > len(tokens):
             raise ValueError(f"[CLS] positions must lie in 1..{len(tokens)}, got {positions}")
@@ -251,7 +253,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             for s in range(done, p, chunk):
                 part = tokens[s:min(s + chunk, p)]
                 if s + len(part) == p:
-                    found[p] = self._with_cls(part, s, want_last=False)
+                    found[p] = self._with_cls(part, s, want_last=True)  # the rows generation asks for
                 else:
                     self._decode(part, s, want_last=False, cls=False)
             done = p
