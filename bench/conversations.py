@@ -10,7 +10,9 @@ below 1),
 and keeps each conversation's highest p_unsafe over its checks: refusing at threshold t is the
 same as that maximum reaching t (greedy generation does not depend on t; one unsafe verdict
 acts), so one run gives the whole curve. For each benign-refusal budget the threshold is
-calibrated on the *val* conversations and applied to the *test* ones.
+calibrated on the *val* conversations and applied to the *test* ones. A second table per model
+lists the benign families it refuses at its own threshold, and whether at the prompt or inside
+the answer.
 """
 from __future__ import annotations
 
@@ -95,5 +97,28 @@ def main(argv=None) -> int:
             print(f"| {model.path.name[:40]} | {name} | {thr:.4f} | {(va >= thr).sum()}/{len(va)} | "
                   f"{(vb >= thr).sum()}/{len(vb)} | {(ta >= thr).sum()}/{len(ta)} | {(tb >= thr).sum()}/{len(tb)} | "
                   f"{lat} | {auc:.3f} |", flush=True)
+        print("\n" + _families(model.path.name, groups, traces, float(model.meta.threshold)) + "\n", flush=True)
         model.close()
     return 0
+
+
+def _family(e: dict) -> str:
+    return e["source"].split("/")[-1] if e["augmentation"] == "hardneg_template" else "prefilled " + e["source"]
+
+
+def _families(name: str, groups, traces, thr: float) -> str:
+    """Benign conversations refused at the model's own threshold, per family and where the check fired."""
+    rows = [f"{name}: benign refused at its own threshold {thr:.4f}, by family (at the prompt + inside the answer)",
+            "", "| split | family | refused | at the prompt | inside the answer |", "|---|---|---|---|---|"]
+    for split, (_, benign) in groups.items():
+        fam: dict[str, list[int]] = {}
+        for e, t in zip(benign, traces[split][1]):
+            c = fam.setdefault(_family(e), [0, 0, 0])
+            c[0] += 1
+            first = _first(t, thr)
+            if first is not None:
+                c[1 if first == 0 else 2] += 1
+        for f, (n, at, inside) in sorted(fam.items()):
+            if at + inside:
+                rows.append(f"| {split} | {f} | {at + inside}/{n} | {at} | {inside} |")
+    return "\n".join(rows)

@@ -144,5 +144,7 @@ def test_conversation_threshold_and_first_crossing():
 def test_conversations_tiny(tiny_safe, capsys):
     from bench import conversations
     assert conversations.main(["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5"]) == 0
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| tiny")]
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| tiny")]
     assert len(rows) == 2 and all(r.count("/2 |") >= 4 for r in rows)
+    assert "benign refused at its own threshold" in out and "| split | family |" in out
