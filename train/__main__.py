@@ -60,7 +60,7 @@ def cmd_cls(args) -> int:
     train = other + plain
     stages = {"data": round(time.time() - t0, 1)}
     own = None
-    if args.own_harmful or args.own_benign:
+    if args.own_answers:
         t1 = time.time()
         train, own = add_own_answers(base, train, n_harmful=args.own_harmful, n_benign=args.own_benign,
                                      hardneg=args.own_hardneg, seed=args.seed, threads=args.threads)
@@ -78,8 +78,10 @@ def cmd_cls(args) -> int:
         del model
         recipe = {"recipe": "cls", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                   "max_tokens": args.max_tokens, "max_plain": args.max_plain,
-                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr, "own_answers": own,
+                  "response_points": [8, 24, 48], "max_fpr": args.max_fpr,
                   "selection": "epoch with the best validation AUROC (torch scores)"}
+        if own:  # only then: the shipped artifact's recipe (and its trained_with hash) stay as they were
+            recipe["own_answers"] = own
         trained_with = hashlib.sha256(json.dumps([card_data["examples_sha256"], recipe],
                                                  sort_keys=True).encode()).hexdigest()[:16]
         provisional = Artifact(cls_row, head, {"threshold": 0.5})
@@ -153,13 +155,15 @@ def main(argv=None) -> int:
     c.add_argument("--max-plain", type=int, default=2400, help="subsample plain training prompts to this many")
     c.add_argument("--max-fpr", type=float, default=0.02, help="calibrate the threshold to this FPR on val")
     c.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples (smoke runs)")
+    c.add_argument("--own-answers", action="store_true",
+                   help="give every training prefill, and the prompts chosen below, the base model's own answer "
+                        "(llama.cpp, greedy) with [CLS] positions inside it (train/own_answers.py)")
     c.add_argument("--own-harmful", type=int, default=200,
-                   help="harmful training prompts (besides every prefill) that get the base model's own answer "
-                        "with [CLS] positions inside it (0 with --own-benign 0: no own answers)")
+                   help="with --own-answers: this many harmful prompts without a prefill get one too")
     c.add_argument("--own-benign", type=int, default=200,
-                   help="benign training prompts without a reference response that get the base model's own answer")
+                   help="with --own-answers: this many benign prompts without a reference response get one too")
     c.add_argument("--own-hardneg", action="store_true",
-                   help="also give every look-dangerous-but-benign training prompt its own answer")
+                   help="with --own-answers: every look-dangerous-but-benign training prompt gets one too")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
     c.add_argument("--kv-cache", type=Path, default=None,
