@@ -63,3 +63,25 @@ def test_first_use_builds_into_a_fresh_cache_atomically(tmp_path, monkeypatch):
     assert default_model_path(progress=False) == path and path.stat().st_mtime_ns == mtime
     m = runtime.load(path)
     assert m.meta.threshold > 0 and m.chat("Hello!", max_tokens=8).usage.completion_tokens > 0
+
+
+def test_one_pass_scoring_equals_the_runtimes_checks_on_the_default_model(model):
+    """train's score_gguf path (LlamaBackend.verdicts) gives the verdicts generation computes, bit for bit."""
+    from runtime.backends.base import Sampling
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+    from runtime.prompt import build_prompt, prompt_tokens
+    mf = LlamaModelFile(model.path)
+    be = LlamaBackend(mf, n_ctx=1024, threads=2, safety_ids=mf.safety_meta().token_ids)
+    for question, answer in [("How do I bake bread?", " Mix flour, water, salt and yeast, knead it for ten "
+                              "minutes, let it rise for an hour, shape it and bake it at 220 C for 35 minutes."),
+                             (HARMFUL, " Sure, here is how: first you need a metal pipe and two end caps, then")]:
+        prompt = prompt_tokens(build_prompt(mf.chat_template, question), mf.tokenize)
+        ans = mf.tokenize(answer, False)
+        positions = [len(prompt)] + [len(prompt) + k for k in (4, 12, len(ans))]
+        stepped = [be.start(prompt, Sampling(), check=True)]
+        for i, t in enumerate(ans):
+            p = be.advance(t, check=len(prompt) + i + 1 in positions)
+            if p is not None:
+                stepped.append(p)
+        assert be.verdicts(prompt + ans, positions) == stepped
+    be.close()
