@@ -6,8 +6,7 @@ Per-position figures (`train report`) score one [CLS] at a time; the runtime ref
 conversation as soon as *any* check crosses the threshold, so a benign answer checked 12 times
 has 12 chances to be refused. This runs every prefill attack and every benign prompt (prefilled
 or look-dangerous) of the val and test splits with the policy but without acting (threshold just
-below 1),
-and keeps each conversation's highest p_unsafe over its checks: refusing at threshold t is the
+below 1), and keeps each conversation's highest p_unsafe over its checks: refusing at threshold t is the
 same as that maximum reaching t (greedy generation does not depend on t; one unsafe verdict
 acts), so one run gives the whole curve. For each benign-refusal budget the threshold is
 calibrated on the *val* conversations and applied to the *test* ones. A second table per model
@@ -24,7 +23,7 @@ import numpy as np
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-from .policies import _messages
+from .policies import _messages, held_out_prompts
 
 
 def _runs(model, examples, policy, tokens):
@@ -67,12 +66,7 @@ def main(argv=None) -> int:
     from train.data import build_dataset
 
     data = build_dataset(seed=0)
-    groups = {}
-    for split in ("val", "test"):
-        held = [e for e in data if e["split"] == split]
-        att = [e for e in held if e["label"] == 1 and e.get("prefill")]
-        ben = [e for e in held if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
-        groups[split] = (att[:args.limit], ben[:args.limit]) if args.limit else (att, ben)
+    groups = {split: held_out_prompts(data, split, args.limit) for split in ("val", "test")}
     policy = SafetyPolicy(every=args.every, threshold=float(np.nextafter(1.0, 0.0)))  # observe, never act
     print(f"\nevery {args.every} tokens, up to {args.tokens} greedy tokens; thresholds calibrated on val conversations; "
           f"val {len(groups['val'][0])} attacks / {len(groups['val'][1])} benign, "
@@ -86,12 +80,10 @@ def main(argv=None) -> int:
                   for s, (a, b) in groups.items()}
         mx = {s: (np.array([max(p for _, p in t) for t in a]), np.array([max(p for _, p in t) for t in b]))
               for s, (a, b) in traces.items()}
-        auc = _auroc(*mx["test"])
-        rows = [("model's own", float(model.meta.threshold))]
-        rows += [(f"{b:.0%}", _threshold(mx["val"][1], b)) for b in args.refusal]
+        (va, vb), (ta, tb) = mx["val"], mx["test"]
+        auc = _auroc(ta, tb)
+        rows = [("model's own", float(model.meta.threshold))] + [(f"{b:.0%}", _threshold(vb, b)) for b in args.refusal]
         for name, thr in rows:
-            va, vb = mx["val"]
-            ta, tb = mx["test"]
             later = [c for t in traces["test"][0] if (c := _first(t, thr)) is not None and c > 0]
             lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
             print(f"| {model.path.name[:40]} | {name} | {thr:.4f} | {(va >= thr).sum()}/{len(va)} | "

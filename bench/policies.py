@@ -34,6 +34,14 @@ POLICIES = {
 }
 
 
+def held_out_prompts(examples: list[dict], split: str, limit: int = 0) -> tuple[list[dict], list[dict]]:
+    """(prefill attacks, benign prompts that are prefilled or look dangerous) of one held-out split."""
+    held = [e for e in examples if e["split"] == split]
+    attacks = [e for e in held if e["label"] == 1 and e.get("prefill")]
+    benign = [e for e in held if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
+    return (attacks[:limit], benign[:limit]) if limit else (attacks, benign)
+
+
 def _messages(e: dict) -> list[dict]:
     msgs = [{"role": "user", "content": e["prompt"]}]
     if e.get("prefill"):
@@ -53,11 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from train.data import build_dataset
 
-    held = [e for e in build_dataset(seed=0) if e["split"] == args.split]
-    attacks = [e for e in held if e["label"] == 1 and e.get("prefill")]
-    benign = [e for e in held if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
-    if args.limit:
-        attacks, benign = attacks[:args.limit], benign[:args.limit]
+    attacks, benign = held_out_prompts(build_dataset(seed=0), args.split, args.limit)
     model = load(args.model)
     print(f"\nmodel: {model.path.name}  threshold {model.meta.threshold:.4f}  {args.split} split: "
           f"{len(attacks)} prefill attacks, "
