@@ -138,3 +138,23 @@ def test_verdicts_equal_the_runtimes_step_by_step_checks(mf):
     # differently in float32 matmuls (bit-identical on the default Q4_1 model, 30 of 30 positions)
     assert one_pass[0] == stepped[0] and one_pass == pytest.approx(stepped, abs=1e-6)
     be.close()
+
+
+def test_verdicts_reuse_the_shared_prefix_of_the_previous_call(mf):
+    """Scoring examples that share a prefix keeps its cells; the verdicts match fresh passes."""
+    head = _prompt(mf) + mf.tokenize(" it is mild and often rainy" * 3, False)
+    a = head + mf.tokenize(" with blossoms everywhere", False)
+    b = head + mf.tokenize(" and windy in the north", False)
+    c = mf.tokenize("something else entirely", False)
+    ids = mf.safety_meta().token_ids
+    be = LlamaBackend(mf, n_ctx=512, n_batch=16, threads=1, safety_ids=ids)
+    cases = [(a, [len(head), len(a)]), (b, [len(head) - 5, len(b)]), (b, [len(b)]),
+             (c, [2, len(c)]), (a, [3, len(a)])]
+    fresh = [be.verdicts(t, ps) for t, ps in cases]
+    be.start(c, Sampling(), check=False)  # generation in between: nothing from it may be reused
+    reused = [be.verdicts(t, ps, reuse=True) for t, ps in cases]
+    assert reused == [pytest.approx(f, abs=1e-5) for f in fresh]
+    assert be._scored == a[:len(a)]
+    be.verdicts(b, [len(b)], reuse=True)  # shares `head` with a: the cells past it were cut
+    assert be.n_past == len(b) and be.verdicts(b, [len(b)]) == pytest.approx(fresh[2], abs=1e-5)
+    be.close()

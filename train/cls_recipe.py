@@ -196,16 +196,22 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
 
 # -- evaluation on the converted model file (the real runtime path) ---------------------
 def score_gguf(path: Path, encoded: list[Encoded], threads: int | None = None) -> list[list[float]]:
-    """p_unsafe at every [CLS] position of every example, computed by llama.cpp on the model file."""
+    """p_unsafe at every [CLS] position of every example, computed by llama.cpp on the model file.
+
+    Examples are scored in token order so that each reuses the cache cells of the prefix it shares
+    with the one before (chat template, jailbreak template, prompt of a prefill); the results come
+    back in the input order.
+    """
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
 
     mf = LlamaModelFile(path)
     meta = mf.safety_meta()
     n_ctx = max(len(e.tokens) for e in encoded) + 8
     be = LlamaBackend(mf, n_ctx=max(512, n_ctx), threads=threads, safety_ids=meta.token_ids)
-    out = []
-    for e in tqdm(encoded, desc=f"score {path.name} (llama.cpp)", mininterval=10):
-        out.append(be.verdicts(e.tokens, e.positions))
+    out: list[list[float]] = [[] for _ in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].tokens)
+    for i in tqdm(order, desc=f"score {path.name} (llama.cpp)", mininterval=10):
+        out[i] = be.verdicts(encoded[i].tokens, encoded[i].positions, reuse=True)
     be.close()
     return out
 

@@ -179,6 +179,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.sampler = None
         self.n_past = 0
         self._row = -1  # batch row holding the logits of the last real token
+        self._scored: list[int] | None = None  # what `verdicts` left in the cache (None: unknown)
 
     # -- decoding --------------------------------------------------------------------
     def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool) -> None:
@@ -224,6 +225,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
     def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
         ll.llama_memory_clear(self.mem, False)  # metadata only: new tokens overwrite the cells' data
+        self._scored = None
         self._make_sampler(sampling)
         chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk
         for s in range(0, len(tokens), chunk):
@@ -236,19 +238,35 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.n_past = len(tokens)
         return p if check else None
 
-    def verdicts(self, tokens: list[int], positions: list[int]) -> list[float]:
+    def verdicts(self, tokens: list[int], positions: list[int], reuse: bool = False) -> list[float]:
         """p_unsafe of a [CLS] after tokens[:p] for every p in positions, in one pass over tokens.
 
         Each stretch up to the next position is decoded with the side [CLS] at its end, which is
         then removed, so the later positions never see an earlier [CLS]. With the same output rows
         as generation (last token + [CLS]) this gives the verdicts the runtime computes when it
         generates those tokens one by one, checking at those positions (training and evaluation).
+
+        reuse=True keeps the cache cells of the longest prefix shared with the previous call's
+        tokens (up to the token before the first position, which is decoded again with its
+        [CLS]): scoring many examples sorted by their tokens skips the shared chat-template and
+        jailbreak-template prefixes. The kept cells were computed in other batches, so verdicts
+        may differ from a fresh pass in the last bits of float rounding.
         """
         if not positions or min(positions) < 1 or max(positions) > len(tokens):
             raise ValueError(f"[CLS] positions must lie in 1..{len(tokens)}, got {positions}")
         check_prompt(tokens[:max(positions)], self.n_ctx, True, self.safety_ids)
-        ll.llama_memory_clear(self.mem, False)
-        found, done, chunk = {}, 0, self.n_batch - 1
+        done = 0
+        if reuse and self._scored:
+            limit = min(len(self._scored), min(positions) - 1)
+            while done < limit and self._scored[done] == tokens[done]:
+                done += 1
+        if done:
+            if not ll.llama_memory_seq_rm(self.mem, 0, done, -1):
+                raise RuntimeError(f"could not cut the KV cache back to {done} shared tokens")
+        else:
+            ll.llama_memory_clear(self.mem, False)
+        self._scored = None  # until this pass completes
+        found, chunk = {}, self.n_batch - 1
         for p in sorted(set(positions)):
             for s in range(done, p, chunk):
                 part = tokens[s:min(s + chunk, p)]
@@ -258,6 +276,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
                     self._decode(part, s, want_last=False, cls=False)
             done = p
         self.n_past = done
+        self._scored = list(tokens[:done])
         return [found[p] for p in positions]
 
     def advance(self, token: int, check: bool) -> float | None:
