@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import LlamaBackend, LlamaModelFile  # noqa: E402
-from train.cls_recipe import Encoded, auroc, calibrate, encode, score_gguf, train_cls  # noqa: E402
+from train.cls_recipe import Encoded, KVCache, auroc, calibrate, encode, score_gguf, train_cls  # noqa: E402
 from train.llama_torch import FrozenLlama  # noqa: E402
 
 
@@ -46,6 +46,19 @@ def test_cls_forward_respects_each_query_context_length(frozen):
     for q, n in enumerate(lens.tolist()):
         ref = frozen.cls_forward(cls_row, kv[:, :, :, :n], torch.tensor([n]))
         torch.testing.assert_close(h[q], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_stores_a_prefix_once_and_serves_every_sequence_its_own_keys(frozen, tmp_path):
+    a = list(range(10, 30))
+    seqs = [a, a + [5, 6, 7], list(range(40, 52)), list(a), a[:7], [9, 9]]
+    cache = KVCache(frozen, seqs, tmp_path / "kv.npy")
+    assert cache.n_tokens == len(seqs[1]) + len(seqs[2]) + len(seqs[5])  # a, its copy and a[:7] live in a + [5, 6, 7]
+    assert cache.start[0] == cache.start[1] == cache.start[3] == cache.start[4]
+    for i, s in enumerate(seqs):
+        kv, _ = frozen.prefill(torch.tensor([s]))
+        torch.testing.assert_close(cache.gather([i], [len(s)])[:, :, 0], kv[:, :, 0], atol=2e-3, rtol=2e-3)  # fp16
+    again = KVCache(frozen, seqs, tmp_path / "kv.npy")  # a finished cache is reused
+    assert not again.data.flags.writeable and np.array_equal(again.data, cache.data)
 
 
 def test_cls_recipe_learns_and_scores_through_the_converted_file(frozen, tiny_base, tmp_path):

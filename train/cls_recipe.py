@@ -51,12 +51,25 @@ def encode(example: dict, tokenize, template: str | None, bos: int | None = None
 
 
 class KVCache:
-    """Keys/values of every training sequence, token-major fp16 on disk: (tokens, layer, k/v, head, dim)."""
+    """Keys/values of every training sequence, token-major fp16 on disk: (tokens, layer, k/v, head, dim).
+
+    A sequence that is a prefix of another (a prompt and the same prompt with the model's own
+    answer, exact duplicates) is not stored twice: causal attention makes its keys/values the first
+    rows of the longer one's, so it reads those.
+    """
 
     def __init__(self, model: FrozenLlama, seqs: list[list[int]], path: Path, max_batch_tokens: int = 4096):
         c = model.cfg
-        self.offsets = np.cumsum([0] + [len(s) for s in seqs])
-        shape = (int(self.offsets[-1]), c.n_layer, 2, c.n_head_kv, c.head_dim)
+        home = list(range(len(seqs)))  # the stored sequence whose first rows hold each one's keys/values
+        by_tokens = sorted(range(len(seqs)), key=lambda i: seqs[i])
+        for i, j in reversed(list(zip(by_tokens, by_tokens[1:]))):  # a prefix sorts right before an extension
+            if seqs[j][:len(seqs[i])] == seqs[i]:
+                home[i] = home[j]
+        stored = sorted(set(home))
+        at = dict(zip(stored, np.cumsum([0] + [len(seqs[i]) for i in stored]).tolist()))
+        self.start = [at[home[i]] for i in range(len(seqs))]
+        self.n_tokens = sum(len(seqs[i]) for i in stored)
+        shape = (self.n_tokens, c.n_layer, 2, c.n_head_kv, c.head_dim)
         path.parent.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256(json.dumps([shape, [list(map(int, s)) for s in seqs]]).encode()).hexdigest()
         stamp = path.with_suffix(".key")
@@ -65,9 +78,8 @@ class KVCache:
             return
         stamp.unlink(missing_ok=True)
         self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         batches, cur = [], []
-        for i in order:  # length-sorted batches under a token budget
+        for i in sorted(stored, key=lambda i: len(seqs[i])):  # length-sorted batches under a token budget
             if cur and (len(cur) + 1) * len(seqs[i]) > max_batch_tokens:
                 batches.append(cur)
                 cur = []
@@ -82,7 +94,7 @@ class KVCache:
             kv = kv.permute(2, 3, 0, 1, 4, 5).to(torch.float16).numpy()
             for j, i in enumerate(b):
                 n = len(seqs[i])
-                self.data[self.offsets[i]:self.offsets[i] + n] = kv[j, :n]
+                self.data[at[i]:at[i] + n] = kv[j, :n]
         self.data.flush()
         stamp.write_text(key)
 
@@ -91,7 +103,7 @@ class KVCache:
         L = max(ctx_len)
         rows = np.zeros((len(seq_idx), L), dtype=np.int64)
         for q, (i, n) in enumerate(zip(seq_idx, ctx_len)):
-            rows[q, :n] = np.arange(self.offsets[i], self.offsets[i] + n)
+            rows[q, :n] = np.arange(self.start[i], self.start[i] + n)
         kv = torch.from_numpy(self.data[rows.reshape(-1)].astype(np.float32))
         kv = kv.view(len(seq_idx), L, *kv.shape[1:])           # (Q, L, layer, 2, H, D)
         return kv.permute(2, 3, 0, 1, 4, 5)
@@ -143,7 +155,7 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
     rng = random.Random(seed)
     t0 = time.time()
     cache = KVCache(model, [e.tokens for e in encoded], cache_path)
-    log(f"cached keys/values for {len(encoded)} sequences, {cache.offsets[-1]} tokens in {time.time() - t0:.0f}s")
+    log(f"cached keys/values for {len(encoded)} sequences, {cache.n_tokens} tokens stored in {time.time() - t0:.0f}s")
     val_path = cache_path.with_name(cache_path.stem + "-val.npy")
     val_cache = KVCache(model, [e.tokens for e in val], val_path) if val else None
     val_labels = np.array([e.label for e in val for _ in e.positions]) if val else None
