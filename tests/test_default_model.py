@@ -85,3 +85,20 @@ def test_one_pass_scoring_equals_the_runtimes_checks_on_the_default_model(model)
                 stepped.append(p)
         assert be.verdicts(prompt + ans, positions) == stepped
     be.close()
+
+
+def test_prefix_reuse_in_scoring_moves_verdicts_by_rounding_only(model):
+    """score_gguf's reuse of shared prefixes (examples in token order) against a fresh pass per example."""
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+    from runtime.prompt import build_prompt, prompt_tokens
+    from train.data import build_dataset
+    mf = LlamaModelFile(model.path)
+    be = LlamaBackend(mf, n_ctx=2048, threads=2, safety_ids=mf.safety_meta().token_ids)
+    # look-dangerous prompts share long template prefixes: the case reuse is for
+    held = [e for e in build_dataset(seed=0) if e["split"] == "test" and e["augmentation"] == "hardneg_template"][:24]
+    seqs = sorted(prompt_tokens(build_prompt(mf.chat_template, e["prompt"]), mf.tokenize) for e in held)
+    fresh = [be.verdicts(s, [len(s) // 2, len(s)]) for s in seqs]
+    reused = [be.verdicts(s, [len(s) // 2, len(s)], reuse=True) for s in seqs]
+    diff = max(abs(a - b) for f, r in zip(fresh, reused) for a, b in zip(f, r))
+    assert diff <= 1e-3, diff
+    be.close()
