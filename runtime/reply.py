@@ -16,6 +16,7 @@ class Safety:
 
     enabled: bool
     threshold: float | None = None
+    answer_threshold: float | None = None  # for the checks after the prompt (inf: never acted on)
     checks: int = 0
     trace: list[tuple[int, float]] = field(default_factory=list)
     triggers: list[str] = field(default_factory=list)  # why each check ran: prompt/every/entropy/.../end

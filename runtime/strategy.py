@@ -35,6 +35,7 @@ class SafetyPolicy:
 
     every: int = 4                  # check every k generated tokens (0: only triggers / max_gap)
     threshold: float | None = None  # None: the calibrated threshold from the model file
+    answer_threshold: float | None = None  # for the checks after the prompt; None: `threshold`; inf: never act there
     patience: int = 1               # consecutive unsafe verdicts before acting
     action: str = "refuse"          # "refuse" | "stop"
     refusal: str = DEFAULT_REFUSAL
@@ -76,6 +77,9 @@ class SafetyPolicy:
             raise ValueError(f"SafetyPolicy.action must be one of {ACTIONS}, got {self.action!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError("SafetyPolicy.threshold must be in (0, 1)")
+        a = self.answer_threshold
+        if a is not None and not (0.0 < a < 1.0 or a == math.inf):
+            raise ValueError("SafetyPolicy.answer_threshold must be in (0, 1), or math.inf to never act inside the answer")
 
 
 class _Intervene(Exception):
@@ -90,7 +94,8 @@ class _Run:
     def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None):
         self.backend, self.policy, self.thr = backend, policy, thr
         self.enabled = policy is not None
-        self.safety = Safety(enabled=self.enabled, threshold=thr)
+        self.answer_thr = policy.answer_threshold if self.enabled and policy.answer_threshold is not None else thr
+        self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=self.answer_thr)
         self.generated: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.released = 0
@@ -117,11 +122,12 @@ class _Run:
         s.trace.append((covered, p))
         if not math.isfinite(p) or not 0.0 <= p <= 1.0:
             raise _Intervene(covered, f"safety verdict could not be computed (p_unsafe={p}) at token {covered}")
-        if p >= self.thr:
+        thr = self.thr if covered == 0 else self.answer_thr
+        if p >= thr:
             self.streak += 1
             if self.streak >= self.policy.patience:
                 where = "the prompt" if covered == 0 else f"token {covered}"
-                raise _Intervene(covered, f"unsafe: p_unsafe={p:.3f} >= {self.thr:.3f} at {where}")
+                raise _Intervene(covered, f"unsafe: p_unsafe={p:.3f} >= {thr:.3f} at {where}")
             return ""
         self.streak = 0
         return self.release(covered)
@@ -206,7 +212,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         if enabled:
             run.verdict(p, 0, "prompt")
         if native:
-            loop = backend.fused_loop(policy, thr, max_tokens, len(prompt_tokens), run.streak)
+            loop = backend.fused_loop(policy, run.answer_thr, max_tokens, len(prompt_tokens), run.streak)
             steps = _fused_loop(run, loop)
         else:
             steps = _python_loop(run, len(prompt_tokens), max_tokens)
@@ -221,7 +227,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
                     yield piece
             if run.streak:  # the last verdicts were unsafe (below patience): never show what they covered
                 raise _Intervene(len(generated), f"unsafe verdict at the end of generation "
-                                                 f"(p_unsafe={safety.trace[-1][1]:.3f} >= {thr:.3f})")
+                                                 f"(p_unsafe={safety.trace[-1][1]:.3f} >= {run.answer_thr:.3f})")
         tail = run.show(run.decoder.decode(b"", final=True))
         if tail:
             yield tail

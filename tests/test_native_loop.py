@@ -5,6 +5,7 @@ the tiny random Llama; thresholds are chosen from the reference run so that inte
 really happen mid-generation. And an ABI mismatch is a clear error, never a crash.
 """
 import ctypes
+import math
 import statistics
 
 import llama_cpp.llama_cpp as llc
@@ -72,6 +73,25 @@ def test_native_matches_python(models, policy, prompt):
     tight = SafetyPolicy(threshold=thr, **POLICIES[policy])
     ref = _run(py, PROMPTS[prompt], safety=tight, **kw)
     _same(ref, _run(nat, PROMPTS[prompt], safety=tight, **kw))
+
+
+def test_native_matches_python_with_an_answer_threshold(models):
+    py, nat = models
+    kw = dict(max_tokens=40, temperature=0.0)
+    calm = SafetyPolicy(threshold=0.999999, every=2)
+    ref = _run(py, PROMPTS[0], safety=calm, **kw)
+    p0 = ref[1].safety.trace[0][1]
+    generated = [p for c, p in ref[1].safety.trace if c > 0]
+    mid = min(max(statistics.median(generated), 1e-6), 0.999999)
+    # the prompt passes (its threshold is above its verdict), the answer threshold acts mid-way
+    split = SafetyPolicy(threshold=min(p0 + 1e-6, 0.999999), answer_threshold=mid, every=2)
+    ref = _run(py, PROMPTS[0], safety=split, **kw)
+    _same(ref, _run(nat, PROMPTS[0], safety=split, **kw))
+    assert ref[1].refused and ref[1].safety.intervened_at > 0  # not at the prompt: inside the answer
+    never = SafetyPolicy(threshold=min(p0 + 1e-6, 0.999999), answer_threshold=math.inf, every=2)
+    ref = _run(py, PROMPTS[0], safety=never, **kw)
+    _same(ref, _run(nat, PROMPTS[0], safety=never, **kw))
+    assert not ref[1].refused
 
 
 @pytest.mark.parametrize("trigger", [dict(entropy_trigger=0.1), dict(margin_trigger=0.96)])

@@ -179,8 +179,33 @@ def test_utf8_split_across_tokens_is_reassembled():
     assert r.text == "é!"
 
 
+def test_answer_threshold_applies_to_the_checks_after_the_prompt_only():
+    import math
+    verdict = lambda c: 0.7 if c == 0 else (0.95 if c >= 4 else 0.8)
+    # one threshold: the prompt's 0.7 trips it
+    _, r = run(FakeBackend(list(range(10, 20)), verdict=verdict), SafetyPolicy(every=2, threshold=0.6))
+    assert r.refused and r.safety.intervened_at == 0
+    # prompt threshold 0.75 lets the prompt through; answer threshold 0.9 acts at 4 tokens, not at 2 (0.8)
+    pieces, r = run(FakeBackend(list(range(10, 20)), verdict=verdict),
+                    SafetyPolicy(every=2, threshold=0.75, answer_threshold=0.9), stream=True)
+    assert r.refused and r.safety.intervened_at == 4 and "0.950 >= 0.900 at token 4" in r.safety.reason
+    assert "".join(pieces[:-1]) == text_of([10, 11]) and r.safety.answer_threshold == 0.9
+    # never act inside the answer: everything shown, every check still recorded
+    _, r = run(FakeBackend(list(range(10, 20)), verdict=verdict),
+               SafetyPolicy(every=2, threshold=0.75, answer_threshold=math.inf))
+    assert not r.refused and r.text == text_of(range(10, 20)) and len(r.safety.trace) == 6
+    # ... but an uncomputable verdict inside the answer still fails closed
+    _, r = run(FakeBackend(list(range(10, 20)), verdict=lambda c: float("nan") if c == 4 else 0.1),
+               SafetyPolicy(every=2, answer_threshold=math.inf))
+    assert r.refused and r.text == text_of([10, 11]) + "\n\n" + DEFAULT_REFUSAL
+    # the model file's threshold is used for both when the policy names none
+    _, r = run(FakeBackend([10, 11, 12], verdict=verdict), SafetyPolicy(every=1), threshold=0.75)
+    assert r.refused and r.safety.intervened_at == 1 and r.safety.answer_threshold == 0.75
+
+
 def test_policy_validation():
-    for bad in (dict(every=0), dict(patience=0), dict(action="explode"), dict(threshold=1.5)):
+    for bad in (dict(every=0), dict(patience=0), dict(action="explode"), dict(threshold=1.5),
+                dict(answer_threshold=1.0), dict(answer_threshold=0.0)):
         with pytest.raises(ValueError):
             SafetyPolicy(**bad)
 
