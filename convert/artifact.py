@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .metadata import valid_answer_threshold
+
 TENSORS = "safety.safetensors"
 CARD = "card.json"
 
@@ -37,6 +39,12 @@ class Artifact:
     @property
     def threshold(self) -> float:
         return float(self.card["threshold"])
+
+    @property
+    def answer_threshold(self) -> float | None:
+        """The threshold for the checks inside the answer, when the card calibrated one."""
+        a = self.card.get("answer_threshold")
+        return None if a is None else float(a)
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -68,6 +76,8 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{d}: expected cls_embedding (D,) and head (2, D) tensors")
     if not 0.0 < float(card.get("threshold", -1)) < 1.0:
         raise ArtifactError(f"{d}: card.json has no calibrated threshold in (0, 1)")
+    if card.get("answer_threshold") is not None and not valid_answer_threshold(float(card["answer_threshold"])):
+        raise ArtifactError(f"{d}: card.json's answer_threshold must be in (0, 1) or inf")
     if not (np.isfinite(cls_row).all() and np.isfinite(head).all()):
         raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
     return Artifact(cls_row.astype(np.float32), head.astype(np.float32), card, source=d)

@@ -109,7 +109,7 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
     meta = SafetyMeta(FORMAT_VERSION, cls_id, safe_id, unsafe_id, art.threshold,
                       base_model=str(art.card.get("base_model", base_name or Path(base).name)),
                       trained_with=str(art.card.get("trained_with", art.digest()[:16])),
-                      metrics=art.card.get("metrics", {}))
+                      metrics=art.card.get("metrics", {}), answer_threshold=art.answer_threshold)
     zeros = np.zeros_like(art.cls_embedding)
     if tied:
         emb_rows = np.stack([art.cls_embedding, art.head[0], art.head[1]])

@@ -14,6 +14,13 @@ CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN = "<|safety|>", "<|safe|>", "<|unsafe|>"
 SPECIAL_TOKENS = (CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN)
 KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "threshold",
         "base_model", "trained_with", "metrics")
+# optional: the threshold for the checks after the prompt (inside the answer); absent = `threshold`,
+# inf = record those checks, never act on them
+ANSWER_THRESHOLD = "answer_threshold"
+
+
+def valid_answer_threshold(a: float) -> bool:
+    return 0.0 < a < 1.0 or a == math.inf
 
 
 class MetadataError(ValueError):
@@ -30,6 +37,7 @@ class SafetyMeta:
     base_model: str = ""
     trained_with: str = ""
     metrics: dict = field(default_factory=dict)
+    answer_threshold: float | None = None
 
     @property
     def token_ids(self) -> tuple[int, int, int]:
@@ -46,7 +54,7 @@ class SafetyMeta:
             PREFIX + "base_model": self.base_model,
             PREFIX + "trained_with": self.trained_with,
             PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
-        }
+        } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: float(self.answer_threshold)})
 
     @classmethod
     def from_kv(cls, kv: dict[str, str], n_vocab: int, where: str = "model") -> "SafetyMeta":
@@ -60,6 +68,8 @@ class SafetyMeta:
             ids = [int(kv[PREFIX + k]) for k in ("cls_token_id", "safe_token_id", "unsafe_token_id")]
             threshold = float(kv[PREFIX + "threshold"])
             metrics = json.loads(kv.get(PREFIX + "metrics") or "{}")
+            answer = kv.get(PREFIX + ANSWER_THRESHOLD)
+            answer = None if answer is None else float(answer)
         except (ValueError, TypeError) as e:
             raise MetadataError(f"{where} has malformed safety metadata: {e}") from None
         if version > FORMAT_VERSION:
@@ -68,8 +78,10 @@ class SafetyMeta:
             raise MetadataError(f"{where} has invalid safety token ids {ids} for a vocabulary of {n_vocab}")
         if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
             raise MetadataError(f"{where} has an invalid safety threshold {threshold}")
+        if answer is not None and not valid_answer_threshold(answer):
+            raise MetadataError(f"{where} has an invalid answer threshold {answer} (needs (0, 1) or inf)")
         return cls(version, *ids, threshold, kv.get(PREFIX + "base_model", ""),
-                   kv.get(PREFIX + "trained_with", ""), metrics)
+                   kv.get(PREFIX + "trained_with", ""), metrics, answer)
 
 
 # -- the verification stamp (written by `convert quantize` / `convert verify --record`) ---------------

@@ -104,6 +104,7 @@ class Model:
         sampling = Sampling(temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=int(seed))
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
+                       answer_threshold=self.meta.answer_threshold if self.meta else None,
                        sampling=sampling, max_tokens=max_tokens, native=self.native)
         g = Generation(self._locked(gen))
         return g if stream else g.run()

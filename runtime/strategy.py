@@ -91,10 +91,18 @@ class _Intervene(Exception):
 class _Run:
     """The state of one generation: generated tokens, hold-back buffer, verdicts."""
 
-    def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None):
+    def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None,
+                 answer_thr: float | None = None):
         self.backend, self.policy, self.thr = backend, policy, thr
         self.enabled = policy is not None
-        self.answer_thr = policy.answer_threshold if self.enabled and policy.answer_threshold is not None else thr
+        if not self.enabled:
+            self.answer_thr = None
+        elif policy.answer_threshold is not None:
+            self.answer_thr = policy.answer_threshold
+        elif policy.threshold is None and answer_thr is not None:  # the model file's calibrated pair
+            self.answer_thr = answer_thr
+        else:  # one threshold for every check: a policy threshold of its own also governs the answer
+            self.answer_thr = thr
         self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=self.answer_thr)
         self.generated: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -190,7 +198,8 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
 
 
 def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy | None,
-             threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False) -> Iterator[str]:
+             threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False,
+             answer_threshold: float | None = None) -> Iterator[str]:
     """Yield text pieces as they are cleared for display; return the final `Reply`.
 
     `policy=None` runs without checks (an explicit caller choice). `native=True` runs the token
@@ -201,7 +210,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
     thr = (policy.threshold or threshold) if enabled else None
     if enabled and thr is None:
         raise ValueError("safety is on but no threshold is known (model metadata or SafetyPolicy.threshold)")
-    run = _Run(backend, policy, thr)
+    run = _Run(backend, policy, thr, answer_threshold)
     safety = run.safety
     shown = run.shown
     loop = None

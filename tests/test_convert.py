@@ -138,3 +138,34 @@ def test_packaged_default_artifact_is_valid():
     assert art.hidden_size == 576
     assert art.card["metrics"]["test"]["end_of_prompt"]["n"] > 100
     assert art.card["data"]["packages"]  # versions and licences recorded
+
+
+def test_answer_threshold_travels_from_the_card_to_the_runtime(tiny_base, tmp_path):
+    import math
+
+    import runtime
+    from convert.metadata import MetadataError, SafetyMeta
+    art = random_artifact(threshold=0.999)
+    art.card["answer_threshold"] = math.inf  # the calibrated pair: act at the prompt only
+    convert_gguf(tiny_base, art, tmp_path / "pair.gguf", progress=False)
+    m = runtime.load(tmp_path / "pair.gguf", allow_unverified=True)
+    assert m.meta.threshold == pytest.approx(0.999) and m.meta.answer_threshold == math.inf
+    r = m.chat("hello there", max_tokens=8)
+    assert r.safety.answer_threshold == math.inf
+    # a policy threshold of its own governs every check; a policy answer threshold wins over the file's
+    assert m.chat("hello", max_tokens=4, safety=runtime.SafetyPolicy(threshold=0.5)).safety.answer_threshold == 0.5
+    pol = runtime.SafetyPolicy(answer_threshold=0.3)
+    assert m.chat("hello", max_tokens=4, safety=pol).safety.answer_threshold == 0.3
+    m.close()
+    # without one in the card the key is absent and the one threshold governs every check
+    convert_gguf(tiny_base, random_artifact(threshold=0.9), tmp_path / "one.gguf", progress=False)
+    assert PREFIX + "answer_threshold" not in read_gguf(tmp_path / "one.gguf").fields
+    kv = {PREFIX + k: v for k, v in [("format_version", "1"), ("cls_token_id", "1"), ("safe_token_id", "2"),
+                                     ("unsafe_token_id", "3"), ("threshold", "0.9"), ("answer_threshold", "1.5")]}
+    with pytest.raises(MetadataError, match="answer threshold"):
+        SafetyMeta.from_kv(kv, 10)
+    assert SafetyMeta.from_kv({**kv, PREFIX + "answer_threshold": "inf"}, 10).answer_threshold == math.inf
+    d = art.save(tmp_path / "bad")
+    (d / "card.json").write_text('{"threshold": 0.9, "answer_threshold": 0}')
+    with pytest.raises(ArtifactError, match="answer_threshold"):
+        load_artifact(d)
