@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from convert.metadata import valid_answer_threshold
+
 from .backends.base import Backend, Sampling
 from .reply import Reply, Safety, Usage
 
@@ -77,8 +79,7 @@ class SafetyPolicy:
             raise ValueError(f"SafetyPolicy.action must be one of {ACTIONS}, got {self.action!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError("SafetyPolicy.threshold must be in (0, 1)")
-        a = self.answer_threshold
-        if a is not None and not (0.0 < a < 1.0 or a == math.inf):
+        if self.answer_threshold is not None and not valid_answer_threshold(self.answer_threshold):
             raise ValueError("SafetyPolicy.answer_threshold must be in (0, 1), or math.inf to never act inside the answer")
 
 
@@ -92,18 +93,10 @@ class _Run:
     """The state of one generation: generated tokens, hold-back buffer, verdicts."""
 
     def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None,
-                 answer_thr: float | None = None):
-        self.backend, self.policy, self.thr = backend, policy, thr
+                 answer_thr: float | None):
+        self.backend, self.policy, self.thr, self.answer_thr = backend, policy, thr, answer_thr
         self.enabled = policy is not None
-        if not self.enabled:
-            self.answer_thr = None
-        elif policy.answer_threshold is not None:
-            self.answer_thr = policy.answer_threshold
-        elif policy.threshold is None and answer_thr is not None:  # the model file's calibrated pair
-            self.answer_thr = answer_thr
-        else:  # one threshold for every check: a policy threshold of its own also governs the answer
-            self.answer_thr = thr
-        self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=self.answer_thr)
+        self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=answer_thr)
         self.generated: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.released = 0
@@ -210,7 +203,15 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
     thr = (policy.threshold or threshold) if enabled else None
     if enabled and thr is None:
         raise ValueError("safety is on but no threshold is known (model metadata or SafetyPolicy.threshold)")
-    run = _Run(backend, policy, thr, answer_threshold)
+    if not enabled:
+        answer_thr = None
+    elif policy.answer_threshold is not None:
+        answer_thr = policy.answer_threshold
+    elif policy.threshold is None and answer_threshold is not None:  # the model file's calibrated pair
+        answer_thr = answer_threshold
+    else:  # one threshold for every check: a policy threshold of its own also governs the answer
+        answer_thr = thr
+    run = _Run(backend, policy, thr, answer_thr)
     safety = run.safety
     shown = run.shown
     loop = None
