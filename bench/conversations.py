@@ -84,9 +84,8 @@ def main(argv=None) -> int:
         model = load(path, allow_unverified=True)
         traces = {s: (_runs(model, a, policy, args.tokens), _runs(model, b, policy, args.tokens))
                   for s, (a, b) in groups.items()}
-        mx = {s: (np.array([max(p for _, p in t) for t in a]), np.array([max(p for _, p in t) for t in b]))
-              for s, (a, b) in traces.items()}
-        (va, vb), (ta, tb) = mx["val"], mx["test"]
+        split = {s: (_split_max(a), _split_max(b)) for s, (a, b) in traces.items()}  # (prompt, answer) maxima
+        (va, vb), (ta, tb) = ((a.max(1), b.max(1)) for a, b in (split["val"], split["test"]))
         auc = _auroc(ta, tb)
         rows = [("model's own", float(model.meta.threshold))] + [(f"{b:.0%}", _threshold(vb, b)) for b in args.refusal]
         for name, thr in rows:
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
                   f"{(vb >= thr).sum()}/{len(vb)} | {(ta >= thr).sum()}/{len(ta)} | {(tb >= thr).sum()}/{len(tb)} | "
                   f"{lat} | {auc:.3f} |", flush=True)
         print("\n" + _families(model.path.name, groups, traces, float(model.meta.threshold)) + "\n", flush=True)
-        print(_two_thresholds(model.path.name, traces, args.refusal) + "\n", flush=True)
+        print(_two_thresholds(model.path.name, split, args.refusal) + "\n", flush=True)
         saved[str(model.path)] = traces
         model.close()
     if args.save:
@@ -107,7 +106,12 @@ def main(argv=None) -> int:
 def _split_max(traces) -> np.ndarray:
     """(n, 2): each conversation's verdict at the prompt and its highest verdict inside the answer (0: none)."""
     return np.array([[max((p for c, p in t if c == 0), default=0.0), max((p for c, p in t if c > 0), default=0.0)]
-                     for t in traces])
+                     for t in traces], dtype=float).reshape(-1, 2)
+
+
+def _refused(rows: np.ndarray, tp: float, ta: float) -> int:
+    """How many conversations (rows: prompt verdict, highest answer verdict) a threshold pair refuses."""
+    return int(((rows[:, 0] >= tp) | (rows[:, 1] >= ta)).sum())
 
 
 def pick_pair(attacks: np.ndarray, benign: np.ndarray, budget: float) -> tuple[float, float]:
@@ -121,26 +125,25 @@ def pick_pair(attacks: np.ndarray, benign: np.ndarray, budget: float) -> tuple[f
     best = None
     for tp in cand(0):
         for ta in cand(1):
-            refused = int(((benign[:, 0] >= tp) | (benign[:, 1] >= ta)).sum())
+            refused = _refused(benign, tp, ta)
             if refused > allowed:
                 continue
-            caught = int(((attacks[:, 0] >= tp) | (attacks[:, 1] >= ta)).sum())
-            key = (caught, -refused, ta, tp)
+            key = (_refused(attacks, tp, ta), -refused, ta, tp)
             if best is None or key > best[0]:
                 best = (key, (tp, ta))
     return best[1]
 
 
-def _two_thresholds(name: str, traces, budgets) -> str:
-    (va, vb), (ta, tb) = ((_split_max(a), _split_max(b)) for a, b in (traces["val"], traces["test"]))
-    hit = lambda m, tp, tt: int(((m[:, 0] >= tp) | (m[:, 1] >= tt)).sum())
+def _two_thresholds(name: str, split, budgets) -> str:
+    """The best pair per val budget, applied to test; `split`: {split: (attack rows, benign rows)}."""
+    (va, vb), (ta, tb) = split["val"], split["test"]
     rows = [f"{name}: a separate threshold inside the answer (pair chosen on val per budget; 2.0 = never)", "",
             "| budget (val) | prompt threshold | answer threshold | val attacks caught | val benign refused "
             "| test attacks caught | test benign refused |", "|---|---|---|---|---|---|---|"]
     for b in budgets:
         tp, tt = pick_pair(va, vb, b)
-        rows.append(f"| {b:.0%} | {tp:.4f} | {tt:.4f} | {hit(va, tp, tt)}/{len(va)} | {hit(vb, tp, tt)}/{len(vb)} | "
-                    f"{hit(ta, tp, tt)}/{len(ta)} | {hit(tb, tp, tt)}/{len(tb)} |")
+        rows.append(f"| {b:.0%} | {tp:.4f} | {tt:.4f} | " + " | ".join(
+            f"{_refused(m, tp, tt)}/{len(m)}" for m in (va, vb, ta, tb)) + " |")
     return "\n".join(rows)
 
 
