@@ -66,9 +66,10 @@ class KVCache:
             if seqs[j][:len(seqs[i])] == seqs[i]:
                 home[i] = home[j]
         stored = sorted(set(home))
-        at = dict(zip(stored, np.cumsum([0] + [len(seqs[i]) for i in stored]).tolist()))
+        offsets = np.cumsum([0] + [len(seqs[i]) for i in stored]).tolist()
+        at = dict(zip(stored, offsets))
         self.start = [at[home[i]] for i in range(len(seqs))]
-        self.n_tokens = sum(len(seqs[i]) for i in stored)
+        self.n_tokens = offsets[-1]
         shape = (self.n_tokens, c.n_layer, 2, c.n_head_kv, c.head_dim)
         path.parent.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256(json.dumps([shape, [list(map(int, s)) for s in seqs]]).encode()).hexdigest()
