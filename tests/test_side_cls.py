@@ -154,7 +154,34 @@ def test_verdicts_reuse_the_shared_prefix_of_the_previous_call(mf):
     be.start(c, Sampling(), check=False)  # generation in between: nothing from it may be reused
     reused = [be.verdicts(t, ps, reuse=True) for t, ps in cases]
     assert reused == [pytest.approx(f, abs=1e-5) for f in fresh]
-    assert be._scored == a[:len(a)]
+    assert be._cells == a[:len(a)]
     be.verdicts(b, [len(b)], reuse=True)  # shares `head` with a: the cells past it were cut
     assert be.n_past == len(b) and be.verdicts(b, [len(b)]) == pytest.approx(fresh[2], abs=1e-5)
+    be.close()
+
+
+def _generate(be, prompt, n, reuse):
+    p = be.start(prompt, Sampling(), check=True, reuse=reuse)
+    out = []
+    for _ in range(n):
+        t = be.sample()
+        out.append(t)
+        be.advance(t, check=False)
+    return p, out
+
+
+def test_start_reuses_the_shared_prompt_prefix(mf):
+    """Generation from prompts sharing a template keeps the shared cells and gives the fresh result."""
+    head = _prompt(mf) + mf.tokenize(" tell me about the weather in spring" * 3, False)
+    a = head + mf.tokenize(" in the mountains", False)
+    b = head + mf.tokenize(" by the sea", False)
+    ids = mf.safety_meta().token_ids
+    be = LlamaBackend(mf, n_ctx=512, n_batch=16, threads=1, safety_ids=ids)
+    prompts = [a, b, b, a, a[:len(head)], mf.tokenize("unrelated", False)]
+    fresh = [_generate(be, t, 6, reuse=False) for t in prompts]
+    be.verdicts(b, [len(b)])  # scoring in between leaves b's cells: the next start reuses them
+    reused = [_generate(be, t, 6, reuse=True) for t in prompts]
+    for (pf, tf), (pr, tr) in zip(fresh, reused):
+        assert tr == tf and pr == pytest.approx(pf, abs=1e-5)
+    assert be._cells == prompts[-1] + reused[-1][1] and be.n_past == len(be._cells)
     be.close()

@@ -21,23 +21,25 @@ ANSWER_POINTS = (4, 12, 32)  # [CLS] after this many tokens of the model's own a
 
 
 def generate(gguf: Path, prompts: list[list[int]], max_new: int, threads: int | None = None,
-             desc: str = "own answers (llama.cpp, greedy)") -> list[list[int]]:
+             desc: str = "own answers (llama.cpp, greedy)", reuse: bool = True) -> list[list[int]]:
     """Greedy continuations of token-id prompts (without the end-of-generation token).
 
-    One sequence at a time through the runtime's backend, so the tokens are exactly what the
-    runtime would generate (several sequences per llama.cpp batch were measured: 5% faster on
-    these 2 cores, prompt processing dominates, and 6 of 48 answers came out different).
+    One sequence at a time through the runtime's backend, so the tokens are what the runtime
+    would generate (several sequences per llama.cpp batch were measured: 5% faster on these 2
+    cores, and 6 of 48 answers came out different). Prompts go in token order with the
+    backend's prefix reuse, so a chat or jailbreak template shared by many prompts is decoded
+    once (reuse=False: a fresh pass per prompt, for comparison).
     """
     from runtime.backends.base import Sampling
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
 
     mf = LlamaModelFile(gguf)
     be = LlamaBackend(mf, n_ctx=max(512, max(map(len, prompts), default=0) + max_new + 8), threads=threads)
-    out = []
+    out: list[list[int]] = [[] for _ in prompts]
     try:
-        for toks in tqdm(prompts, desc=desc, mininterval=10):
-            be.start(toks, Sampling(), check=False)
-            ans: list[int] = []
+        for i in tqdm(sorted(range(len(prompts)), key=lambda i: prompts[i]), desc=desc, mininterval=10):
+            be.start(prompts[i], Sampling(), check=False, reuse=reuse)
+            ans = out[i]
             while len(ans) < max_new:
                 t = be.sample()
                 if mf.is_eog(t):
@@ -45,7 +47,6 @@ def generate(gguf: Path, prompts: list[list[int]], max_new: int, threads: int | 
                 ans.append(t)
                 if len(ans) < max_new:
                     be.advance(t, check=False)
-            out.append(ans)
     finally:
         be.close()
         mf.close()

@@ -179,7 +179,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.sampler = None
         self.n_past = 0
         self._row = -1  # batch row holding the logits of the last real token
-        self._scored: list[int] | None = None  # what `verdicts` left in the cache (None: unknown)
+        self._cells: list[int] | None = None  # the tokens in cache cells 0..n-1 (None: unknown)
 
     # -- decoding --------------------------------------------------------------------
     def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool) -> None:
@@ -222,13 +222,19 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._drop_cls(start + len(tokens))
         return p
 
-    def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
+    def start(self, tokens: list[int], sampling: Sampling, check: bool, reuse: bool = False) -> float | None:
+        """Decode a prompt (with the side [CLS] after it when check); the next `sample` continues it.
+
+        reuse=True keeps the cache cells of the longest prefix shared with what the previous
+        start/advance/verdicts left there (short of the last token, whose logits are needed):
+        many prompts sharing a chat or jailbreak template skip it. The kept cells were computed
+        in other batches, so logits may differ from a fresh start in the last bits of rounding.
+        """
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
-        ll.llama_memory_clear(self.mem, False)  # metadata only: new tokens overwrite the cells' data
-        self._scored = None
+        done = self._keep_prefix(tokens, len(tokens) - 1) if reuse else self._keep_prefix(tokens, 0)
         self._make_sampler(sampling)
         chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk
-        for s in range(0, len(tokens), chunk):
+        for s in range(done, len(tokens), chunk):
             part = tokens[s:s + chunk]
             final = s + chunk >= len(tokens)
             if final and check:
@@ -236,7 +242,22 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             else:
                 self._decode(part, s, want_last=final, cls=False)
         self.n_past = len(tokens)
+        self._cells = list(tokens)
         return p if check else None
+
+    def _keep_prefix(self, tokens: list[int], limit: int) -> int:
+        """Keep the cells of the prefix (at most `limit` long) shared with `_cells`; drop the rest."""
+        done, cells = 0, self._cells or []
+        limit = min(limit, len(cells))
+        while done < limit and cells[done] == tokens[done]:
+            done += 1
+        if done:
+            if not ll.llama_memory_seq_rm(self.mem, 0, done, -1):
+                raise RuntimeError(f"could not cut the KV cache back to {done} shared tokens")
+        else:
+            ll.llama_memory_clear(self.mem, False)  # metadata only: new tokens overwrite the cells' data
+        self._cells = None  # until the caller's pass completes
+        return done
 
     def verdicts(self, tokens: list[int], positions: list[int], reuse: bool = False) -> list[float]:
         """p_unsafe of a [CLS] after tokens[:p] for every p in positions, in one pass over tokens.
@@ -246,26 +267,16 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         as generation (last token + [CLS]) this gives the verdicts the runtime computes when it
         generates those tokens one by one, checking at those positions (training and evaluation).
 
-        reuse=True keeps the cache cells of the longest prefix shared with the previous call's
-        tokens (up to the token before the first position, which is decoded again with its
-        [CLS]): scoring many examples sorted by their tokens skips the shared chat-template and
+        reuse=True keeps the cache cells of the longest prefix shared with what the previous
+        start/advance/verdicts left there (up to the token before the first position, which is
+        decoded again with its [CLS]): scoring many examples sorted by their tokens skips the shared chat-template and
         jailbreak-template prefixes. The kept cells were computed in other batches, so verdicts
         may differ from a fresh pass in the last bits of float rounding.
         """
         if not positions or min(positions) < 1 or max(positions) > len(tokens):
             raise ValueError(f"[CLS] positions must lie in 1..{len(tokens)}, got {positions}")
         check_prompt(tokens[:max(positions)], self.n_ctx, True, self.safety_ids)
-        done = 0
-        if reuse and self._scored:
-            limit = min(len(self._scored), min(positions) - 1)
-            while done < limit and self._scored[done] == tokens[done]:
-                done += 1
-        if done:
-            if not ll.llama_memory_seq_rm(self.mem, 0, done, -1):
-                raise RuntimeError(f"could not cut the KV cache back to {done} shared tokens")
-        else:
-            ll.llama_memory_clear(self.mem, False)
-        self._scored = None  # until this pass completes
+        done = self._keep_prefix(tokens, min(positions) - 1 if reuse else 0)
         found, chunk = {}, self.n_batch - 1
         for p in sorted(set(positions)):
             for s in range(done, p, chunk):
@@ -276,7 +287,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
                     self._decode(part, s, want_last=False, cls=False)
             done = p
         self.n_past = done
-        self._scored = list(tokens[:done])
+        self._cells = list(tokens[:done])
         return [found[p] for p in positions]
 
     def advance(self, token: int, check: bool) -> float | None:
@@ -287,6 +298,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             self._decode([token], n, want_last=True, cls=False)
             p = None
         self.n_past = n + 1
+        if self._cells is not None:
+            self._cells.append(token)
         return p
 
     def check(self) -> float:
@@ -308,6 +321,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
     def fused_loop(self, policy, threshold, max_tokens: int, n_prompt: int, streak: int):
         """The token loop in C with the GIL released (cpp_ext/loop.c), after `start`."""
         from .native_loop import FusedLoop
+        self._cells = None  # the C loop decodes tokens this object does not see
         return FusedLoop(self, policy, threshold, max_tokens, n_prompt, streak)
 
     def _make_sampler(self, s: Sampling) -> None:
