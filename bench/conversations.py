@@ -9,11 +9,13 @@ or look-dangerous) of the val and test splits with the policy but without acting
 below 1), and keeps each conversation's highest p_unsafe over its checks: refusing at threshold t is the
 same as that maximum reaching t (greedy generation does not depend on t; one unsafe verdict
 acts), so one run gives the whole curve. For each benign-refusal budget the threshold is
-calibrated on the *val* conversations and applied to the *test* ones. A second table per model
-lists the benign families it refuses at its own threshold, and whether at the prompt or inside
-the answer. A third asks what a separate threshold for the checks inside the answer would buy:
-for each budget, the pair (prompt threshold, answer threshold) that catches the most val attacks
-within it, applied to test ("prompt only" = no answer threshold reaches any val attack).
+calibrated on the *val* conversations and applied to the *test* ones ("model's own" = the
+threshold, or the (prompt, answer) pair, in the model file). A second table per model lists the
+benign families it refuses at its own threshold(s), and whether at the prompt or inside the
+answer. A third asks what a separate threshold for the checks inside the answer would buy: for
+each budget, the pair (prompt threshold, answer threshold) that catches the most val attacks
+within it (`train.calibrate.pick_pair`, the same choice `train calibrate` writes into a card),
+applied to test ("never" = no answer threshold gains a val attack).
 """
 from __future__ import annotations
 
@@ -27,23 +29,19 @@ import numpy as np
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-from .policies import _messages, held_out_prompts
+from train.calibrate import held_out_prompts, observe, pick_pair, refused, split_max
 
 
-def _runs(model, examples, policy, tokens):
-    """The safety trace, [(tokens covered, p_unsafe)] per check, of each conversation."""
-    out = []
-    for e in examples:
-        r = model.chat(_messages(e), max_tokens=tokens, safety=policy)
-        out.append(r.safety.trace)
-    return out
-
-
-def _first(trace, thr):
+def _first(trace, thr, answer_thr=None):
+    """Tokens covered by the first check that refuses (prompt at thr, answer at answer_thr or thr)."""
     for covered, p in trace:
-        if p >= thr:
+        if p >= (thr if covered == 0 or answer_thr is None else answer_thr):
             return covered
     return None
+
+
+def _fmt(t: float) -> str:
+    return "never" if t >= 1.0 else f"{t:.4f}"
 
 
 def _threshold(benign_max: np.ndarray, budget: float) -> float:
@@ -72,7 +70,7 @@ def main(argv=None) -> int:
 
     data = build_dataset(seed=0)
     groups = {split: held_out_prompts(data, split, args.limit) for split in ("val", "test")}
-    policy = SafetyPolicy(every=args.every, threshold=float(np.nextafter(1.0, 0.0)))  # observe, never act
+    policy = SafetyPolicy(every=args.every)
     print(f"\nevery {args.every} tokens, up to {args.tokens} greedy tokens; thresholds calibrated on val conversations; "
           f"val {len(groups['val'][0])} attacks / {len(groups['val'][1])} benign, "
           f"test {len(groups['test'][0])} / {len(groups['test'][1])}\n")
@@ -82,56 +80,28 @@ def main(argv=None) -> int:
     saved = {}
     for path in args.model or [None]:
         model = load(path, allow_unverified=True)
-        traces = {s: (_runs(model, a, policy, args.tokens), _runs(model, b, policy, args.tokens))
+        traces = {s: (observe(model, a, policy, args.tokens), observe(model, b, policy, args.tokens))
                   for s, (a, b) in groups.items()}
-        split = {s: (_split_max(a), _split_max(b)) for s, (a, b) in traces.items()}  # (prompt, answer) maxima
-        (va, vb), (ta, tb) = ((a.max(1), b.max(1)) for a, b in (split["val"], split["test"]))
-        auc = _auroc(ta, tb)
-        rows = [("model's own", float(model.meta.threshold))] + [(f"{b:.0%}", _threshold(vb, b)) for b in args.refusal]
-        for name, thr in rows:
-            later = [c for t in traces["test"][0] if (c := _first(t, thr)) is not None and c > 0]
+        split = {s: (split_max(a), split_max(b)) for s, (a, b) in traces.items()}  # (prompt, answer) maxima
+        vb = split["val"][1].max(1)
+        auc = _auroc(*(m.max(1) for m in split["test"]))
+        own = (float(model.meta.threshold), model.meta.answer_threshold)  # the file's (calibrated) pair
+        own_name = "model's own" if own[1] is None else f"model's own, answer {_fmt(own[1])}"
+        rows = [(own_name, *own)] + [(f"{b:.0%}", _threshold(vb, b), None) for b in args.refusal]
+        for name, thr, answer in rows:
+            count = lambda m: refused(m, thr, thr if answer is None else answer)  # noqa: E731
+            later = [c for t in traces["test"][0] if (c := _first(t, thr, answer)) is not None and c > 0]
             lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
-            print(f"| {model.path.name[:40]} | {name} | {thr:.4f} | {(va >= thr).sum()}/{len(va)} | "
-                  f"{(vb >= thr).sum()}/{len(vb)} | {(ta >= thr).sum()}/{len(ta)} | {(tb >= thr).sum()}/{len(tb)} | "
-                  f"{lat} | {auc:.3f} |", flush=True)
-        print("\n" + _families(model.path.name, groups, traces, float(model.meta.threshold)) + "\n", flush=True)
+            print(f"| {model.path.name[:40]} | {name} | {thr:.4f} | " + " | ".join(
+                f"{count(m)}/{len(m)}" for m in (*split["val"], *split["test"])) + f" | {lat} | {auc:.3f} |",
+                flush=True)
+        print("\n" + _families(model.path.name, groups, traces, *own) + "\n", flush=True)
         print(_two_thresholds(model.path.name, split, args.refusal) + "\n", flush=True)
         saved[str(model.path)] = traces
         model.close()
     if args.save:
         args.save.write_text(json.dumps(saved))
     return 0
-
-
-def _split_max(traces) -> np.ndarray:
-    """(n, 2): each conversation's verdict at the prompt and its highest verdict inside the answer (0: none)."""
-    return np.array([[max((p for c, p in t if c == 0), default=0.0), max((p for c, p in t if c > 0), default=0.0)]
-                     for t in traces], dtype=float).reshape(-1, 2)
-
-
-def _refused(rows: np.ndarray, tp: float, ta: float) -> int:
-    """How many conversations (rows: prompt verdict, highest answer verdict) a threshold pair refuses."""
-    return int(((rows[:, 0] >= tp) | (rows[:, 1] >= ta)).sum())
-
-
-def pick_pair(attacks: np.ndarray, benign: np.ndarray, budget: float) -> tuple[float, float]:
-    """(prompt threshold, answer threshold) catching the most attacks with at most `budget` of benign refused.
-
-    Rows are (prompt verdict, highest answer verdict) per conversation; ties go to fewer benign
-    refused, then to the higher answer threshold.
-    """
-    allowed = int(np.floor(budget * len(benign)))
-    cand = lambda col: sorted({float(np.nextafter(v, 2.0)) for v in benign[:, col]} | {0.0, 2.0})
-    best = None
-    for tp in cand(0):
-        for ta in cand(1):
-            refused = _refused(benign, tp, ta)
-            if refused > allowed:
-                continue
-            key = (_refused(attacks, tp, ta), -refused, ta, tp)
-            if best is None or key > best[0]:
-                best = (key, (tp, ta))
-    return best[1]
 
 
 def _two_thresholds(name: str, split, budgets) -> str:
@@ -142,8 +112,8 @@ def _two_thresholds(name: str, split, budgets) -> str:
             "| test attacks caught | test benign refused |", "|---|---|---|---|---|---|---|"]
     for b in budgets:
         tp, tt = pick_pair(va, vb, b)
-        rows.append(f"| {b:.0%} | {tp:.4f} | {tt:.4f} | " + " | ".join(
-            f"{_refused(m, tp, tt)}/{len(m)}" for m in (va, vb, ta, tb)) + " |")
+        rows.append(f"| {b:.0%} | {tp:.4f} | {_fmt(tt)} | " + " | ".join(
+            f"{refused(m, tp, tt)}/{len(m)}" for m in (va, vb, ta, tb)) + " |")
     return "\n".join(rows)
 
 
@@ -151,16 +121,17 @@ def _family(e: dict) -> str:
     return e["source"].split("/")[-1] if e["augmentation"] == "hardneg_template" else "prefilled " + e["source"]
 
 
-def _families(name: str, groups, traces, thr: float) -> str:
-    """Benign conversations refused at the model's own threshold, per family and where the check fired."""
-    rows = [f"{name}: benign refused at its own threshold {thr:.4f}, by family (at the prompt + inside the answer)",
+def _families(name: str, groups, traces, thr: float, answer_thr: float | None = None) -> str:
+    """Benign conversations refused at the model's own threshold(s), per family and where the check fired."""
+    own = f"{thr:.4f}" + ("" if answer_thr is None else f" (answer {_fmt(answer_thr)})")
+    rows = [f"{name}: benign refused at its own threshold {own}, by family (at the prompt + inside the answer)",
             "", "| split | family | refused | at the prompt | inside the answer |", "|---|---|---|---|---|"]
     for split, (_, benign) in groups.items():
         fam: dict[str, list[int]] = {}
         for e, t in zip(benign, traces[split][1]):
             c = fam.setdefault(_family(e), [0, 0, 0])
             c[0] += 1
-            first = _first(t, thr)
+            first = _first(t, thr, answer_thr)
             if first is not None:
                 c[1 if first == 0 else 2] += 1
         for f, (n, at, inside) in sorted(fam.items()):

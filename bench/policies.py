@@ -17,6 +17,7 @@ import statistics
 
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
+from train.calibrate import held_out_prompts, messages
 
 POLICIES = {
     "every 1": SafetyPolicy(every=1),
@@ -32,21 +33,6 @@ POLICIES = {
     "adaptive (max gap 16, margin<=0.02)": SafetyPolicy(every=0, max_gap=16, margin_trigger=0.02),
     "adaptive (max gap 32, entropy>=3.5)": SafetyPolicy(every=0, max_gap=32, entropy_trigger=3.5),
 }
-
-
-def held_out_prompts(examples: list[dict], split: str, limit: int = 0) -> tuple[list[dict], list[dict]]:
-    """(prefill attacks, benign prompts that are prefilled or look dangerous) of one held-out split."""
-    held = [e for e in examples if e["split"] == split]
-    attacks = [e for e in held if e["label"] == 1 and e.get("prefill")]
-    benign = [e for e in held if e["label"] == 0 and (e.get("prefill") or e["augmentation"] == "hardneg_template")]
-    return (attacks[:limit], benign[:limit]) if limit else (attacks, benign)
-
-
-def _messages(e: dict) -> list[dict]:
-    msgs = [{"role": "user", "content": e["prompt"]}]
-    if e.get("prefill"):
-        msgs.append({"role": "assistant", "content": e["prefill"]})
-    return msgs
 
 
 def main(argv=None) -> int:
@@ -74,7 +60,7 @@ def main(argv=None) -> int:
             continue
         caught, at_prompt, later = 0, 0, []
         for e in attacks:
-            r = model.chat(_messages(e), max_tokens=args.tokens, safety=pol)
+            r = model.chat(messages(e), max_tokens=args.tokens, safety=pol)
             if r.refused:
                 caught += 1
                 if r.safety.intervened_at == 0:
@@ -83,7 +69,7 @@ def main(argv=None) -> int:
                     later.append(r.safety.intervened_at)
         refused, checks, toks = 0, 0, 0
         for e in benign:
-            r = model.chat(_messages(e), max_tokens=args.tokens, safety=pol)
+            r = model.chat(messages(e), max_tokens=args.tokens, safety=pol)
             refused += r.refused
             checks += r.safety.checks - 1  # the prompt check is the same for every policy
             toks += r.usage.completion_tokens

@@ -5,7 +5,9 @@ The verdict is computed at the end of the prompt (and of a prefill), then every
 generated token from the user until a *safe* verdict has covered it; an unsafe verdict
 (after `policy.patience` consecutive ones) drops what is held back and either ends with a
 refusal (`refuse`) or just ends (`stop`). A verdict that cannot be computed (an exception,
-NaN) is treated as unsafe at once: fail closed.
+NaN) is treated as unsafe at once: fail closed. With an answer threshold of inf (never act
+inside the answer) only the prompt is checked: a check that cannot act is not computed, and
+the answer is shown as it is generated.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class SafetyPolicy:
 
     every: int = 4                  # check every k generated tokens (0: only triggers / max_gap)
     threshold: float | None = None  # None: the calibrated threshold from the model file
-    answer_threshold: float | None = None  # for the checks after the prompt; None: `threshold`; inf: never act there
+    answer_threshold: float | None = None  # for the checks after the prompt; None: `threshold`; inf: none there
     patience: int = 1               # consecutive unsafe verdicts before acting
     action: str = "refuse"          # "refuse" | "stop"
     refusal: str = DEFAULT_REFUSAL
@@ -221,8 +223,10 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         p = backend.start(prompt_tokens, sampling, check=enabled)
         if enabled:
             run.verdict(p, 0, "prompt")
+            run.enabled = math.isfinite(answer_thr)  # inf: no check inside the answer could act
         if native:
-            loop = backend.fused_loop(policy, run.answer_thr, max_tokens, len(prompt_tokens), run.streak)
+            loop = backend.fused_loop(policy if run.enabled else None, run.answer_thr, max_tokens,
+                                      len(prompt_tokens), run.streak)
             steps = _fused_loop(run, loop)
         else:
             steps = _python_loop(run, len(prompt_tokens), max_tokens)
@@ -230,7 +234,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         finish = yield from steps
         t_end = time.perf_counter()
         generated = run.generated
-        if enabled and (run.released < len(generated) or run.streak):
+        if run.enabled and (run.released < len(generated) or run.streak):
             if run.released < len(generated) and not safety.trace[-1][0] == len(generated):
                 piece = run.verdict(backend.check(), len(generated), "end")
                 if piece:

@@ -141,21 +141,6 @@ def test_conversation_threshold_and_first_crossing():
     assert _first([(0, 0.2), (4, 0.7), (8, 0.95)], 0.5) == 4 and _first([(0, 0.2)], 0.5) is None
 
 
-def test_two_thresholds_pick_the_pair_that_catches_most_within_the_budget():
-    import numpy as np
-
-    from bench.conversations import pick_pair
-    # (prompt verdict, highest answer verdict): benign answers run high, attacks are clear at the prompt
-    benign = np.array([[0.1, 0.95], [0.2, 0.97], [0.3, 0.5], [0.6, 0.2]])
-    attacks = np.array([[0.7, 0.3], [0.9, 0.1], [0.25, 0.99]])
-    tp, ta = pick_pair(attacks, benign, 0.0)
-    assert 0.6 < tp <= 0.7 and 0.97 < ta <= 0.99  # all three caught, no benign refused
-    tp, ta = pick_pair(attacks, benign, 0.25)  # one benign may go: no more attacks to gain, so none does
-    assert ((benign[:, 0] >= tp) | (benign[:, 1] >= ta)).sum() == 0
-    tp, ta = pick_pair(attacks[:2], benign, 0.0)
-    assert ta == 2.0  # nothing to gain inside the answer: never refuse there
-
-
 def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     from bench import conversations
     assert conversations.main(["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5",

@@ -91,7 +91,7 @@ def test_native_matches_python_with_an_answer_threshold(models):
     never = SafetyPolicy(threshold=min(p0 + 1e-6, 0.999999), answer_threshold=math.inf, every=2)
     ref = _run(py, PROMPTS[0], safety=never, **kw)
     _same(ref, _run(nat, PROMPTS[0], safety=never, **kw))
-    assert not ref[1].refused
+    assert not ref[1].refused and len(ref[1].safety.trace) == 1  # only the prompt is checked
 
 
 @pytest.mark.parametrize("trigger", [dict(entropy_trigger=0.1), dict(margin_trigger=0.96)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import shlex
 import sys
@@ -127,7 +128,15 @@ def metrics_table(card: dict, split: str = "test") -> str:
     rows = ["| slice | n | AUROC | TPR (harmful flagged) | FPR (benign flagged) |", "|---|---|---|---|---|"]
     for name, r in m.items():
         rows.append(f"| {name} | {r['n']} | {fmt(r.get('auroc'))} | {fmt(r.get('tpr'))} | {fmt(r.get('fpr'))} |")
-    return "\n".join(rows) + f"\n\nthreshold {card['threshold']:.4f} (calibrated on val)"
+    cal = card.get("calibration")
+    if cal is None:
+        return "\n".join(rows) + f"\n\nthreshold {card['threshold']:.4f} (calibrated on val)"
+    answer = float(card["answer_threshold"])
+    answer = "never (the answer is not checked)" if math.isinf(answer) else f"{answer:.4f}"
+    return "\n".join(rows) + (f"\n\nthreshold {card['threshold']:.4f} at the end of the prompt, inside answers "
+                              f"{answer} (calibrated on val conversations: at most {cal['budget']:.0%} of benign "
+                              f"ones refused; val attacks caught {cal['val_attacks_caught']}, benign refused "
+                              f"{cal['val_benign_refused']})")
 
 
 def cmd_report(args) -> int:
@@ -175,13 +184,15 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval", help="per-slice metrics of an artifact beside a TF-IDF baseline, plus plots")
     ev.add_argument("artifact", type=Path)
     ev.add_argument("--out", type=Path, default=Path("bench/out/eval"))
+    from .calibrate import add_parser as add_calibrate
     from .compare import add_parser as add_compare
     from .joint_run import add_parsers
     add_parsers(sub)  # joint, joint-prep, joint-eval
     add_compare(sub)
+    add_calibrate(sub)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.cmd.startswith("joint") or args.cmd == "compare":
+    if args.cmd.startswith("joint") or args.cmd in ("compare", "calibrate"):
         return args.fn(args)
     if args.cmd == "eval":
         from .evaluate import evaluate

@@ -251,7 +251,8 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
     return float(min(max(np.nextafter(thr, 1.0), 1e-4), 1 - 1e-4))
 
 
-def rates(scores: np.ndarray, labels: np.ndarray, thr: float) -> dict:
+def rates(scores: np.ndarray, labels: np.ndarray, thr) -> dict:
+    """AUROC and the rates flagged at thr (a number, or one threshold per score)."""
     flag = scores >= thr
     a = auroc(scores, labels)
     out = {"n": int(len(labels)), "auroc": round(a, 4) if a == a else None}
@@ -262,22 +263,34 @@ def rates(scores: np.ndarray, labels: np.ndarray, thr: float) -> dict:
     return out
 
 
-def metrics_for(held: dict, scored: dict, max_fpr: float, measured_on: str) -> tuple[float, dict]:
-    """Calibrate on val; per split: all [CLS] positions, end of prompt, inside responses, per augmentation."""
+def metrics_for(held: dict, scored: dict, max_fpr: float, measured_on: str,
+                thresholds: tuple[float, float] | None = None) -> tuple[float, dict]:
+    """Per split: all [CLS] positions, end of prompt, inside responses, per augmentation.
+
+    The threshold is calibrated on val (at most max_fpr of the benign positions flagged) unless
+    `thresholds` gives (prompt threshold, answer threshold): then the end-of-prompt positions are
+    flagged at the first, the positions inside responses at the second (`train calibrate`).
+    """
     def flat(split):  # (score, label, kind, augmentation) over every [CLS] position; the first is the prompt's
         rows = [(p, e.label, "prompt" if j == 0 else "response", e.meta["augmentation"])
                 for e, ps in zip(held[split], scored[split]) for j, p in enumerate(ps)]
         return tuple(np.array(col) for col in zip(*rows))
 
-    vs, vy, _, _ = flat("val")
-    thr = calibrate(vs, vy, max_fpr)
+    if thresholds is None:
+        vs, vy, _, _ = flat("val")
+        thr = answer = calibrate(vs, vy, max_fpr)
+    else:
+        thr, answer = thresholds
     metrics = {"threshold": round(thr, 6), "measured_on": measured_on}
+    if thresholds is not None:
+        metrics["answer_threshold"] = answer if math.isinf(answer) else round(answer, 6)
     for split in held:
         s, y, k, aug = flat(split)
-        m = {"all": rates(s, y, thr), "end_of_prompt": rates(s[k == "prompt"], y[k == "prompt"], thr),
-             "inside_benign_response": rates(s[k == "response"], y[k == "response"], thr)}
+        t = np.where(k == "prompt", thr, answer)
+        at = lambda sel: rates(s[sel], y[sel], t[sel])  # noqa: E731
+        m = {"all": at(np.ones_like(y, dtype=bool)), "end_of_prompt": at(k == "prompt"),
+             "inside_benign_response": at(k == "response")}
         for a in sorted(set(aug)):
-            sel = (aug == a) & (k == "prompt")
-            m[f"aug:{a}"] = rates(s[sel], y[sel], thr)
+            m[f"aug:{a}"] = at((aug == a) & (k == "prompt"))
         metrics[split] = m
     return thr, metrics

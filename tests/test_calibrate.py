@@ -1,0 +1,101 @@
+"""`train calibrate`: the (prompt, answer) threshold pair from val conversations, written into the card."""
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from train.calibrate import NEVER, calibrate_artifact, pick_pair, refused
+
+
+def test_pick_pair_keeps_the_budget_and_the_prompt_floor():
+    # rows: (verdict at the prompt, highest verdict inside the answer)
+    benign = np.array([[0.1, 0.2], [0.2, 0.95], [0.3, 0.4], [0.5, 0.3], [0.6, 0.1],
+                       [0.2, 0.3], [0.1, 0.1], [0.4, 0.2], [0.3, 0.2], [0.2, 0.1]])
+    attacks = np.array([[0.9, 0.1], [0.55, 0.2], [0.2, 0.9], [0.1, 0.97], [0.45, 0.5]])
+    # 10% of 10 benign = 1 may be refused. Spending it on the benign answer at 0.95 lets the answer threshold
+    # drop to just above 0.4 (3 attacks inside the answer) with the prompt threshold above 0.6 (1 more): 4;
+    # spending it on the prompt at 0.6 instead catches 0.9 and 0.55 at the prompt and 0.97 inside: 3
+    tp, ta = pick_pair(attacks, benign, 0.10)
+    assert refused(benign, tp, ta) == 1 and refused(attacks, tp, ta) == 4
+    assert 0.6 < tp < 0.9 and 0.4 < ta <= 0.5
+    # none may be refused: above every benign verdict, catching 0.9 and 0.97
+    tp, ta = pick_pair(attacks, benign, 0.0)
+    assert refused(benign, tp, ta) == 0 and refused(attacks, tp, ta) == 2 and 0.6 < tp and 0.95 < ta <= 0.97
+    # a prompt floor: the prompt threshold never goes below it
+    tp, ta = pick_pair(attacks, benign, 0.10, min_prompt=0.7)
+    assert tp == 0.7 and refused(attacks, tp, ta) == 4
+    tp, ta = pick_pair(attacks, benign, 0.30, min_prompt=0.7)
+    assert tp == 0.7  # 0.55 would be caught below the floor: not allowed
+    # an answer threshold that gains no attack is "never"
+    tp, ta = pick_pair(np.array([[0.5, 0.2]]), np.array([[0.1, 0.9], [0.2, 0.1]]), 0.0)
+    assert 0.2 < tp <= 0.5 and ta == NEVER
+    # benign prompt verdicts at 1.0 leave no threshold below 1 within the budget: a clear error
+    with pytest.raises(ValueError, match="no prompt threshold below 1"):
+        pick_pair(attacks, np.array([[1.0, 0.1], [0.2, 0.1]]), 0.0)
+
+
+def test_metrics_at_a_threshold_pair():
+    from train.cls_recipe import metrics_for
+    ex = lambda label, aug: SimpleNamespace(label=label, meta={"augmentation": aug})  # noqa: E731
+    held = {"val": [ex(1, "prefill"), ex(0, "none"), ex(0, "none")]}
+    scored = {"val": [[0.6, 0.8], [0.5, 0.7], [0.1]]}
+    _, m = metrics_for(held, scored, 0.02, "test", thresholds=(0.55, 0.75))
+    v = m["val"]
+    assert v["end_of_prompt"]["tpr"] == 1.0 and v["end_of_prompt"]["fpr"] == 0.0  # 0.6 >= 0.55 > 0.5
+    assert v["inside_benign_response"]["fpr"] == 0.0  # 0.7 < 0.75
+    assert v["all"]["tpr"] == 1.0 and m["answer_threshold"] == 0.75
+    _, m = metrics_for(held, scored, 0.02, "test", thresholds=(0.55, 0.65))
+    assert m["val"]["inside_benign_response"]["fpr"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def examples():
+    from train.data import build_dataset
+    return build_dataset(seed=0)
+
+
+def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, tmp_path, examples):
+    """End to end on the tiny model: val conversations through the runtime, the card rewritten, the pair converted."""
+    from convert.artifact import load_artifact
+    from convert.gguf_safe import convert_gguf
+    from runtime.model import load
+    from tests.tiny_model import random_artifact
+
+    art = random_artifact(3)
+    art.card.update(metrics={"measured_on": "test"}, recipe={"seed": 0, "max_fpr": 0.02})
+    art.save(tmp_path)
+    rng = random.Random(0)
+    scores = {s: {e["id"]: [rng.random() for _ in range(1 + (e["id"][-1] in "01234567"))]
+                  for e in examples if e["split"] == s} for s in ("val", "test")}
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    out = calibrate_artifact(tmp_path, 0.1, base=tiny_base, tokens=6, threads=1, command="test", limit=30)
+    card = json.loads((tmp_path / "card.json").read_text())  # strict JSON: no Infinity
+    cal = card["calibration"]
+    refused_n, n = map(int, cal["val_benign_refused"].split("/"))
+    assert refused_n <= math.floor(0.1 * n) and n == 30 and cal["limit"] == 30
+    assert card["threshold"] >= cal["per_position_threshold"] and out["threshold"] == card["threshold"]
+    assert cal["policy"]["every"] == 4 and cal["max_tokens"] == 6 and cal["command"] == "test"
+    assert set(card["metrics"]) >= {"val", "test", "threshold", "answer_threshold"}
+    reloaded = load_artifact(tmp_path)
+    assert reloaded.answer_threshold == out["answer_threshold"]
+    np.testing.assert_array_equal(reloaded.head, art.head)  # the tensors are untouched
+    convert_gguf(tiny_base, reloaded, tmp_path / "safe.gguf", progress=False)
+    model = load(tmp_path / "safe.gguf", threads=1, allow_unverified=True)
+    try:
+        assert model.meta.threshold == pytest.approx(card["threshold"])
+        assert model.meta.answer_threshold == pytest.approx(out["answer_threshold"])
+    finally:
+        model.close()
+
+
+def test_calibrate_refuses_scores_of_other_data(tiny_base, tmp_path):
+    from tests.tiny_model import random_artifact
+    art = random_artifact(3)
+    art.card.update(metrics={"measured_on": "test"}, recipe={"seed": 0})
+    art.save(tmp_path)
+    (tmp_path / "scores.json").write_text(json.dumps({"val": {"no-such-example": [0.5]}}))
+    with pytest.raises(SystemExit, match="trained on other data"):
+        calibrate_artifact(tmp_path, 0.05, base=tiny_base, tokens=2, threads=1)
