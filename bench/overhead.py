@@ -15,7 +15,8 @@ spreads over all of them; the table shows medians over `--runs`.
   CPU and on CUDA; the same threads, n_ctx, n_batch and n_gpu_layers as the runtime.
 * **runtime**: `Model.chat(..., stream=True)` with `safety="off"`, `SafetyPolicy(every=k)` and the
   default `SafetyPolicy()`, each with threshold 0.999999 so no verdict ends a run early (a check
-  costs the same whatever its verdict). In both decode-loop modes (`native=True`: the C loop;
+  costs the same whatever its verdict); the default keeps the model file's answer threshold, so
+  a model calibrated to check only the prompt (`train calibrate`) is measured that way. In both decode-loop modes (`native=True`: the C loop;
   `native=False`: the pure-Python loop) when the runtime has the switch; with `--onnx`, the same
   policies on `backend="onnx"` (CUDA provider with `--n-gpu-layers` when onnxruntime has it).
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -139,18 +141,22 @@ def plain_call(llm, prompt_tokens: list[int], n: int, is_eog) -> Callable[[], Ou
     return call
 
 
-def policy_rows(policy_label: str, every: list[int]) -> list[tuple[str, object]]:
+def policy_rows(policy_label: str, every: list[int], answer_threshold: float | None = None) -> list[tuple[str, object]]:
+    """The runtime's configurations; the default one keeps the model file's answer threshold (inf: none there)."""
     from runtime.strategy import SafetyPolicy
 
     rows = [("checks off", "off")]
     rows += [(f"check every {k}", SafetyPolicy(every=k, threshold=SPEED_THRESHOLD)) for k in every]
-    rows.append((policy_label, dataclasses.replace(SafetyPolicy(), threshold=SPEED_THRESHOLD)))
+    rows.append((policy_label, dataclasses.replace(SafetyPolicy(), threshold=SPEED_THRESHOLD,
+                                                   answer_threshold=answer_threshold)))
     return rows
 
 
-def describe_default() -> str:
+def describe_default(answer_threshold: float | None = None) -> str:
     from runtime.strategy import SafetyPolicy
 
+    if answer_threshold is not None and math.isinf(answer_threshold):
+        return "default policy (model file: the prompt only, no checks inside the answer)"
     p, parts = SafetyPolicy(), []
     if p.every:
         parts.append(f"every {p.every}")
@@ -190,7 +196,11 @@ def build(args) -> Setup:
     if path is None:
         from runtime.default_model import default_model_path
         path = default_model_path()
-    rows = policy_rows(describe_default(), args.every)
+    from runtime.backends.llama import LlamaModelFile
+    meta_file = LlamaModelFile(path, vocab_only=True)
+    answer = meta_file.safety_meta().answer_threshold  # the default policy follows the model file
+    meta_file.close()
+    rows = policy_rows(describe_default(answer), args.every, answer)
     configs, models = [], []
     for mode in runtime_modes():
         label = "runtime" + mode_label(mode)
