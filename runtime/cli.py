@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .errors import RuntimeSafetyError
 from .strategy import SafetyPolicy
 
 DEFAULT_SERVE_NAME = "smollm2-135m-safe"  # the embedded default model's name on the local server
+
+
+def _answer_threshold(text: str) -> float:
+    return math.inf if text.lower() in ("never", "inf") else float(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -27,6 +32,11 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--every", type=int, default=SafetyPolicy.every, help="check the safety verdict every K tokens")
     c.add_argument("--patience", type=int, default=1, help="consecutive unsafe verdicts before acting")
+    c.add_argument("--threshold", type=float, default=None,
+                   help="act on p_unsafe >= this (default: the model file's calibrated threshold(s))")
+    c.add_argument("--answer-threshold", type=_answer_threshold, default=None, metavar="P|never",
+                   help="a separate threshold for the checks inside the answer; 'never': check only the prompt "
+                        "(default: the model file's, else --threshold)")
     c.add_argument("--max-gap", type=int, default=None, help="adaptive: never more tokens than this between checks")
     c.add_argument("--entropy-trigger", type=float, default=None, help="adaptive: check after a token sampled "
                    "at this next-token entropy (nats) or more")
@@ -108,11 +118,17 @@ def cmd_plot(args) -> int:
     from .model import load
     from .plot import plot_trace
 
-    model = load(args.model, safety=SafetyPolicy(every=args.every))
+    model = load(args.model)
+    meta = model.meta
+    # the full trace: a file that checks only the prompt (answer threshold inf) gets answer checks that
+    # practically never act (p_unsafe >= the largest float below 1), so there is something to plot
+    answer = meta.answer_threshold
+    answer = math.nextafter(1.0, 0.0) if answer is not None and math.isinf(answer) else answer
+    policy = SafetyPolicy(every=args.every, threshold=meta.threshold, answer_threshold=answer)
     messages = [{"role": "user", "content": args.question}]
     if args.prefill:
         messages.append({"role": "assistant", "content": args.prefill})
-    reply = model.chat(messages, max_tokens=args.max_tokens)
+    reply = model.chat(messages, max_tokens=args.max_tokens, safety=policy)
     print(reply.text)
     print(f"wrote {plot_trace(reply, args.out)}", file=sys.stderr)
     return 0
@@ -144,6 +160,7 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
 
     safety = "off" if args.no_safety else SafetyPolicy(
         every=args.every, patience=args.patience, action=args.action, max_gap=args.max_gap,
+        threshold=args.threshold, answer_threshold=args.answer_threshold,
         entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger, sentence_ends=args.sentence_ends)
     model = load(args.model, threads=args.threads, safety=safety, allow_unverified=args.allow_unverified)
     history = [{"role": "system", "content": args.system}] if args.system else []

@@ -30,6 +30,9 @@ def plot_trace(reply: Reply, out: str | Path, title: str = "") -> Path:
         ax.scatter(*zip(*pts), s=28, color=COLORS.get(kind, "tab:red"), label=kind, zorder=2)
     if s.threshold is not None:
         ax.axhline(s.threshold, color="tab:red", ls="--", lw=1, label=f"threshold {s.threshold:.3f}")
+    if s.answer_threshold is not None and s.answer_threshold != s.threshold and s.answer_threshold <= 1.0:
+        ax.axhline(s.answer_threshold, color="tab:orange", ls=":", lw=1,
+                   label=f"answer threshold {s.answer_threshold:.3f}")
     if s.intervened_at is not None:
         ax.axvline(s.intervened_at, color="tab:red", lw=2, alpha=0.4, label=f"intervened at {s.intervened_at}")
     ax.set_ylim(-0.02, 1.02)

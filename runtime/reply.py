@@ -1,6 +1,7 @@
 """What a chat returns: plain dataclasses, JSON-serialisable with `to_dict()`."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -16,7 +17,7 @@ class Safety:
 
     enabled: bool
     threshold: float | None = None
-    answer_threshold: float | None = None  # for the checks after the prompt (inf: never acted on)
+    answer_threshold: float | None = None  # for the checks after the prompt (inf: none there)
     checks: int = 0
     trace: list[tuple[int, float]] = field(default_factory=list)
     triggers: list[str] = field(default_factory=list)  # why each check ran: prompt/every/entropy/.../end
@@ -53,5 +54,7 @@ class Reply:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["safety"]["max_p_unsafe"] = self.safety.max_p_unsafe
+        if self.safety.answer_threshold is not None and math.isinf(self.safety.answer_threshold):
+            d["safety"]["answer_threshold"] = "inf"  # strict JSON has no Infinity: no checks inside the answer
         d["usage"]["tokens_per_second"] = round(self.usage.tokens_per_second, 2)
         return d

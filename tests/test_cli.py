@@ -42,3 +42,15 @@ def test_unsafe_model_needs_explicit_no_safety(tiny_base):
     assert r.returncode == 2 and "no safety metadata" in r.stderr
     r = _run(["hello", "--model", str(tiny_base), "--no-safety", "--max-tokens", "3", "--json"])
     assert r.returncode == 0 and not json.loads(r.stdout)["safety"]["enabled"]
+
+
+def test_thresholds_from_the_command_line(tiny_safe):
+    # "never": only the prompt is checked; a bad threshold is a clear error, not a traceback
+    r = _run(["hello", "--model", str(tiny_safe), "--json", "--max-tokens", "8", "--every", "2",
+              "--threshold", "0.999999", "--answer-threshold", "never"])
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["safety"]
+    assert s["checks"] == 1 and s["trace"][0][0] == 0 and s["threshold"] == 0.999999
+    assert s["answer_threshold"] == "inf" and "Infinity" not in r.stdout
+    r = _run(["hello", "--model", str(tiny_safe), "--threshold", "1.5"])
+    assert r.returncode == 2 and "threshold" in r.stderr and "Traceback" not in r.stderr
