@@ -80,13 +80,13 @@ def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, t
     assert cal["policy"]["every"] == 4 and cal["max_tokens"] == 6 and cal["command"] == "test"
     assert set(card["metrics"]) >= {"val", "test", "threshold", "answer_threshold"}
     reloaded = load_artifact(tmp_path)
-    assert reloaded.answer_threshold == out["answer_threshold"]
+    assert reloaded.answer_threshold == float(out["answer_threshold"])
     np.testing.assert_array_equal(reloaded.head, art.head)  # the tensors are untouched
     convert_gguf(tiny_base, reloaded, tmp_path / "safe.gguf", progress=False)
     model = load(tmp_path / "safe.gguf", threads=1, allow_unverified=True)
     try:
         assert model.meta.threshold == pytest.approx(card["threshold"])
-        assert model.meta.answer_threshold == pytest.approx(out["answer_threshold"])
+        assert model.meta.answer_threshold == pytest.approx(float(out["answer_threshold"]))
     finally:
         model.close()
 

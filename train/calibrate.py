@@ -161,7 +161,7 @@ def calibrate_artifact(art_dir: Path, budget: float, *, base: Path | None = None
         "seconds": round(time.time() - t0, 1), "command": command,
     }
     replace(art, card=card).save(art_dir)
-    return card["calibration"] | {"threshold": tp, "answer_threshold": answer}
+    return card["calibration"] | {"threshold": tp, "answer_threshold": card["answer_threshold"]}
 
 
 def add_parser(sub) -> None:
@@ -184,5 +184,5 @@ def _run(args) -> int:
     out = calibrate_artifact(args.artifact, args.budget, base=args.base, policy=policy, tokens=args.tokens,
                              threads=args.threads, command="python -m train " + shlex.join(args.argv),
                              limit=args.limit)
-    print(json.dumps(out, indent=2, default=str))
+    print(json.dumps(out, indent=2))
     return 0
