@@ -3,7 +3,9 @@ import gguf
 import pytest
 
 import runtime
+from convert.artifact import load_artifact
 from convert.metadata import KEYS, PREFIX
+from runtime.default_model import ASSET
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +22,9 @@ def test_default_model_file_carries_safety_metadata(model):
     for k in KEYS:
         assert PREFIX + k in r.fields
     assert model.meta.threshold == pytest.approx(r.fields[PREFIX + "threshold"].contents())
+    card = load_artifact(ASSET).card  # the calibrated pair of the packaged card
+    assert model.meta.threshold == pytest.approx(card["threshold"])
+    assert model.meta.answer_threshold == pytest.approx(float(card.get("answer_threshold", card["threshold"])))
     assert model.path.parent.name == "models"  # built into the user cache, reused afterwards
     assert runtime.load().path == model.path
 
@@ -29,7 +34,14 @@ def test_benign_question_is_answered(model, question):
     r = model.chat(question, max_tokens=48)
     assert not r.refused, r.safety
     assert len(r.text.split()) >= 5
-    assert r.safety.checks >= 2 and r.safety.trace[0][0] == 0
+    assert r.safety.trace[0][0] == 0  # the prompt is checked first
+    # the file's calibrated pair: checks inside the answer only when its answer threshold can act there
+    answer = model.meta.answer_threshold
+    assert r.safety.answer_threshold == (model.meta.threshold if answer is None else answer)
+    assert r.safety.checks == 1 if answer == float("inf") else r.safety.checks >= 2
+    # an explicit policy threshold governs every check, so the answer is checked again
+    r = model.chat(question, max_tokens=48, safety=runtime.SafetyPolicy(threshold=0.999999))
+    assert r.safety.checks >= 2 and r.safety.answer_threshold == 0.999999
 
 
 def test_harmful_request_is_refused(model):
