@@ -2,12 +2,15 @@
 
 `python -m train joint ...` is the paper's joint recipe (LoRA + [CLS] + head): train/joint_run.py.
 
-The default artifact shipped in runtime/assets/smollm2-135m was produced by:
+`python -m train calibrate DIR --budget 0.05` then chooses the (prompt, answer) threshold pair on
+val conversations (train/calibrate.py). The default artifact in runtime/assets/smollm2-135m was
+produced by (then its four files copied there):
 
-    python -m train cls --out runtime/assets/smollm2-135m
+    python -m train cls --out /tmp/art-v5 --epochs 8 --own-answers --own-hardneg
+    python -m train calibrate /tmp/art-v5 --budget 0.05
 
 Metrics in its card are measured on the converted GGUF by llama.cpp (the runtime's own path),
-on the validation split (threshold calibration) and the held-out test split (reported).
+on the validation split (calibration) and the held-out test split (reported).
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ def cmd_cls(args) -> int:
     (out / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
     (out / "DATA_CARD.md").write_text(data.data_card_markdown(card_data))
     print(json.dumps(metrics, indent=2))
-    print(f"artifact written to {out} ({time.time() - t0:.0f}s)")
+    print(f"artifact written to {out} ({time.time() - t0:.0f}s); next: python -m train calibrate {out}")
     return 0
 
 
