@@ -15,7 +15,7 @@ SPECIAL_TOKENS = (CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN)
 KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "threshold",
         "base_model", "trained_with", "metrics")
 # optional: the threshold for the checks after the prompt (inside the answer); absent = `threshold`,
-# inf = record those checks, never act on them
+# inf = no checks inside the answer (none could act)
 ANSWER_THRESHOLD = "answer_threshold"
 
 

@@ -147,7 +147,6 @@ def calibrate_artifact(art_dir: Path, budget: float, *, base: Path | None = None
     answer = math.inf if ta >= 1.0 else float(ta)  # "inf" in the card (strict JSON)
     _, metrics = metrics_for(held, scored, max_fpr, card["metrics"].get("measured_on", ""),
                              thresholds=(tp, answer))
-    metrics["answer_threshold"] = "inf" if math.isinf(answer) else metrics["answer_threshold"]
     card.update(threshold=tp, answer_threshold="inf" if math.isinf(answer) else answer, metrics=metrics)
     card["calibration"] = {
         "method": "val conversations: the (prompt, answer) threshold pair catching the most prefill attacks "

@@ -283,7 +283,7 @@ def metrics_for(held: dict, scored: dict, max_fpr: float, measured_on: str,
         thr, answer = thresholds
     metrics = {"threshold": round(thr, 6), "measured_on": measured_on}
     if thresholds is not None:
-        metrics["answer_threshold"] = answer if math.isinf(answer) else round(answer, 6)
+        metrics["answer_threshold"] = "inf" if math.isinf(answer) else round(answer, 6)  # strict JSON
     for split in held:
         s, y, k, aug = flat(split)
         t = np.where(k == "prompt", thr, answer)

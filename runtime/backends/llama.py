@@ -231,7 +231,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         in other batches, so logits may differ from a fresh start in the last bits of rounding.
         """
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
-        done = self._keep_prefix(tokens, len(tokens) - 1) if reuse else self._keep_prefix(tokens, 0)
+        done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
         self._make_sampler(sampling)
         chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk
         for s in range(done, len(tokens), chunk):
@@ -269,8 +269,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
         reuse=True keeps the cache cells of the longest prefix shared with what the previous
         start/advance/verdicts left there (up to the token before the first position, which is
-        decoded again with its [CLS]): scoring many examples sorted by their tokens skips the shared chat-template and
-        jailbreak-template prefixes. The kept cells were computed in other batches, so verdicts
+        decoded again with its [CLS]): scoring many examples sorted by their tokens skips the
+        shared chat-template and jailbreak-template prefixes. The kept cells were computed in other batches, so verdicts
         may differ from a fresh pass in the last bits of float rounding.
         """
         if not positions or min(positions) < 1 or max(positions) > len(tokens):
