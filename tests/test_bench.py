@@ -130,26 +130,23 @@ def test_gpu_script_fails_fast_without_a_gpu(tmp_path):
     assert r.returncode == 2 and "missing" in r.stdout + r.stderr and "model.gguf" in r.stdout + r.stderr
 
 
-def test_conversation_threshold_and_first_crossing():
-    import numpy as np
-
-    from bench.conversations import _first, _threshold
-    benign_max = np.array([0.1, 0.2, 0.3, 0.4, 0.9])
-    thr = _threshold(benign_max, 0.2)  # one of five may be refused: the 0.9 one
-    assert 0.4 < thr <= 0.9 and (benign_max >= thr).sum() == 1
-    assert (benign_max >= _threshold(benign_max, 0.0)).sum() == 0
-    assert _first([(0, 0.2), (4, 0.7), (8, 0.95)], 0.5) == 4 and _first([(0, 0.2)], 0.5) is None
+def test_conversation_first_crossing():
+    from bench.conversations import _first
+    trace = [(0, 0.2), (4, 0.7), (8, 0.95)]
+    assert _first(trace, 0.5, 0.5) == 4 and _first([(0, 0.2)], 0.5, 0.5) is None
+    assert _first(trace, 0.1, 2.0) == 0 and _first(trace, 0.5, 0.9) == 8 and _first(trace, 0.5, 2.0) is None
 
 
 def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     from bench import conversations
     assert conversations.main(["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5",
-                               "--save", str(tmp_path / "traces.json")]) == 0
+                               "--plain-refusal", "0.5", "--save", str(tmp_path / "traces.json")]) == 0
     out = capsys.readouterr().out
     rows = [r for r in out.splitlines() if r.startswith("| tiny")]
-    assert len(rows) == 2 and all(r.count("/2 |") >= 4 for r in rows)
-    assert "benign refused at its own threshold" in out and "| split | family |" in out
-    assert "| 50% |" in out and "answer threshold" in out
+    assert len(rows) == 2 and all(r.count("/2 |") == 6 for r in rows)
+    assert "own |" in rows[0] and "best for 50% lookalikes |" in rows[1]
+    assert "benign refused at its own thresholds" in out and "| split | group | family |" in out
     saved = json.loads((tmp_path / "traces.json").read_text())
     (traces,) = saved.values()
-    assert len(traces["val"][0]) == 2 and traces["val"][0][0][0][0] == 0  # first check: the prompt
+    assert set(traces["val"]) == {"attacks", "plain", "lookalike"}
+    assert len(traces["val"]["attacks"]) == 2 and traces["val"]["attacks"][0][0][0] == 0  # first check: the prompt

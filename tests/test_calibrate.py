@@ -10,7 +10,7 @@ import pytest
 from train.calibrate import NEVER, calibrate_artifact, pick_pair, refused
 
 
-def test_pick_pair_keeps_the_budget_and_the_prompt_floor():
+def test_pick_pair_keeps_every_group_within_its_budget():
     # rows: (verdict at the prompt, highest verdict inside the answer)
     benign = np.array([[0.1, 0.2], [0.2, 0.95], [0.3, 0.4], [0.5, 0.3], [0.6, 0.1],
                        [0.2, 0.3], [0.1, 0.1], [0.4, 0.2], [0.3, 0.2], [0.2, 0.1]])
@@ -18,23 +18,50 @@ def test_pick_pair_keeps_the_budget_and_the_prompt_floor():
     # 10% of 10 benign = 1 may be refused. Spending it on the benign answer at 0.95 lets the answer threshold
     # drop to just above 0.4 (3 attacks inside the answer) with the prompt threshold above 0.6 (1 more): 4;
     # spending it on the prompt at 0.6 instead catches 0.9 and 0.55 at the prompt and 0.97 inside: 3
-    tp, ta = pick_pair(attacks, benign, 0.10)
+    tp, ta = pick_pair(attacks, [(benign, 0.10)])
     assert refused(benign, tp, ta) == 1 and refused(attacks, tp, ta) == 4
     assert 0.6 < tp < 0.9 and 0.4 < ta <= 0.5
     # none may be refused: above every benign verdict, catching 0.9 and 0.97
-    tp, ta = pick_pair(attacks, benign, 0.0)
+    tp, ta = pick_pair(attacks, [(benign, 0.0)])
     assert refused(benign, tp, ta) == 0 and refused(attacks, tp, ta) == 2 and 0.6 < tp and 0.95 < ta <= 0.97
-    # a prompt floor: the prompt threshold never goes below it
-    tp, ta = pick_pair(attacks, benign, 0.10, min_prompt=0.7)
-    assert tp == 0.7 and refused(attacks, tp, ta) == 4
-    tp, ta = pick_pair(attacks, benign, 0.30, min_prompt=0.7)
-    assert tp == 0.7  # 0.55 would be caught below the floor: not allowed
+    # 30% (3) lets the prompt threshold drop below 0.55: every attack caught, 2 benign refused
+    tp, ta = pick_pair(attacks, [(benign, 0.30)])
+    assert tp <= 0.55 and refused(attacks, tp, ta) == 5 and refused(benign, tp, ta) == 2
+    # a second group with its own budget: a plain benign prompt at 0.69 that may not be refused keeps
+    # the prompt threshold above it, whatever the first group allows
+    plain = np.array([[0.69, 0.1], [0.1, 0.1]])
+    tp, ta = pick_pair(attacks, [(plain, 0.0), (benign, 0.30)])
+    assert tp > 0.69 and refused(plain, tp, ta) == 0 and refused(attacks, tp, ta) == 4
     # an answer threshold that gains no attack is "never"
-    tp, ta = pick_pair(np.array([[0.5, 0.2]]), np.array([[0.1, 0.9], [0.2, 0.1]]), 0.0)
+    tp, ta = pick_pair(np.array([[0.5, 0.2]]), [(np.array([[0.1, 0.9], [0.2, 0.1]]), 0.0)])
     assert 0.2 < tp <= 0.5 and ta == NEVER
     # benign prompt verdicts at 1.0 leave no threshold below 1 within the budget: a clear error
     with pytest.raises(ValueError, match="no prompt threshold below 1"):
-        pick_pair(attacks, np.array([[1.0, 0.1], [0.2, 0.1]]), 0.0)
+        pick_pair(attacks, [(np.array([[1.0, 0.1], [0.2, 0.1]]), 0.0)])
+
+
+def test_pick_pair_matches_a_brute_force_search():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        attacks, plain, look = (rng.random((n, 2)) for n in rng.integers(1, 30, 3))
+        limits = [(plain, 0.1), (look, 0.2)]
+        tp, ta = pick_pair(attacks, limits)
+        assert all(refused(r, tp, ta) <= int(np.floor(b * len(r))) for r, b in limits)
+        cands = [float(np.nextafter(v, 2.0)) for v in np.concatenate([plain, look]).ravel()] + [0.0, NEVER]
+        best = max(refused(attacks, p, a) for p in cands if p < 1.0 for a in cands
+                   if all(refused(r, p, a) <= int(np.floor(b * len(r))) for r, b in limits))
+        assert refused(attacks, tp, ta) == best
+
+
+def test_held_out_conversations_cover_the_split_once(examples):
+    from train.calibrate import held_out_conversations
+    groups = held_out_conversations(examples, "val")
+    ids = [e["id"] for g in groups.values() for e in g]
+    assert len(ids) == len(set(ids)) == sum(e["split"] == "val" for e in examples)
+    assert all(e["label"] == 1 for e in groups["attacks"])
+    assert {e["augmentation"] for e in groups["plain"]} == {"none"}
+    assert {e["augmentation"] for e in groups["lookalike"]} == {"hardneg_template", "prefill", "jailbreak_template"}
+    assert all(len(g) == 5 for g in held_out_conversations(examples, "val", 5).values())
 
 
 def test_metrics_at_a_threshold_pair():
@@ -71,12 +98,15 @@ def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, t
     scores = {s: {e["id"]: [rng.random() for _ in range(1 + (e["id"][-1] in "01234567"))]
                   for e in examples if e["split"] == s} for s in ("val", "test")}
     (tmp_path / "scores.json").write_text(json.dumps(scores))
-    out = calibrate_artifact(tmp_path, 0.1, base=tiny_base, tokens=6, threads=1, command="test", limit=30)
+    out = calibrate_artifact(tmp_path, 0.1, plain_budget=0.05, base=tiny_base, tokens=6, threads=1, command="test",
+                             limit=20)
     card = json.loads((tmp_path / "card.json").read_text())  # strict JSON: no Infinity
     cal = card["calibration"]
-    refused_n, n = map(int, cal["val_benign_refused"].split("/"))
-    assert refused_n <= math.floor(0.1 * n) and n == 30 and cal["limit"] == 30
-    assert card["threshold"] >= cal["per_position_threshold"] and out["threshold"] == card["threshold"]
+    for group, budget in (("plain", 0.05), ("lookalike", 0.1)):
+        refused_n, n = map(int, cal[f"val_{group}_refused"].split("/"))
+        assert refused_n <= math.floor(budget * n) and n == 20
+    assert cal["limit"] == 20 and cal["val_attacks_caught"].endswith("/20") and out["threshold"] == card["threshold"]
+    assert cal["budget"] == 0.1 and cal["plain_budget"] == 0.05
     assert cal["policy"]["every"] == 4 and cal["max_tokens"] == 6 and cal["command"] == "test"
     assert set(card["metrics"]) >= {"val", "test", "threshold", "answer_threshold"}
     reloaded = load_artifact(tmp_path)

@@ -2,12 +2,12 @@
 
 `python -m train joint ...` is the paper's joint recipe (LoRA + [CLS] + head): train/joint_run.py.
 
-`python -m train calibrate DIR --budget 0.05` then chooses the (prompt, answer) threshold pair on
-val conversations (train/calibrate.py). The default artifact in runtime/assets/smollm2-135m was
+`python -m train calibrate DIR` then chooses the (prompt, answer) threshold pair on val
+conversations (train/calibrate.py). The default artifact in runtime/assets/smollm2-135m was
 produced by (then its four files copied there):
 
-    python -m train cls --out /tmp/art-v5 --epochs 8 --own-answers --own-hardneg
-    python -m train calibrate /tmp/art-v5 --budget 0.05
+    python -m train cls --out /tmp/art-v6 --epochs 10 --own-answers --own-hardneg --kv-cache /tmp/v6/kv.npy
+    python -m train calibrate /tmp/art-v6
 
 Metrics in its card are measured on the converted GGUF by llama.cpp (the runtime's own path),
 on the validation split (calibration) and the held-out test split (reported).
@@ -136,10 +136,15 @@ def metrics_table(card: dict, split: str = "test") -> str:
         return "\n".join(rows) + f"\n\nthreshold {card['threshold']:.4f} (calibrated on val)"
     answer = float(card["answer_threshold"])
     answer = "never (the answer is not checked)" if math.isinf(answer) else f"{answer:.4f}"
+    if "plain_budget" in cal:
+        how = (f"at most {cal['plain_budget']:.0%} of plain benign and {cal['budget']:.0%} of lookalike benign "
+               f"ones refused; val attacks caught {cal['val_attacks_caught']}, plain benign refused "
+               f"{cal['val_plain_refused']}, lookalikes refused {cal['val_lookalike_refused']}")
+    else:  # cards calibrated on prefill attacks and benign lookalikes only (v5)
+        how = (f"at most {cal['budget']:.0%} of benign ones refused; val attacks caught "
+               f"{cal['val_attacks_caught']}, benign refused {cal['val_benign_refused']}")
     return "\n".join(rows) + (f"\n\nthreshold {card['threshold']:.4f} at the end of the prompt, inside answers "
-                              f"{answer} (calibrated on val conversations: at most {cal['budget']:.0%} of benign "
-                              f"ones refused; val attacks caught {cal['val_attacks_caught']}, benign refused "
-                              f"{cal['val_benign_refused']})")
+                              f"{answer} (calibrated on val conversations: {how})")
 
 
 def cmd_report(args) -> int:

@@ -2,19 +2,21 @@
 
 `train cls` calibrates one threshold per [CLS] *position* (at most --max-fpr of the val benign
 positions flagged). The runtime refuses a *conversation* as soon as any check crosses its
-threshold, and a benign answer checked a dozen times has a dozen chances to be refused: the
-shipped model's 2% per position was 10% of the val benign conversations. This step runs the val
-split's prefill attacks and benign conversations (prefilled, or look-dangerous) through the
-runtime on the artifact's GGUF with the check policy, observing without acting, and keeps per
-conversation the verdict at the prompt (which includes a prefill) and the highest verdict inside
-the answer. Refusing with a pair (prompt threshold tp, answer threshold ta) is then the same as
-either reaching its threshold (greedy generation does not depend on them), so one run gives
-every pair; it picks the pair that catches the most val attacks while refusing at most `budget`
-of the val benign conversations, with tp no lower than the per-position threshold (so plain
-requests keep their false-refusal rate). An answer threshold that gains no attack is "never"
-(inf in the card: the runtime then checks only the prompt). It writes both into the card,
-recomputes the card's per-position metrics at them (end of prompt at tp, inside answers at ta)
-and records the calibration; `convert gguf` carries the pair into the model file.
+threshold, and a benign answer checked a dozen times has a dozen chances to be refused. This step
+runs every val conversation through the runtime on the artifact's GGUF with the check policy,
+observing without acting, and keeps per conversation the verdict at the prompt (which includes a
+prefill) and the highest verdict inside the answer. Refusing with a pair (prompt threshold tp,
+answer threshold ta) is then the same as either reaching its threshold (greedy generation does not
+depend on them), so one run gives every pair. The val conversations fall into three groups
+(`held_out_conversations`): attacks (every harmful example: plain, jailbreak-wrapped, prefilled),
+plain benign requests, and benign ones that look like attacks (look-dangerous, prefilled,
+jailbreak-wrapped). It picks the pair that catches the most attacks while refusing at most
+`plain_budget` of the plain benign conversations (default 2%, the false-refusal target on plain
+requests) and at most `budget` of the lookalikes (default 5%, the target on look-dangerous ones).
+An answer threshold that gains no attack is "never" (inf in the card: the runtime then checks
+only the prompt). It writes both into the card, recomputes the card's per-position metrics at them
+(end of prompt at tp, inside answers at ta) and records the calibration; `convert gguf` carries the
+pair into the model file.
 """
 from __future__ import annotations
 
@@ -40,6 +42,20 @@ def held_out_prompts(examples: list[dict], split: str, limit: int = 0) -> tuple[
     return (attacks[:limit], benign[:limit]) if limit else (attacks, benign)
 
 
+def held_out_conversations(examples: list[dict], split: str, limit: int = 0) -> dict[str, list[dict]]:
+    """One held-out split as the three groups calibration weighs (at most `limit` each when given).
+
+    attacks: every harmful example (plain, jailbreak-wrapped, prefilled); plain: benign requests as
+    users send them; lookalike: benign ones that look like attacks (look-dangerous templates,
+    prefilled, wrapped in a jailbreak template).
+    """
+    held = [e for e in examples if e["split"] == split]
+    groups = {"attacks": [e for e in held if e["label"] == 1],
+              "plain": [e for e in held if e["label"] == 0 and e["augmentation"] == "none"],
+              "lookalike": [e for e in held if e["label"] == 0 and e["augmentation"] != "none"]}
+    return {k: v[:limit] for k, v in groups.items()} if limit else groups
+
+
 def messages(e: dict) -> list[dict]:
     """The chat messages of a data example (the prefill, if any, as the assistant's opening)."""
     msgs = [{"role": "user", "content": e["prompt"]}]
@@ -48,10 +64,15 @@ def messages(e: dict) -> list[dict]:
     return msgs
 
 
-def observe(model, examples: list[dict], policy, tokens: int) -> list[list[tuple[int, float]]]:
-    """Each conversation's check trace [(tokens covered, p_unsafe)], checking by `policy` without acting."""
+def observe(model, examples: list[dict], policy, tokens: int,
+            progress: str | bool = False) -> list[list[tuple[int, float]]]:
+    """Each conversation's check trace [(tokens covered, p_unsafe)], checking by `policy` without acting.
+
+    `progress`: a label for a progress bar on stderr (False: none)."""
+    from tqdm import tqdm
     watch = replace(policy, threshold=float(np.nextafter(1.0, 0.0)), answer_threshold=None)
-    return [model.chat(messages(e), max_tokens=tokens, safety=watch).safety.trace for e in examples]
+    return [model.chat(messages(e), max_tokens=tokens, safety=watch).safety.trace
+            for e in tqdm(examples, desc=progress or None, disable=not progress, unit="conv")]
 
 
 def split_max(traces) -> np.ndarray:
@@ -65,30 +86,41 @@ def refused(rows: np.ndarray, tp: float, ta: float) -> int:
     return int(((rows[:, 0] >= tp) | (rows[:, 1] >= ta)).sum())
 
 
-def pick_pair(attacks: np.ndarray, benign: np.ndarray, budget: float, min_prompt: float = 0.0) -> tuple[float, float]:
-    """(prompt threshold, answer threshold) catching the most attacks with at most `budget` of benign refused.
+def pick_pair(attacks: np.ndarray, limits) -> tuple[float, float]:
+    """(prompt threshold, answer threshold) catching the most attacks while every benign group keeps its budget.
 
-    Rows are (prompt verdict, highest answer verdict) per conversation; the prompt threshold lies
-    in [min_prompt, 1) (a model file needs one below 1), the answer threshold may be NEVER; ties go
-    to fewer benign refused, then to the higher answer threshold. ValueError when no pair keeps
-    the budget (benign prompt verdicts at 1.0).
+    Rows are (prompt verdict, highest answer verdict) per conversation; `limits` holds one
+    (benign rows, budget) per group, each refused at most floor(budget * len(rows)) times. The
+    prompt threshold lies below 1 (a model file needs one), the answer threshold may be NEVER; ties
+    go to fewer benign refused, then to the higher answer threshold. ValueError when no pair keeps
+    every budget (benign prompt verdicts at 1.0).
     """
-    allowed = int(np.floor(budget * len(benign)))
     above = lambda v: float(np.nextafter(v, 2.0))  # noqa: E731
-    prompts = sorted({above(v) for v in benign[:, 0] if v >= min_prompt and above(v) < 1.0} | {min_prompt})
-    answers = sorted({above(v) for v in benign[:, 1]} | {0.0, NEVER})
+    everything = np.concatenate([np.asarray(r, dtype=float).reshape(-1, 2) for r, _ in limits])
+    prompts = sorted({above(v) for v in everything[:, 0] if above(v) < 1.0} | {0.0})
+    answers = np.array(sorted({above(v) for v in everything[:, 1]} | {0.0, NEVER}))
+
+    def counts(rows: np.ndarray, tp: float) -> np.ndarray:
+        """Conversations refused at tp and each answer candidate."""
+        at_prompt = rows[:, 0] >= tp
+        rest = np.sort(rows[~at_prompt, 1])
+        return int(at_prompt.sum()) + len(rest) - np.searchsorted(rest, answers, side="left")
+
     best = None
     for tp in prompts:
-        for ta in answers:
-            n = refused(benign, tp, ta)
-            if n > allowed:
-                continue
-            key = (refused(attacks, tp, ta), -n, ta, tp)
-            if best is None or key > best[0]:
-                best = (key, (tp, ta))
+        per_group = [counts(np.asarray(r, dtype=float).reshape(-1, 2), tp) for r, _ in limits]
+        ok = np.logical_and.reduce([c <= int(np.floor(b * len(r))) for c, (r, b) in zip(per_group, limits)])
+        if not ok.any():
+            continue
+        caught, total, idx = counts(attacks, tp), sum(per_group), np.flatnonzero(ok)
+        i = idx[np.lexsort((answers[idx], -total[idx], caught[idx]))[-1]]
+        key = (int(caught[i]), -int(total[i]), float(answers[i]), tp)
+        if best is None or key > best[0]:
+            best = (key, (tp, float(answers[i])))
     if best is None:
-        raise ValueError(f"no prompt threshold below 1 refuses at most {budget:.0%} of the {len(benign)} benign "
-                         f"conversations (their prompt verdicts reach 1.0)")
+        sizes = ", ".join(f"{b:.0%} of {len(r)}" for r, b in limits)
+        raise ValueError(f"no prompt threshold below 1 refuses at most {sizes} benign conversations "
+                         f"(their prompt verdicts reach 1.0)")
     return best[1]
 
 
@@ -106,8 +138,9 @@ def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
     return held, scored
 
 
-def calibrate_artifact(art_dir: Path, budget: float, *, base: Path | None = None, policy=None, tokens: int = 48,
-                       threads: int | None = None, command: str = "", limit: int = 0) -> dict:
+def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: float = 0.02, base: Path | None = None,
+                       policy=None, tokens: int = 48, threads: int | None = None, command: str = "",
+                       limit: int = 0, progress: bool = False) -> dict:
     """Calibrate the artifact's (threshold, answer_threshold) on val conversations; rewrite its card."""
     from convert.artifact import load_artifact
     from convert.fetch import base_smollm2
@@ -115,7 +148,7 @@ def calibrate_artifact(art_dir: Path, budget: float, *, base: Path | None = None
     from runtime.model import load
     from runtime.strategy import SafetyPolicy
 
-    from .cls_recipe import calibrate, metrics_for
+    from .cls_recipe import metrics_for
     from .data import build_dataset
 
     t0 = time.time()
@@ -126,37 +159,34 @@ def calibrate_artifact(art_dir: Path, budget: float, *, base: Path | None = None
         raise SystemExit(f"error: {scores_path} not found: `train cls` writes it beside the card")
     examples = build_dataset(seed=card.get("recipe", {}).get("seed", 0))
     held, scored = _held(examples, json.loads(scores_path.read_text()))
-    max_fpr = card.get("recipe", {}).get("max_fpr", 0.02)
-    vs = np.array([p for ps in scored["val"] for p in ps])
-    vy = np.array([e.label for e, ps in zip(held["val"], scored["val"]) for _ in ps])
-    per_position = calibrate(vs, vy, max_fpr)
     policy = policy or SafetyPolicy()
-    attacks, benign = held_out_prompts(examples, "val", limit)
+    groups = held_out_conversations(examples, "val", limit)
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "calibrate.gguf"
         convert_gguf(base or base_smollm2(), art, gguf, progress=False)
         model = load(gguf, threads=threads, allow_unverified=True)
         try:
-            va, vb = (split_max(observe(model, group, policy, tokens)) for group in (attacks, benign))
+            rows = {k: split_max(observe(model, g, policy, tokens, progress and f"val {k}")) for k, g in groups.items()}
         finally:
             model.close()
     try:
-        tp, ta = pick_pair(va, vb, budget, min_prompt=per_position)
+        tp, ta = pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
     except ValueError as e:
         raise SystemExit(f"error: {art_dir}: {e}") from None
     answer = math.inf if ta >= 1.0 else float(ta)  # "inf" in the card (strict JSON)
-    _, metrics = metrics_for(held, scored, max_fpr, card["metrics"].get("measured_on", ""),
-                             thresholds=(tp, answer))
+    _, metrics = metrics_for(held, scored, card.get("recipe", {}).get("max_fpr", 0.02),
+                             card["metrics"].get("measured_on", ""), thresholds=(tp, answer))
     card.update(threshold=tp, answer_threshold="inf" if math.isinf(answer) else answer, metrics=metrics)
     card["calibration"] = {
-        "method": "val conversations: the (prompt, answer) threshold pair catching the most prefill attacks "
-                  "with at most `budget` of the benign (prefilled or look-dangerous) ones refused; prompt "
-                  "threshold no lower than the per-position one",
-        "budget": budget, "per_position_threshold": round(per_position, 6), "max_fpr_per_position": max_fpr,
+        "method": "val conversations: the (prompt, answer) threshold pair catching the most harmful ones (plain, "
+                  "jailbreak-wrapped, prefilled) with at most `plain_budget` of the plain benign ones and at most "
+                  "`budget` of the benign ones that look like attacks (look-dangerous, prefilled, jailbreak-wrapped) "
+                  "refused",
+        "budget": budget, "plain_budget": plain_budget,
         "policy": {k: v for k, v in asdict(policy).items() if k not in ("threshold", "answer_threshold", "refusal")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
-        "val_attacks_caught": f"{refused(va, tp, ta)}/{len(va)}",
-        "val_benign_refused": f"{refused(vb, tp, ta)}/{len(vb)}",
+        **{f"val_{k}_{'caught' if k == 'attacks' else 'refused'}": f"{refused(r, tp, ta)}/{len(r)}"
+           for k, r in rows.items()},
         "seconds": round(time.time() - t0, 1), "command": command,
     }
     replace(art, card=card).save(art_dir)
@@ -168,20 +198,23 @@ def add_parser(sub) -> None:
                                          "rewrite the artifact's card")
     c.add_argument("artifact", type=Path)
     c.add_argument("--budget", type=float, default=0.05,
-                   help="at most this share of the val benign conversations refused (default 5%%)")
+                   help="at most this share of the val benign conversations that look like attacks refused "
+                        "(look-dangerous, prefilled, jailbreak-wrapped; default 5%%)")
+    c.add_argument("--plain-budget", type=float, default=0.02,
+                   help="at most this share of the val plain benign conversations refused (default 2%%)")
     c.add_argument("--base", type=Path, default=None, help="base GGUF (default: SmolLM2-135M-Instruct)")
     c.add_argument("--every", type=int, default=None, help="check every k tokens (default: the runtime's policy)")
     c.add_argument("--tokens", type=int, default=48, help="greedy tokens per conversation")
     c.add_argument("--threads", type=int, default=2)
-    c.add_argument("--limit", type=int, default=0, help="at most this many val attacks and benign (smoke runs)")
+    c.add_argument("--limit", type=int, default=0, help="at most this many val conversations per group (smoke runs)")
     c.set_defaults(fn=_run)
 
 
 def _run(args) -> int:
     from runtime.strategy import SafetyPolicy
     policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
-    out = calibrate_artifact(args.artifact, args.budget, base=args.base, policy=policy, tokens=args.tokens,
-                             threads=args.threads, command="python -m train " + shlex.join(args.argv),
-                             limit=args.limit)
+    out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
+                             policy=policy, tokens=args.tokens, threads=args.threads, command="python -m train " + shlex.join(args.argv),
+                             limit=args.limit, progress=True)
     print(json.dumps(out, indent=2))
     return 0
