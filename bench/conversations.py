@@ -42,7 +42,12 @@ def _first(trace, thr, answer_thr):
 
 
 def _fmt(t: float) -> str:
-    return "never" if t >= 1.0 else f"{t:.4f}"
+    return "never" if t >= 1.0 else f"{t:.6f}" if t > 0.999 else f"{t:.4f}"
+
+
+def _name(path: Path) -> str:
+    """A file's name for the tables; its folder's too when the name alone is generic."""
+    return path.name[:40] if path.name.startswith("SmolLM2") else f"{path.parent.name}/{path.name}"[-40:]
 
 
 def _auroc(pos, neg):
@@ -93,9 +98,9 @@ def main(argv=None) -> int:
             lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
             counts = " | ".join(f"{refused(rows[s][g], tp, ta)}/{len(rows[s][g])}" for s in ("val", "test")
                                 for g in GROUPS)
-            print(f"| {model.path.name[:40]}, {name} | {tp:.4f} / {_fmt(ta)} | {counts} | {lat} | {auc:.3f} |",
+            print(f"| {_name(model.path)}, {name} | {tp:.4f} / {_fmt(ta)} | {counts} | {lat} | {auc:.3f} |",
                   flush=True)
-        print("\n" + _families(model.path.name, groups, traces, *own) + "\n", flush=True)
+        print("\n" + _families(_name(model.path), groups, traces, *own) + "\n", flush=True)
         saved[str(model.path)] = traces
         model.close()
     if args.save:
