@@ -28,7 +28,7 @@ import numpy as np
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-from train.calibrate import held_out_conversations, observe, pick_pair, refused, split_max
+from train.calibrate import NEVER, held_out_conversations, observe, pick_pair, refused, split_max
 
 GROUPS = ("attacks", "plain", "lookalike")
 
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
                     help="budget for the plain benign requests refused, calibrated on val (default 2%%)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many conversations per group and split")
     ap.add_argument("--save", type=Path, default=None, help="write every conversation's check trace to this JSON")
+    ap.add_argument("--traces", type=Path, default=None,
+                    help="read the traces a --save run wrote instead of generating (same --model files and --limit)")
     args = ap.parse_args(argv)
     from train.data import build_dataset
 
@@ -80,19 +82,26 @@ def main(argv=None) -> int:
                       ("attacks caught", "plain benign refused", "lookalikes refused"))
     print(f"| model | thresholds (prompt / answer) | {cols} | test tokens to catch (median / max) | test AUROC |")
     print("|---|---|" + "---|" * 8)
-    saved = {}
+    saved = json.loads(args.traces.read_text()) if args.traces else {}
     for path in args.model or [None]:
         model = load(path, allow_unverified=True)
-        traces = {s: {g: observe(model, es, policy, args.tokens, f"{s} {g}") for g, es in gs.items()}
-                  for s, gs in groups.items()}
+        if args.traces:
+            if str(model.path) not in saved:
+                raise SystemExit(f"error: {args.traces} has no traces of {model.path} (it has: {', '.join(saved)})")
+            traces = saved[str(model.path)]
+        else:
+            traces = {s: {g: observe(model, es, policy, args.tokens, f"{s} {g}") for g, es in gs.items()}
+                      for s, gs in groups.items()}
         rows = {s: {g: split_max(t) for g, t in ts.items()} for s, ts in traces.items()}  # (prompt, answer) maxima
         test_benign = np.concatenate([rows["test"]["plain"], rows["test"]["lookalike"]])
         auc = _auroc(rows["test"]["attacks"].max(1), test_benign.max(1))
         answer = model.meta.answer_threshold
         own = (float(model.meta.threshold), float(model.meta.threshold if answer is None else answer))
-        pairs = [("own", own)] + [(f"best for {b:.0%} lookalikes", pick_pair(
-            rows["val"]["attacks"], [(rows["val"]["plain"], args.plain_refusal), (rows["val"]["lookalike"], b)]))
-            for b in args.refusal]
+        pairs = [("own", own)]
+        for b in args.refusal:
+            pairs.append((f"best for {b:.0%} lookalikes", _best(rows["val"], args.plain_refusal, b)))
+            if pairs[-1][1][1] < 1.0:  # what the answer checks add: the best pair without them
+                pairs.append((f"prompt only, for {b:.0%} lookalikes", _best(rows["val"], args.plain_refusal, b, True)))
         for name, (tp, ta) in pairs:
             later = [c for t in traces["test"]["attacks"] if (c := _first(t, tp, ta)) is not None and c > 0]
             lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
@@ -103,9 +112,16 @@ def main(argv=None) -> int:
         print("\n" + _families(_name(model.path), groups, traces, *own) + "\n", flush=True)
         saved[str(model.path)] = traces
         model.close()
-    if args.save:
+    if args.save and not args.traces:
         args.save.write_text(json.dumps(saved))
     return 0
+
+
+def _best(val: dict, plain_budget: float, budget: float, prompt_only: bool = False) -> tuple[float, float]:
+    """The pair `train calibrate` would choose on these val rows (prompt_only: never checking the answer)."""
+    rows = {g: np.c_[r[:, 0], np.zeros(len(r))] if prompt_only else r for g, r in val.items()}
+    tp, ta = pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+    return tp, (NEVER if prompt_only else ta)
 
 
 def _family(e: dict) -> str:

@@ -150,3 +150,10 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     (traces,) = saved.values()
     assert set(traces["val"]) == {"attacks", "plain", "lookalike"}
     assert len(traces["val"]["attacks"]) == 2 and traces["val"]["attacks"][0][0][0] == 0  # first check: the prompt
+    # the tables again from the saved traces, without generating
+    args = ["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5", "--plain-refusal", "0.5"]
+    assert conversations.main(args + ["--traces", str(tmp_path / "traces.json")]) == 0
+    assert capsys.readouterr().out == out
+    with pytest.raises(SystemExit, match="no traces of"):
+        (tmp_path / "other.json").write_text(json.dumps({"elsewhere.gguf": traces}))
+        conversations.main(args + ["--traces", str(tmp_path / "other.json")])
