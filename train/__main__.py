@@ -6,8 +6,8 @@
 conversations (train/calibrate.py). The default artifact in runtime/assets/smollm2-135m was
 produced by (then its four files copied there):
 
-    python -m train cls --out /tmp/art-v6 --epochs 10 --own-answers --own-hardneg --kv-cache /tmp/v6/kv.npy
-    python -m train calibrate /tmp/art-v6
+    python -m train cls --out /tmp/art-v5 --epochs 8 --own-answers --own-hardneg
+    python -m train calibrate /tmp/art-v5
 
 Metrics in its card are measured on the converted GGUF by llama.cpp (the runtime's own path),
 on the validation split (calibration) and the held-out test split (reported).
