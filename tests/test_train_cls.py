@@ -114,3 +114,19 @@ def test_report_names_a_directory_without_a_card(tmp_path):
     from train.__main__ import main
     with pytest.raises(SystemExit, match="card.json not found.*not a safety artifact"):
         main(["report", str(tmp_path)])
+
+
+def test_report_states_the_calibration_of_old_and_new_cards():
+    import json
+
+    from runtime.default_model import ASSET
+    from train.__main__ import metrics_table
+    card = json.loads((ASSET / "card.json").read_text())  # calibrated on every val conversation
+    line = metrics_table(card).splitlines()[-1]
+    cal = card["calibration"]
+    assert f"val attacks caught {cal['val_attacks_caught']}" in line
+    assert f"plain benign refused {cal['val_plain_refused']}" in line and "lookalikes refused" in line
+    assert "inside answers never" in line or "inside answers 0." in line
+    # a card of the previous calibration (prefill attacks and lookalikes only) still reads
+    old = dict(card, calibration={"budget": 0.05, "val_attacks_caught": "29/47", "val_benign_refused": "6/138"})
+    assert "benign refused 6/138" in metrics_table(old).splitlines()[-1]
