@@ -135,6 +135,8 @@ def cmd_verify(a) -> int:
     import json
 
     from .stamp import stamp_of, write_stamped
+    from runtime.strategy import SafetyPolicy
+
     from .verify import markdown, run_verify
 
     if a.json:
@@ -145,6 +147,10 @@ def cmd_verify(a) -> int:
     ps = summary["prompt_set"]
     print(f"\n{ps['n']} prompts ({ps['name']} v{ps['version']}), {a.tokens} greedy tokens; reference: torch "
           f"float32 of {a.reference or 'each model itself'}; bar: verdict agreement >= 99%, mean abs dp <= 0.02")
+    for r in results:
+        if r.answer_threshold is not None:  # its checks inside the answer act, so they were compared too
+            print(f"{Path(r.model).name}: {r.n_checks} checks compared, the end of each prompt and every "
+                  f"{SafetyPolicy().every} tokens of its answer (answer threshold {r.answer_threshold:.4f})")
     if a.record:
         for r in results:
             write_stamped(r.model, r.model, stamp_of(r, ps, summary["bar"]))

@@ -23,7 +23,8 @@ def stamp_of(result, prompt_set: dict, bar: dict) -> dict[str, str]:
     rec = {"prompt_set": f"{prompt_set.get('name')} v{prompt_set.get('version')}",
            "n_prompts": result.n_prompts, "tokens": result.n_tokens,
            "reference": Path(result.reference).name, "weights": result.weights, "head_rows": result.embedding,
-           "threshold": round(result.threshold, 6),
+           "threshold": round(result.threshold, 6), "checks": result.n_checks,
+           **({} if result.answer_threshold is None else {"answer_threshold": round(result.answer_threshold, 6)}),
            "verdict_agreement": round(result.verdict_agreement, 6), "mean_abs_dp": round(result.mean_abs_dp, 6),
            "max_abs_dp": round(result.max_abs_dp, 6), "token_agreement": round(result.token_agreement, 6),
            "bar": bar}

@@ -14,8 +14,11 @@ its first 24, is kept for reproducing older figures) the prompt is tokenized the
   prompt's keys/values, with the [CLS] row and head rows read from REF's own matrices.
 
 Metrics per model: next-token agreement (the fraction of the first N greedy tokens that match
-before the first divergence, averaged over prompts), mean and max |delta p_unsafe| at the
-end-of-prompt check, and verdict agreement at MODEL's calibrated threshold (`safety.threshold`).
+before the first divergence, averaged over prompts), mean and max |delta p_unsafe| and verdict
+agreement over the checks MODEL acts on: the end-of-prompt check at its calibrated threshold
+(`safety.threshold`) and, when its answer threshold lets checks inside the answer act (finite, or
+absent: one threshold for every check), a check every `SafetyPolicy().every` tokens of MODEL's own
+greedy answer at that threshold, the same answer tokens teacher-forced into the reference.
 The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02 (on v2's 100
 prompts one flipped verdict is 0.99, on v1's 24 it is 0.958).
 
@@ -129,19 +132,35 @@ class TorchReference:
         return p_unsafe, out
 
 
+    def answer_verdicts(self, tokens: list[int], answer: list[int], covered: list[int]) -> list[float]:
+        """p_unsafe of a [CLS] after the prompt plus the first c answer tokens, for each c in `covered`."""
+        if not covered:
+            return []
+        torch = self.torch
+        with torch.no_grad():
+            kv5, _ = self.m.prefill(torch.tensor([tokens + answer[:max(covered)]]))
+            ends = torch.tensor([len(tokens) + c for c in covered])
+            hid = self.m.cls_forward(self.cls_row, kv5.expand(-1, -1, len(covered), -1, -1, -1), ends)
+            return [float(p) for p in torch.softmax((hid @ self.head.T).double(), -1)[:, 1]]
+
+
 # -- llama.cpp (the runtime's path) ------------------------------------------------------------
 
-def _llama_run(backend, tokens: list[int], n_new: int, is_eog) -> tuple[float, list[int]]:
+def _llama_run(backend, tokens: list[int], n_new: int, is_eog,
+               every: int = 0) -> tuple[float, list[int], list[tuple[int, float]]]:
+    """End-of-prompt p_unsafe, the greedy answer, and [(tokens covered, p_unsafe)] every `every` tokens."""
     from runtime.backends.base import Sampling
     p = backend.start(tokens, Sampling(), check=True)
-    out = []
+    out, checks = [], []
     for step in range(n_new):
         t = backend.sample()
         out.append(t)
         if is_eog(t) or step == n_new - 1:
             break
-        backend.advance(t, check=False)
-    return float(p), out
+        q = backend.advance(t, check=bool(every) and (step + 1) % every == 0)
+        if q is not None:
+            checks.append((step + 1, float(q)))
+    return float(p), out, checks
 
 
 def _agreement(a: list[int], b: list[int], n: int) -> float:
@@ -181,6 +200,8 @@ class ModelResult:
     by_kind: dict = field(default_factory=dict)
     prompts: list = field(default_factory=list)
     seconds: float = 0.0
+    answer_threshold: float | None = None  # None: the answer is not checked (its checks cannot act)
+    n_checks: int = 0                        # checks compared: one per prompt plus those inside answers
 
 
 def _open(model: Path, threads: int | None):
@@ -212,6 +233,7 @@ def _open(model: Path, threads: int | None):
 def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tokens: int = 32,
                  threads: int | None = None, ref_cache: dict | None = None, log=None) -> ModelResult:
     from runtime.prompt import build_prompt, prompt_tokens
+    from runtime.strategy import SafetyPolicy
 
     model = Path(model)
     t0 = time.perf_counter()
@@ -222,6 +244,8 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
         raise VerifyError(f"{model} has safety token ids {meta.token_ids} and {mf.n_vocab} tokens; the reference "
                           f"{ref.path.name} has {ref.ids} and {ref.m.cfg.n_vocab}: not the same model")
     bos = mf.bos if mf.add_bos else None
+    answer_thr = meta.threshold if meta.answer_threshold is None else meta.answer_threshold
+    every = SafetyPolicy().every if math.isfinite(answer_thr) else 0   # checks inside answers act: verify them
     rows = []
     ref_cache = {} if ref_cache is None else ref_cache
     try:
@@ -230,15 +254,17 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
         runs = []
         for pr in prompt_set["prompts"]:
             toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf.tokenize, bos)
-            runs.append((pr, toks, *_llama_run(backend, toks, n_tokens, mf.is_eog)))
-        for pr, toks, p_m, out_m in runs:
+            runs.append((pr, toks, *_llama_run(backend, toks, n_tokens, mf.is_eog, every)))
+        for pr, toks, p_m, out_m, checks in runs:
             key = (tuple(toks), n_tokens)
             if key not in ref_cache:
                 ref_cache[key] = ref.run(toks, n_tokens, mf.is_eog)
             p_r, out_r = ref_cache[key]
+            along = ref.answer_verdicts(toks, out_m, [c for c, _ in checks])
             rows.append({"id": pr["id"], "kind": pr["kind"], "prompt_tokens": len(toks),
                          "p_unsafe": p_m, "p_unsafe_ref": p_r, "abs_dp": abs(p_m - p_r),
                          "verdict": p_m >= meta.threshold, "verdict_ref": p_r >= meta.threshold,
+                         "answer_checks": [[c, q, q_r] for (c, q), q_r in zip(checks, along)],
                          "agreement": _agreement(out_m, out_r, n_tokens),
                          "tokens": out_m, "tokens_ref": out_r})
             if log:
@@ -248,12 +274,14 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
         mf.close()
 
     def agg(rs):
-        n = len(rs)
-        return {"n": n,
-                "token_agreement": sum(r["agreement"] for r in rs) / n,
-                "mean_abs_dp": sum(r["abs_dp"] for r in rs) / n,
-                "max_abs_dp": max(r["abs_dp"] for r in rs),
-                "verdict_agreement": sum(r["verdict"] == r["verdict_ref"] for r in rs) / n}
+        # every check the file acts on: (p_unsafe, reference p_unsafe, its threshold)
+        cs = [(r["p_unsafe"], r["p_unsafe_ref"], meta.threshold) for r in rs] + \
+             [(q, q_r, answer_thr) for r in rs for _, q, q_r in r["answer_checks"]]
+        return {"n": len(rs), "n_checks": len(cs),
+                "token_agreement": sum(r["agreement"] for r in rs) / len(rs),
+                "mean_abs_dp": sum(abs(q - q_r) for q, q_r, _ in cs) / len(cs),
+                "max_abs_dp": max(abs(q - q_r) for q, q_r, _ in cs),
+                "verdict_agreement": sum((q >= t) == (q_r >= t) for q, q_r, t in cs) / len(cs)}
 
     a = agg(rows)
     kinds = {}
@@ -263,7 +291,7 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
     return ModelResult(str(model), str(ref.path), facts["weights"], facts["head"],
                        a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
                        a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
-                       round(time.perf_counter() - t0, 1))
+                       round(time.perf_counter() - t0, 1), answer_thr if every else None, a["n_checks"])
 
 
 def markdown(results: list[ModelResult]) -> str:
