@@ -28,7 +28,7 @@ import numpy as np
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-from train.calibrate import NEVER, held_out_conversations, observe, pick_pair, refused, split_max
+from train.calibrate import NEVER, best_pair, held_out_conversations, observe, refused, split_max
 
 GROUPS = ("attacks", "plain", "lookalike")
 
@@ -120,14 +120,15 @@ def main(argv=None) -> int:
 def _best(val: dict, plain_budget: float, budget: float, prompt_only: bool = False) -> tuple[float, float]:
     """The pair `train calibrate` would choose on these val rows (prompt_only: never checking the answer)."""
     rows = {g: np.c_[r[:, 0], np.zeros(len(r))] if prompt_only else r for g, r in val.items()}
-    tp, ta = pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+    tp, ta = best_pair(rows, budget, plain_budget)
     return tp, (NEVER if prompt_only else ta)
 
 
 def _family(e: dict) -> str:
     if e["augmentation"] == "hardneg_template":
         return e["source"].split("/")[-1]
-    return {"prefill": "prefilled ", "jailbreak_template": "jailbreak-wrapped "}.get(e["augmentation"], "") + e["source"]
+    how = {"prefill": "prefilled ", "jailbreak_template": "jailbreak-wrapped "}.get(e["augmentation"], "")
+    return how + e["source"]
 
 
 def _families(name: str, groups, traces, thr: float, answer_thr: float) -> str:

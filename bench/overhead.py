@@ -17,8 +17,9 @@ spreads over all of them; the table shows medians over `--runs`.
   default `SafetyPolicy()`, each with threshold 0.999999 so no verdict ends a run early (a check
   costs the same whatever its verdict); the default keeps the model file's answer threshold, so
   a model calibrated to check only the prompt (`train calibrate`) is measured that way. In both
-  decode-loop modes (`native=True`: the C loop; `native=False`: the pure-Python loop) when the runtime has the switch; with `--onnx`, the same
-  policies on `backend="onnx"` (CUDA provider with `--n-gpu-layers` when onnxruntime has it).
+  decode-loop modes (`native=True`: the C loop; `native=False`: the pure-Python loop) when the
+  runtime has the switch; with `--onnx`, the same policies on `backend="onnx"` (CUDA provider
+  with `--n-gpu-layers` when onnxruntime has it).
 
 Columns: tokens/s = generated tokens / wall time of the call (the runtime's prompt formatting,
 the prefill and the hold-back included; the footer gives what formatting costs per call); time vs

@@ -135,9 +135,7 @@ def cmd_verify(a) -> int:
     import json
 
     from .stamp import stamp_of, write_stamped
-    from runtime.strategy import SafetyPolicy
-
-    from .verify import markdown, run_verify
+    from .verify import answer_every, markdown, run_verify
 
     if a.json:
         _check_writable(Path(a.json))
@@ -150,7 +148,7 @@ def cmd_verify(a) -> int:
     for r in results:
         if r.answer_threshold is not None:  # its checks inside the answer act, so they were compared too
             print(f"{Path(r.model).name}: {r.n_checks} checks compared, the end of each prompt and every "
-                  f"{SafetyPolicy().every} tokens of its answer (answer threshold {r.answer_threshold:.4f})")
+                  f"{answer_every()} tokens of its answer (answer threshold {r.answer_threshold:.4f})")
     if a.record:
         for r in results:
             write_stamped(r.model, r.model, stamp_of(r, ps, summary["bar"]))

@@ -48,6 +48,12 @@ class VerifyError(RuntimeError):
     pass
 
 
+def answer_every() -> int:
+    """Tokens between the checks inside an answer that verify compares: the runtime's default cadence."""
+    from runtime.strategy import SafetyPolicy
+    return SafetyPolicy().every
+
+
 def load_prompts(path: str | Path = PROMPTS) -> dict:
     try:
         d = json.loads(Path(path).read_text())
@@ -233,7 +239,6 @@ def _open(model: Path, threads: int | None):
 def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tokens: int = 32,
                  threads: int | None = None, ref_cache: dict | None = None, log=None) -> ModelResult:
     from runtime.prompt import build_prompt, prompt_tokens
-    from runtime.strategy import SafetyPolicy
 
     model = Path(model)
     t0 = time.perf_counter()
@@ -245,7 +250,7 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
                           f"{ref.path.name} has {ref.ids} and {ref.m.cfg.n_vocab}: not the same model")
     bos = mf.bos if mf.add_bos else None
     answer_thr = meta.threshold if meta.answer_threshold is None else meta.answer_threshold
-    every = SafetyPolicy().every if math.isfinite(answer_thr) else 0   # checks inside answers act: verify them
+    every = answer_every() if math.isfinite(answer_thr) else 0   # checks inside answers act: verify them
     rows = []
     ref_cache = {} if ref_cache is None else ref_cache
     try:

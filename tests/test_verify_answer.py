@@ -6,6 +6,8 @@ import pytest
 
 from convert.gguf_safe import convert_gguf
 from convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
+from runtime.backends.llama import LlamaModelFile
+from runtime.prompt import build_prompt, prompt_tokens
 from tests.tiny_model import random_artifact
 
 
@@ -28,13 +30,12 @@ def test_answer_checks_are_verified_against_the_reference(tiny_safe, prompts):
     assert max(dps) < 0.01 and r.passed
     # and they are the verdicts of [CLS] after those tokens: a prefix of another length differs
     row = next(row for row in r.prompts if len(row["answer_checks"]) == 2)
-    from runtime.backends.llama import LlamaModelFile
-    from runtime.prompt import build_prompt, prompt_tokens
     mf = LlamaModelFile(tiny_safe)
     pr = next(p for p in prompts["prompts"] if p["id"] == row["id"])
     toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf.tokenize, mf.bos if mf.add_bos else None)
     mf.close()
-    assert ref.answer_verdicts(toks, row["tokens"], [4, 8]) == pytest.approx([q_r for _, _, q_r in row["answer_checks"]])
+    along = [q_r for _, _, q_r in row["answer_checks"]]
+    assert ref.answer_verdicts(toks, row["tokens"], [4, 8]) == pytest.approx(along)
     assert ref.answer_verdicts(toks, row["tokens"], [5])[0] != pytest.approx(row["answer_checks"][0][2], abs=1e-9)
 
 

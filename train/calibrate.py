@@ -124,6 +124,11 @@ def pick_pair(attacks: np.ndarray, limits) -> tuple[float, float]:
     return best[1]
 
 
+def best_pair(rows: dict, budget: float, plain_budget: float) -> tuple[float, float]:
+    """`pick_pair` over the three groups of `held_out_conversations` (rows per group, as `split_max` gives)."""
+    return pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+
+
 def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
     """The card's val/test examples (as metrics_for wants them) and their per-position scores."""
     by_id = {e["id"]: e for e in examples}
@@ -170,7 +175,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         finally:
             model.close()
     try:
-        tp, ta = pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+        tp, ta = best_pair(rows, budget, plain_budget)
     except ValueError as e:
         raise SystemExit(f"error: {art_dir}: {e}") from None
     answer = math.inf if ta >= 1.0 else float(ta)  # "inf" in the card (strict JSON)
@@ -214,7 +219,7 @@ def _run(args) -> int:
     from runtime.strategy import SafetyPolicy
     policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
-                             policy=policy, tokens=args.tokens, threads=args.threads, command="python -m train " + shlex.join(args.argv),
-                             limit=args.limit, progress=True)
+                             policy=policy, tokens=args.tokens, threads=args.threads,
+                             command="python -m train " + shlex.join(args.argv), limit=args.limit, progress=True)
     print(json.dumps(out, indent=2))
     return 0

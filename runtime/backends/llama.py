@@ -270,8 +270,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         reuse=True keeps the cache cells of the longest prefix shared with what the previous
         start/advance/verdicts left there (up to the token before the first position, which is
         decoded again with its [CLS]): scoring many examples sorted by their tokens skips the
-        shared chat-template and jailbreak-template prefixes. The kept cells were computed in other batches, so verdicts
-        may differ from a fresh pass in the last bits of float rounding.
+        shared chat-template and jailbreak-template prefixes. The kept cells were computed in other
+        batches, so verdicts may differ from a fresh pass in the last bits of float rounding.
         """
         if not positions or min(positions) < 1 or max(positions) > len(tokens):
             raise ValueError(f"[CLS] positions must lie in 1..{len(tokens)}, got {positions}")
