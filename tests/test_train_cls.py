@@ -48,6 +48,21 @@ def test_cls_forward_respects_each_query_context_length(frozen):
         torch.testing.assert_close(h[q], ref[0], atol=1e-5, rtol=1e-5)
 
 
+def test_chained_side_tokens_equal_appending_them_to_the_sequence(frozen):
+    """K side rows against cached keys/values == the rows appended after the context in one causal pass."""
+    toks = list(range(10, 30))
+    kv, _ = frozen.prefill(torch.tensor([toks]))
+    rows = torch.randn(3, frozen.cfg.n_embd)
+    lens = torch.tensor([8, 20])
+    h = frozen.cls_forward(rows, kv[:, :, [0, 0]], lens)
+    for q, n in enumerate(lens.tolist()):
+        x = torch.cat([frozen.embed(torch.tensor(toks[:n])), rows])[None]
+        full, _ = frozen.forward(x, torch.arange(n + 3)[None])
+        torch.testing.assert_close(h[q], full[0, -1], atol=1e-5, rtol=1e-5)
+    one = frozen.cls_forward(rows[-1:], kv, torch.tensor([20]))  # K=1 given as (1, D) == as (D,)
+    torch.testing.assert_close(one, frozen.cls_forward(rows[-1], kv, torch.tensor([20])))
+
+
 def test_kv_cache_stores_a_prefix_once_and_serves_every_sequence_its_own_keys(frozen, tmp_path):
     a = list(range(10, 30))
     seqs = [a, a + [5, 6, 7], list(range(40, 52)), list(a), a[:7], [9, 9]]

@@ -38,14 +38,13 @@ from .llama_torch import FrozenLlama
 from .own_answers import add_own_answers
 
 
-def cmd_cls(args) -> int:
+def training_set(args, base: Path):
+    """The data as `train cls` trains on it: (model file, examples by split, training sequences, own-answers
+    record or None, stage seconds). Deterministic in the arguments (seed, max_tokens, max_plain, own_*)."""
     from runtime.backends.llama import LlamaModelFile  # here: `report` and `joint` run without llama.cpp
 
-    torch.set_num_threads(args.threads)
     t0 = time.time()
-    base = Path(args.base) if args.base else base_smollm2()
     examples = data.build_dataset(seed=args.seed)
-    card_data = data.data_card(examples)
     mf = LlamaModelFile(base)
     bos = mf.bos if mf.add_bos else None
     encoded = [encode(e, mf.tokenize, mf.chat_template, bos) for e in examples]
@@ -70,6 +69,15 @@ def cmd_cls(args) -> int:
                                      hardneg=args.own_hardneg, seed=args.seed, threads=args.threads)
         stages["own_answers"] = round(time.time() - t1, 1)
         print(f"own answers: {own}")
+    return mf, examples, by_split, train, own, stages
+
+
+def cmd_cls(args) -> int:
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    base = Path(args.base) if args.base else base_smollm2()
+    mf, examples, by_split, train, own, stages = training_set(args, base)
+    card_data = data.data_card(examples)
     print(f"training on {len(train)} sequences "
           f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
     model = FrozenLlama(base)

@@ -146,8 +146,11 @@ def _drop(cache_path: Path) -> None:
 
 def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, epochs: int = 4,
               lr: float = 3e-3, seed: int = 0, max_batch_tokens: int = 6144, keep_cache: bool = False,
-              val: list[Encoded] | None = None, log=print):
+              val: list[Encoded] | None = None, side_tokens: int = 1, log=print):
     """Train the [CLS] row and head rows; return (cls_row (D,), head (2, D), info) (float32 numpy).
+
+    With side_tokens K > 1, K chained side rows are learned (a soft prompt whose last row is the
+    [CLS]; `FrozenLlama.cls_forward`) and cls_row is (K, D).
 
     With `val`, the validation [CLS] positions are scored after every epoch (torch, against
     their own cached keys/values) and the epoch with the best validation AUROC is returned.
@@ -165,7 +168,8 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
     w_pos = len(queries) / (2.0 * max(n_pos, 1))
     w_neg = len(queries) / (2.0 * max(len(queries) - n_pos, 1))
     emb = model.w["token_embd.weight"]
-    cls_row = (emb.mean(0) + 0.01 * torch.randn(emb.shape[1])).requires_grad_(True)
+    cls_row = emb.mean(0) + 0.01 * torch.randn(side_tokens, emb.shape[1])
+    cls_row = (cls_row[0] if side_tokens == 1 else cls_row).requires_grad_(True)
     head = torch.zeros(2, emb.shape[1], requires_grad=True)
     opt = torch.optim.Adam([{"params": [cls_row], "lr": lr}, {"params": [head], "lr": lr * 3}])
     steps = epochs * len(_query_batches(queries, max_batch_tokens, random.Random(0)))

@@ -145,30 +145,36 @@ class FrozenLlama:
     def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor) -> torch.Tensor:
         """Final normed hidden state of a [CLS] token placed right after a context.
 
-        cls_row: (D,) the [CLS] input embedding (may require grad).
+        cls_row: (D,) the [CLS] input embedding (may require grad), or (K, D): K chained side
+                 tokens (a learned soft prompt whose last row is the [CLS]) at positions
+                 ctx_len .. ctx_len+K-1, each attending to the context and to the side rows
+                 before it; the hidden state returned is the last one's.
         ctx_kv:  (n_layer, 2, Q, L, n_head_kv, head_dim) padded context keys/values, one per query.
         ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
                  position ctx_len and attends to context[:ctx_len] and to itself.
         """
         c = self.cfg
+        rows = cls_row.view(-1, c.n_embd)
+        K = rows.shape[0]
         Q, L = ctx_kv.shape[2], ctx_kv.shape[3]
         rep = c.n_head // c.n_head_kv
-        pos = ctx_len.view(Q, 1)
-        valid = torch.arange(L).view(1, L) < ctx_len.view(Q, 1)                 # (Q, L)
-        mask = torch.cat([valid, torch.ones(Q, 1, dtype=torch.bool)], dim=1)    # self always visible
-        bias = torch.zeros(Q, 1, 1, L + 1).masked_fill(~mask.view(Q, 1, 1, L + 1), float("-inf"))
-        x = cls_row.expand(Q, 1, c.n_embd)
+        pos = ctx_len.view(Q, 1) + torch.arange(K).view(1, K)
+        valid = (torch.arange(L).view(1, L) < ctx_len.view(Q, 1)).view(Q, 1, 1, L).expand(Q, 1, K, L)
+        causal = torch.ones(K, K, dtype=torch.bool).tril().expand(Q, 1, K, K)  # side rows see earlier ones
+        mask = torch.cat([valid, causal], dim=-1)
+        bias = torch.zeros(Q, 1, K, L + K).masked_fill(~mask, float("-inf"))
+        x = rows.expand(Q, K, c.n_embd)
         for i in range(c.n_layer):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
-            q, k, v = self._qkv(i, h, pos)                                      # (Q, 1, H, hd)
-            keys = torch.cat([ctx_kv[i, 0].to(k.dtype), k], dim=1)              # (Q, L+1, Hkv, hd)
+            q, k, v = self._qkv(i, h, pos)                                      # (Q, K, H, hd)
+            keys = torch.cat([ctx_kv[i, 0].to(k.dtype), k], dim=1)              # (Q, L+K, Hkv, hd)
             vals = torch.cat([ctx_kv[i, 1].to(v.dtype), v], dim=1)
             att = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys.repeat_interleave(rep, 2).transpose(1, 2),
                 vals.repeat_interleave(rep, 2).transpose(1, 2), attn_mask=bias)
             x = x + att.transpose(1, 2).flatten(-2) @ self.w[f"blk.{i}.attn_output.weight"].T
             x = self._mlp(i, x)
-        return self._norm(x, "output_norm.weight")[:, 0]                        # (Q, D)
+        return self._norm(x[:, -1], "output_norm.weight")                       # (Q, D)
 
     # -- the general pass (joint recipe, generation) ------------------------------------
     def to(self, device) -> "FrozenLlama":
