@@ -34,7 +34,7 @@ def _decode(ctx, batch, tokens, start, outputs):
 
 def profile(path, contexts, iters, threads):
     mf = LlamaModelFile(path)
-    cls = mf.safety_meta().token_ids[0]
+    cls = mf.safety_meta().cls_token_id
     p = ll.llama_context_default_params()
     p.n_ctx, p.n_batch, p.n_ubatch = 2048, 512, 512
     p.n_threads = p.n_threads_batch = threads

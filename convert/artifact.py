@@ -1,7 +1,7 @@
 """The safety artifact: the learned [CLS] input row, the two head rows, and its card.
 
-On disk: `<name>.safety.safetensors` (tensors `cls_embedding` (D,), `head` (2, D) with
-rows [benign, malicious]) beside `card.json` (data, recipe, metrics, calibrated threshold);
+On disk: `<name>.safety.safetensors` (tensors `cls_embedding` (D,), or (K, D) for K chained
+side tokens whose last is the [CLS], and `head` (2, D) with rows [benign, malicious]) beside `card.json` (data, recipe, metrics, calibrated threshold);
 the `joint` recipe adds `deltas.safetensors` (weight deltas, declared with their sha256 in the
 card, so `digest()` covers them), which `convert_gguf` picks up from `source`.
 """
@@ -27,14 +27,19 @@ class ArtifactError(ValueError):
 
 @dataclass
 class Artifact:
-    cls_embedding: np.ndarray  # (D,)
+    cls_embedding: np.ndarray  # (D,), or (K, D): K side tokens, the last is the [CLS]
     head: np.ndarray           # (2, D): [benign, malicious]
     card: dict
     source: Path | None = field(default=None, compare=False)  # the directory it was loaded from
 
     @property
     def hidden_size(self) -> int:
-        return int(self.cls_embedding.shape[0])
+        return int(self.cls_embedding.shape[-1])
+
+    @property
+    def side_rows(self) -> np.ndarray:
+        """(K, D): the input rows decoded at a check, in order; the last is the [CLS]."""
+        return self.cls_embedding.reshape(-1, self.hidden_size)
 
     @property
     def threshold(self) -> float:
@@ -72,8 +77,9 @@ def load_artifact(directory: str | Path) -> Artifact:
     except Exception as e:  # corrupt file: say which
         raise ArtifactError(f"{d}: cannot read the artifact: {e}") from None
     cls_row, head = t.get("cls_embedding"), t.get("head")
-    if cls_row is None or head is None or cls_row.ndim != 1 or head.shape != (2, cls_row.shape[0]):
-        raise ArtifactError(f"{d}: expected cls_embedding (D,) and head (2, D) tensors")
+    if (cls_row is None or head is None or cls_row.ndim not in (1, 2) or 0 in cls_row.shape
+            or head.shape != (2, cls_row.shape[-1])):
+        raise ArtifactError(f"{d}: expected cls_embedding (D,) or (K, D) and head (2, D) tensors")
     if not 0.0 < float(card.get("threshold", -1)) < 1.0:
         raise ArtifactError(f"{d}: card.json has no calibrated threshold in (0, 1)")
     if card.get("answer_threshold") is not None and not valid_answer_threshold(float(card["answer_threshold"])):

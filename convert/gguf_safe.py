@@ -1,7 +1,8 @@
 """Base GGUF + safety artifact -> safe GGUF (DESIGN.md section 2), with gguf-py only.
 
 Three control tokens are appended to the vocabulary: `<|safety|>` ([CLS]), `<|safe|>`,
-`<|unsafe|>`. Their rows are appended to the input embedding and, for tied models, that
+`<|unsafe|>` (an artifact with K chained side rows puts K-1 `<|safety_side_i|>` tokens before
+them and lists their ids in `safety.side_token_ids`, safety format 2). Their rows are appended to the input embedding and, for tied models, that
 same matrix is the output projection, so the [CLS] position's logits at the two label ids
 *are* the classifier logits. Untied models get the head rows in `output.weight`. Every other
 tensor is copied byte for byte. The new rows are stored in the embedding's own type
@@ -9,6 +10,7 @@ tensor is copied byte for byte. The new rows are stored in the embedding's own t
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -17,7 +19,7 @@ import numpy as np
 from .artifact import Artifact
 from .gguf_io import SKIP, ConvertError, architecture, field_kv, read_gguf, scalar_kv, write_gguf
 from .merge import load_deltas, merge_plan
-from .metadata import FORMAT_VERSION, PREFIX, SPECIAL_TOKENS, SafetyMeta
+from .metadata import MAX_CHECK_TOKENS, PREFIX, SIDE_TOKEN_IDS, SPECIAL_TOKENS, SafetyMeta, side_token_name
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ConvertError", "check_compatible", "convert_gguf", "read_gguf"]
 
@@ -41,8 +43,8 @@ def _append_rows(t: gguf.ReaderTensor, rows: np.ndarray, keep: int) -> tuple[np.
 
 
 def _safety_to_strip(reader: gguf.GGUFReader, tokens: list, where: str, force: bool) -> int:
-    """How many trailing tokens to remove before appending ours: 0 for a base, 3 for a safe model
-    re-converted with force (its safety tokens must be the last three, as this converter writes them)."""
+    """How many trailing tokens to remove before appending ours: 0 for a base, 3 (+ its side tokens) for a
+    safe model re-converted with force (its safety tokens must be the last ones, as this converter writes them)."""
     has_meta = any(k.startswith(PREFIX) for k in reader.fields)
     present = [s for s in SPECIAL_TOKENS if s in tokens]
     if not has_meta and not present:
@@ -51,14 +53,17 @@ def _safety_to_strip(reader: gguf.GGUFReader, tokens: list, where: str, force: b
     if not force:
         raise ConvertError(f"{where} already carries {what}: it is a safe model already; convert from its base "
                            "model, or pass --force (force=True) to replace its safety signal")
-    n = len(tokens)
-    ids_ok = all(int(reader.fields[PREFIX + k].contents()) == n - 3 + i
-                 for i, k in enumerate(("cls_token_id", "safe_token_id", "unsafe_token_id"))
-                 if PREFIX + k in reader.fields)
-    if list(tokens[-3:]) != list(SPECIAL_TOKENS) or any(s in tokens[:-3] for s in SPECIAL_TOKENS) or not ids_ok:
-        raise ConvertError(f"{where} carries {what} but not as the last three tokens {list(SPECIAL_TOKENS)}: "
+    side = reader.fields.get(PREFIX + SIDE_TOKEN_IDS)
+    k = len(json.loads(side.contents())) if side is not None else 0
+    ours = [side_token_name(i + 1) for i in range(k)] + list(SPECIAL_TOKENS)
+    n, m = len(tokens), len(ours)
+    ids_ok = all(int(reader.fields[PREFIX + key].contents()) == n - 3 + i
+                 for i, key in enumerate(("cls_token_id", "safe_token_id", "unsafe_token_id"))
+                 if PREFIX + key in reader.fields)
+    if list(tokens[-m:]) != ours or any(s in tokens[:-m] for s in SPECIAL_TOKENS) or not ids_ok:
+        raise ConvertError(f"{where} carries {what} but not as the last tokens {ours}: "
                            "cannot replace them, even with --force; convert from its base model")
-    return 3
+    return m
 
 
 def check_compatible(reader: gguf.GGUFReader, art: Artifact, where: str, *, force: bool = False) -> dict:
@@ -74,6 +79,8 @@ def check_compatible(reader: gguf.GGUFReader, art: Artifact, where: str, *, forc
     hidden = int(emb.shape[0])
     if art.hidden_size != hidden:
         raise ConvertError(f"the artifact is for hidden size {art.hidden_size}; {where} has {hidden}")
+    if len(art.side_rows) > MAX_CHECK_TOKENS:
+        raise ConvertError(f"the artifact has {len(art.side_rows)} side rows; at most {MAX_CHECK_TOKENS} are supported")
     if art.card.get("architecture", arch) != arch:
         raise ConvertError(f"the artifact was trained for {art.card.get('architecture')}, {where} is {arch}")
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -105,27 +112,31 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
     facts = check_compatible(reader, art, str(base), force=force)
     merged = merge_plan(reader, art.card, deltas, str(base))  # joint recipe: weight deltas (convert/merge.py)
     n_vocab, tied, arch = facts["n_vocab"], facts["tied"], facts["arch"]
-    cls_id, safe_id, unsafe_id = n_vocab, n_vocab + 1, n_vocab + 2
-    meta = SafetyMeta(FORMAT_VERSION, cls_id, safe_id, unsafe_id, art.threshold,
+    rows = art.side_rows                     # (K, D): K-1 side tokens, then the [CLS]
+    k = len(rows)
+    side_ids = tuple(range(n_vocab, n_vocab + k - 1))
+    cls_id, safe_id, unsafe_id = n_vocab + k - 1, n_vocab + k, n_vocab + k + 1
+    meta = SafetyMeta(2 if side_ids else 1, cls_id, safe_id, unsafe_id, art.threshold,
                       base_model=str(art.card.get("base_model", base_name or Path(base).name)),
                       trained_with=str(art.card.get("trained_with", art.digest()[:16])),
-                      metrics=art.card.get("metrics", {}), answer_threshold=art.answer_threshold)
-    zeros = np.zeros_like(art.cls_embedding)
+                      metrics=art.card.get("metrics", {}), answer_threshold=art.answer_threshold,
+                      side_token_ids=side_ids)
     if tied:
-        emb_rows = np.stack([art.cls_embedding, art.head[0], art.head[1]])
+        emb_rows = np.concatenate([rows, art.head])
         out_rows = None
-    else:  # the label tokens are never fed: zero input rows; the [CLS] is never predicted: zero output row
-        emb_rows = np.stack([art.cls_embedding, zeros, zeros])
-        out_rows = np.stack([zeros, art.head[0], art.head[1]])
+    else:  # the label tokens are never fed: zero input rows; side tokens are never predicted: zero output rows
+        emb_rows = np.concatenate([rows, np.zeros_like(art.head)])
+        out_rows = np.concatenate([np.zeros_like(rows), art.head])
+    names = [side_token_name(i + 1) for i in range(k - 1)] + list(SPECIAL_TOKENS)
 
-    appended = {"tokenizer.ggml.tokens": list(SPECIAL_TOKENS),
-                "tokenizer.ggml.token_type": [int(gguf.TokenType.CONTROL)] * 3,
-                "tokenizer.ggml.scores": [0.0] * 3}
+    appended = {"tokenizer.ggml.tokens": names,
+                "tokenizer.ggml.token_type": [int(gguf.TokenType.CONTROL)] * len(names),
+                "tokenizer.ggml.scores": [0.0] * len(names)}
 
     def value(key: str, field):  # None: copy as is
         if key in appended:
             return list(field.contents())[:n_vocab] + appended[key]
-        return n_vocab + 3 if key == f"{arch}.vocab_size" else None
+        return n_vocab + len(names) if key == f"{arch}.vocab_size" else None
 
     # the old safety.* keys go (only with force): this artifact's are written instead
     kv = [field_kv(k, f, value(k, f)) for k, f in reader.fields.items()

@@ -8,10 +8,18 @@ import json
 import math
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the highest this code reads; a file is written as 1 unless it has side tokens
 PREFIX = "safety."
 CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN = "<|safety|>", "<|safe|>", "<|unsafe|>"
 SPECIAL_TOKENS = (CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN)
+# optional (format 2): the ids of K-1 learned side tokens decoded, in order, right before the [CLS]
+# at every check (a soft prompt; nothing real attends to them either); a JSON list as a string
+SIDE_TOKEN_IDS = "side_token_ids"
+MAX_CHECK_TOKENS = 16  # side tokens + [CLS] (cpp_ext/loop.c MAX_SIDE)
+
+
+def side_token_name(i: int) -> str:
+    return f"<|safety_side_{i}|>"
 KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "threshold",
         "base_model", "trained_with", "metrics")
 # optional: the threshold for the checks after the prompt (inside the answer); absent = `threshold`,
@@ -38,10 +46,12 @@ class SafetyMeta:
     trained_with: str = ""
     metrics: dict = field(default_factory=dict)
     answer_threshold: float | None = None
+    side_token_ids: tuple[int, ...] = ()
 
     @property
-    def token_ids(self) -> tuple[int, int, int]:
-        return (self.cls_token_id, self.safe_token_id, self.unsafe_token_id)
+    def token_ids(self) -> tuple[int, ...]:
+        """(*side, cls, safe, unsafe): a check decodes all but the last two; none is ever sampled or typed."""
+        return (*self.side_token_ids, self.cls_token_id, self.safe_token_id, self.unsafe_token_id)
 
     def to_kv(self) -> dict[str, object]:
         """Key/value pairs to write (ints as ints, the metrics as a JSON string)."""
@@ -54,7 +64,8 @@ class SafetyMeta:
             PREFIX + "base_model": self.base_model,
             PREFIX + "trained_with": self.trained_with,
             PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
-        } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: float(self.answer_threshold)})
+        } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: float(self.answer_threshold)}) \
+          | ({PREFIX + SIDE_TOKEN_IDS: json.dumps(list(self.side_token_ids))} if self.side_token_ids else {})
 
     @classmethod
     def from_kv(cls, kv: dict[str, str], n_vocab: int, where: str = "model") -> "SafetyMeta":
@@ -70,18 +81,24 @@ class SafetyMeta:
             metrics = json.loads(kv.get(PREFIX + "metrics") or "{}")
             answer = kv.get(PREFIX + ANSWER_THRESHOLD)
             answer = None if answer is None else float(answer)
+            side = tuple(int(i) for i in json.loads(kv.get(PREFIX + SIDE_TOKEN_IDS) or "[]"))
         except (ValueError, TypeError) as e:
             raise MetadataError(f"{where} has malformed safety metadata: {e}") from None
         if version > FORMAT_VERSION:
             raise MetadataError(f"{where} uses safety format {version}; this runtime reads up to {FORMAT_VERSION}")
-        if len(set(ids)) != 3 or not all(0 <= i < n_vocab for i in ids):
+        if len(side) + 1 > MAX_CHECK_TOKENS:
+            raise MetadataError(f"{where} lists {len(side)} side tokens; at most {MAX_CHECK_TOKENS - 1} are supported")
+        if side and version < 2:
+            raise MetadataError(f"{where} lists side tokens but declares safety format {version} (side tokens need 2)")
+        ids = [*side, *ids]
+        if len(set(ids)) != len(ids) or not all(0 <= i < n_vocab for i in ids):
             raise MetadataError(f"{where} has invalid safety token ids {ids} for a vocabulary of {n_vocab}")
         if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
             raise MetadataError(f"{where} has an invalid safety threshold {threshold}")
         if answer is not None and not valid_answer_threshold(answer):
             raise MetadataError(f"{where} has an invalid answer threshold {answer} (needs (0, 1) or inf)")
-        return cls(version, *ids, threshold, kv.get(PREFIX + "base_model", ""),
-                   kv.get(PREFIX + "trained_with", ""), metrics, answer)
+        return cls(version, *ids[len(side):], threshold, kv.get(PREFIX + "base_model", ""),
+                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side)
 
 
 # -- the verification stamp (written by `convert quantize` / `convert verify --record`) ---------------

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import gguf
 
-from .metadata import PREFIX
+from .metadata import PREFIX, MetadataError, SafetyMeta
 
 PROMPTS_V1 = Path(__file__).with_name("verify_prompts_v1.json")
 PROMPTS = Path(__file__).with_name("verify_prompts_v2.json")   # the default
@@ -89,12 +89,13 @@ class TorchReference:
             raise VerifyError(f"cannot load the reference {self.path} in torch: {e}") from None
         reader = gguf.GGUFReader(str(self.path))
         f = reader.fields
+        kv = {k: str(v.contents()) for k, v in f.items() if k.startswith(PREFIX)}
         try:
-            self.ids = tuple(int(f[PREFIX + k].contents()) for k in ("cls_token_id", "safe_token_id", "unsafe_token_id"))
-        except KeyError:
-            raise VerifyError(f"the reference {self.path} has no safety metadata: it is not a safe model") from None
-        cls_id, safe_id, unsafe_id = self.ids
-        self.cls_row = self.m.w["token_embd.weight"][cls_id]
+            self.ids = SafetyMeta.from_kv(kv, self.m.cfg.n_vocab, where=f"the reference {self.path}").token_ids
+        except MetadataError as e:
+            raise VerifyError(str(e)) from None
+        safe_id, unsafe_id = self.ids[-2:]
+        self.cls_row = self.m.w["token_embd.weight"][list(self.ids[:-2])]  # (K, D): side tokens, then [CLS]
         self.head = self.m.output_matrix()[[safe_id, unsafe_id]]   # (2, D): [safe, unsafe]
 
     def _step(self, kv: list, token: int, pos: int):

@@ -1,8 +1,9 @@
 /* runtime._native.Loop: the per-token decode loop of strategic decoding, in C, GIL released.
  *
  * The prompt is prefilled (and checked) from Python; after that, `Loop.run()` samples with
- * llama.cpp's sampler chain, decodes `[token at n]` or `[token at n, [CLS] at n+1]` at check
- * steps, reads p_unsafe from the [CLS] row, removes the [CLS] cell from the KV cache and keeps
+ * llama.cpp's sampler chain, decodes `[token at n]` or `[token at n, side tokens at n+1.., [CLS]]` at
+ * check steps (a plain model has no side tokens: `[token, [CLS]]`), reads p_unsafe from the [CLS] row,
+ * removes those cells from the KV cache and keeps
  * the hold-back bookkeeping, all without the GIL. It comes back to Python only when there is
  * something to hand over: tokens cleared by a safe verdict ("release"), an unsafe verdict that
  * must stop generation ("unsafe"), the end ("done") or a llama.cpp failure ("error"). Each
@@ -52,6 +53,7 @@ typedef int32_t (*piece_fn)(const void *vocab, llama_token token, char *buf, int
 enum { WHY_EVERY, WHY_MAX_GAP, WHY_ENTROPY, WHY_MARGIN, WHY_SENTENCE, WHY_END, WHY_NONE };
 static const char *WHY[] = {"every", "max_gap", "entropy", "margin", "sentence", "end"};
 enum { EV_NONE, EV_RELEASE, EV_UNSAFE, EV_DONE, EV_ERROR };
+#define MAX_SIDE 16 /* tokens a check decodes after the real one: side tokens, then the [CLS] */
 static const char *EVENT[] = {"none", "release", "unsafe", "done", "error"};
 
 typedef struct {
@@ -63,7 +65,8 @@ typedef struct {
     is_eog_fn is_eog;
     piece_fn piece;
     void *ctx, *mem, *smpl, *vocab;
-    int cls_id, safe_id, unsafe_id, n_vocab, n_ctx, n_prompt, n_past, row;
+    llama_token side[MAX_SIDE]; /* what a check decodes; the last is the [CLS] */
+    int n_side, safe_id, unsafe_id, n_vocab, n_ctx, n_prompt, n_past, row;
     /* policy (runtime.strategy.SafetyPolicy) */
     int enabled, every, max_gap, sentence_ends, patience, max_tokens;
     double entropy_trigger, margin_trigger, threshold; /* NaN: trigger off */
@@ -84,22 +87,30 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Decode the token at n_past (+ the side [CLS] at n_past+1); *p = p_unsafe for a check. */
+/* Decode the token at n_past (+ the side tokens ending in [CLS] at n_past+1..); *p = p_unsafe for a check. */
 static int advance(Loop *L, llama_token tok, int check, double *p) {
-    llama_token toks[2] = {tok, (llama_token)L->cls_id};
-    llama_pos pos[2] = {L->n_past, L->n_past + 1};
-    int32_t n_seq[2] = {1, 1};
+    llama_token toks[1 + MAX_SIDE] = {tok};
+    llama_pos pos[1 + MAX_SIDE];
+    int32_t n_seq[1 + MAX_SIDE];
     llama_seq_id seq0 = 0;
-    llama_seq_id *seqs[2] = {&seq0, &seq0};
-    int8_t out[2] = {1, 1};
-    llama_batch b = {check ? 2 : 1, toks, NULL, pos, n_seq, seqs, out};
+    llama_seq_id *seqs[1 + MAX_SIDE];
+    int8_t out[1 + MAX_SIDE] = {1};
+    int n = check ? 1 + L->n_side : 1;
+    for (int i = 0; i < n; i++) {
+        if (i) toks[i] = L->side[i - 1];
+        pos[i] = L->n_past + i;
+        n_seq[i] = 1;
+        seqs[i] = &seq0;
+        out[i] = i == 0 || i == n - 1; /* the real token's logits and the [CLS]'s */
+    }
+    llama_batch b = {n, toks, NULL, pos, n_seq, seqs, out};
     int32_t rc = L->decode(L->ctx, b);
     if (rc != 0) {
         snprintf(L->error, sizeof L->error, "llama_decode failed with code %d", (int)rc);
         return -1;
     }
     if (check) {
-        const float *row = L->logits(L->ctx, 1);
+        const float *row = L->logits(L->ctx, n - 1);
         *p = row ? p_unsafe_from(row, L->safe_id, L->unsafe_id) : NAN;
         if (!L->seq_rm(L->mem, 0, L->n_past + 1, -1)) {
             snprintf(L->error, sizeof L->error, "could not remove the [CLS] cell from the KV cache");
@@ -126,10 +137,11 @@ static int due(Loop *L, int row, llama_token tok) {
     if (L->every && n % L->every == 0) return WHY_EVERY;
     if (L->max_gap && n - L->last_covered >= L->max_gap) return WHY_MAX_GAP;
     if (!isnan(L->entropy_trigger) || !isnan(L->margin_trigger)) {
-        long ex[3] = {L->cls_id, L->safe_id, L->unsafe_id};
+        long ex[MAX_SIDE + 2] = {L->safe_id, L->unsafe_id};
+        for (int i = 0; i < L->n_side; i++) ex[2 + i] = L->side[i];
         double entropy = NAN, margin = NAN;
         const float *logits = L->logits(L->ctx, row); /* only when a hesitation trigger is on */
-        if (logits) row_stats_from(logits, L->n_vocab, ex, 3, &entropy, &margin);
+        if (logits) row_stats_from(logits, L->n_vocab, ex, 2 + L->n_side, &entropy, &margin);
         if (!isnan(L->entropy_trigger) && entropy >= L->entropy_trigger) return WHY_ENTROPY;
         if (!isnan(L->margin_trigger) && margin <= L->margin_trigger) return WHY_MARGIN;
     }
@@ -246,18 +258,35 @@ static void loop_dealloc(Loop *L) {
 }
 
 static int loop_init(Loop *L, PyObject *args, PyObject *kw) {
-    static char *names[] = {"fns", "ctx", "mem", "sampler", "vocab", "cls_id", "safe_id", "unsafe_id",
+    static char *names[] = {"fns", "ctx", "mem", "sampler", "vocab", "side", "safe_id", "unsafe_id",
                             "n_vocab", "n_ctx", "n_prompt", "n_past", "row", "enabled", "every", "max_gap",
                             "entropy_trigger", "margin_trigger", "sentence_ends", "threshold", "patience",
                             "max_tokens", "streak", "last_covered", NULL};
     unsigned long long f[6], ctx, mem, smpl, vocab;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "(KKKKKK)KKKKiiiiiiiipiiddpdiiii", names, &f[0], &f[1], &f[2],
-                                     &f[3], &f[4], &f[5], &ctx, &mem, &smpl, &vocab, &L->cls_id, &L->safe_id,
+    PyObject *side;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "(KKKKKK)KKKKOiiiiiiipiiddpdiiii", names, &f[0], &f[1], &f[2],
+                                     &f[3], &f[4], &f[5], &ctx, &mem, &smpl, &vocab, &side, &L->safe_id,
                                      &L->unsafe_id, &L->n_vocab, &L->n_ctx, &L->n_prompt, &L->n_past, &L->row,
                                      &L->enabled, &L->every, &L->max_gap, &L->entropy_trigger,
                                      &L->margin_trigger, &L->sentence_ends, &L->threshold, &L->patience,
                                      &L->max_tokens, &L->streak, &L->last_covered))
         return -1;
+    PyObject *seq = PySequence_Fast(side, "side must be a sequence of token ids");
+    if (!seq) return -1;
+    Py_ssize_t n_side = PySequence_Fast_GET_SIZE(seq);
+    int bad = n_side > MAX_SIDE;
+    for (Py_ssize_t i = 0; i < n_side && !bad; i++) {
+        long t = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        bad = (t == -1 && PyErr_Occurred()) || t < 0 || t >= L->n_vocab;
+        L->side[i] = (llama_token)t;
+    }
+    Py_DECREF(seq);
+    if (bad) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "side: at most %d token ids, each in [0, n_vocab)", MAX_SIDE);
+        return -1;
+    }
+    L->n_side = (int)n_side;
     for (int i = 0; i < 6; i++)
         if (!f[i]) {
             PyErr_SetString(PyExc_ValueError, "null llama.cpp function address");
@@ -269,7 +298,7 @@ static int loop_init(Loop *L, PyObject *args, PyObject *kw) {
     }
     if (L->max_tokens < 1 || L->n_vocab < 1 || L->patience < 1 || L->every < 0 || L->max_gap < 0 ||
         (L->enabled && !L->every && !L->max_gap) ||
-        (L->enabled && (L->cls_id < 0 || L->safe_id < 0 || L->unsafe_id < 0 || L->cls_id >= L->n_vocab ||
+        (L->enabled && (L->n_side < 1 || L->safe_id < 0 || L->unsafe_id < 0 ||
                         L->safe_id >= L->n_vocab || L->unsafe_id >= L->n_vocab))) {
         PyErr_SetString(PyExc_ValueError, "invalid Loop arguments (policy or token ids)");
         return -1;

@@ -117,6 +117,12 @@ class Model:
         self.backend.close()
         self.file.close()
 
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def load(path: str | Path | None = None, backend: str = "llama", n_gpu_layers: int = 0,
          threads: int | None = None, safety: Any = "on", n_ctx: int = 4096, native: bool | None = None,

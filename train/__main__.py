@@ -85,7 +85,8 @@ def cmd_cls(args) -> int:
         kv_path = args.kv_cache or Path(tmp) / "kv.npy"
         t1 = time.time()
         cls_row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                                        keep_cache=args.kv_cache is not None, val=by_split["val"])
+                                        keep_cache=args.kv_cache is not None, val=by_split["val"],
+                                        side_tokens=args.side_tokens)
         stages["cache_and_training"] = round(time.time() - t1, 1)
         del model
         recipe = {"recipe": "cls", "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
@@ -94,6 +95,8 @@ def cmd_cls(args) -> int:
                   "selection": "epoch with the best validation AUROC (torch scores)"}
         if own:  # only then: the shipped artifact's recipe (and its trained_with hash) stay as they were
             recipe["own_answers"] = own
+        if args.side_tokens > 1:  # likewise
+            recipe["side_tokens"] = args.side_tokens
         trained_with = hashlib.sha256(json.dumps([card_data["examples_sha256"], recipe],
                                                  sort_keys=True).encode()).hexdigest()[:16]
         provisional = Artifact(cls_row, head, {"threshold": 0.5})
@@ -189,6 +192,9 @@ def main(argv=None) -> int:
                    help="with --own-answers: this many benign prompts without a reference response get one too")
     c.add_argument("--own-hardneg", action="store_true",
                    help="with --own-answers: every look-dangerous-but-benign training prompt gets one too")
+    c.add_argument("--side-tokens", type=int, default=1, metavar="K",
+                   help="learn K chained side tokens, the last being the [CLS] (a soft prompt decoded at every "
+                        "check; `python -m bench side_tokens` measures what it buys)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
     c.add_argument("--kv-cache", type=Path, default=None,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from convert.metadata import MAX_CHECK_TOKENS
 from runtime.prompt import build_prompt, prompt_tokens
 
 from .llama_torch import FrozenLlama
@@ -155,6 +156,8 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
     With `val`, the validation [CLS] positions are scored after every epoch (torch, against
     their own cached keys/values) and the epoch with the best validation AUROC is returned.
     """
+    if not 1 <= side_tokens <= MAX_CHECK_TOKENS:
+        raise ValueError(f"side_tokens must be in 1..{MAX_CHECK_TOKENS}, got {side_tokens}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     t0 = time.time()

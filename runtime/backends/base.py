@@ -34,11 +34,18 @@ class Sampling:
         return self.temperature <= 0.0
 
 
+def side_tokens(safety_ids) -> list[int]:
+    """What a check decodes after the context: the side tokens, if any, then the [CLS].
+
+    `safety_ids` is `SafetyMeta.token_ids`: (*side, cls, safe, unsafe)."""
+    return list(safety_ids[:-2])
+
+
 def check_prompt(tokens: list[int], n_ctx: int, check: bool, safety_ids) -> None:
     """What every backend's `start` refuses: an empty prompt, one that leaves no room, a check without ids."""
     if not tokens:
         raise ValueError("empty prompt")
-    if len(tokens) + 2 > n_ctx:
+    if len(tokens) + 1 + (len(safety_ids) - 2 if safety_ids else 1) > n_ctx:
         raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}")
     if check and safety_ids is None:
         raise RuntimeError("this model has no safety tokens")

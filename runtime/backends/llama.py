@@ -17,7 +17,7 @@ import llama_cpp as ll
 from convert.metadata import PREFIX, SafetyMeta
 
 from ..errors import ModelFileError
-from .base import Sampling, TokensFromFile, check_prompt
+from .base import Sampling, TokensFromFile, check_prompt, side_tokens
 
 try:  # the native module built from cpp_ext/ by pip install
     from runtime import _native
@@ -175,7 +175,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.n_batch = n_batch
         self.mem = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(n_batch, 0, 1)
-        self.safety_ids = safety_ids  # (cls, safe, unsafe) or None
+        self.safety_ids = safety_ids  # (*side, cls, safe, unsafe) or None
+        self.side = side_tokens(safety_ids) if safety_ids else []  # what a check decodes
         self.sampler = None
         self.n_past = 0
         self._row = -1  # batch row holding the logits of the last real token
@@ -183,9 +184,10 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
     # -- decoding --------------------------------------------------------------------
     def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool) -> None:
-        """Decode tokens at start_pos.. (+ [CLS] right after them); logits for last (and [CLS])."""
+        """Decode tokens at start_pos.. (+ the side tokens ending in [CLS] right after them); logits for
+        the last token (and the [CLS])."""
         b = self.batch
-        items = list(tokens) + ([self.safety_ids[0]] if cls else [])
+        items = list(tokens) + (self.side if cls else [])
         for i, t in enumerate(items):
             b.token[i] = t
             b.pos[i] = start_pos + i
@@ -205,7 +207,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
     def _verdict(self, row: int) -> float:
         logits = ll.llama_get_logits_ith(self.ctx, row)
-        _, safe, unsafe = self.safety_ids
+        safe, unsafe = self.safety_ids[-2:]
         if not logits:
             return float("nan")
         if _native is not None:
@@ -214,11 +216,11 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
     def _drop_cls(self, pos: int) -> None:
         if not ll.llama_memory_seq_rm(self.mem, 0, pos, -1):
-            raise RuntimeError("could not remove the [CLS] cell from the KV cache")
+            raise RuntimeError("could not remove the [CLS] cells from the KV cache")
 
     def _with_cls(self, tokens: list[int], start: int, want_last: bool) -> float:
         self._decode(tokens, start, want_last, cls=True)
-        p = self._verdict(len(tokens))
+        p = self._verdict(len(tokens) + len(self.side) - 1)
         self._drop_cls(start + len(tokens))
         return p
 
@@ -233,7 +235,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
         done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
         self._make_sampler(sampling)
-        chunk = self.n_batch - 1  # room for the side [CLS] in the last chunk
+        chunk = self.n_batch - max(1, len(self.side))  # room for the side tokens in the last chunk
         for s in range(done, len(tokens), chunk):
             part = tokens[s:s + chunk]
             final = s + chunk >= len(tokens)
@@ -277,7 +279,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             raise ValueError(f"[CLS] positions must lie in 1..{len(tokens)}, got {positions}")
         check_prompt(tokens[:max(positions)], self.n_ctx, True, self.safety_ids)
         done = self._keep_prefix(tokens, min(positions) - 1 if reuse else 0)
-        found, chunk = {}, self.n_batch - 1
+        found, chunk = {}, self.n_batch - len(self.side)
         for p in sorted(set(positions)):
             for s in range(done, p, chunk):
                 part = tokens[s:min(s + chunk, p)]
@@ -304,7 +306,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
     def check(self) -> float:
         self._decode([], self.n_past, want_last=False, cls=True)
-        p = self._verdict(0)
+        p = self._verdict(len(self.side) - 1)
         self._drop_cls(self.n_past)
         return p
 
@@ -329,10 +331,11 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             ll.llama_sampler_free(self.sampler)
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if self.safety_ids:
-            bias = (ll.llama_logit_bias * 3)()
+            n = len(self.safety_ids)
+            bias = (ll.llama_logit_bias * n)()
             for i, tok in enumerate(self.safety_ids):
                 bias[i].token, bias[i].bias = tok, float("-inf")
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, 3, bias))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, n, bias))
         if s.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
                 self.mf.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))

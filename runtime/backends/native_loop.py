@@ -100,11 +100,11 @@ class FusedLoop:
         _ensure_abi()
         self.backend = backend  # keeps the context, sampler and model alive while the loop runs
         enabled = policy is not None
-        cls, safe, unsafe = backend.safety_ids if backend.safety_ids else (-1, -1, -1)
+        safe, unsafe = backend.safety_ids[-2:] if backend.safety_ids else (-1, -1)
         nan = math.nan
         self._loop = _native.Loop(
             function_addresses(), _addr(backend.ctx), _addr(backend.mem), _addr(backend.sampler),
-            _addr(backend.mf.vocab), cls_id=cls, safe_id=safe, unsafe_id=unsafe, n_vocab=backend.mf.n_vocab,
+            _addr(backend.mf.vocab), side=tuple(backend.side), safe_id=safe, unsafe_id=unsafe, n_vocab=backend.mf.n_vocab,
             n_ctx=backend.n_ctx, n_prompt=n_prompt, n_past=backend.n_past, row=backend._row, enabled=enabled,
             every=policy.every if enabled else 0, max_gap=(policy.max_gap or 0) if enabled else 0,
             entropy_trigger=policy.entropy_trigger if enabled and policy.entropy_trigger is not None else nan,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.metadata import PREFIX, SafetyMeta
+from convert.metadata import PREFIX, SIDE_TOKEN_IDS, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
-from .base import Sampling, TokensFromFile, check_prompt
+from .base import Sampling, TokensFromFile, check_prompt, side_tokens
 from .llama import LlamaModelFile, p_unsafe_from_logits, row_stats_py
 
 try:  # the native module built from cpp_ext/ by pip install
@@ -91,7 +91,8 @@ class OnnxModelFile:
             raise ModelFileError(f"{self.vocab_file.path} has {self.vocab_file.n_vocab} tokens but {self.path} "
                                  f"has {self.n_vocab}: not the GGUF it was exported from")
         theirs = {k: v for k, v in self.vocab_file.metadata.items()
-                  if k in (PREFIX + "cls_token_id", PREFIX + "safe_token_id", PREFIX + "unsafe_token_id")}
+                  if k in (PREFIX + "cls_token_id", PREFIX + "safe_token_id", PREFIX + "unsafe_token_id",
+                           PREFIX + SIDE_TOKEN_IDS)}
         mine = {k: self.metadata.get(k) for k in theirs}
         if theirs != mine:
             raise ModelFileError(f"safety token ids differ between {self.path} and {self.vocab_file.path}")
@@ -137,7 +138,8 @@ class OnnxBackend(TokensFromFile):
         self.sess = mf.session
         self.threads = mf.threads
         self.n_ctx = int(n_ctx)
-        self.safety_ids = safety_ids
+        self.safety_ids = safety_ids  # (*side, cls, safe, unsafe) or None
+        self.side = side_tokens(safety_ids) if safety_ids else []  # what a check decodes
         L = mf.n_layer
         shape = (1, self.n_ctx, mf.n_head_kv, mf.head_dim)
         self.cache = [np.zeros(shape, np.float32) for _ in range(2 * L)]  # calloc: pages on first touch
@@ -177,7 +179,7 @@ class OnnxBackend(TokensFromFile):
         self._sampling = sampling
         self._rng = np.random.default_rng(sampling.seed & 0xFFFFFFFF)
         self._history = []
-        items = list(tokens) + ([self.safety_ids[0]] if check else [])
+        items = list(tokens) + (self.side if check else [])
         logits, safety = self._run(items, 0, keep=len(tokens), logits_row=len(tokens) - 1)
         self._logits = logits
         self.n_past = len(tokens)
@@ -185,15 +187,15 @@ class OnnxBackend(TokensFromFile):
 
     def advance(self, token: int, check: bool) -> float | None:
         n = self.n_past
-        items = [token, self.safety_ids[0]] if check else [token]
+        items = [token] + (self.side if check else [])
         logits, safety = self._run(items, n, keep=1, logits_row=0)
         self._logits = logits
         self.n_past = n + 1
         return p_unsafe_from_logits(safety, 0, 1) if check else None
 
     def check(self) -> float:
-        # a lone [CLS]: its logits row is computed (one projection) but not kept
-        _, safety = self._run([self.safety_ids[0]], self.n_past, keep=0, logits_row=0)
+        # the side tokens alone: a logits row is computed (one projection) but not kept
+        _, safety = self._run(self.side, self.n_past, keep=0, logits_row=0)
         return p_unsafe_from_logits(safety, 0, 1)
 
     def hesitation(self) -> tuple[float, float]:

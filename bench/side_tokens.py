@@ -1,0 +1,104 @@
+"""Does capacity in the form of K chained side tokens (a learned soft prompt) help the frozen `cls` signal?
+
+    python -m bench side_tokens [--k 1 4] [--epochs 10] [--out bench/out/side_tokens] [--kv-cache FILE]
+
+The issue allows more trainable capacity only where a standard model file can still express it: K
+side tokens decoded after the context (positions n .. n+K-1, each seeing the context and the side
+tokens before it; nothing real sees them) whose last is the [CLS]. For each K this trains the rows
+with `train_cls(side_tokens=K)` on exactly the data and schedule of `train cls --epochs 10
+--own-answers --own-hardneg`, against one shared key/value cache (`--kv-cache`: reuse the file
+`train cls --kv-cache` wrote), then scores every val/test [CLS] position in torch against cached
+keys/values (the converted file's llama.cpp scores agree to ~1e-3; tests/test_train_cls.py) and
+prints, at the end of the prompt, the test rates at a threshold calibrated on val (2% of benign val
+prompts flagged), beside val AUROC over every position (what training selects its epoch on).
+
+Trained rows and scores are kept in --out (k{K}.npz) and reused by a later run with the same --epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
+    from train.cls_recipe import auroc, calibrate, rates
+
+    def prompt_end(split):
+        enc, sc = by_split[split], res[split]
+        x = np.array([ps[0] for ps in sc])
+        y = np.array([e.label for e in enc])
+        aug = np.array([e.meta["augmentation"] for e in enc])
+        return x, y, aug
+
+    vx, vy, _ = prompt_end("val")
+    thr = calibrate(vx, vy, max_fpr)
+    allv = np.array([p for ps in res["val"] for p in ps])
+    ally = np.array([e.label for e in by_split["val"] for _ in e.positions])
+    x, y, aug = prompt_end("test")
+    r = rates(x, y, thr)
+    sel = lambda a, key: rates(x[aug == a], y[aug == a], thr).get(key, float("nan"))  # noqa: E731
+    f = lambda v: f"{v:.3f}"  # noqa: E731
+    return (f"| {name} | {res['seconds_per_epoch']:.0f} | {res['best_epoch']} | {f(auroc(allv, ally))} | "
+            f"{f(rates(vx, vy, thr)['tpr'])} | {thr:.4f} | {f(r['auroc'])} | {f(r['tpr'])} | {f(r['fpr'])} | "
+            f"{f(sel('none', 'tpr'))} | {f(sel('jailbreak_template', 'tpr'))} | {f(sel('prefill', 'tpr'))} | "
+            f"{f(sel('hardneg_template', 'fpr'))} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench side_tokens", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 4], help="side-token counts to compare")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/side_tokens"))
+    ap.add_argument("--kv-cache", type=Path, default=None,
+                    help="the training key/value cache (default OUT/kv.npy; about 10 GB)")
+    ap.add_argument("--max-fpr", type=float, default=0.02)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import torch
+
+    from convert.fetch import base_smollm2
+    from train.__main__ import training_set
+    from train.cls_recipe import KVCache, score_cached, train_cls
+    from train.llama_torch import FrozenLlama
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    kv_path = args.kv_cache or args.out / "kv.npy"
+    recipe = argparse.Namespace(seed=0, eval_limit=0, max_tokens=640, max_plain=2400, own_answers=True,
+                                own_harmful=200, own_benign=200, own_hardneg=True, threads=args.threads)
+    base = base_smollm2()
+    _, _, by_split, train, _, _ = training_set(recipe, base)
+    model = FrozenLlama(base)
+    caches = {}
+    results = {}
+    for k in args.k:
+        path = args.out / f"k{k}.npz"
+        if path.is_file() and json.loads(str(np.load(path)["info"]))["epochs"] == args.epochs:
+            saved = np.load(path)
+            res = json.loads(str(saved["info"]))
+        else:
+            t = time.time()
+            row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, keep_cache=True,
+                                        val=by_split["val"], side_tokens=k)
+            res = {"epochs": args.epochs, "best_epoch": info["best_epoch"],
+                   "seconds_per_epoch": (time.time() - t) / args.epochs}
+            if not caches:  # the test split's keys/values, beside the val cache train_cls keeps
+                caches = {s: KVCache(model, [e.tokens for e in by_split[s]],
+                                     kv_path.with_name(f"{kv_path.stem}-{s}.npy")) for s in ("val", "test")}
+            rows, hd = torch.from_numpy(row), torch.from_numpy(head)
+            for s, c in caches.items():
+                res[s] = score_cached(model, c, by_split[s], rows, hd)
+            np.savez(path, row=row, head=head, info=json.dumps(res))
+        results[k] = res
+    print("\n| side tokens | s/epoch | best epoch | val AUROC (all positions) | val TPR | threshold | test AUROC | "
+          "test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | look-dangerous FPR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, res in results.items():
+        print(_row(str(k), res, by_split, args.max_fpr))
+    print(f"\nend of the prompt; threshold: at most {args.max_fpr:.0%} of benign val prompts flagged (torch scores)")
+    return 0
