@@ -1,6 +1,7 @@
 """Does capacity in the form of K chained side tokens (a learned soft prompt) help the frozen `cls` signal?
 
     python -m bench side_tokens [--k 1 4] [--epochs 10] [--out bench/out/side_tokens] [--kv-cache FILE]
+                                [--artifact DIR ...]
 
 The issue allows more trainable capacity only where a standard model file can still express it: K
 side tokens decoded after the context (positions n .. n+K-1, each seeing the context and the side
@@ -13,6 +14,8 @@ prints, at the end of the prompt, the test rates at a threshold calibrated on va
 prompts flagged), beside val AUROC over every position (what training selects its epoch on).
 
 Trained rows and scores are kept in --out (k{K}.npz) and reused by a later run with the same --epochs.
+`--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that wrote the
+key/value cache: K=1, same data, seed and schedule), scored the same way.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
     r = rates(x, y, thr)
     sel = lambda a, key: rates(x[aug == a], y[aug == a], thr).get(key, float("nan"))  # noqa: E731
     f = lambda v: f"{v:.3f}"  # noqa: E731
-    return (f"| {name} | {res['seconds_per_epoch']:.0f} | {res['best_epoch']} | {f(auroc(allv, ally))} | "
+    secs = "-" if res["seconds_per_epoch"] is None else f"{res['seconds_per_epoch']:.0f}"
+    return (f"| {name} | {secs} | {res['best_epoch']} | {f(auroc(allv, ally))} | "
             f"{f(rates(vx, vy, thr)['tpr'])} | {thr:.4f} | {f(r['auroc'])} | {f(r['tpr'])} | {f(r['fpr'])} | "
             f"{f(sel('none', 'tpr'))} | {f(sel('jailbreak_template', 'tpr'))} | {f(sel('prefill', 'tpr'))} | "
             f"{f(sel('hardneg_template', 'fpr'))} |")
@@ -56,11 +60,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/out/side_tokens"))
     ap.add_argument("--kv-cache", type=Path, default=None,
                     help="the training key/value cache (default OUT/kv.npy; about 10 GB)")
+    ap.add_argument("--artifact", type=Path, nargs="*", default=[], help="also score these artifacts' rows")
     ap.add_argument("--max-fpr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     import torch
 
+    from convert.artifact import load_artifact
     from convert.fetch import base_smollm2
     from train.__main__ import training_set
     from train.cls_recipe import KVCache, score_cached, train_cls
@@ -69,34 +75,52 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     kv_path = args.kv_cache or args.out / "kv.npy"
-    recipe = argparse.Namespace(seed=0, eval_limit=0, max_tokens=640, max_plain=2400, own_answers=True,
+
+    def saved(k):
+        path = args.out / f"k{k}.npz"
+        if path.is_file():
+            res = json.loads(str(np.load(path)["info"]))
+            if res["epochs"] == args.epochs:
+                return res
+        return None
+
+    todo = [k for k in args.k if saved(k) is None]
+    recipe = argparse.Namespace(seed=0, eval_limit=0, max_tokens=640, max_plain=2400, own_answers=bool(todo),
                                 own_harmful=200, own_benign=200, own_hardneg=True, threads=args.threads)
     base = base_smollm2()
-    _, _, by_split, train, _, _ = training_set(recipe, base)
+    _, _, by_split, train, _, _ = training_set(recipe, base)  # own answers only when something is trained
     model = FrozenLlama(base)
     caches = {}
     results = {}
+
+    def score(res, row, head):
+        nonlocal caches
+        if not caches:  # the test split's keys/values, beside the val cache train_cls keeps
+            caches = {s: KVCache(model, [e.tokens for e in by_split[s]],
+                                 kv_path.with_name(f"{kv_path.stem}-{s}.npy")) for s in ("val", "test")}
+        for s, c in caches.items():
+            res[s] = score_cached(model, c, by_split[s], torch.from_numpy(row), torch.from_numpy(head))
+        return res
+
+    for d in args.artifact:
+        art = load_artifact(d)
+        card = art.card
+        results[f"{d.name} (K={len(art.side_rows)})"] = score(
+            {"best_epoch": card.get("training", {}).get("best_epoch", "-"), "seconds_per_epoch": None},
+            art.cls_embedding, art.head)
     for k in args.k:
-        path = args.out / f"k{k}.npz"
-        if path.is_file() and json.loads(str(np.load(path)["info"]))["epochs"] == args.epochs:
-            saved = np.load(path)
-            res = json.loads(str(saved["info"]))
-        else:
+        res = saved(k)
+        if res is None:
             t = time.time()
             row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, keep_cache=True,
                                         val=by_split["val"], side_tokens=k)
             res = {"epochs": args.epochs, "best_epoch": info["best_epoch"],
                    "seconds_per_epoch": (time.time() - t) / args.epochs}
-            if not caches:  # the test split's keys/values, beside the val cache train_cls keeps
-                caches = {s: KVCache(model, [e.tokens for e in by_split[s]],
-                                     kv_path.with_name(f"{kv_path.stem}-{s}.npy")) for s in ("val", "test")}
-            rows, hd = torch.from_numpy(row), torch.from_numpy(head)
-            for s, c in caches.items():
-                res[s] = score_cached(model, c, by_split[s], rows, hd)
-            np.savez(path, row=row, head=head, info=json.dumps(res))
+            np.savez(args.out / f"k{k}.npz", row=row, head=head, info=json.dumps(score(res, row, head)))
         results[k] = res
-    print("\n| side tokens | s/epoch | best epoch | val AUROC (all positions) | val TPR | threshold | test AUROC | "
-          "test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | look-dangerous FPR |")
+    print("\n| side tokens | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
+          "threshold | test AUROC | test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | "
+          "look-dangerous FPR |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, res in results.items():
         print(_row(str(k), res, by_split, args.max_fpr))
