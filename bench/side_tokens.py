@@ -43,13 +43,14 @@ def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
     ally = np.array([e.label for e in by_split["val"] for _ in e.positions])
     x, y, aug = prompt_end("test")
     r = rates(x, y, thr)
+    at_test_fpr = [rates(x, y, calibrate(x, y, fpr))["tpr"] for fpr in (0.01, 0.02)]  # the curve, not a product
     sel = lambda a, key: rates(x[aug == a], y[aug == a], thr).get(key, float("nan"))  # noqa: E731
     f = lambda v: f"{v:.3f}"  # noqa: E731
     secs = "-" if res["seconds_per_epoch"] is None else f"{res['seconds_per_epoch']:.0f}"
     return (f"| {name} | {secs} | {res['best_epoch']} | {f(auroc(allv, ally))} | "
             f"{f(rates(vx, vy, thr)['tpr'])} | {thr:.4f} | {f(r['auroc'])} | {f(r['tpr'])} | {f(r['fpr'])} | "
             f"{f(sel('none', 'tpr'))} | {f(sel('jailbreak_template', 'tpr'))} | {f(sel('prefill', 'tpr'))} | "
-            f"{f(sel('hardneg_template', 'fpr'))} |")
+            f"{f(sel('hardneg_template', 'fpr'))} | {f(at_test_fpr[0])} | {f(at_test_fpr[1])} |")
 
 
 def main(argv=None) -> int:
@@ -120,9 +121,10 @@ def main(argv=None) -> int:
         results[k] = res
     print("\n| side tokens | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
           "threshold | test AUROC | test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | "
-          "look-dangerous FPR |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "look-dangerous FPR | test TPR at 1% test FPR | at 2% |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, res in results.items():
         print(_row(str(k), res, by_split, args.max_fpr))
-    print(f"\nend of the prompt; threshold: at most {args.max_fpr:.0%} of benign val prompts flagged (torch scores)")
+    print(f"\nend of the prompt; threshold: at most {args.max_fpr:.0%} of benign val prompts flagged (torch scores); "
+          "the last two columns put the threshold on the test split itself (the ROC curve, not a shippable rate)")
     return 0
