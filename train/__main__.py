@@ -44,7 +44,7 @@ def training_set(args, base: Path):
     from runtime.backends.llama import LlamaModelFile  # here: `report` and `joint` run without llama.cpp
 
     t0 = time.time()
-    examples = data.build_dataset(seed=args.seed)
+    examples = data.build_dataset(seed=args.seed, suffixes=getattr(args, "suffixes", False))
     mf = LlamaModelFile(base)
     bos = mf.bos if mf.add_bos else None
     encoded = [encode(e, mf.tokenize, mf.chat_template, bos) for e in examples]
@@ -95,6 +95,8 @@ def cmd_cls(args) -> int:
                   "selection": "epoch with the best validation AUROC (torch scores)"}
         if own:  # only then: the shipped artifact's recipe (and its trained_with hash) stay as they were
             recipe["own_answers"] = own
+        if args.suffixes:  # likewise
+            recipe["suffixes"] = True
         if args.side_tokens > 1:  # likewise
             recipe["side_tokens"] = args.side_tokens
         trained_with = hashlib.sha256(json.dumps([card_data["examples_sha256"], recipe],
@@ -192,6 +194,9 @@ def main(argv=None) -> int:
                    help="with --own-answers: this many benign prompts without a reference response get one too")
     c.add_argument("--own-hardneg", action="store_true",
                    help="with --own-answers: every look-dangerous-but-benign training prompt gets one too")
+    c.add_argument("--suffixes", action="store_true",
+                   help=f"add {data.N_SUFFIXED_PER_LABEL} prompts per label with a random adversarial-looking suffix "
+                        "(train/data.py random_suffix; `python -m train heldout` measures real GCG suffixes)")
     c.add_argument("--side-tokens", type=int, default=1, metavar="K",
                    help="learn K chained side tokens, the last being the [CLS] (a soft prompt decoded at every "
                         "check; `python -m bench side_tokens` measures what it buys)")
@@ -208,13 +213,15 @@ def main(argv=None) -> int:
     ev.add_argument("--out", type=Path, default=Path("bench/out/eval"))
     from .calibrate import add_parser as add_calibrate
     from .compare import add_parser as add_compare
+    from .heldout import add_parser as add_heldout
     from .joint_run import add_parsers
     add_parsers(sub)  # joint, joint-prep, joint-eval
     add_compare(sub)
     add_calibrate(sub)
+    add_heldout(sub)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.cmd.startswith("joint") or args.cmd in ("compare", "calibrate"):
+    if args.cmd.startswith("joint") or args.cmd in ("compare", "calibrate", "heldout"):
         return args.fn(args)
     if args.cmd == "eval":
         from .evaluate import evaluate

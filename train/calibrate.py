@@ -154,7 +154,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     from runtime.strategy import SafetyPolicy
 
     from .cls_recipe import metrics_for
-    from .data import build_dataset
+    from .data import dataset_for
 
     t0 = time.time()
     art = load_artifact(art_dir)
@@ -162,7 +162,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     scores_path = Path(art_dir) / "scores.json"
     if not scores_path.is_file():
         raise SystemExit(f"error: {scores_path} not found: `train cls` writes it beside the card")
-    examples = build_dataset(seed=card.get("recipe", {}).get("seed", 0))
+    examples = dataset_for(card)
     held, scored = _held(examples, json.loads(scores_path.read_text()))
     policy = policy or SafetyPolicy()
     groups = held_out_conversations(examples, "val", limit)

@@ -248,7 +248,50 @@ def _example(prompt, label, source, family, augmentation, split, key, prefill=No
             "base_key": key, "template": template}
 
 
-def build_dataset(seed: int = 0, cache_dir=None) -> list[dict]:
+N_SUFFIXED_PER_LABEL = 500  # with suffixes=True: base prompts per label that get a random adversarial-looking suffix
+_SUFFIX_PIECES = (list("!?.,;:()[]{}<>/\\|=+-*_~^#@$%&`'\"")
+                  + ["==", "--", "](", ")(", "}}", "{{", "<<", ">>", "**", "!!", "\\\\", "/*", "*/", "=>", "::"])
+
+
+def random_suffix(rng: random.Random, words: list[str]) -> str:
+    """Gibberish in the style of optimised adversarial suffixes (GCG), built by code: 10-30 pieces mixing
+    corpus words (some capitalised), punctuation, brackets and numbers, with or without spaces between."""
+    parts = []
+    for _ in range(rng.randint(10, 30)):
+        r = rng.random()
+        if r < 0.5:
+            w = rng.choice(words)
+            parts.append(w.capitalize() if rng.random() < 0.3 else w)
+        elif r < 0.85:
+            parts.append(rng.choice(_SUFFIX_PIECES))
+        else:
+            parts.append(str(rng.randint(0, 999)))
+    return "".join(p + (" " if rng.random() < 0.7 else "") for p in parts).strip()
+
+
+def _suffixed(bases: list[dict], seed: int) -> list[dict]:
+    """N_SUFFIXED_PER_LABEL base prompts per label, each with a random suffix; a separate random stream, so
+    the rest of the data set is the same with or without them."""
+    rng = random.Random(seed + 7919)
+    words = sorted({w for b in bases for w in re.findall(r"[A-Za-z]{3,12}", b["prompt"])})
+    out = []
+    for label in (1, 0):
+        pool = [b for b in bases if b["label"] == label]
+        for b in rng.sample(pool, min(N_SUFFIXED_PER_LABEL, len(pool))):
+            out.append(_example(f"{b['prompt']} {random_suffix(rng, words)}", label, b["source"], "suffix", "suffix",
+                                b["split"], b["key"]))
+    return out
+
+
+def dataset_for(card: dict, cache_dir=None) -> list[dict]:
+    """The data set an artifact was trained on, from its card's recipe (seed, suffixes)."""
+    recipe = card.get("recipe", {})
+    return build_dataset(seed=recipe.get("seed", 0), cache_dir=cache_dir, suffixes=recipe.get("suffixes", False))
+
+
+def build_dataset(seed: int = 0, cache_dir=None, suffixes: bool = False) -> list[dict]:
+    """Every example, deterministic in seed; suffixes=True adds the random-suffix augmentation (opt-in:
+    without it the data set, and its hash in the shipped card, are what they were)."""
     rng = random.Random(seed)
     raw = _harmful(cache_dir) + _airt(cache_dir) + _benign(cache_dir, rng)
     # Base prompts: truncate, drop empties, dedup by normalised text; drop texts seen with both labels.
@@ -295,6 +338,9 @@ def build_dataset(seed: int = 0, cache_dir=None) -> list[dict]:
                 examples.append(_example(filled, label, b["source"], t["family"], "jailbreak_template", split,
                                          b["key"], template=t["name"]))
                 break
+
+    if suffixes:
+        examples += _suffixed(bases, seed)
 
     seen, out = set(), []
     for e in examples:  # exact normalised duplicates (prompt + prefill) appear once

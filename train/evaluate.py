@@ -22,8 +22,8 @@ def _text(e: dict) -> str:
     return e["prompt"] + (" " + e["prefill"] if e.get("prefill") else "")
 
 
-def tfidf_baseline(examples: list[dict]) -> dict[str, float]:
-    """p(harmful) from TF-IDF word/bigram features + logistic regression fit on the train split."""
+def fit_tfidf(examples: list[dict]):
+    """TF-IDF word/bigram features + logistic regression fit on the train split; returns texts -> p(harmful)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -31,8 +31,13 @@ def tfidf_baseline(examples: list[dict]) -> dict[str, float]:
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=100_000)
     x = vec.fit_transform([_text(e) for e in train])
     clf = LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000).fit(x, [e["label"] for e in train])
+    return lambda texts: clf.predict_proba(vec.transform(list(texts)))[:, 1]
+
+
+def tfidf_baseline(examples: list[dict]) -> dict[str, float]:
+    """p(harmful) of the baseline for every val/test example (fit on the train split)."""
     rest = [e for e in examples if e["split"] != "train"]
-    p = clf.predict_proba(vec.transform([_text(e) for e in rest]))[:, 1]
+    p = fit_tfidf(examples)(_text(e) for e in rest)
     return {e["id"]: float(v) for e, v in zip(rest, p)}
 
 
@@ -193,7 +198,7 @@ def stacked(examples, s_cls: dict, s_base: dict, max_fpr: float, weights=np.lins
 def evaluate(artifact: Path, out: Path, splits=("val", "test")) -> dict:
     card = json.loads((artifact / "card.json").read_text())
     scores = json.loads((artifact / "scores.json").read_text())
-    examples = data.build_dataset(seed=card["recipe"]["seed"])
+    examples = data.dataset_for(card)
     if data.data_card(examples)["examples_sha256"] != card["data"]["examples_sha256"]:
         raise SystemExit("the data set rebuilt here differs from the one the artifact was trained on")
     base = tfidf_baseline(examples)
