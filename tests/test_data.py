@@ -146,3 +146,35 @@ def test_compare_rebuilds_an_older_dataset_without_leaking_the_change(examples):
     # only hard negatives differ between the two builds: every other example is the same, in the same split
     other = lambda d: {(e["id"], e["split"]) for e in d if e["augmentation"] != "hardneg_template"}
     assert other(v1) == other(examples)
+
+
+def test_suffix_augmentation_is_opt_in_deterministic_and_leaves_the_rest_unchanged(examples):
+    with_suffixes = data.build_dataset(seed=0, suffixes=True)
+    assert with_suffixes == data.build_dataset(seed=0, suffixes=True)
+    rest = [e for e in with_suffixes if e["augmentation"] != "suffix"]
+    assert rest == examples  # the shipped artifact's data (and its hash) do not change
+    sx = [e for e in with_suffixes if e["augmentation"] == "suffix"]
+    assert Counter(e["label"] for e in sx) == {0: data.N_SUFFIXED_PER_LABEL, 1: data.N_SUFFIXED_PER_LABEL}
+    base = {e["base_key"]: e for e in examples if e["augmentation"] == "none"}
+    for e in sx:  # a base prompt + gibberish, in the base prompt's split, with its label
+        b = base[e["base_key"]]
+        assert e["prompt"].startswith(b["prompt"] + " ") and len(e["prompt"]) > len(b["prompt"]) + 10
+        assert (e["split"], e["label"]) == (b["split"], b["label"])
+    assert len({e["prompt"][len(base[e["base_key"]]["prompt"]):] for e in sx}) == len(sx)  # all different
+    assert data.dataset_for({"recipe": {"seed": 0, "suffixes": True}}) == with_suffixes
+    assert data.dataset_for({"recipe": {"seed": 0}}) == examples
+
+
+def test_reserved_heldout_sets_are_outside_the_data(examples):
+    from train.heldout import reserved_sets
+
+    sets = reserved_sets(examples)
+    seen = {data.normalise(e["prompt"]) for e in examples}
+    trained = {data.normalise(e["prompt"]) for e in examples if e["split"] == "train"}
+    past, _ = sets["past_tense"]
+    assert len(past) > 500 and not any(data.normalise(t) in seen for t in past)
+    suffixed, _ = sets["past_tense + GCG suffix"]
+    assert [t[:len(p)] for t, p in zip(suffixed, past)] == past and all(len(t) > len(p) for t, p in zip(suffixed, past))
+    harmbench, dropped = sets["HarmBench (not in train) + GCG suffix"]
+    assert harmbench and dropped
+    assert not any(data.normalise(t).startswith(k + " ") for t in harmbench for k in trained)  # base not trained
