@@ -195,12 +195,18 @@ def stacked(examples, s_cls: dict, s_base: dict, max_fpr: float, weights=np.lins
     return "\n".join(out), best[1]
 
 
-def evaluate(artifact: Path, out: Path, splits=("val", "test")) -> dict:
+def load_scored(artifact: Path) -> tuple[dict, dict, list[dict]]:
+    """(card, scores.json, the data set it was trained on), checked against the card's data hash."""
     card = json.loads((artifact / "card.json").read_text())
     scores = json.loads((artifact / "scores.json").read_text())
     examples = data.dataset_for(card)
     if data.data_card(examples)["examples_sha256"] != card["data"]["examples_sha256"]:
         raise SystemExit("the data set rebuilt here differs from the one the artifact was trained on")
+    return card, scores, examples
+
+
+def evaluate(artifact: Path, out: Path, splits=("val", "test")) -> dict:
+    card, scores, examples = load_scored(artifact)
     base = tfidf_baseline(examples)
     val = [e for e in examples if e["split"] == "val"]
     thr_base = calibrate(np.array([base[e["id"]] for e in val]), np.array([e["label"] for e in val]),

