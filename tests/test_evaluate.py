@@ -42,3 +42,21 @@ def test_slice_rows_and_table(tmp_path):
     assert "augmentation=prefill" in table and "1.000 / 0.500" in table
     files = plots(y, s_cls, 0.5, tmp_path)
     assert all(f.stat().st_size > 1000 for f in files)
+
+
+def test_stacked_picks_the_informative_score_on_val_and_roc_plot(tmp_path):
+    from train.evaluate import roc_plot, stacked
+
+    ex = [e for e in _examples() if e["split"] != "train"]
+    rng = np.random.default_rng(0)
+    good = {e["id"]: (0.9 if e["label"] else 0.1) + 0.05 * rng.random() for e in ex}
+    noise = {e["id"]: float(rng.random()) for e in ex}
+    by_split = lambda d: {s: {e["id"]: d[e["id"]] for e in ex if e["split"] == s} for s in ("val", "test")}  # noqa: E731
+    table, w = stacked(ex, by_split(good), noise, 0.02)
+    assert w == 0.0 and "0.0 (chosen on val) | 1.000 | 1.000" in table    # the signal separates, TF-IDF is noise
+    table, w = stacked(ex, by_split(noise), good, 0.02)
+    assert w >= 0.7 and f"{w:.1f} (chosen on val) | 1.000 | 1.000" in table and "| 0.0 | 0.000 |" in table
+    test = [e for e in ex if e["split"] == "test"]
+    path = roc_plot(test, np.array([good[e["id"]] for e in test]), np.array([noise[e["id"]] for e in test]), 0.5,
+                    tmp_path)
+    assert path.stat().st_size > 1000

@@ -169,7 +169,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def stacked(examples, s_cls: dict, s_base: dict, max_fpr: float, weights=np.linspace(0, 1, 11)) -> tuple[str, float]:
     """The signal and the baseline mixed in logit space, (1-w) cls + w tfidf, at a threshold calibrated on val
-    (max_fpr of the benign val prompts) for each w; w chosen by val TPR. A measurement, not the product: the
+    (max_fpr of the benign val prompts) for each w; w chosen by val TPR (ties: the smaller w). A measurement, not the product: the
     runtime's verdict is the [CLS] alone. Returns (Markdown table, chosen w)."""
     cols = {}
     for split in ("val", "test"):
@@ -186,7 +186,8 @@ def stacked(examples, s_cls: dict, s_base: dict, max_fpr: float, weights=np.lins
         every = np.ones_like(y, bool)
         rows.append((w, val_tpr, rate(every, 1), rate(aug == "none", 1), rate(aug == "jailbreak_template", 1),
                      rate(aug == "prefill", 1), rate(aug == "hardneg_template", 0), rate(every, 0)))
-        best = max(best, (val_tpr, w))
+        if val_tpr > best[0]:  # ties go to the smaller TF-IDF share
+            best = (val_tpr, w)
     out = ["| w (TF-IDF share) | val TPR | test TPR | plain | jailbreak | prefill | look-dangerous FPR | test FPR |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
