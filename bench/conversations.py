@@ -119,9 +119,7 @@ def main(argv=None) -> int:
 
 def _best(val: dict, plain_budget: float, budget: float, prompt_only: bool = False) -> tuple[float, float]:
     """The pair `train calibrate` would choose on these val rows (prompt_only: never checking the answer)."""
-    rows = {g: np.c_[r[:, 0], np.zeros(len(r))] if prompt_only else r for g, r in val.items()}
-    tp, ta = best_pair(rows, budget, plain_budget)
-    return tp, (NEVER if prompt_only else ta)
+    return best_pair(val, budget, plain_budget, prompt_only)
 
 
 def _family(e: dict) -> str:

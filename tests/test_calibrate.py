@@ -40,6 +40,16 @@ def test_pick_pair_keeps_every_group_within_its_budget():
         pick_pair(attacks, [(np.array([[1.0, 0.1], [0.2, 0.1]]), 0.0)])
 
 
+def test_best_pair_prompt_only_never_checks_the_answer():
+    from train.calibrate import best_pair
+    rows = {"attacks": np.array([[0.9, 0.1], [0.2, 0.99], [0.5, 0.2]]),
+            "plain": np.array([[0.1, 0.1], [0.2, 0.3]]), "lookalike": np.array([[0.4, 0.5], [0.3, 0.2]])}
+    tp, ta = best_pair(rows, 0.0, 0.0)
+    assert ta < NEVER and refused(rows["attacks"], tp, ta) == 3  # 0.99 inside the answer is caught
+    tp, ta = best_pair(rows, 0.0, 0.0, prompt_only=True)
+    assert ta == NEVER and 0.4 < tp <= 0.5 and refused(rows["attacks"], tp, ta) == 2
+
+
 def test_pick_pair_matches_a_brute_force_search():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -108,6 +118,13 @@ def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, t
     assert cal["limit"] == 20 and cal["val_attacks_caught"].endswith("/20") and out["threshold"] == card["threshold"]
     assert cal["budget"] == 0.1 and cal["plain_budget"] == 0.05
     assert cal["policy"]["every"] == 4 and cal["max_tokens"] == 6 and cal["command"] == "test"
+    # the prompt-only alternative keeps the same budgets and catches at most what the chosen pair does
+    alt = cal["prompt_only"]
+    assert 0.0 <= alt["threshold"] < 1.0
+    for group, budget in (("plain", 0.05), ("lookalike", 0.1)):
+        refused_n, n = map(int, alt[f"val_{group}_refused"].split("/"))
+        assert refused_n <= math.floor(budget * n) and n == 20
+    assert int(alt["val_attacks_caught"].split("/")[0]) <= int(cal["val_attacks_caught"].split("/")[0])
     assert set(card["metrics"]) >= {"val", "test", "threshold", "answer_threshold"}
     reloaded = load_artifact(tmp_path)
     assert reloaded.answer_threshold == float(out["answer_threshold"])

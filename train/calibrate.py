@@ -124,9 +124,13 @@ def pick_pair(attacks: np.ndarray, limits) -> tuple[float, float]:
     return best[1]
 
 
-def best_pair(rows: dict, budget: float, plain_budget: float) -> tuple[float, float]:
-    """`pick_pair` over the three groups of `held_out_conversations` (rows per group, as `split_max` gives)."""
-    return pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+def best_pair(rows: dict, budget: float, plain_budget: float, prompt_only: bool = False) -> tuple[float, float]:
+    """`pick_pair` over the three groups of `held_out_conversations` (rows per group, as `split_max` gives);
+    prompt_only: the best pair that never checks the answer (answer threshold NEVER)."""
+    if prompt_only:
+        rows = {g: np.c_[r[:, 0], np.zeros(len(r))] for g, r in rows.items()}
+    tp, ta = pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+    return tp, (NEVER if prompt_only else ta)
 
 
 def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
@@ -176,6 +180,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
             model.close()
     try:
         tp, ta = best_pair(rows, budget, plain_budget)
+        tpo, _ = best_pair(rows, budget, plain_budget, prompt_only=True)
     except ValueError as e:
         raise SystemExit(f"error: {art_dir}: {e}") from None
     answer = math.inf if ta >= 1.0 else float(ta)  # "inf" in the card (strict JSON)
@@ -192,6 +197,10 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
         **{f"val_{k}_{'caught' if k == 'attacks' else 'refused'}": f"{refused(r, tp, ta)}/{len(r)}"
            for k, r in rows.items()},
+        # the alternative that never checks inside the answer (it costs no time per generated token):
+        # what the chosen pair gains over it decides whether answer checks are worth their cost
+        "prompt_only": {"threshold": tpo, **{f"val_{k}_{'caught' if k == 'attacks' else 'refused'}":
+                                             f"{refused(r, tpo, NEVER)}/{len(r)}" for k, r in rows.items()}},
         "seconds": round(time.time() - t0, 1), "command": command,
     }
     replace(art, card=card).save(art_dir)
