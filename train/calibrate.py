@@ -124,6 +124,12 @@ def pick_pair(attacks: np.ndarray, limits) -> tuple[float, float]:
     return best[1]
 
 
+def tally(rows: dict, tp: float, ta: float) -> dict:
+    """What a pair does to each group of val conversations, as the card records it ("caught/n", "refused/n")."""
+    return {f"val_{k}_{'caught' if k == 'attacks' else 'refused'}": f"{refused(r, tp, ta)}/{len(r)}"
+            for k, r in rows.items()}
+
+
 def best_pair(rows: dict, budget: float, plain_budget: float, prompt_only: bool = False) -> tuple[float, float]:
     """`pick_pair` over the three groups of `held_out_conversations` (rows per group, as `split_max` gives);
     prompt_only: the best pair that never checks the answer (answer threshold NEVER)."""
@@ -173,11 +179,8 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "calibrate.gguf"
         convert_gguf(base or base_smollm2(), art, gguf, progress=False)
-        model = load(gguf, threads=threads, allow_unverified=True)
-        try:
+        with load(gguf, threads=threads, allow_unverified=True) as model:
             rows = {k: split_max(observe(model, g, policy, tokens, progress and f"val {k}")) for k, g in groups.items()}
-        finally:
-            model.close()
     try:
         tp, ta = best_pair(rows, budget, plain_budget)
         tpo, _ = best_pair(rows, budget, plain_budget, prompt_only=True)
@@ -195,12 +198,10 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         "budget": budget, "plain_budget": plain_budget,
         "policy": {k: v for k, v in asdict(policy).items() if k not in ("threshold", "answer_threshold", "refusal")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
-        **{f"val_{k}_{'caught' if k == 'attacks' else 'refused'}": f"{refused(r, tp, ta)}/{len(r)}"
-           for k, r in rows.items()},
+        **tally(rows, tp, ta),
         # the alternative that never checks inside the answer (it costs no time per generated token):
         # what the chosen pair gains over it decides whether answer checks are worth their cost
-        "prompt_only": {"threshold": tpo, **{f"val_{k}_{'caught' if k == 'attacks' else 'refused'}":
-                                             f"{refused(r, tpo, NEVER)}/{len(r)}" for k, r in rows.items()}},
+        "prompt_only": {"threshold": tpo, **tally(rows, tpo, NEVER)},
         "seconds": round(time.time() - t0, 1), "command": command,
     }
     replace(art, card=card).save(art_dir)

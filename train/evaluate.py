@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
+from .data_card import examples_sha256
 from .cls_recipe import auroc, calibrate
 
 
@@ -201,7 +202,7 @@ def load_scored(artifact: Path) -> tuple[dict, dict, list[dict]]:
     card = json.loads((artifact / "card.json").read_text())
     scores = json.loads((artifact / "scores.json").read_text())
     examples = data.dataset_for(card)
-    if data.data_card(examples)["examples_sha256"] != card["data"]["examples_sha256"]:
+    if examples_sha256(examples) != card["data"]["examples_sha256"]:
         raise SystemExit("the data set rebuilt here differs from the one the artifact was trained on")
     return card, scores, examples
 

@@ -58,9 +58,10 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512) -> dict:
     from runtime.backends.llama import LlamaModelFile
 
     from . import data
+    from .data_card import data_card
 
     examples = data.build_dataset(seed=seed)
-    card = data.data_card(examples)
+    card = data_card(examples)
     mf = LlamaModelFile(base, vocab_only=True)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
     prep = prepare(examples, mf.tokenize, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,

@@ -45,7 +45,7 @@ def check_prompt(tokens: list[int], n_ctx: int, check: bool, safety_ids) -> None
     """What every backend's `start` refuses: an empty prompt, one that leaves no room, a check without ids."""
     if not tokens:
         raise ValueError("empty prompt")
-    if len(tokens) + 1 + (len(safety_ids) - 2 if safety_ids else 1) > n_ctx:
+    if len(tokens) + 1 + (len(side_tokens(safety_ids)) if safety_ids else 1) > n_ctx:
         raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}")
     if check and safety_ids is None:
         raise RuntimeError("this model has no safety tokens")
