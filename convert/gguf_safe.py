@@ -54,12 +54,12 @@ def _safety_to_strip(reader: gguf.GGUFReader, tokens: list, where: str, force: b
         raise ConvertError(f"{where} already carries {what}: it is a safe model already; convert from its base "
                            "model, or pass --force (force=True) to replace its safety signal")
     side = reader.fields.get(PREFIX + SIDE_TOKEN_IDS)
-    k = len(json.loads(side.contents())) if side is not None else 0
-    ours = [side_token_name(i + 1) for i in range(k)] + list(SPECIAL_TOKENS)
+    side_ids = json.loads(side.contents()) if side is not None else []
+    ours = [side_token_name(i + 1) for i in range(len(side_ids))] + list(SPECIAL_TOKENS)
     n, m = len(tokens), len(ours)
     ids_ok = all(int(reader.fields[PREFIX + key].contents()) == n - 3 + i
                  for i, key in enumerate(("cls_token_id", "safe_token_id", "unsafe_token_id"))
-                 if PREFIX + key in reader.fields)
+                 if PREFIX + key in reader.fields) and side_ids == list(range(n - m, n - 3))
     if list(tokens[-m:]) != ours or any(s in tokens[:-m] for s in SPECIAL_TOKENS) or not ids_ok:
         raise ConvertError(f"{where} carries {what} but not as the last tokens {ours}: "
                            "cannot replace them, even with --force; convert from its base model")

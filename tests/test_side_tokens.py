@@ -1,5 +1,7 @@
 """K chained side tokens (a learned soft prompt ending in the [CLS]) travel in a standard GGUF and every
 backend computes the verdict the torch reference computes for them."""
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -188,3 +190,17 @@ def test_onnx_backend_gives_llama_cpp_s_verdicts(side_model, tmp_path):
     assert bo.check() == pytest.approx(bl.check(), abs=5e-3)
     ml.close()
     mo.close()
+
+
+def test_force_refuses_side_token_ids_that_are_not_where_the_converter_put_them(side_model, tmp_path):
+    """`safety.side_token_ids` naming other rows than the side tokens before the [CLS] is no file of ours."""
+    from convert.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
+
+    _, safe, _ = side_model
+    r = read_gguf(safe)
+    key = "safety." + SIDE_TOKEN_IDS
+    swapped = lambda v: str(json.loads(v)[::-1])  # the right rows in the wrong order
+    fields = [(k, swapped(v) if k == key else v, vt, sub) for k, v, vt, sub in copied_fields(r)]
+    odd = write_gguf(tmp_path / "odd.gguf", "llama", fields, copied_tensors(r))
+    with pytest.raises(ConvertError, match="not as the last tokens.*even with --force"):
+        convert_gguf(odd, random_artifact(), tmp_path / "x.gguf", progress=False, force=True)

@@ -7,7 +7,7 @@ import json
 from collections import Counter, defaultdict
 
 from .data import (BENIGN_CAP, FAMILY_FRACTIONS, LABEL_DECISIONS, MAX_PROMPT_CHARS, MAX_WRAPPED_CHARS,
-                   N_PREFILL_PER_LABEL, N_WRAPPED, SOURCES, SPLIT_FRACTIONS, UPSTREAM_LICENCES)
+                   N_PREFILL_PER_LABEL, N_SUFFIXED_PER_LABEL, N_WRAPPED, SOURCES, SPLIT_FRACTIONS, UPSTREAM_LICENCES)
 
 
 def examples_sha256(examples: list[dict]) -> str:
@@ -19,6 +19,7 @@ def data_card(examples: list[dict]) -> dict:
     fam = defaultdict(Counter)
     for e in examples:
         fam[e["family"]][e["split"]] += 1
+    suffixed = any(e["augmentation"] == "suffix" for e in examples)
     count = lambda f: dict(sorted(Counter(f(e) for e in examples).items()))
     return {
         "n_examples": len(examples),
@@ -36,6 +37,7 @@ def data_card(examples: list[dict]) -> dict:
         "label_decisions": LABEL_DECISIONS,
         "parameters": {"max_prompt_chars": MAX_PROMPT_CHARS, "max_wrapped_chars": MAX_WRAPPED_CHARS,
                        "benign_cap": BENIGN_CAP, "n_wrapped": N_WRAPPED, "n_prefill_per_label": N_PREFILL_PER_LABEL,
+                       "n_suffixed_per_label": N_SUFFIXED_PER_LABEL if suffixed else 0,
                        "split_fractions": SPLIT_FRACTIONS, "family_fractions": FAMILY_FRACTIONS},
     }
 
