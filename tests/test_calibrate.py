@@ -94,20 +94,27 @@ def examples():
     return build_dataset(seed=0)
 
 
+def _artifact_with_scores(path, examples):
+    """A random tiny artifact in `path` with random per-position scores for every val and test example."""
+    from tests.tiny_model import random_artifact
+
+    art = random_artifact(3)
+    art.card.update(metrics={"measured_on": "test"}, recipe={"seed": 0, "max_fpr": 0.02})
+    art.save(path)
+    rng = random.Random(0)
+    scores = {s: {e["id"]: [rng.random() for _ in range(1 + (e["id"][-1] in "01234567"))]
+                  for e in examples if e["split"] == s} for s in ("val", "test")}
+    (path / "scores.json").write_text(json.dumps(scores))
+    return art
+
+
 def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, tmp_path, examples):
     """End to end on the tiny model: val conversations through the runtime, the card rewritten, the pair converted."""
     from convert.artifact import load_artifact
     from convert.gguf_safe import convert_gguf
     from runtime.model import load
-    from tests.tiny_model import random_artifact
 
-    art = random_artifact(3)
-    art.card.update(metrics={"measured_on": "test"}, recipe={"seed": 0, "max_fpr": 0.02})
-    art.save(tmp_path)
-    rng = random.Random(0)
-    scores = {s: {e["id"]: [rng.random() for _ in range(1 + (e["id"][-1] in "01234567"))]
-                  for e in examples if e["split"] == s} for s in ("val", "test")}
-    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    art = _artifact_with_scores(tmp_path, examples)
     out = calibrate_artifact(tmp_path, 0.1, plain_budget=0.05, base=tiny_base, tokens=6, threads=1, command="test",
                              limit=20)
     card = json.loads((tmp_path / "card.json").read_text())  # strict JSON: no Infinity
@@ -146,3 +153,22 @@ def test_calibrate_refuses_scores_of_other_data(tiny_base, tmp_path):
     (tmp_path / "scores.json").write_text(json.dumps({"val": {"no-such-example": [0.5]}}))
     with pytest.raises(SystemExit, match="trained on other data"):
         calibrate_artifact(tmp_path, 0.05, base=tiny_base, tokens=2, threads=1)
+
+
+def test_calibrate_prompt_only_writes_the_pair_that_never_checks_the_answer(tiny_base, tmp_path, examples):
+    """--prompt-only swaps the two recorded pairs: the card gets the prompt-only one, the best one is kept beside it."""
+    first, second = tmp_path / "best", tmp_path / "prompt-only"
+    for d in (first, second):
+        d.mkdir()
+        _artifact_with_scores(d, examples)
+    kw = dict(base=tiny_base, tokens=6, threads=1, limit=20, plain_budget=0.05)
+    calibrate_artifact(first, 0.1, **kw)
+    out = calibrate_artifact(second, 0.1, prompt_only=True, **kw)
+    best, po = (json.loads((d / "card.json").read_text()) for d in (first, second))
+    assert po["answer_threshold"] == "inf" and out["answer_threshold"] == "inf"
+    assert po["threshold"] == best["calibration"]["prompt_only"]["threshold"]
+    alt = po["calibration"]["with_answer_checks"]
+    assert po["calibration"]["chosen"] == "prompt_only" and "prompt_only" not in po["calibration"]
+    assert alt["threshold"] == best["threshold"] and alt["answer_threshold"] == best["answer_threshold"]
+    key = "val_attacks_caught"
+    assert alt[key] == best["calibration"][key] and po["calibration"][key] == best["calibration"]["prompt_only"][key]

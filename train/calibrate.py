@@ -155,8 +155,12 @@ def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
 
 def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: float = 0.02, base: Path | None = None,
                        policy=None, tokens: int = 48, threads: int | None = None, command: str = "",
-                       limit: int = 0, progress: bool = False) -> dict:
-    """Calibrate the artifact's (threshold, answer_threshold) on val conversations; rewrite its card."""
+                       limit: int = 0, progress: bool = False, prompt_only: bool = False) -> dict:
+    """Calibrate the artifact's (threshold, answer_threshold) on val conversations; rewrite its card.
+
+    prompt_only: the card gets the best pair that never checks inside the answer (no per-token cost),
+    and the best pair overall is recorded beside it as the alternative (`calibration.with_answer_checks`).
+    """
     from convert.artifact import load_artifact
     from convert.fetch import base_smollm2
     from convert.gguf_safe import convert_gguf
@@ -182,10 +186,11 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         with load(gguf, threads=threads, allow_unverified=True) as model:
             rows = {k: split_max(observe(model, g, policy, tokens, progress and f"val {k}")) for k, g in groups.items()}
     try:
-        tp, ta = best_pair(rows, budget, plain_budget)
-        tpo, _ = best_pair(rows, budget, plain_budget, prompt_only=True)
+        best = best_pair(rows, budget, plain_budget)
+        never = best_pair(rows, budget, plain_budget, prompt_only=True)
     except ValueError as e:
         raise SystemExit(f"error: {art_dir}: {e}") from None
+    (tp, ta), alt = (never, best) if prompt_only else (best, never)
     answer = math.inf if ta >= 1.0 else float(ta)  # "inf" in the card (strict JSON)
     _, metrics = metrics_for(held, scored, card.get("recipe", {}).get("max_fpr", 0.02),
                              card["metrics"].get("measured_on", ""), thresholds=(tp, answer))
@@ -199,9 +204,12 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         "policy": {k: v for k, v in asdict(policy).items() if k not in ("threshold", "answer_threshold", "refusal")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
         **tally(rows, tp, ta),
-        # the alternative that never checks inside the answer (it costs no time per generated token):
-        # what the chosen pair gains over it decides whether answer checks are worth their cost
-        "prompt_only": {"threshold": tpo, **tally(rows, tpo, NEVER)},
+        # the alternative: what the best pair gains over the best one that never checks inside the answer
+        # (no time per generated token) decides whether answer checks are worth their cost
+        **({"chosen": "prompt_only",
+            "with_answer_checks": {"threshold": alt[0], "answer_threshold": "inf" if alt[1] >= 1.0 else float(alt[1]),
+                                   **tally(rows, *alt)}}
+           if prompt_only else {"prompt_only": {"threshold": alt[0], **tally(rows, *alt)}}),
         "seconds": round(time.time() - t0, 1), "command": command,
     }
     replace(art, card=card).save(art_dir)
@@ -222,6 +230,9 @@ def add_parser(sub) -> None:
     c.add_argument("--tokens", type=int, default=48, help="greedy tokens per conversation")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--limit", type=int, default=0, help="at most this many val conversations per group (smoke runs)")
+    c.add_argument("--prompt-only", action="store_true",
+                   help="write the best pair that never checks inside the answer (no per-token cost); the best "
+                        "pair overall is recorded beside it")
     c.set_defaults(fn=_run)
 
 
@@ -230,6 +241,7 @@ def _run(args) -> int:
     policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,
-                             command="python -m train " + shlex.join(args.argv), limit=args.limit, progress=True)
+                             command="python -m train " + shlex.join(args.argv), limit=args.limit, progress=True,
+                             prompt_only=args.prompt_only)
     print(json.dumps(out, indent=2))
     return 0
