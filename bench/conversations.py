@@ -28,7 +28,7 @@ import numpy as np
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-from train.calibrate import NEVER, best_pair, held_out_conversations, observe, refused, split_max
+from train.calibrate import best_pair, held_out_conversations, observe, refused, split_max
 
 GROUPS = ("attacks", "plain", "lookalike")
 
@@ -99,9 +99,10 @@ def main(argv=None) -> int:
         own = (float(model.meta.threshold), float(model.meta.threshold if answer is None else answer))
         pairs = [("own", own)]
         for b in args.refusal:
-            pairs.append((f"best for {b:.0%} lookalikes", _best(rows["val"], args.plain_refusal, b)))
+            pairs.append((f"best for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal)))
             if pairs[-1][1][1] < 1.0:  # what the answer checks add: the best pair without them
-                pairs.append((f"prompt only, for {b:.0%} lookalikes", _best(rows["val"], args.plain_refusal, b, True)))
+                pairs.append((f"prompt only, for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal,
+                                                                                   prompt_only=True)))
         for name, (tp, ta) in pairs:
             later = [c for t in traces["test"]["attacks"] if (c := _first(t, tp, ta)) is not None and c > 0]
             lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
@@ -115,11 +116,6 @@ def main(argv=None) -> int:
     if args.save and not args.traces:
         args.save.write_text(json.dumps(saved))
     return 0
-
-
-def _best(val: dict, plain_budget: float, budget: float, prompt_only: bool = False) -> tuple[float, float]:
-    """The pair `train calibrate` would choose on these val rows (prompt_only: never checking the answer)."""
-    return best_pair(val, budget, plain_budget, prompt_only)
 
 
 def _family(e: dict) -> str:

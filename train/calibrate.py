@@ -139,6 +139,11 @@ def best_pair(rows: dict, budget: float, plain_budget: float, prompt_only: bool 
     return tp, (NEVER if prompt_only else ta)
 
 
+def _card_answer(ta: float) -> float | str:
+    """An answer threshold as the card holds it: "inf" for never (strict JSON has no Infinity)."""
+    return "inf" if ta >= 1.0 else float(ta)
+
+
 def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
     """The card's val/test examples (as metrics_for wants them) and their per-position scores."""
     by_id = {e["id"]: e for e in examples}
@@ -191,10 +196,10 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     except ValueError as e:
         raise SystemExit(f"error: {art_dir}: {e}") from None
     (tp, ta), alt = (never, best) if prompt_only else (best, never)
-    answer = math.inf if ta >= 1.0 else float(ta)  # "inf" in the card (strict JSON)
+    answer = math.inf if ta >= 1.0 else float(ta)
     _, metrics = metrics_for(held, scored, card.get("recipe", {}).get("max_fpr", 0.02),
                              card["metrics"].get("measured_on", ""), thresholds=(tp, answer))
-    card.update(threshold=tp, answer_threshold="inf" if math.isinf(answer) else answer, metrics=metrics)
+    card.update(threshold=tp, answer_threshold=_card_answer(ta), metrics=metrics)
     card["calibration"] = {
         "method": "val conversations: the (prompt, answer) threshold pair catching the most harmful ones (plain, "
                   "jailbreak-wrapped, prefilled) with at most `plain_budget` of the plain benign ones and at most "
@@ -207,7 +212,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         # the alternative: what the best pair gains over the best one that never checks inside the answer
         # (no time per generated token) decides whether answer checks are worth their cost
         **({"chosen": "prompt_only",
-            "with_answer_checks": {"threshold": alt[0], "answer_threshold": "inf" if alt[1] >= 1.0 else float(alt[1]),
+            "with_answer_checks": {"threshold": alt[0], "answer_threshold": _card_answer(alt[1]),
                                    **tally(rows, *alt)}}
            if prompt_only else {"prompt_only": {"threshold": alt[0], **tally(rows, *alt)}}),
         "seconds": round(time.time() - t0, 1), "command": command,
