@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 
 from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import LlamaBackend, LlamaModelFile  # noqa: E402
-from train.cls_recipe import Encoded, KVCache, auroc, calibrate, encode, score_gguf, train_cls  # noqa: E402
+from train.cls_recipe import (Encoded, KVCache, auroc, calibrate, encode, score_gguf,  # noqa: E402
+                               shared_prefixes, train_cls)  # noqa: E402
 from train.llama_torch import FrozenLlama  # noqa: E402
 
 
@@ -74,6 +75,20 @@ def test_kv_cache_stores_a_prefix_once_and_serves_every_sequence_its_own_keys(fr
         torch.testing.assert_close(cache.gather([i], [len(s)])[:, :, 0], kv[:, :, 0], atol=2e-3, rtol=2e-3)  # fp16
     again = KVCache(frozen, seqs, tmp_path / "kv.npy")  # a finished cache is reused
     assert not again.data.flags.writeable and np.array_equal(again.data, cache.data)
+
+
+def test_kv_cache_computes_a_shared_prefix_once_and_gives_every_sequence_its_own_keys(frozen, tmp_path):
+    """Sequences sharing first tokens (chat template, jailbreak template, prompt) continue from the stored
+    keys/values of the one they share them with; every sequence still reads what a full pass gives."""
+    chat, tmpl = list(range(10, 22)), list(range(60, 75))
+    seqs = [chat + tmpl + [3, 4, 5, 6, 7, 8, 9, 2, 1], chat + [30, 31], chat + tmpl + [3, 4, 5, 6, 7, 8, 9, 2, 8, 8],
+            chat + tmpl + [90, 91, 92], list(range(100, 140)), chat + tmpl + [3, 4, 5, 6, 7, 8, 9, 2, 1, 7]]
+    # ranked: 1, 0, 5, 2, 3, 4; each reads from the lowest-ranked sequence sharing its longest prefix
+    assert shared_prefixes(seqs) == [(1, 12), (None, 0), (0, 35), (0, 27), (None, 0), (0, 36)]
+    cache = KVCache(frozen, seqs, tmp_path / "kv.npy", max_batch_tokens=64)
+    for i, s in enumerate(seqs):
+        kv, _ = frozen.prefill(torch.tensor([s]))
+        torch.testing.assert_close(cache.gather([i], [len(s)])[:, :, 0], kv[:, :, 0], atol=2e-3, rtol=2e-3)  # fp16
 
 
 def test_cls_recipe_learns_and_scores_through_the_converted_file(frozen, tiny_base, tmp_path):

@@ -51,6 +51,62 @@ def encode(example: dict, tokenize, template: str | None, bos: int | None = None
     return Encoded(toks, positions, int(example["label"]), example)
 
 
+MIN_SHARED = 8  # a sequence reuses another's keys/values when they share at least this many first tokens
+
+
+def shared_prefixes(seqs: list[list[int]], min_shared: int = MIN_SHARED) -> list[tuple[int | None, int]]:
+    """For each sequence, (index of an earlier one it shares its first n tokens with, n), or (None, 0).
+
+    Sequences are ranked by their tokens; the longest prefix a sequence shares with any lower-ranked
+    one is the one it shares with its predecessor, and the source is the lowest-ranked sequence that
+    shares it. A source's own shared prefix is strictly shorter, so chains of sources are short (one
+    link per nesting level: chat template, jailbreak template, prompt) and can be computed in waves.
+    Indices are into `seqs`; a source always sorts before the sequence that reads from it.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+    lcp = [0] * len(order)  # lcp[r]: first tokens shared by ranks r-1 and r
+    for r in range(1, len(order)):
+        a, b = seqs[order[r - 1]], seqs[order[r]]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        lcp[r] = n
+    out: list[tuple[int | None, int]] = [(None, 0)] * len(seqs)
+    for r in range(1, len(order)):
+        n = min(lcp[r], len(seqs[order[r]]) - 1)  # at least one new token to compute
+        if n < min_shared:
+            continue
+        m = r
+        while m > 1 and lcp[m - 1] >= lcp[r]:
+            m -= 1
+        out[order[r]] = (order[m - 1], n)
+    return out
+
+
+@torch.no_grad()
+def _extend(model: FrozenLlama, new: list[list[int]], past: list[tuple[int, int]], data: np.ndarray) -> torch.Tensor:
+    """Keys/values of each `new` token run continuing a prefix whose keys/values are the stored rows
+    data[start:start + n] for its (start, n) in `past` (n = 0: no prefix). Returns (B, S, layer, 2, H, D)."""
+    c = model.cfg
+    B, S, P = len(new), max(map(len, new)), max(n for _, n in past)
+    toks = torch.zeros(B, S, dtype=torch.long)
+    for j, t in enumerate(new):
+        toks[j, :len(t)] = torch.tensor(t)
+    pos = torch.tensor([n for _, n in past]).view(B, 1) + torch.arange(S).view(1, S)
+    if P == 0:
+        kv, _ = model.prefill(toks)  # (layer, 2, B, S, H, D)
+        return kv.permute(2, 3, 0, 1, 4, 5)
+    rows = np.zeros((B, P), dtype=np.int64)
+    for j, (start, n) in enumerate(past):
+        rows[j, :n] = np.arange(start, start + n)
+    pkv = torch.from_numpy(data[rows.reshape(-1)].astype(np.float32)).view(B, P, c.n_layer, 2, c.n_head_kv, c.head_dim)
+    cached = [(pkv[:, :, i, 0], pkv[:, :, i, 1]) for i in range(c.n_layer)]
+    seen = torch.arange(P).view(1, P) < torch.tensor([n for _, n in past]).view(B, 1)
+    mask = torch.cat([seen.view(B, 1, 1, P).expand(B, 1, S, P), torch.ones(S, S, dtype=torch.bool).tril().expand(B, 1, S, S)], -1)
+    _, kv = model.forward(model.embed(toks), pos, mask, past=cached, keep_kv=True)
+    return torch.stack([torch.stack([k[:, P:], v[:, P:]], 2) for k, v in kv], 2)  # (B, S, layer, 2, H, D)
+
+
 class KVCache:
     """Keys/values of every training sequence, token-major fp16 on disk: (tokens, layer, k/v, head, dim).
 
@@ -80,23 +136,30 @@ class KVCache:
             return
         stamp.unlink(missing_ok=True)
         self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-        batches, cur = [], []
-        for i in sorted(stored, key=lambda i: len(seqs[i])):  # length-sorted batches under a token budget
-            if cur and (len(cur) + 1) * len(seqs[i]) > max_batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(i)
-        batches.append(cur)
+        source = shared_prefixes([seqs[i] for i in stored])
+        depth = [0] * len(stored)
+        for k in sorted(range(len(stored)), key=lambda k: seqs[stored[k]]):  # sources first
+            depth[k] = 0 if source[k][0] is None else depth[source[k][0]] + 1
+        n_new = [len(seqs[i]) - n for i, (_, n) in zip(stored, source)]
+        batches = []
+        for d in range(max(depth, default=0) + 1):  # a sequence's source is written in an earlier wave
+            cur: list[int] = []
+            for k in sorted((k for k in range(len(stored)) if depth[k] == d), key=lambda k: n_new[k]):
+                # batches of similar new-token counts under a token budget, and a budget on past rows read
+                if cur and ((len(cur) + 1) * n_new[k] > max_batch_tokens or n_new[k] > 1.5 * n_new[cur[0]] + 8
+                            or (len(cur) + 1) * max(source[j][1] for j in cur + [k]) > 2 * max_batch_tokens):
+                    batches.append(cur)
+                    cur = []
+                cur.append(k)
+            batches.append(cur)
         for b in tqdm(batches, desc="prefill (frozen model, keys/values)", unit="batch", mininterval=10):
-            T = max(len(seqs[i]) for i in b)
-            toks = torch.zeros(len(b), T, dtype=torch.long)
-            for j, i in enumerate(b):
-                toks[j, :len(seqs[i])] = torch.tensor(seqs[i])
-            kv, _ = model.prefill(toks)  # (layer, 2, B, T, H, D)
-            kv = kv.permute(2, 3, 0, 1, 4, 5).to(torch.float16).numpy()
-            for j, i in enumerate(b):
-                n = len(seqs[i])
-                self.data[at[i]:at[i] + n] = kv[j, :n]
+            new = [seqs[stored[k]][source[k][1]:] for k in b]
+            past = [(at[stored[source[k][0]]], source[k][1]) if source[k][0] is not None else (0, 0) for k in b]
+            for k, (start, n) in zip(b, past):  # the shared prefix: the source's rows, as they are
+                self.data[at[stored[k]]:at[stored[k]] + n] = self.data[start:start + n]
+            kv = _extend(model, new, past, self.data).to(torch.float16).numpy()  # (B, S, layer, 2, H, D)
+            for j, (k, (_, n)) in enumerate(zip(b, past)):
+                self.data[at[stored[k]] + n:at[stored[k]] + n + len(new[j])] = kv[j, :len(new[j])]
         self.data.flush()
         stamp.write_text(key)
 
@@ -106,9 +169,10 @@ class KVCache:
         rows = np.zeros((len(seq_idx), L), dtype=np.int64)
         for q, (i, n) in enumerate(zip(seq_idx, ctx_len)):
             rows[q, :n] = np.arange(self.start[i], self.start[i] + n)
-        kv = torch.from_numpy(self.data[rows.reshape(-1)].astype(np.float32))
-        kv = kv.view(len(seq_idx), L, *kv.shape[1:])           # (Q, L, layer, 2, H, D)
-        return kv.permute(2, 3, 0, 1, 4, 5)
+        kv = torch.from_numpy(self.data[rows.reshape(-1)])
+        kv = kv.view(len(seq_idx), L, *kv.shape[1:]).permute(2, 3, 0, 4, 1, 5)  # (layer, 2, Q, H, L, D) fp16
+        out = torch.empty(kv.shape, dtype=torch.float32).copy_(kv)  # one pass: to float32, laid out per head
+        return out.transpose(3, 4)
 
 
 def _query_batches(queries, max_tokens: int, rng: random.Random):
