@@ -99,12 +99,38 @@ def _extend(model: FrozenLlama, new: list[list[int]], past: list[tuple[int, int]
     rows = np.zeros((B, P), dtype=np.int64)
     for j, (start, n) in enumerate(past):
         rows[j, :n] = np.arange(start, start + n)
-    pkv = torch.from_numpy(data[rows.reshape(-1)].astype(np.float32)).view(B, P, c.n_layer, 2, c.n_head_kv, c.head_dim)
+    pkv = torch.from_numpy(data[rows.reshape(-1)].astype(np.float32))
+    pkv = pkv.view(B, P, c.n_layer, 2, c.n_head_kv, c.head_dim)
     cached = [(pkv[:, :, i, 0], pkv[:, :, i, 1]) for i in range(c.n_layer)]
     seen = torch.arange(P).view(1, P) < torch.tensor([n for _, n in past]).view(B, 1)
-    mask = torch.cat([seen.view(B, 1, 1, P).expand(B, 1, S, P), torch.ones(S, S, dtype=torch.bool).tril().expand(B, 1, S, S)], -1)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask = torch.cat([seen.view(B, 1, 1, P).expand(B, 1, S, P), causal.expand(B, 1, S, S)], -1)
     _, kv = model.forward(model.embed(toks), pos, mask, past=cached, keep_kv=True)
     return torch.stack([torch.stack([k[:, P:], v[:, P:]], 2) for k, v in kv], 2)  # (B, S, layer, 2, H, D)
+
+
+def _prefill_batches(lengths: list[int], source: list[tuple[int | None, int]], max_tokens: int) -> list[list[int]]:
+    """Batches of sequence indices to compute, each sequence after its source (`shared_prefixes`).
+
+    Waves by depth (a source is computed in an earlier wave); inside a wave, batches of similar
+    new-token counts under a token budget, and a budget on the prefix rows each batch reads back.
+    """
+    depth = [0] * len(lengths)
+    for k in sorted(range(len(lengths)), key=lambda k: (source[k][0] is not None, source[k][1])):
+        depth[k] = 0 if source[k][0] is None else depth[source[k][0]] + 1  # a source shares fewer tokens
+    n_new = [n - shared for n, (_, shared) in zip(lengths, source)]
+    batches = []
+    for d in range(max(depth, default=0) + 1):
+        cur: list[int] = []
+        for k in sorted((k for k in range(len(lengths)) if depth[k] == d), key=lambda k: n_new[k]):
+            if cur and ((len(cur) + 1) * n_new[k] > max_tokens or n_new[k] > 1.5 * n_new[cur[0]] + 8
+                        or (len(cur) + 1) * max(source[j][1] for j in cur + [k]) > 2 * max_tokens):
+                batches.append(cur)
+                cur = []
+            cur.append(k)
+        if cur:
+            batches.append(cur)
+    return batches
 
 
 class KVCache:
@@ -112,7 +138,10 @@ class KVCache:
 
     A sequence that is a prefix of another (a prompt and the same prompt with the model's own
     answer, exact duplicates) is not stored twice: causal attention makes its keys/values the first
-    rows of the longer one's, so it reads those.
+    rows of the longer one's, so it reads those. A prefix several sequences share (chat template,
+    jailbreak template, a prompt with and without a suffix or prefill) is computed once: the others
+    copy its stored rows and continue from them (`shared_prefixes`, `_extend`), reading it in fp16
+    as llama.cpp's F16 cache does.
     """
 
     def __init__(self, model: FrozenLlama, seqs: list[list[int]], path: Path, max_batch_tokens: int = 4096):
@@ -137,21 +166,7 @@ class KVCache:
         stamp.unlink(missing_ok=True)
         self.data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         source = shared_prefixes([seqs[i] for i in stored])
-        depth = [0] * len(stored)
-        for k in sorted(range(len(stored)), key=lambda k: seqs[stored[k]]):  # sources first
-            depth[k] = 0 if source[k][0] is None else depth[source[k][0]] + 1
-        n_new = [len(seqs[i]) - n for i, (_, n) in zip(stored, source)]
-        batches = []
-        for d in range(max(depth, default=0) + 1):  # a sequence's source is written in an earlier wave
-            cur: list[int] = []
-            for k in sorted((k for k in range(len(stored)) if depth[k] == d), key=lambda k: n_new[k]):
-                # batches of similar new-token counts under a token budget, and a budget on past rows read
-                if cur and ((len(cur) + 1) * n_new[k] > max_batch_tokens or n_new[k] > 1.5 * n_new[cur[0]] + 8
-                            or (len(cur) + 1) * max(source[j][1] for j in cur + [k]) > 2 * max_batch_tokens):
-                    batches.append(cur)
-                    cur = []
-                cur.append(k)
-            batches.append(cur)
+        batches = _prefill_batches([len(seqs[i]) for i in stored], source, max_batch_tokens)
         for b in tqdm(batches, desc="prefill (frozen model, keys/values)", unit="batch", mininterval=10):
             new = [seqs[stored[k]][source[k][1]:] for k in b]
             past = [(at[stored[source[k][0]]], source[k][1]) if source[k][0] is not None else (0, 0) for k in b]
