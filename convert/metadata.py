@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 2  # the highest this code reads; a file is written as 1 unless it has side tokens
@@ -25,6 +26,26 @@ KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "t
 # optional: the threshold for the checks after the prompt (inside the answer); absent = `threshold`,
 # inf = no checks inside the answer (none could act)
 ANSWER_THRESHOLD = "answer_threshold"
+
+
+def stored_threshold(x: float) -> float:
+    """The threshold to write: the smallest float32 >= x rounded up to 6 decimals.
+
+    The file stores float32 and llama.cpp hands metadata to the runtime as text with 6 decimals.
+    A calibrated threshold sits one float64 step above the highest score it must let through;
+    rounding it to the nearest value would, about half the time, land below that score and refuse
+    the very conversation calibration counted as allowed (v9's 0.9781200955 read back as 0.978120).
+    """
+    if not math.isfinite(x):
+        return x
+    q = math.floor(x * 1e6) / 1e6
+    if q < x:
+        q = round(q + 1e-6, 6)
+    f = struct.unpack("<f", struct.pack("<f", q))[0]
+    if f < q:  # the next float32 up: its 6-decimal text is still q
+        bits = struct.unpack("<i", struct.pack("<f", f))[0]
+        f = struct.unpack("<f", struct.pack("<i", bits + 1 if f >= 0 else bits - 1))[0]
+    return f
 
 
 def valid_answer_threshold(a: float) -> bool:
@@ -60,11 +81,11 @@ class SafetyMeta:
             PREFIX + "cls_token_id": self.cls_token_id,
             PREFIX + "safe_token_id": self.safe_token_id,
             PREFIX + "unsafe_token_id": self.unsafe_token_id,
-            PREFIX + "threshold": float(self.threshold),
+            PREFIX + "threshold": stored_threshold(self.threshold),
             PREFIX + "base_model": self.base_model,
             PREFIX + "trained_with": self.trained_with,
             PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
-        } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: float(self.answer_threshold)}) \
+        } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: stored_threshold(self.answer_threshold)}) \
           | ({PREFIX + SIDE_TOKEN_IDS: json.dumps(list(self.side_token_ids))} if self.side_token_ids else {})
 
     @classmethod

@@ -169,3 +169,20 @@ def test_answer_threshold_travels_from_the_card_to_the_runtime(tiny_base, tmp_pa
     (d / "card.json").write_text('{"threshold": 0.9, "answer_threshold": 0}')
     with pytest.raises(ArtifactError, match="answer_threshold"):
         load_artifact(d)
+
+
+def test_the_file_never_stores_a_threshold_below_the_calibrated_one(tiny_base, tmp_path):
+    """The file holds float32 and llama.cpp reads metadata back as 6-decimal text; nearest rounding put v9's
+    0.9781200955383609 at 0.978120, below the highest val conversation score calibration let through."""
+    import runtime
+    from convert.metadata import stored_threshold
+    t, a = 0.9781200955383609, 0.9998924139166707
+    art = random_artifact(threshold=t)
+    art.card["answer_threshold"] = a
+    convert_gguf(tiny_base, art, tmp_path / "t.gguf", progress=False)
+    m = runtime.load(tmp_path / "t.gguf", allow_unverified=True)
+    assert t <= m.meta.threshold < t + 1e-6 and a <= m.meta.answer_threshold < a + 1e-6
+    m.close()
+    assert stored_threshold(0.999) == np.float32(0.999) and stored_threshold(float("inf")) == float("inf")
+    for x in np.random.default_rng(0).uniform(0, 1, 2000):
+        assert float(f"{stored_threshold(x):f}") >= x  # as llama.cpp's text gives it back
