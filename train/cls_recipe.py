@@ -119,18 +119,11 @@ def _prefill_batches(lengths: list[int], source: list[tuple[int | None, int]], m
     for k in sorted(range(len(lengths)), key=lambda k: (source[k][0] is not None, source[k][1])):
         depth[k] = 0 if source[k][0] is None else depth[source[k][0]] + 1  # a source shares fewer tokens
     n_new = [n - shared for n, (_, shared) in zip(lengths, source)]
-    batches = []
-    for d in range(max(depth, default=0) + 1):
-        cur: list[int] = []
-        for k in sorted((k for k in range(len(lengths)) if depth[k] == d), key=lambda k: n_new[k]):
-            if cur and ((len(cur) + 1) * n_new[k] > max_tokens or n_new[k] > 1.5 * n_new[cur[0]] + 8
-                        or (len(cur) + 1) * max(source[j][1] for j in cur + [k]) > 2 * max_tokens):
-                batches.append(cur)
-                cur = []
-            cur.append(k)
-        if cur:
-            batches.append(cur)
-    return batches
+    full = lambda b, k: ((len(b) + 1) * n_new[k] > max_tokens or n_new[k] > 1.5 * n_new[b[0]] + 8  # noqa: E731
+                         or (len(b) + 1) * max(source[j][1] for j in b + [k]) > 2 * max_tokens)
+    return [batch for d in range(max(depth, default=0) + 1)
+            for batch in pack_batches(sorted((k for k in range(len(lengths)) if depth[k] == d),
+                                             key=lambda k: n_new[k]), full)]
 
 
 class KVCache:
@@ -190,16 +183,21 @@ class KVCache:
         return out.transpose(3, 4)
 
 
-def _query_batches(queries, max_tokens: int, rng: random.Random):
-    qs = sorted(queries, key=lambda q: q[1])
+def pack_batches(items, full) -> list[list]:
+    """Consecutive runs of `items`: a new batch starts when `full(batch, next_item)` says it must."""
     batches, cur = [], []
-    for q in qs:
-        if cur and (len(cur) + 1) * q[1] > max_tokens:
+    for x in items:
+        if cur and full(cur, x):
             batches.append(cur)
             cur = []
-        cur.append(q)
+        cur.append(x)
     if cur:
         batches.append(cur)
+    return batches
+
+
+def _query_batches(queries, max_tokens: int, rng: random.Random):
+    batches = pack_batches(sorted(queries, key=lambda q: q[1]), lambda b, q: (len(b) + 1) * q[1] > max_tokens)
     rng.shuffle(batches)
     return batches
 

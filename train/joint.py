@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cls_recipe import pack_batches
 from .llama_torch import FrozenLlama
 from .lora import LoRA
 
@@ -130,15 +131,7 @@ def joint_loss(model, lora, cls_row, head, batch: Batch, lam: float, class_w: to
 def make_batches(seqs: list[JointSeq], max_tokens: int) -> list[list[int]]:
     """Length-sorted groups of sequence indices with (count * longest) <= max_tokens."""
     order = sorted(range(len(seqs)), key=lambda i: expanded_len(seqs[i]))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * expanded_len(seqs[i]) > max_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+    return pack_batches(order, lambda b, i: (len(b) + 1) * expanded_len(seqs[i]) > max_tokens)
 
 
 def batch_for_step(batches: list[list[int]], step: int, seed: int) -> list[int]:
