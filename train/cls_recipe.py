@@ -83,6 +83,14 @@ def shared_prefixes(seqs: list[list[int]], min_shared: int = MIN_SHARED) -> list
     return out
 
 
+def _row_index(spans: list[tuple[int, int]], width: int) -> np.ndarray:
+    """Flat indices of stored rows [start, start + n) for each (start, n), each padded to `width` with row 0."""
+    rows = np.zeros((len(spans), width), dtype=np.int64)
+    for j, (start, n) in enumerate(spans):
+        rows[j, :n] = np.arange(start, start + n)
+    return rows.reshape(-1)
+
+
 @torch.no_grad()
 def _extend(model: FrozenLlama, new: list[list[int]], past: list[tuple[int, int]], data: np.ndarray) -> torch.Tensor:
     """Keys/values of each `new` token run continuing a prefix whose keys/values are the stored rows
@@ -96,10 +104,7 @@ def _extend(model: FrozenLlama, new: list[list[int]], past: list[tuple[int, int]
     if P == 0:
         kv, _ = model.prefill(toks)  # (layer, 2, B, S, H, D)
         return kv.permute(2, 3, 0, 1, 4, 5)
-    rows = np.zeros((B, P), dtype=np.int64)
-    for j, (start, n) in enumerate(past):
-        rows[j, :n] = np.arange(start, start + n)
-    pkv = torch.from_numpy(data[rows.reshape(-1)].astype(np.float32))
+    pkv = torch.from_numpy(data[_row_index(past, P)].astype(np.float32))
     pkv = pkv.view(B, P, c.n_layer, 2, c.n_head_kv, c.head_dim)
     cached = [(pkv[:, :, i, 0], pkv[:, :, i, 1]) for i in range(c.n_layer)]
     seen = torch.arange(P).view(1, P) < torch.tensor([n for _, n in past]).view(B, 1)
@@ -174,10 +179,7 @@ class KVCache:
     def gather(self, seq_idx: list[int], ctx_len: list[int]) -> torch.Tensor:
         """Padded context keys/values for queries: (layer, 2, Q, L, H, D) float32."""
         L = max(ctx_len)
-        rows = np.zeros((len(seq_idx), L), dtype=np.int64)
-        for q, (i, n) in enumerate(zip(seq_idx, ctx_len)):
-            rows[q, :n] = np.arange(self.start[i], self.start[i] + n)
-        kv = torch.from_numpy(self.data[rows.reshape(-1)])
+        kv = torch.from_numpy(self.data[_row_index([(self.start[i], n) for i, n in zip(seq_idx, ctx_len)], L)])
         kv = kv.view(len(seq_idx), L, *kv.shape[1:]).permute(2, 3, 0, 4, 1, 5)  # (layer, 2, Q, H, L, D) fp16
         out = torch.empty(kv.shape, dtype=torch.float32).copy_(kv)  # one pass: to float32, laid out per head
         return out.transpose(3, 4)
