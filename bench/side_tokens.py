@@ -1,21 +1,27 @@
-"""Does capacity in the form of K chained side tokens (a learned soft prompt) help the frozen `cls` signal?
+"""Does more capacity (K chained side tokens) or an earlier read-out layer help the frozen `cls` signal?
 
-    python -m bench side_tokens [--k 1 4] [--epochs 10] [--out bench/out/side_tokens] [--kv-cache FILE]
-                                [--artifact DIR ...]
+    python -m bench side_tokens [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
+                                [--out bench/out/side_tokens] [--kv-cache FILE] [--artifact DIR ...]
 
 The issue allows more trainable capacity only where a standard model file can still express it: K
 side tokens decoded after the context (positions n .. n+K-1, each seeing the context and the side
 tokens before it; nothing real sees them) whose last is the [CLS]. For each K this trains the rows
 with `train_cls(side_tokens=K)` on exactly the data and schedule of `train cls --epochs 10
---own-answers --own-hardneg`, against one shared key/value cache (`--kv-cache`: reuse the file
-`train cls --kv-cache` wrote), then scores every val/test [CLS] position in torch against cached
-keys/values (the converted file's llama.cpp scores agree to ~1e-3; tests/test_train_cls.py) and
-prints, at the end of the prompt, the test rates at a threshold calibrated on val (2% of benign val
-prompts flagged), beside val AUROC over every position (what training selects its epoch on).
+--own-answers --own-hardneg` (`--epochs`, `--suffixes`: those of the run to compare with), against one
+shared key/value cache (`--kv-cache`: reuse the file `train cls --kv-cache` wrote), then scores every
+val/test [CLS] position in torch against cached keys/values (the converted file's llama.cpp scores
+agree to ~1e-3; tests/test_train_cls.py) and prints, at the end of the prompt, the test rates at a
+threshold calibrated on val (2% of benign val prompts flagged), beside val AUROC over every position
+(what training selects its epoch on).
 
-Trained rows and scores are kept in --out (k{K}.npz) and reused by a later run with the same --epochs.
-`--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that wrote the
-key/value cache: K=1, same data, seed and schedule), scored the same way.
+`--read-layers L ...` asks where the signal lives instead: one [CLS] row and head trained and read
+after the first L of the 30 layers (`train_cls(read_layer=L)`; a linear probe on the frozen model
+found more signal around layers 18-20 than at the last). No model file or backend reads an inner
+layer today, so this measures what such a format change would buy before anyone builds it.
+
+Trained rows and scores are kept in --out (k{K}.npz, k1-l{L}.npz) and reused by a later run with the
+same --epochs. `--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that
+wrote the key/value cache: K=1, last layer, same data, seed and schedule), scored the same way.
 """
 from __future__ import annotations
 
@@ -56,8 +62,11 @@ def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench side_tokens", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 4], help="side-token counts to compare")
+    ap.add_argument("--k", type=int, nargs="*", default=[1, 4], help="side-token counts to compare")
+    ap.add_argument("--read-layers", type=int, nargs="*", default=[],
+                    help="also train one [CLS] read after each of these layer counts")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--suffixes", action="store_true", help="the data of `train cls --suffixes`")
     ap.add_argument("--out", type=Path, default=Path("bench/out/side_tokens"))
     ap.add_argument("--kv-cache", type=Path, default=None,
                     help="the training key/value cache (default OUT/kv.npy; about 10 GB)")
@@ -76,55 +85,62 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     kv_path = args.kv_cache or args.out / "kv.npy"
+    base = base_smollm2()
+    model = FrozenLlama(base)
+    bad = [n for n in args.read_layers if not 1 <= n <= model.cfg.n_layer]
+    if bad:
+        ap.error(f"--read-layers: {bad} outside 1..{model.cfg.n_layer}, the base model's layers")
+    variants = [(k, None) for k in args.k] + [(1, n) for n in args.read_layers]
+    name = lambda k, n: f"k{k}" if n is None else f"k{k}-l{n}"  # noqa: E731
 
-    def saved(k):
-        path = args.out / f"k{k}.npz"
+    def saved(v):
+        path = args.out / f"{name(*v)}.npz"
         if path.is_file():
             res = json.loads(str(np.load(path)["info"]))
-            if res["epochs"] == args.epochs:
+            if res["epochs"] == args.epochs and res.get("suffixes", False) == args.suffixes:
                 return res
         return None
 
-    todo = [k for k in args.k if saved(k) is None]
+    todo = [v for v in variants if saved(v) is None]
     recipe = argparse.Namespace(seed=0, eval_limit=0, max_tokens=640, max_plain=2400, own_answers=bool(todo),
-                                own_harmful=200, own_benign=200, own_hardneg=True, threads=args.threads)
-    base = base_smollm2()
+                                own_harmful=200, own_benign=200, own_hardneg=True, threads=args.threads,
+                                suffixes=args.suffixes)
     _, _, by_split, train, _, _ = training_set(recipe, base)  # own answers only when something is trained
-    model = FrozenLlama(base)
     caches = {}
     results = {}
 
-    def score(res, row, head):
+    def score(res, row, head, read_layer=None):
         nonlocal caches
         if not caches:  # the test split's keys/values, beside the val cache train_cls keeps
             caches = {s: KVCache(model, [e.tokens for e in by_split[s]],
                                  kv_path.with_name(f"{kv_path.stem}-{s}.npy")) for s in ("val", "test")}
         for s, c in caches.items():
-            res[s] = score_cached(model, c, by_split[s], torch.from_numpy(row), torch.from_numpy(head))
+            res[s] = score_cached(model, c, by_split[s], torch.from_numpy(row), torch.from_numpy(head),
+                                  read_layer=read_layer)
         return res
 
     for d in args.artifact:
         art = load_artifact(d)
         card = art.card
-        results[f"{d.name} (K={len(art.side_rows)})"] = score(
+        results[f"{d.name} (K={len(art.side_rows)}, last layer)"] = score(
             {"best_epoch": card.get("training", {}).get("best_epoch", "-"), "seconds_per_epoch": None},
             art.cls_embedding, art.head)
-    for k in args.k:
-        res = saved(k)
+    for k, n in variants:
+        res = saved((k, n))
         if res is None:
             t = time.time()
             row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, keep_cache=True,
-                                        val=by_split["val"], side_tokens=k)
-            res = {"epochs": args.epochs, "best_epoch": info["best_epoch"],
+                                        val=by_split["val"], side_tokens=k, read_layer=n)
+            res = {"epochs": args.epochs, "suffixes": args.suffixes, "best_epoch": info["best_epoch"],
                    "seconds_per_epoch": (time.time() - t) / args.epochs}
-            np.savez(args.out / f"k{k}.npz", row=row, head=head, info=json.dumps(score(res, row, head)))
-        results[k] = res
-    print("\n| side tokens | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
+            np.savez(args.out / f"{name(k, n)}.npz", row=row, head=head, info=json.dumps(score(res, row, head, n)))
+        results[f"K={k}" + ("" if n is None else f", layer {n}")] = res
+    print("\n| variant | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
           "threshold | test AUROC | test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | "
           "look-dangerous FPR | test TPR at 1% test FPR | at 2% |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for k, res in results.items():
-        print(_row(str(k), res, by_split, args.max_fpr))
+    for label, res in results.items():
+        print(_row(label, res, by_split, args.max_fpr))
     print(f"\nend of the prompt; threshold: at most {args.max_fpr:.0%} of benign val prompts flagged (torch scores); "
           "the last two columns put the threshold on the test split itself (the ROC curve, not a shippable rate)")
     return 0

@@ -176,10 +176,11 @@ class KVCache:
         self.data.flush()
         stamp.write_text(key)
 
-    def gather(self, seq_idx: list[int], ctx_len: list[int]) -> torch.Tensor:
-        """Padded context keys/values for queries: (layer, 2, Q, L, H, D) float32."""
+    def gather(self, seq_idx: list[int], ctx_len: list[int], n_layers: int | None = None) -> torch.Tensor:
+        """Padded context keys/values for queries: (layer, 2, Q, L, H, D) float32 (the first n_layers)."""
         L = max(ctx_len)
-        kv = torch.from_numpy(self.data[_row_index([(self.start[i], n) for i, n in zip(seq_idx, ctx_len)], L)])
+        rows = _row_index([(self.start[i], n) for i, n in zip(seq_idx, ctx_len)], L)
+        kv = torch.from_numpy(self.data[rows, :n_layers])
         kv = kv.view(len(seq_idx), L, *kv.shape[1:]).permute(2, 3, 0, 4, 1, 5)  # (layer, 2, Q, H, L, D) fp16
         out = torch.empty(kv.shape, dtype=torch.float32).copy_(kv)  # one pass: to float32, laid out per head
         return out.transpose(3, 4)
@@ -206,13 +207,15 @@ def _query_batches(queries, max_tokens: int, rng: random.Random):
 
 @torch.no_grad()
 def score_cached(model: FrozenLlama, cache: KVCache, encoded: list[Encoded], cls_row: torch.Tensor,
-                 head: torch.Tensor, max_batch_tokens: int = 8192) -> list[list[float]]:
-    """p_unsafe at every [CLS] position, from the torch model against cached keys/values."""
+                 head: torch.Tensor, max_batch_tokens: int = 8192, read_layer: int | None = None) -> list[list[float]]:
+    """p_unsafe at every [CLS] position, from the torch model against cached keys/values
+    (read after `read_layer` layers: `FrozenLlama.cls_forward`)."""
     queries = [(i, p, j) for i, e in enumerate(encoded) for j, p in enumerate(e.positions)]
     out = [[0.0] * len(e.positions) for e in encoded]
     for batch in _query_batches(queries, max_batch_tokens, random.Random(0)):
         idx, ctx, slot = zip(*batch)
-        hid = model.cls_forward(cls_row, cache.gather(list(idx), list(ctx)), torch.tensor(ctx))
+        hid = model.cls_forward(cls_row, cache.gather(list(idx), list(ctx), read_layer), torch.tensor(ctx),
+                                read_layer)
         p = torch.softmax(hid @ head.T, -1)[:, 1].tolist()
         for i, j, v in zip(idx, slot, p):
             out[i][j] = v
@@ -226,11 +229,13 @@ def _drop(cache_path: Path) -> None:
 
 def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, epochs: int = 4,
               lr: float = 3e-3, seed: int = 0, max_batch_tokens: int = 6144, keep_cache: bool = False,
-              val: list[Encoded] | None = None, side_tokens: int = 1, log=print):
+              val: list[Encoded] | None = None, side_tokens: int = 1, read_layer: int | None = None,
+              log=print):
     """Train the [CLS] row and head rows; return (cls_row (D,), head (2, D), info) (float32 numpy).
 
     With side_tokens K > 1, K chained side rows are learned (a soft prompt whose last row is the
-    [CLS]; `FrozenLlama.cls_forward`) and cls_row is (K, D).
+    [CLS]; `FrozenLlama.cls_forward`) and cls_row is (K, D). With read_layer L, the head reads the
+    [CLS] after the first L layers (a measurement; model files read the last layer).
 
     With `val`, the validation [CLS] positions are scored after every epoch (torch, against
     their own cached keys/values) and the epoch with the best validation AUROC is returned.
@@ -262,8 +267,8 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
         for batch in tqdm(_query_batches(queries, max_batch_tokens, rng), desc=f"epoch {ep + 1}/{epochs}",
                           mininterval=10):
             idx, ctx, lab = zip(*batch)
-            kv = cache.gather(list(idx), list(ctx))
-            hid = model.cls_forward(cls_row, kv, torch.tensor(ctx))
+            kv = cache.gather(list(idx), list(ctx), read_layer)
+            hid = model.cls_forward(cls_row, kv, torch.tensor(ctx), read_layer)
             logits = hid @ head.T
             y = torch.tensor(lab)
             w = torch.where(y == 1, w_pos, w_neg)
@@ -277,7 +282,8 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
             correct += (logits.argmax(-1) == y).sum().item()
         msg = f"epoch {ep + 1}: loss {tot / n:.4f} train acc {correct / n:.3f}"
         if val_cache is not None:
-            vs = np.array([p for ps in score_cached(model, val_cache, val, cls_row, head) for p in ps])
+            vs = np.array([p for ps in score_cached(model, val_cache, val, cls_row, head, read_layer=read_layer)
+                           for p in ps])
             a = auroc(vs, val_labels)
             msg += f" val AUROC {a:.4f}"
             if a > best[0]:

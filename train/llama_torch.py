@@ -140,7 +140,8 @@ class FrozenLlama:
         return kv, hid
 
     # -- [CLS] queries against cached context ---------------------------------------
-    def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor) -> torch.Tensor:
+    def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor,
+                    n_layers: int | None = None) -> torch.Tensor:
         """Final normed hidden state of a [CLS] token placed right after a context.
 
         cls_row: (D,) the [CLS] input embedding (may require grad), or (K, D): K chained side
@@ -152,6 +153,9 @@ class FrozenLlama:
                  `KVCache.gather` returns it).
         ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
                  position ctx_len and attends to context[:ctx_len] and to itself.
+        n_layers: read the [CLS] after this many layers (output norm applied) instead of all of them
+                 (a measurement of where the signal lives: `python -m bench side_tokens --read-layers`;
+                 model files and backends read the last layer). ctx_kv needs only these layers.
 
         Attention is written out rather than one scaled_dot_product_attention over the context
         and side keys concatenated: the rep query heads sharing a key/value head become rep*K
@@ -171,7 +175,7 @@ class FrozenLlama:
         side_bias = torch.zeros(K, K).masked_fill(later, float("-inf")).repeat(rep, 1)  # rows: (rep, K)
         scale = hd ** -0.5
         x = rows.expand(Q, K, c.n_embd)
-        for i in range(c.n_layer):
+        for i in range(n_layers or c.n_layer):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos)                                      # (Q, K, H, hd)
             q = q.view(Q, K, hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(Q, hkv, rep * K, hd)
