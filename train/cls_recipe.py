@@ -72,14 +72,14 @@ def shared_prefixes(seqs: list[list[int]], min_shared: int = MIN_SHARED) -> list
             n += 1
         lcp[r] = n
     out: list[tuple[int | None, int]] = [(None, 0)] * len(seqs)
+    below = [0]  # ranks with increasing lcp: the nearest earlier rank sharing fewer tokens than r is on top
     for r in range(1, len(order)):
+        while lcp[below[-1]] >= lcp[r] > 0:  # lcp[0] = 0 stays at the bottom
+            below.pop()
         n = min(lcp[r], len(seqs[order[r]]) - 1)  # at least one new token to compute
-        if n < min_shared:
-            continue
-        m = r
-        while m > 1 and lcp[m - 1] >= lcp[r]:
-            m -= 1
-        out[order[r]] = (order[m - 1], n)
+        if n >= min_shared:  # ranks below[-1] .. r share lcp[r] tokens: the lowest is the source
+            out[order[r]] = (order[below[-1]], n)
+        below.append(r)
     return out
 
 
