@@ -65,7 +65,7 @@ def test_chained_side_tokens_equal_appending_them_to_the_sequence(frozen):
 
 
 def test_cls_read_after_fewer_layers_equals_a_model_of_those_layers(frozen, tmp_path):
-    """read_layer / n_layers (`bench side_tokens --read-layers`): the [CLS] read after the first n layers
+    """read_layer (`bench side_tokens --read-layers`): the [CLS] read after the first n layers
     (output norm applied) == the last hidden state of the same model cut to n layers, from the cache too."""
     import copy
     import dataclasses
@@ -76,12 +76,12 @@ def test_cls_read_after_fewer_layers_equals_a_model_of_those_layers(frozen, tmp_
     row = torch.randn(frozen.cfg.n_embd)
     full, _ = cut.forward(torch.cat([frozen.embed(torch.tensor(toks)), row[None]])[None], torch.arange(21)[None])
     kv, _ = frozen.prefill(torch.tensor([toks]))
-    h = frozen.cls_forward(row, kv[:n], torch.tensor([20]), n_layers=n)
+    h = frozen.cls_forward(row, kv[:n], torch.tensor([20]))  # the first n layers' keys/values
     torch.testing.assert_close(h[0], full[0, -1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(h, frozen.cls_forward(row, kv, torch.tensor([20])), atol=1e-3)  # not the last layer
     cache = KVCache(frozen, [toks], tmp_path / "kv.npy")
     assert cache.gather([0], [20], n).shape[0] == n
-    torch.testing.assert_close(frozen.cls_forward(row, cache.gather([0], [20], n), torch.tensor([20]), n), h,
+    torch.testing.assert_close(frozen.cls_forward(row, cache.gather([0], [20], n), torch.tensor([20])), h,
                                atol=2e-3, rtol=2e-3)  # fp16 cache
 
 

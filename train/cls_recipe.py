@@ -214,8 +214,7 @@ def score_cached(model: FrozenLlama, cache: KVCache, encoded: list[Encoded], cls
     out = [[0.0] * len(e.positions) for e in encoded]
     for batch in _query_batches(queries, max_batch_tokens, random.Random(0)):
         idx, ctx, slot = zip(*batch)
-        hid = model.cls_forward(cls_row, cache.gather(list(idx), list(ctx), read_layer), torch.tensor(ctx),
-                                read_layer)
+        hid = model.cls_forward(cls_row, cache.gather(list(idx), list(ctx), read_layer), torch.tensor(ctx))
         p = torch.softmax(hid @ head.T, -1)[:, 1].tolist()
         for i, j, v in zip(idx, slot, p):
             out[i][j] = v
@@ -268,7 +267,7 @@ def train_cls(model: FrozenLlama, encoded: list[Encoded], cache_path: Path, *, e
                           mininterval=10):
             idx, ctx, lab = zip(*batch)
             kv = cache.gather(list(idx), list(ctx), read_layer)
-            hid = model.cls_forward(cls_row, kv, torch.tensor(ctx), read_layer)
+            hid = model.cls_forward(cls_row, kv, torch.tensor(ctx))
             logits = hid @ head.T
             y = torch.tensor(lab)
             w = torch.where(y == 1, w_pos, w_neg)

@@ -140,8 +140,7 @@ class FrozenLlama:
         return kv, hid
 
     # -- [CLS] queries against cached context ---------------------------------------
-    def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor,
-                    n_layers: int | None = None) -> torch.Tensor:
+    def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor) -> torch.Tensor:
         """Final normed hidden state of a [CLS] token placed right after a context.
 
         cls_row: (D,) the [CLS] input embedding (may require grad), or (K, D): K chained side
@@ -150,12 +149,11 @@ class FrozenLlama:
                  before it; the hidden state returned is the last one's.
         ctx_kv:  (n_layer, 2, Q, L, n_head_kv, head_dim) padded context keys/values, one per query
                  (fastest when its memory is laid out (n_layer, 2, Q, n_head_kv, L, head_dim), as
-                 `KVCache.gather` returns it).
+                 `KVCache.gather` returns it). The [CLS] is read after as many layers as it holds (output
+                 norm applied): the first n layers' keys/values read it after layer n, a measurement of
+                 where the signal lives (`bench side_tokens --read-layers`; files and backends read the last).
         ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
                  position ctx_len and attends to context[:ctx_len] and to itself.
-        n_layers: read the [CLS] after this many layers (output norm applied) instead of all of them
-                 (a measurement of where the signal lives: `python -m bench side_tokens --read-layers`;
-                 model files and backends read the last layer). ctx_kv needs only these layers.
 
         Attention is written out rather than one scaled_dot_product_attention over the context
         and side keys concatenated: the rep query heads sharing a key/value head become rep*K
@@ -175,7 +173,7 @@ class FrozenLlama:
         side_bias = torch.zeros(K, K).masked_fill(later, float("-inf")).repeat(rep, 1)  # rows: (rep, K)
         scale = hd ** -0.5
         x = rows.expand(Q, K, c.n_embd)
-        for i in range(n_layers or c.n_layer):
+        for i in range(ctx_kv.shape[0]):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos)                                      # (Q, K, H, hd)
             q = q.view(Q, K, hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(Q, hkv, rep * K, hd)
