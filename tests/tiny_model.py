@@ -95,3 +95,61 @@ def random_artifact(seed: int = 1, threshold: float = 0.5, head_scale: float = 0
 def write_tiny_safe(base: Path, out: Path, seed: int = 1, head_scale: float = 0.5) -> Path:
     convert_gguf(base, random_artifact(seed, head_scale=head_scale), out, progress=False)
     return out
+
+
+def write_tiny_gemma3(path: Path, seed: int = 0, window: int = 8, n_layer: int = 6) -> Path:
+    """A tiny random Gemma 3 (architecture gemma3): q/k norms, post-attention/post-MLP norms, GeGLU,
+    a sliding window of `window` keys on layers i % 6 != 5, head_dim != n_embd / n_head. The same
+    byte-level vocabulary as the tiny Llama (the tokenizer does not depend on the architecture)."""
+    rng = np.random.default_rng(seed)
+    tokens = SPECIALS + _byte_tokens() + ["Ġt", "Ġa", "he", "in", "re", "on", "Ġthe", "er"]
+    n_vocab, n_embd, n_head, n_head_kv, head_dim, n_ff = len(tokens), 48, 2, 1, 32, 96
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny-random-gemma3")
+    w.add_context_length(N_CTX)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(1e6)
+    w.add_sliding_window(window)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (n_vocab - len(SPECIALS)))
+    w.add_token_merges(["Ġ t", "Ġ a", "h e", "i n", "r e", "o n", "Ġt he", "e r"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+    def t(name, *shape, scale=0.15):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.3 * rng.standard_normal(n)).astype(np.float32))
+
+    t("token_embd.weight", n_vocab, n_embd, scale=0.1)
+    norm("output_norm.weight", n_embd)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        for name in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            norm(p + name + ".weight", n_embd)
+        norm(p + "attn_q_norm.weight", head_dim)
+        norm(p + "attn_k_norm.weight", head_dim)
+        t(p + "attn_q.weight", n_head * head_dim, n_embd)
+        t(p + "attn_k.weight", n_head_kv * head_dim, n_embd)
+        t(p + "attn_v.weight", n_head_kv * head_dim, n_embd)
+        t(p + "attn_output.weight", n_embd, n_head * head_dim)
+        t(p + "ffn_gate.weight", n_ff, n_embd)
+        t(p + "ffn_up.weight", n_ff, n_embd)
+        t(p + "ffn_down.weight", n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

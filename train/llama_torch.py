@@ -38,10 +38,7 @@ class Config:
     rope_base: float
     eps: float
     n_vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    head_dim: int  # per attention head (GGUF attention.key_length; n_embd // n_head when absent)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -49,14 +46,31 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def load_frozen(path: str | Path) -> "FrozenLlama":
+    """The frozen torch model for a GGUF file: `FrozenLlama`, or `FrozenGemma3` for a gemma3 file."""
+    arch = _field(gguf.GGUFReader(str(path)), "general.architecture")
+    if arch == "gemma3":
+        from .gemma3_torch import FrozenGemma3
+        return FrozenGemma3(path)
+    return FrozenLlama(path)
+
+
 class FrozenLlama:
-    """A frozen Llama-architecture model loaded from GGUF (float32, no grad on weights)."""
+    """A frozen Llama-architecture model loaded from GGUF (float32, no grad on weights).
+
+    Subclasses for other architectures (`gemma3_torch.FrozenGemma3`) override the per-layer pieces:
+    `_qkv`, `_attn_out`, `_mlp`, `_window` (sliding-window layers) and `embed_scale`.
+    """
+    ARCH = "llama"
+    embed_scale = 1.0  # input embeddings are multiplied by this (Gemma: sqrt(n_embd))
 
     def __init__(self, path: str | Path):
         reader = gguf.GGUFReader(str(path))
         arch = _field(reader, "general.architecture")
-        if arch != "llama":
-            raise ValueError(f"{path}: architecture {arch!r} is not supported by the cls recipe (llama only)")
+        if arch != self.ARCH:
+            supported = "llama and gemma3 (train.llama_torch.load_frozen)"
+            raise ValueError(f"{path}: architecture {arch!r} is not read by {type(self).__name__}; "
+                             f"the torch recipes support {supported}")
         a = arch
         w: dict[str, torch.Tensor] = {}
         for t in reader.tensors:
@@ -75,13 +89,34 @@ class FrozenLlama:
             rope_base=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
             eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             n_vocab=w["token_embd.weight"].shape[0],
+            head_dim=int(_field(reader, f"{a}.attention.key_length", n_embd // n_head)),
         )
+        self.inv_freq = self._inv_freq(self.cfg.rope_base)
+        self._setup(reader)
+
+    def _setup(self, reader: gguf.GGUFReader) -> None:
+        """Architecture-specific settings read from the file (none for Llama)."""
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
         hd = self.cfg.head_dim
-        self.inv_freq = 1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        return 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
 
     # -- building blocks -------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.w["token_embd.weight"][tokens]
+        e = self.w["token_embd.weight"][tokens]
+        return e if self.embed_scale == 1.0 else e * self.embed_scale
+
+    def _window(self, i: int) -> int | None:
+        """Layer i attends only to keys fewer than this many positions back (None: all)."""
+        return None
+
+    def _window_mask(self, i: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """(..., S, P) bool, True where a query at q_pos (..., S) may see a key at k_pos (..., P) under
+        layer i's sliding window; None when the layer has none or no pair is far enough apart."""
+        win = self._window(i)
+        if win is None or int(q_pos.max()) - int(k_pos.min()) < win:
+            return None
+        return (q_pos[..., :, None] - k_pos[..., None, :]) < win
 
     def output_matrix(self) -> torch.Tensor:
         return self.w["token_embd.weight"] if self.tied else self.w["output.weight"]
@@ -108,6 +143,10 @@ class FrozenLlama:
         v = self._linear(p + "attn_v.weight", h, lin).unflatten(-1, (c.n_head_kv, c.head_dim))
         return self._rope(q, pos), self._rope(k, pos), v
 
+    def _attn_out(self, i: int, x: torch.Tensor, o: torch.Tensor, lin=None) -> torch.Tensor:
+        """The residual stream after layer i's attention output o (heads concatenated)."""
+        return x + self._linear(f"blk.{i}.attn_output.weight", o, lin)
+
     def _mlp(self, i: int, x: torch.Tensor, lin=None) -> torch.Tensor:
         p = f"blk.{i}."
         h = self._norm(x, p + "ffn_norm.weight")
@@ -126,13 +165,16 @@ class FrozenLlama:
         pos = torch.arange(T).expand(B, T)
         x = self.embed(tokens)
         kv = torch.empty(c.n_layer, 2, B, T, c.n_head_kv, c.head_dim)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
         for i in range(c.n_layer):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos)
             kv[i, 0], kv[i, 1] = k, v
+            win = self._window_mask(i, pos[0], pos[0])
             att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=True)
-            x = x + att.transpose(1, 2).flatten(-2) @ self.w[f"blk.{i}.attn_output.weight"].T
+                                                 attn_mask=None if win is None else causal & win,
+                                                 is_causal=win is None, enable_gqa=True)
+            x = self._attn_out(i, x, att.transpose(1, 2).flatten(-2))
             x = self._mlp(i, x)
         hid = self._norm(x, "output_norm.weight")
         if return_logits:
@@ -162,7 +204,7 @@ class FrozenLlama:
         the (large, frozen) context keys/values. Same mathematics; about 2x faster to train.
         """
         c = self.cfg
-        rows = cls_row.view(-1, c.n_embd)
+        rows = cls_row.view(-1, c.n_embd) * self.embed_scale
         K = rows.shape[0]
         Q, L = ctx_kv.shape[2], ctx_kv.shape[3]
         hkv, rep, hd = c.n_head_kv, c.n_head // c.n_head_kv, c.head_dim
@@ -174,17 +216,21 @@ class FrozenLlama:
         scale = hd ** -0.5
         x = rows.expand(Q, K, c.n_embd)
         for i in range(ctx_kv.shape[0]):
+            bias = ctx_bias
+            win = self._window_mask(i, pos.view(Q, 1, K), torch.arange(L).view(1, 1, L))  # (Q, 1, K, L)
+            if win is not None:  # query rows are (rep, K): the window per side row, repeated per query head
+                bias = ctx_bias.masked_fill(~win.repeat(1, 1, rep, 1), float("-inf"))
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos)                                      # (Q, K, H, hd)
             q = q.view(Q, K, hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(Q, hkv, rep * K, hd)
             kc, vc = ctx_kv[i, 0].transpose(1, 2), ctx_kv[i, 1].transpose(1, 2)  # (Q, Hkv, L, hd)
             ks, vs = k.transpose(1, 2), v.transpose(1, 2)                        # (Q, Hkv, K, hd)
-            s = torch.cat([(q @ kc.transpose(-1, -2)) * scale + ctx_bias,
+            s = torch.cat([(q @ kc.transpose(-1, -2)) * scale + bias,
                            (q @ ks.transpose(-1, -2)) * scale + side_bias], dim=-1)
             p = torch.softmax(s, dim=-1)
             o = p[..., :L] @ vc + p[..., L:] @ vs                                # (Q, Hkv, rep*K, hd)
-            o = o.view(Q, hkv, rep, K, hd).permute(0, 3, 1, 2, 4).reshape(Q, K, c.n_embd)
-            x = x + o @ self.w[f"blk.{i}.attn_output.weight"].T
+            o = o.view(Q, hkv, rep, K, hd).permute(0, 3, 1, 2, 4).reshape(Q, K, c.n_head * hd)
+            x = self._attn_out(i, x, o)
             x = self._mlp(i, x)
         return self._norm(x[:, -1], "output_norm.weight")                       # (Q, D)
 
@@ -209,6 +255,8 @@ class FrozenLlama:
         """
         c = self.cfg
         kv = [] if keep_kv else None
+        P = 0 if past is None else past[0][0].shape[1]
+        k_pos = pos if past is None else torch.cat([torch.arange(P, device=pos.device).expand(len(pos), P), pos], 1)
         for i in range(c.n_layer):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos, lin)
@@ -216,8 +264,12 @@ class FrozenLlama:
                 k, v = torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1)
             if keep_kv:
                 kv.append((k, v))
+            m, win = mask, self._window_mask(i, pos, k_pos)  # past rows are positions 0 .. P-1
+            if win is not None:
+                causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+                m = (causal if m is None else m) & win.unsqueeze(1)
             att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-            x = x + self._linear(f"blk.{i}.attn_output.weight", att.transpose(1, 2).flatten(-2), lin)
+                                                 attn_mask=m, is_causal=m is None, enable_gqa=True)
+            x = self._attn_out(i, x, att.transpose(1, 2).flatten(-2), lin)
             x = self._mlp(i, x, lin)
         return self._norm(x, "output_norm.weight"), kv
