@@ -2,7 +2,8 @@
 
     python -m bench base_speed [--base GGUF ...] [--prompts 40] [--new 64] [--threads 2]
 
-For the default base (SmolLM2-135M-Instruct, Q4_1) and each `--base` file: parameters, file size,
+For the default base (SmolLM2-135M-Instruct, Q4_1) and each `--base` file: parameters (all, the token
+embeddings, the rest: the body a [CLS] reads; and the embeddings' spread as stored), file size,
 tokens per prompt (the first --prompts validation prompts of the training data, each in the base's
 chat format: its own template, or Gemma's turn format for a file without one), prompt processing
 (tokens/s over those prompts, each from an empty cache) and generation (tokens/s, greedy, --new
@@ -20,13 +21,16 @@ from pathlib import Path
 from .common import MB, markdown_table
 
 
-def _params(path: Path) -> tuple[str, int]:
+def _params(path: Path) -> tuple[str, int, int, float]:
+    """(architecture, parameters, of which the token embeddings, std of the embeddings as stored)."""
     import gguf
     import numpy as np
 
     r = gguf.GGUFReader(str(path))
     arch = r.fields["general.architecture"].contents()
-    return arch, int(sum(int(np.prod(t.shape)) for t in r.tensors))
+    emb = next(t for t in r.tensors if t.name == "token_embd.weight")
+    std = float(np.asarray(gguf.quants.dequantize(emb.data, emb.tensor_type), dtype=np.float32).std())
+    return arch, int(sum(int(np.prod(t.shape)) for t in r.tensors)), int(np.prod(emb.shape)), std
 
 
 def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
@@ -35,7 +39,7 @@ def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
     from runtime.prompt import build_prompt, prompt_tokens
     from train.gemma3_torch import GEMMA_TURNS
 
-    arch, n_params = _params(path)
+    arch, n_params, n_embd_params, embd_std = _params(path)
     mf = LlamaModelFile(path)
     template = mf.chat_template or (GEMMA_TURNS if arch == "gemma3" else None)
     bos = mf.bos if mf.add_bos else None
@@ -58,7 +62,8 @@ def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
     finally:
         be.close()
         mf.close()
-    return {"name": path.name, "arch": arch, "params_m": n_params / 1e6, "file_mb": path.stat().st_size / MB,
+    return {"name": path.name, "arch": arch, "params_m": n_params / 1e6, "embedding_m": n_embd_params / 1e6,
+            "embedding_std": embd_std, "file_mb": path.stat().st_size / MB,
             "tokens_per_prompt": statistics.median(map(len, toks)), "prompt_tok_s": statistics.median(pp),
             "gen_tok_s": statistics.median(tg)}
 
@@ -78,9 +83,11 @@ def main(argv=None) -> int:
     rows = []
     for path in [base_smollm2(), *args.base]:
         r = measure(Path(path), prompts, args.new, args.threads)
-        rows.append([r["name"], r["arch"], f"{r['params_m']:.0f}", f"{r['file_mb']:.0f}",
+        rows.append([r["name"], r["arch"], f"{r['params_m']:.0f}", f"{r['embedding_m']:.0f}",
+                     f"{r['params_m'] - r['embedding_m']:.0f}", f"{r['embedding_std']:.3f}", f"{r['file_mb']:.0f}",
                      f"{r['tokens_per_prompt']:.0f}", f"{r['prompt_tok_s']:.0f}", f"{r['gen_tok_s']:.1f}"])
-    print(markdown_table(["base", "architecture", "parameters (M)", "file (MiB)", "tokens per prompt (median)",
+    print(markdown_table(["base", "architecture", "parameters (M)", "token embeddings (M)", "the rest (M)",
+                          "embedding std (as stored)", "file (MiB)", "tokens per prompt (median)",
                           "prompt processing (tok/s)", "generation (tok/s)"], rows))
     print(f"\n{len(prompts)} validation prompts, {args.new} greedy tokens after each, {args.threads} threads, "
           "llama.cpp through the runtime's backend with checks off; medians over prompts")

@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--read-layers", type=int, nargs="*", default=[],
                     help="also train one [CLS] read after each of these layer counts")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=3e-3, help="learning rate of the [CLS] rows (head: 3x; train cls's "
+                    "default 3e-3); a base whose embeddings are on another scale may want another")
     ap.add_argument("--suffixes", action="store_true", help="the data of `train cls --suffixes`")
     ap.add_argument("--out", type=Path, default=Path("bench/out/side_tokens"))
     ap.add_argument("--kv-cache", type=Path, default=None,
@@ -99,14 +101,15 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--read-layers: {bad} outside 1..{model.cfg.n_layer}, the base model's layers")
     variants = [(k, None) for k in args.k] + [(1, n) for n in args.read_layers]
-    name = lambda k, n: f"k{k}" if n is None else f"k{k}-l{n}"  # noqa: E731
+    lr_tag = "" if args.lr == 3e-3 else f"-lr{args.lr:g}"
+    name = lambda k, n: (f"k{k}" if n is None else f"k{k}-l{n}") + lr_tag  # noqa: E731
 
     def saved(v):
         path = args.out / f"{name(*v)}.npz"
         if path.is_file():
             res = json.loads(str(np.load(path)["info"]))
-            if (res["epochs"], res.get("suffixes", False), res.get("base", "default")) == (args.epochs, args.suffixes,
-                                                                                 base_name):
+            if (res["epochs"], res.get("suffixes", False), res.get("base", "default"), res.get("lr", 3e-3)) == \
+                    (args.epochs, args.suffixes, base_name, args.lr):
                 return res
         return None
 
@@ -139,13 +142,13 @@ def main(argv=None) -> int:
         res = saved((k, n))
         if res is None:
             t = time.time()
-            row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, keep_cache=True,
+            row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr, keep_cache=True,
                                         val=by_split["val"], side_tokens=k, read_layer=n)
-            res = {"epochs": args.epochs, "suffixes": args.suffixes, "base": base_name,
+            res = {"epochs": args.epochs, "suffixes": args.suffixes, "base": base_name, "lr": args.lr,
                    "best_epoch": info["best_epoch"],
                    "seconds_per_epoch": (time.time() - t) / args.epochs}
             np.savez(args.out / f"{name(k, n)}.npz", row=row, head=head, info=json.dumps(score(res, row, head, n)))
-        results[f"K={k}" + ("" if n is None else f", layer {n}")] = res
+        results[f"K={k}" + ("" if n is None else f", layer {n}") + ("" if not lr_tag else f", lr {args.lr:g}")] = res
     print("\n| variant | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
           "threshold | test AUROC | test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | "
           "look-dangerous FPR | test TPR at 1% test FPR | at 2% |")

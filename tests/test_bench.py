@@ -166,5 +166,5 @@ def test_base_speed_measures_a_llama_and_a_gemma3_file(tiny_base, tmp_path):
     prompts = [{"prompt": "the weather in spring"}, {"prompt": "a longer question about the weather in spring"}]
     for path, arch in [(tiny_base, "llama"), (write_tiny_gemma3(tmp_path / "g.gguf"), "gemma3")]:
         r = measure(path, prompts, n_new=5, threads=1)
-        assert r["arch"] == arch and r["params_m"] > 0 and r["file_mb"] > 0
+        assert r["arch"] == arch and r["params_m"] > r["embedding_m"] > 0 and r["embedding_std"] > 0 and r["file_mb"] > 0
         assert r["tokens_per_prompt"] > 5 and r["prompt_tok_s"] > 0 and r["gen_tok_s"] > 0
