@@ -65,7 +65,7 @@ def test_chained_side_tokens_equal_appending_them_to_the_sequence(frozen):
 
 
 def test_cls_read_after_fewer_layers_equals_a_model_of_those_layers(frozen, tmp_path):
-    """read_layer (`bench side_tokens --read-layers`): the [CLS] read after the first n layers
+    """read_layer (`bench cls_variants --read-layers`): the [CLS] read after the first n layers
     (output norm applied) == the last hidden state of the same model cut to n layers, from the cache too."""
     import copy
     import dataclasses

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
                         "(train/data.py random_suffix; `python -m train heldout` measures real GCG suffixes)")
     c.add_argument("--side-tokens", type=int, default=1, metavar="K",
                    help="learn K chained side tokens, the last being the [CLS] (a soft prompt decoded at every "
-                        "check; `python -m bench side_tokens` measures what it buys)")
+                        "check; `python -m bench cls_variants` measures what it buys)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
     c.add_argument("--kv-cache", type=Path, default=None,

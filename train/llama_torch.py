@@ -193,7 +193,7 @@ class FrozenLlama:
                  (fastest when its memory is laid out (n_layer, 2, Q, n_head_kv, L, head_dim), as
                  `KVCache.gather` returns it). The [CLS] is read after as many layers as it holds (output
                  norm applied): the first n layers' keys/values read it after layer n, a measurement of
-                 where the signal lives (`bench side_tokens --read-layers`; files and backends read the last).
+                 where the signal lives (`bench cls_variants --read-layers`; files and backends read the last).
         ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
                  position ctx_len and attends to context[:ctx_len] and to itself.
 

@@ -1,8 +1,9 @@
-"""Does more capacity (K chained side tokens) or an earlier read-out layer help the frozen `cls` signal?
+"""Variants of the frozen `cls` recipe: more capacity (K chained side tokens), an earlier read-out layer, more
+epochs, another learning rate or another base model. Does any help the signal?
 
-    python -m bench side_tokens [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
-                                [--out bench/out/side_tokens] [--kv-cache FILE] [--artifact DIR ...]
-                                [--base GGUF]
+    python -m bench cls_variants [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
+                                 [--out bench/out/cls_variants] [--kv-cache FILE] [--artifact DIR ...]
+                                 [--base GGUF] [--lr LR]
 
 The issue allows more trainable capacity only where a standard model file can still express it: K
 side tokens decoded after the context (positions n .. n+K-1, each seeing the context and the side
@@ -20,11 +21,14 @@ after the first L of the 30 layers (`train_cls(read_layer=L)`; a linear probe on
 found more signal around layers 18-20 than at the last). No model file or backend reads an inner
 layer today, so this measures what such a format change would buy before anyone builds it.
 
-Trained rows and scores are kept in --out (k{K}.npz, k1-l{L}.npz) and reused by a later run with the
-same --epochs. `--base GGUF` trains the same recipe on another base (llama or gemma3 architecture; a
-file without a chat template gets Gemma's turn format, `train.gemma3_torch.GEMMA_TURNS`), the issue's
-"second base" question: its rows are comparable with the default base's rows of the same command.
-`--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that
+`--base GGUF` trains the same recipe on another base (llama or gemma3 architecture; a file without a
+chat template gets Gemma's turn format, `train.gemma3_torch.GEMMA_TURNS`), the issue's "second base"
+question: its rows are comparable with the default base's rows of the same command. `--lr` sets the
+[CLS] rows' learning rate (the head's is 3x): a base that stores its embeddings on another scale moves
+its row further per Adam step at the same rate.
+
+Trained rows and scores are kept in --out (k{K}.npz, k1-l{L}.npz, with -lr{LR} for a non-default rate)
+and reused by a later run with the same --epochs, --suffixes, --base and --lr. `--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that
 wrote the key/value cache: K=1, last layer, same data, seed and schedule), scored the same way.
 """
 from __future__ import annotations
@@ -64,7 +68,7 @@ def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench side_tokens", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench cls_variants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, nargs="*", default=[1, 4], help="side-token counts to compare")
     ap.add_argument("--read-layers", type=int, nargs="*", default=[],
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="learning rate of the [CLS] rows (head: 3x; train cls's "
                     "default 3e-3); a base whose embeddings are on another scale may want another")
     ap.add_argument("--suffixes", action="store_true", help="the data of `train cls --suffixes`")
-    ap.add_argument("--out", type=Path, default=Path("bench/out/side_tokens"))
+    ap.add_argument("--out", type=Path, default=Path("bench/out/cls_variants"))
     ap.add_argument("--kv-cache", type=Path, default=None,
                     help="the training key/value cache (default OUT/kv.npy; about 10 GB)")
     ap.add_argument("--artifact", type=Path, nargs="*", default=[], help="also score these artifacts' rows")
