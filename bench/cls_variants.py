@@ -3,7 +3,7 @@ epochs, another learning rate or another base model. Does any help the signal?
 
     python -m bench cls_variants [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
                                  [--out bench/out/cls_variants] [--kv-cache FILE] [--artifact DIR ...]
-                                 [--base GGUF] [--lr LR]
+                                 [--base GGUF] [--lr LR ...]
 
 The issue allows more trainable capacity only where a standard model file can still express it: K
 side tokens decoded after the context (positions n .. n+K-1, each seeing the context and the side
@@ -28,8 +28,9 @@ question: its rows are comparable with the default base's rows of the same comma
 its row further per Adam step at the same rate.
 
 Trained rows and scores are kept in --out (k{K}.npz, k1-l{L}.npz, with -lr{LR} for a non-default rate)
-and reused by a later run with the same --epochs, --suffixes, --base and --lr. `--artifact DIR` adds the rows of an existing artifact (e.g. the `train cls` run that
-wrote the key/value cache: K=1, last layer, same data, seed and schedule), scored the same way.
+and reused by a later run with the same --epochs, --suffixes, --base and --lr. `--artifact DIR` adds the
+rows of an existing artifact (e.g. the `train cls` run that wrote the key/value cache: K=1, last layer,
+same data, seed and schedule), scored the same way.
 """
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--read-layers", type=int, nargs="*", default=[],
                     help="also train one [CLS] read after each of these layer counts")
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=3e-3, help="learning rate of the [CLS] rows (head: 3x; train cls's "
-                    "default 3e-3); a base whose embeddings are on another scale may want another")
+    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3], help="learning rates of the [CLS] rows to try "
+                    "(head: 3x; train cls's default 3e-3), each with every variant")
     ap.add_argument("--suffixes", action="store_true", help="the data of `train cls --suffixes`")
     ap.add_argument("--out", type=Path, default=Path("bench/out/cls_variants"))
     ap.add_argument("--kv-cache", type=Path, default=None,
@@ -104,16 +105,17 @@ def main(argv=None) -> int:
     bad = [n for n in args.read_layers if not 1 <= n <= model.cfg.n_layer]
     if bad:
         ap.error(f"--read-layers: {bad} outside 1..{model.cfg.n_layer}, the base model's layers")
-    variants = [(k, None) for k in args.k] + [(1, n) for n in args.read_layers]
-    lr_tag = "" if args.lr == 3e-3 else f"-lr{args.lr:g}"
-    name = lambda k, n: (f"k{k}" if n is None else f"k{k}-l{n}") + lr_tag  # noqa: E731
+    shapes = [(k, None) for k in args.k] + [(1, n) for n in args.read_layers]
+    variants = [(k, n, lr) for lr in args.lr for k, n in shapes]
+    lr_tag = lambda lr: "" if lr == 3e-3 else f"-lr{lr:g}"  # noqa: E731
+    name = lambda k, n, lr: (f"k{k}" if n is None else f"k{k}-l{n}") + lr_tag(lr)  # noqa: E731
 
     def saved(v):
         path = args.out / f"{name(*v)}.npz"
         if path.is_file():
             res = json.loads(str(np.load(path)["info"]))
             if (res["epochs"], res.get("suffixes", False), res.get("base", "default"), res.get("lr", 3e-3)) == \
-                    (args.epochs, args.suffixes, base_name, args.lr):
+                    (args.epochs, args.suffixes, base_name, v[2]):
                 return res
         return None
 
@@ -142,17 +144,17 @@ def main(argv=None) -> int:
         results[f"{d.name} (K={len(art.side_rows)}, last layer)"] = score(
             {"best_epoch": card.get("training", {}).get("best_epoch", "-"), "seconds_per_epoch": None},
             art.cls_embedding, art.head)
-    for k, n in variants:
-        res = saved((k, n))
+    for k, n, lr in variants:
+        res = saved((k, n, lr))
         if res is None:
             t = time.time()
-            row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, lr=args.lr, keep_cache=True,
+            row, head, info = train_cls(model, train, kv_path, epochs=args.epochs, lr=lr, keep_cache=True,
                                         val=by_split["val"], side_tokens=k, read_layer=n)
-            res = {"epochs": args.epochs, "suffixes": args.suffixes, "base": base_name, "lr": args.lr,
+            res = {"epochs": args.epochs, "suffixes": args.suffixes, "base": base_name, "lr": lr,
                    "best_epoch": info["best_epoch"],
                    "seconds_per_epoch": (time.time() - t) / args.epochs}
-            np.savez(args.out / f"{name(k, n)}.npz", row=row, head=head, info=json.dumps(score(res, row, head, n)))
-        results[f"K={k}" + ("" if n is None else f", layer {n}") + ("" if not lr_tag else f", lr {args.lr:g}")] = res
+            np.savez(args.out / f"{name(k, n, lr)}.npz", row=row, head=head, info=json.dumps(score(res, row, head, n)))
+        results[f"K={k}" + ("" if n is None else f", layer {n}") + ("" if lr == 3e-3 else f", lr {lr:g}")] = res
     print("\n| variant | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
           "threshold | test AUROC | test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | "
           "look-dangerous FPR | test TPR at 1% test FPR | at 2% |")
