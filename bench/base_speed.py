@@ -37,11 +37,11 @@ def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
     from runtime.backends.base import Sampling
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
     from runtime.prompt import build_prompt, prompt_tokens
-    from train.gemma3_torch import GEMMA_TURNS
+    from train.gemma3_torch import prompt_template
 
     arch, n_params, n_embd_params, embd_std = _params(path)
     mf = LlamaModelFile(path)
-    template = mf.chat_template or (GEMMA_TURNS if arch == "gemma3" else None)
+    template = prompt_template(mf)
     bos = mf.bos if mf.add_bos else None
     toks = [prompt_tokens(build_prompt(template, [{"role": "user", "content": p["prompt"]}]), mf.tokenize, bos)
             for p in prompts]

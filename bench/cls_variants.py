@@ -22,7 +22,7 @@ found more signal around layers 18-20 than at the last). No model file or backen
 layer today, so this measures what such a format change would buy before anyone builds it.
 
 `--base GGUF` trains the same recipe on another base (llama or gemma3 architecture; a file without a
-chat template gets Gemma's turn format, `train.gemma3_torch.GEMMA_TURNS`), the issue's "second base"
+chat template gets Gemma's turn format, `train.gemma3_torch.prompt_template`), the issue's "second base"
 question: its rows are comparable with the default base's rows of the same command. `--lr` sets the
 [CLS] rows' learning rate (the head's is 3x): a base that stores its embeddings on another scale moves
 its row further per Adam step at the same rate.
@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+DEFAULT_LR = 3e-3  # train cls's (train_cls's) rate for the [CLS] rows
 
 
 def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
@@ -75,8 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--read-layers", type=int, nargs="*", default=[],
                     help="also train one [CLS] read after each of these layer counts")
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3], help="learning rates of the [CLS] rows to try "
-                    "(head: 3x; train cls's default 3e-3), each with every variant")
+    ap.add_argument("--lr", type=float, nargs="+", default=[DEFAULT_LR],
+                    help=f"learning rates of the [CLS] rows to try (head: 3x; train cls's default {DEFAULT_LR:g}), "
+                    "each with every variant")
     ap.add_argument("--suffixes", action="store_true", help="the data of `train cls --suffixes`")
     ap.add_argument("--out", type=Path, default=Path("bench/out/cls_variants"))
     ap.add_argument("--kv-cache", type=Path, default=None,
@@ -93,7 +96,6 @@ def main(argv=None) -> int:
     from convert.fetch import base_smollm2
     from train.__main__ import training_set
     from train.cls_recipe import KVCache, score_cached, train_cls
-    from train.gemma3_torch import GEMMA_TURNS, FrozenGemma3
     from train.llama_torch import load_frozen
 
     torch.set_num_threads(args.threads)
@@ -107,14 +109,15 @@ def main(argv=None) -> int:
         ap.error(f"--read-layers: {bad} outside 1..{model.cfg.n_layer}, the base model's layers")
     shapes = [(k, None) for k in args.k] + [(1, n) for n in args.read_layers]
     variants = [(k, n, lr) for lr in args.lr for k, n in shapes]
-    lr_tag = lambda lr: "" if lr == 3e-3 else f"-lr{lr:g}"  # noqa: E731
-    name = lambda k, n, lr: (f"k{k}" if n is None else f"k{k}-l{n}") + lr_tag(lr)  # noqa: E731
+
+    def name(k, n, lr):
+        return (f"k{k}" if n is None else f"k{k}-l{n}") + ("" if lr == DEFAULT_LR else f"-lr{lr:g}")
 
     def saved(v):
         path = args.out / f"{name(*v)}.npz"
         if path.is_file():
             res = json.loads(str(np.load(path)["info"]))
-            if (res["epochs"], res.get("suffixes", False), res.get("base", "default"), res.get("lr", 3e-3)) == \
+            if (res["epochs"], res.get("suffixes", False), res.get("base", "default"), res.get("lr", DEFAULT_LR)) == \
                     (args.epochs, args.suffixes, base_name, v[2]):
                 return res
         return None
@@ -122,8 +125,7 @@ def main(argv=None) -> int:
     todo = [v for v in variants if saved(v) is None]
     recipe = argparse.Namespace(seed=0, eval_limit=0, max_tokens=640, max_plain=2400, own_answers=bool(todo),
                                 own_harmful=200, own_benign=200, own_hardneg=True, threads=args.threads,
-                                suffixes=args.suffixes,
-                                chat_template=GEMMA_TURNS if isinstance(model, FrozenGemma3) else None)
+                                suffixes=args.suffixes)
     _, _, by_split, train, _, _ = training_set(recipe, base)  # own answers only when something is trained
     caches = {}
     results = {}
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
                    "best_epoch": info["best_epoch"],
                    "seconds_per_epoch": (time.time() - t) / args.epochs}
             np.savez(args.out / f"{name(k, n, lr)}.npz", row=row, head=head, info=json.dumps(score(res, row, head, n)))
-        results[f"K={k}" + ("" if n is None else f", layer {n}") + ("" if lr == 3e-3 else f", lr {lr:g}")] = res
+        results[f"K={k}" + ("" if n is None else f", layer {n}") + ("" if lr == DEFAULT_LR else f", lr {lr:g}")] = res
     print("\n| variant | s/epoch (training + val scoring) | best epoch | val AUROC (all positions) | val TPR | "
           "threshold | test AUROC | test TPR | test FPR | plain TPR | jailbreak TPR | prefill TPR | "
           "look-dangerous FPR | test TPR at 1% test FPR | at 2% |")

@@ -64,3 +64,12 @@ def test_gemma3_cls_against_cached_keys_equals_the_token_appended(gemma, tmp_pat
     for i, s in enumerate(seqs):
         kv_i, _ = model.prefill(torch.tensor([s]))
         torch.testing.assert_close(cache.gather([i], [len(s)])[:, :, 0], kv_i[:, :, 0], atol=2e-3, rtol=2e-3)
+
+
+def test_prompts_use_the_file_s_template_or_gemma_turns_for_a_gemma3_file_without_one(gemma, tiny_base):
+    from runtime.backends.llama import LlamaModelFile
+    from tests.tiny_model import CHATML
+    from train.gemma3_torch import GEMMA_TURNS, prompt_template
+    g, llama = LlamaModelFile(gemma[0], vocab_only=True), LlamaModelFile(tiny_base, vocab_only=True)
+    assert (g.architecture, g.chat_template, prompt_template(g)) == ("gemma3", None, GEMMA_TURNS)
+    assert (llama.architecture, prompt_template(llama)) == ("llama", CHATML)

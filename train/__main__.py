@@ -35,22 +35,23 @@ from convert.gguf_safe import convert_gguf
 from . import data
 from .data_card import data_card, data_card_markdown
 from .cls_recipe import encode, metrics_for, score_gguf, train_cls
+from .gemma3_torch import prompt_template
 from .llama_torch import FrozenLlama
 from .own_answers import add_own_answers
 
 
 def training_set(args, base: Path):
     """The data as `train cls` trains on it: (model file, examples by split, training sequences, own-answers
-    record or None, stage seconds). Deterministic in the arguments (seed, max_tokens, max_plain, own_*);
-    `args.chat_template`, when set, replaces the base file's own template (a pretrained base has none)."""
+    record or None, stage seconds). Deterministic in the arguments (seed, max_tokens, max_plain, own_*).
+    Prompts use the base file's chat template (`gemma3_torch.prompt_template`: Gemma's turns for a gemma3
+    file without one)."""
     from runtime.backends.llama import LlamaModelFile  # here: `report` and `joint` run without llama.cpp
 
     t0 = time.time()
     examples = data.build_dataset(seed=args.seed, suffixes=getattr(args, "suffixes", False))
     mf = LlamaModelFile(base)
     bos = mf.bos if mf.add_bos else None
-    template = getattr(args, "chat_template", None) or mf.chat_template  # a base without one: the caller's
-    encoded = [encode(e, mf.tokenize, template, bos) for e in examples]
+    encoded = [encode(e, mf.tokenize, prompt_template(mf), bos) for e in examples]
     by_split = defaultdict(list)
     for e in encoded:
         by_split[e.meta["split"]].append(e)

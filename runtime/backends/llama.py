@@ -102,6 +102,9 @@ class LlamaModelFile(_FreedOnDelete):
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.metadata = self._read_metadata()
+        buf = ctypes.create_string_buffer(256)
+        n = ll.llama_model_meta_val_str(self.model, b"general.architecture", buf, len(buf))
+        self.architecture = buf.value.decode("utf-8", "replace") if n >= 0 else None
         tmpl = ll.llama_model_chat_template(self.model, None)
         self.chat_template = tmpl.decode("utf-8") if tmpl else None
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
