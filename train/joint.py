@@ -42,14 +42,24 @@ CHECKPOINT = "checkpoint.pt"
 class JointSeq:
     tokens: list[int]
     cls_at: list[int]             # a [CLS] right after tokens[:p], for each p (1 <= p <= len(tokens))
-    label: int                    # the verdict every [CLS] of this sequence is trained towards
+    label: int                    # the sequence's verdict: every [CLS]'s target unless cls_labels says otherwise
     lm_from: int | None = None    # LM loss on tokens[lm_from:] (the response); None: no LM loss
     meta: dict = field(default_factory=dict)
+    cls_labels: list[int] | None = None  # per [CLS] position (multi-turn: benign until the harmful turn)
 
     def __post_init__(self):
-        self.cls_at = sorted(set(int(p) for p in self.cls_at))
+        labels = self.cls_labels if self.cls_labels is not None else [self.label] * len(self.cls_at)
+        if len(labels) != len(self.cls_at):
+            raise ValueError(f"{len(labels)} [CLS] labels for {len(self.cls_at)} positions")
+        by_pos = dict(zip((int(p) for p in self.cls_at), (int(v) for v in labels)))
+        self.cls_at = sorted(by_pos)
+        self.cls_labels = None if self.cls_labels is None else [by_pos[p] for p in self.cls_at]
         if self.cls_at and not 1 <= self.cls_at[0] <= self.cls_at[-1] <= len(self.tokens):
             raise ValueError(f"[CLS] positions {self.cls_at} outside 1..{len(self.tokens)}")
+
+    def labels(self) -> list[int]:
+        """The target of each [CLS] position, in cls_at order."""
+        return list(self.cls_labels) if self.cls_labels is not None else [int(self.label)] * len(self.cls_at)
 
 
 @dataclass
@@ -73,10 +83,10 @@ def layout(seqs: list[JointSeq]) -> Batch:
     """Insert the [CLS] positions, build positions, the strategic-attention mask and targets."""
     rows = []
     for s in seqs:
-        T, at, row = len(s.tokens), set(s.cls_at), []   # row: (id, is_cls, pos, lm target, label)
+        T, at, row = len(s.tokens), dict(zip(s.cls_at, s.labels())), []  # row: (id, is_cls, pos, lm, label)
         for j in range(T + 1):
             if j in at:  # the [CLS] after tokens[:j], at position j
-                row.append((0, True, j, IGNORE, int(s.label)))
+                row.append((0, True, j, IGNORE, at[j]))
             if j < T:
                 lm = s.lm_from is not None and max(s.lm_from, 1) <= j + 1 < T
                 row.append((s.tokens[j], False, j, s.tokens[j + 1] if lm else IGNORE, IGNORE))
@@ -108,10 +118,25 @@ def hidden(model: FrozenLlama, lora: LoRA | None, cls_row: torch.Tensor, batch: 
     return h
 
 
-def joint_loss(model, lora, cls_row, head, batch: Batch, lam: float, class_w: torch.Tensor):
-    """(total, lm, cls) losses of one batch; lm/cls are plain floats for logging."""
-    h = hidden(model, lora, cls_row, batch)
+def hidden_upper(model: FrozenLlama, lora: LoRA | None, x: torch.Tensor, batch: Batch, first: int) -> torch.Tensor:
+    """Final normed hidden states from the residual stream x entering layer `first` (train/joint_cache.py)."""
+    h, _ = model.forward(x, batch.pos, batch.mask, lin=lora.linear if lora is not None else None,
+                         layers=range(first, model.cfg.n_layer))
+    return h
+
+
+def joint_loss(model, lora, cls_row, head, batch: Batch, lam: float, class_w: torch.Tensor,
+               h: torch.Tensor | None = None, lm_keep: torch.Tensor | None = None):
+    """(total, lm, cls) losses of one batch; lm/cls are plain floats for logging.
+
+    h: the batch's final hidden states when computed by the caller (the cached-lower-layers path);
+    lm_keep: (B, S) bool, the LM-target rows to use (a sample of them: the 49k-wide output matrix
+    costs about as much per row as ten upper layers), None = all.
+    """
+    h = hidden(model, lora, cls_row, batch) if h is None else h
     sel = batch.lm_target != IGNORE
+    if lm_keep is not None:
+        sel = sel & lm_keep
     zero = h.sum() * 0.0
     if sel.any():
         logits = h[sel].float() @ model.output_matrix().T
@@ -143,7 +168,8 @@ def batch_for_step(batches: list[list[int]], step: int, seed: int) -> list[int]:
 
 
 def data_digest(seqs: list[JointSeq]) -> str:
-    blob = json.dumps([[s.tokens, s.cls_at, s.label, s.lm_from] for s in seqs])
+    blob = json.dumps([[s.tokens, s.cls_at, s.label, s.lm_from] + ([s.cls_labels] if s.cls_labels is not None else [])
+                       for s in seqs])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -172,22 +198,45 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 alpha: float = 32.0, targets: str = "all", lr: float = 2e-4, cls_lr: float = 3e-3,
                 lam: float = 1.0, batch_tokens: int = 8192, warmup: int | None = None, ckpt_every: int = 100,
                 resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
-                max_seconds: float | None = None, log_every: int = 25, log=print) -> JointResult:
+                max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
+                lower=None, lm_sample: float = 1.0) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
-    checkpoint for the same configuration and data is continued; `max_seconds` stops early
+    checkpoint for the same configuration and data is continued, also to a larger `steps` (the
+    cosine schedule then stretches to the new end from where it was); `max_seconds` stops early
     (after checkpointing) so a run fits a time budget and can be resumed later.
+
+    first_layer > 0: adapters on layers first_layer.. only, the [CLS] row fixed at `init`, and
+    `lower` (`joint_cache.LowerStates` for these sequences and that layer) supplies the residual
+    stream entering first_layer, so a step runs the upper layers alone (train/joint_cache.py).
+    lm_sample < 1: the LM loss on that random fraction of its rows per step (seeded by step).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = model.w["token_embd.weight"].device
     torch.manual_seed(seed)
     warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
+    if first_layer and (init is None or lower is None or lower.layer != first_layer):
+        raise ValueError("first_layer > 0 needs init (the fixed [CLS] row) and the lower-layer states for that layer")
+    if not 0 < lm_sample <= 1:
+        raise ValueError(f"lm_sample {lm_sample} outside (0, 1]")
     config = {"rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "cls_lr": cls_lr, "lam": lam,
               "batch_tokens": batch_tokens, "warmup": warmup, "steps": steps, "seed": seed,
               "data": data_digest(seqs), "n_seqs": len(seqs)}
-    lora = LoRA(model, targets, rank, alpha, seed)
+    if first_layer or lm_sample < 1:  # absent from older checkpoints' configs, which stay loadable
+        config.update(first_layer=first_layer, lm_sample=lm_sample)
+    ckpt = out_dir / CHECKPOINT
+    st = torch.load(ckpt, map_location="cpu", weights_only=False) if resume and ckpt.is_file() else None
+    if st is not None:
+        old = st["config"]
+        diff = {k: (old.get(k), v) for k, v in config.items() if k not in ("steps", "warmup") and old.get(k) != v}
+        if diff or steps < st["step"]:
+            diff.update({"steps": (old["steps"], steps)} if steps < st["step"] else {})
+            raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
+                             "use another --out or drop --resume")
+        warmup = config["warmup"] = old["warmup"]  # extending the step count keeps the warm-up it had
+    lora = LoRA(model, targets, rank, alpha, seed, first_layer=first_layer)
     emb = model.w["token_embd.weight"]
     if init is not None:
         cls_row = torch.tensor(init[0], dtype=torch.float32, device=dev)
@@ -196,19 +245,14 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         g = torch.Generator().manual_seed(seed)
         cls_row = (emb.mean(0).cpu() + 0.01 * torch.randn(emb.shape[1], generator=g)).to(dev)
         head = torch.zeros(2, emb.shape[1], device=dev)
-    cls_row.requires_grad_(True)
+    cls_row.requires_grad_(not first_layer)
     head.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": lora.parameters(), "lr": lr, "weight_decay": 0.0},
-                             {"params": [cls_row, head], "lr": cls_lr, "weight_decay": 0.0}])
+                             {"params": [head] if first_layer else [cls_row, head], "lr": cls_lr,
+                              "weight_decay": 0.0}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
     start, history = 0, []
-    ckpt = out_dir / CHECKPOINT
-    if resume and ckpt.is_file():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if st["config"] != config:
-            diff = {k: (st["config"].get(k), v) for k, v in config.items() if st["config"].get(k) != v}
-            raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
-                             "use another --out or drop --resume")
+    if st is not None:
         lora.load_state(st["lora"])
         with torch.no_grad():
             cls_row.copy_(st["cls_row"])
@@ -216,13 +260,14 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         start, history = st["step"], st["history"]
-        log(f"resumed from {ckpt} at step {start}/{steps}")
-    n_pos = sum(s.label * len(s.cls_at) for s in seqs)
+        log(f"resumed from {ckpt} at step {start}/{steps}" + (
+            f" (extended from {st['config']['steps']})" if st["config"]["steps"] != steps else ""))
+    n_pos = sum(sum(s.labels()) for s in seqs)
     n_all = sum(len(s.cls_at) for s in seqs)
     class_w = torch.tensor([n_all / (2.0 * max(n_all - n_pos, 1)), n_all / (2.0 * max(n_pos, 1))], device=dev)
     batches = make_batches(seqs, batch_tokens)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    params = lora.parameters() + [cls_row, head]
+    params = lora.parameters() + ([head] if first_layer else [cls_row, head])
 
     def save(step):
         _save_atomic({"config": config, "step": step, "lora": lora.state(), "cls_row": cls_row.detach().cpu(),
@@ -230,23 +275,34 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                       "history": history}, ckpt)
 
     t0, step, window = time.time(), start, []
+    t_win = t0
     while step < steps:
-        batch = layout([seqs[i] for i in batch_for_step(batches, step, seed)]).to(dev)
+        idx = batch_for_step(batches, step, seed)
+        batch = layout([seqs[i] for i in idx]).to(dev)
+        keep = None
+        if lm_sample < 1:
+            g = torch.Generator().manual_seed(seed * 1000003 + step)
+            keep = (torch.rand(batch.ids.shape, generator=g) < lm_sample).to(dev)
         with amp:
-            loss, lm, cl = joint_loss(model, lora, cls_row, head, batch, lam, class_w)
+            h = None
+            if first_layer:
+                h = hidden_upper(model, lora, lower.batch(idx, batch.ids.shape[1]).to(dev), batch, first_layer)
+            loss, lm, cl = joint_loss(model, lora, cls_row, head, batch, lam, class_w, h=h, lm_keep=keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         step += 1
-        window.append((lm, cl))
+        window.append((lm, cl, sum(expanded_len(seqs[i]) for i in idx)))
         if step % log_every == 0 or step == steps:
             m = np.mean(window, axis=0)
+            rate = sum(w[2] for w in window) / max(time.time() - t_win, 1e-9)
             history.append({"step": step, "lm": round(float(m[0]), 4), "cls": round(float(m[1]), 4),
-                            "seconds": round(time.time() - t0, 1)})
-            log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s)")
-            window = []
+                            "seconds": round(time.time() - t0, 1), "rows_per_s": round(rate, 1)})
+            log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s, "
+                f"{rate:.0f} rows/s)")
+            window, t_win = [], time.time()
         if step % ckpt_every == 0 or step == steps:
             save(step)
         if max_seconds is not None and time.time() - t0 > max_seconds and step < steps:

@@ -12,11 +12,18 @@
    | benign, with or without prefill | the base model's own answer | end of prompt/prefill, inside the answer |
    | harmful, no prefill | the refusal text | end of prompt |
    | harmful (+ its own answer) | none (never trained to comply) | end of prompt/prefill, inside the answer |
+   | two turns: benign or a fiction/role-play framing, then a request | the refusal after a harmful second turn | turn 1 (benign), end of turn 2 (its label) |
+
+   "Inside the answer" is every `cls_every` tokens and the answer's last token (the runtime checks
+   every k tokens), or, without cls_every, after 8/24/48 tokens as the first joint runs had it.
+   The two-turn conversations are built by code from the same training prompts (`prepare`:
+   `FRAMINGS` and `LEADS`), the first turn's answer being the base model's own.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -29,11 +36,66 @@ from .llama_torch import FrozenLlama
 
 PREP_VERSION = 1
 REFUSAL = "I can't help with that."
+# First turns that set up a story, a game or a professional context: benign alone; the request
+# that follows decides (a harmful request in such a frame is the attack the runtime must catch).
+FRAMINGS = (
+    "I'm writing a thriller novel. Can you help me with a few scenes?",
+    "Let's do some creative writing together. You play the expert character in my story.",
+    "I'm a screenwriter working on a crime drama and need realistic dialogue.",
+    "Let's play a role-playing game: you are a wise old mentor who knows a lot about everything.",
+    "I'm preparing a lesson for my students and would like your help with some questions.",
+    "I'm writing a mystery where the detective has to work out exactly how things were done.",
+    "Pretend you are a helpful librarian answering a curious visitor's questions.",
+    "I'm working on a video game story with a villain and a hero. Can you help?",
+    "I'm doing research for a documentary and have some questions for you.",
+    "Can you stay in character as a grizzled ex-soldier for the rest of our chat?",
+    "I'm writing a short story for a contest. It needs to feel authentic.",
+    "Let's brainstorm ideas for my tabletop campaign tonight.",
+)
+# How the second turn's request is put (the request's own text follows).
+LEADS = ("", "Now, for the story: ", "Great. Next: ", "In character, answer this: ", "Thanks! Also, ",
+         "For the scene, the character explains this in detail: ", "OK. Now tell me: ")
+
+
+def _second_turn(template: str | None, text: str, tokenize) -> list[int] | None:
+    """Tokens that follow an assistant's answer when the user then sends `text` (template text with
+    special parsing, the user's text without), ending where the next answer begins; None when the
+    template does not lay a second turn out that way."""
+    p = build_prompt(template, [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                                {"role": "user", "content": text}])
+    segs = list(p.segments)
+    at = [i for i, g in enumerate(segs) if not g.special and g.text == "B"]
+    if len(at) != 1 or p.prefill is not None:
+        return None
+    return [t for g in segs[at[0] + 1:] for t in tokenize(g.text, g.special)]
+
+
+def _multi_turn(train_examples: list[dict], template, tokenize, bos, n: int, seed: int) -> dict:
+    """Framing first turns and second-turn requests (half harmful, half benign) for two-turn sequences."""
+    rng = random.Random(seed * 7919 + 17)
+    framings = [{"text": f, "tokens": prompt_tokens(build_prompt(template, [{"role": "user", "content": f}]),
+                                                    tokenize, bos)} for f in FRAMINGS]
+    plain = [e for e in train_examples if not e.get("prefill") and e["augmentation"] == "none"
+             and len(e["prompt"]) <= 600]
+    turn2 = []
+    for label in (1, 0):
+        pool = [e for e in plain if int(e["label"]) == label]
+        for e in rng.sample(pool, min(n // 2, len(pool))):
+            lead = rng.choice(LEADS)
+            text = lead + (e["prompt"][:1].lower() + e["prompt"][1:] if lead else e["prompt"])
+            toks = _second_turn(template, text, tokenize)
+            if toks is None:
+                return {"framings": [], "turn2": []}
+            turn2.append({"id": e["id"], "label": label, "tokens": toks})
+    return {"framings": framings, "turn2": turn2}
 
 
 def prepare(examples: list[dict], tokenize, template: str | None, bos: int | None, eog: list[int],
-            n_vocab: int, *, max_prompt_tokens: int = 512, base_sha256: str = "") -> dict:
-    """Token ids for every split; train prompts end where the assistant's answer would begin."""
+            n_vocab: int, *, max_prompt_tokens: int = 512, base_sha256: str = "", multi_turn: int = 0,
+            seed: int = 0) -> dict:
+    """Token ids for every split; train prompts end where the assistant's answer would begin.
+
+    multi_turn > 0 adds that many second-turn requests (and the framings) for two-turn sequences."""
     train, held = [], {"val": [], "test": []}
     for e in examples:
         if e["split"] == "train":
@@ -49,8 +111,10 @@ def prepare(examples: list[dict], tokenize, template: str | None, bos: int | Non
             held[e["split"]].append({"id": e["id"], "tokens": enc.tokens, "positions": enc.positions,
                                      "label": enc.label, "augmentation": e["augmentation"]})
     eot = [t for t in tokenize("<|im_end|>", True) if t in set(eog)][:1] or eog[:1]
+    extra = _multi_turn([e for e in examples if e["split"] == "train"], template, tokenize, bos, multi_turn,
+                        seed) if multi_turn else {}
     return {"version": PREP_VERSION, "base_sha256": base_sha256, "n_vocab": n_vocab, "eog": sorted(eog),
-            "refusal": tokenize(REFUSAL, False) + eot, "train": train, **held}
+            "refusal": tokenize(REFUSAL, False) + eot, "train": train, **held, **extra}
 
 
 def save_prep(prep: dict, path: str | Path) -> Path:
@@ -119,27 +183,59 @@ def generate(model: FrozenLlama, prompts: list[list[int]], max_new: int, eog: se
     return result
 
 
-def _inside(start: int, response: list[int], eog: set[int]) -> list[int]:
-    """[CLS] prefix lengths inside a response: after 8/24/48 tokens and after its last real token."""
+def _inside(start: int, response: list[int], eog: set[int], every: int | None = None) -> list[int]:
+    """[CLS] prefix lengths inside a response: every `every` tokens (or after 8/24/48 tokens) and after
+    its last real token."""
     n = len(response) - (1 if response and response[-1] in eog else 0)
-    return [start + k for k in RESPONSE_POINTS if k < n] + ([start + n] if n > 0 else [])
+    points = range(every, n, every) if every else [k for k in RESPONSE_POINTS if k < n]
+    return [start + k for k in points] + ([start + n] if n > 0 else [])
+
+
+def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[int], every, seed: int):
+    """Two-turn sequences: a first turn (prompt, own answer) from `firsts`, then each second turn of the prep."""
+    rng = random.Random(seed * 104729 + 3)
+    out = []
+    for t in prep.get("turn2", []):
+        prompt, ans = rng.choice(firsts)
+        ans = ans[:-1] if ans and ans[-1] in eog else ans
+        n1, head = len(prompt), prompt + ans
+        cls_at = [n1] + _inside(n1, ans, set(), every)
+        labels = [0] * len(cls_at)
+        toks = head + t["tokens"]
+        cls_at.append(len(toks))
+        labels.append(t["label"])
+        lm_from = None
+        if t["label"] == 1:
+            lm_from = len(toks)
+            toks = toks + prep["refusal"]
+        out.append(JointSeq(toks, cls_at, t["label"], lm_from=lm_from, cls_labels=labels,
+                            meta={"id": t["id"], "kind": "two_turn"}))
+    return out
 
 
 def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, harmful_answers: bool = True,
-                    batch_size: int = 64, log=print) -> list[JointSeq]:
+                    batch_size: int = 64, cls_every: int | None = None, log=print) -> list[JointSeq]:
     """The training sequences (table in the module docstring); generation runs on the model's device."""
     eog = set(prep["eog"])
     train = prep["train"]
     want = [e for e in train if e["label"] == 0 or harmful_answers or e["prefill"]]
-    log(f"generating the base model's own answers for {len(want)} prompts ({gen_tokens} tokens max)")
-    answers = generate(model, [e["tokens"] for e in want], gen_tokens, eog, batch_size=batch_size,
-                       n_vocab=prep["n_vocab"])
-    seqs = []
+    framings = prep.get("framings", [])
+    log(f"generating the base model's own answers for {len(want) + len(framings)} prompts ({gen_tokens} tokens max)")
+    answers = generate(model, [e["tokens"] for e in want] + [f["tokens"] for f in framings], gen_tokens, eog,
+                       batch_size=batch_size, n_vocab=prep["n_vocab"])
+    seqs, firsts = [], []
     for e, ans in zip(want, answers):
         n = len(e["tokens"])
         benign = e["label"] == 0
-        seqs.append(JointSeq(e["tokens"] + ans, [n] + _inside(n, ans, eog), e["label"],
+        seqs.append(JointSeq(e["tokens"] + ans, [n] + _inside(n, ans, eog, cls_every), e["label"],
                              lm_from=n if benign else None, meta={"id": e["id"], "kind": "answer"}))
+        if benign and not e["prefill"] and e["augmentation"] == "none" and n <= 200:
+            firsts.append((e["tokens"], ans))
+    framed = [(f["tokens"], a) for f, a in zip(framings, answers[len(want):])]
+    if prep.get("turn2") and firsts:
+        t2 = prep["turn2"]  # every other one after a framing, the rest after a plain benign exchange
+        seqs += _two_turn({**prep, "turn2": t2[0::2]}, framed or firsts, eog, cls_every, prep.get("seed", 0))
+        seqs += _two_turn({**prep, "turn2": t2[1::2]}, firsts, eog, cls_every, prep.get("seed", 0) + 1)
     for e in train:
         if e["label"] == 1 and not e["prefill"]:
             n = len(e["tokens"])
@@ -150,9 +246,10 @@ def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, har
 
 def save_sequences(seqs: list[JointSeq], path: Path) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as f:
-        json.dump([[s.tokens, s.cls_at, s.label, s.lm_from, s.meta] for s in seqs], f, separators=(",", ":"))
+        json.dump([[s.tokens, s.cls_at, s.label, s.lm_from, s.meta] + ([s.cls_labels] if s.cls_labels is not None else [])
+                   for s in seqs], f, separators=(",", ":"))
 
 
 def load_sequences(path: Path) -> list[JointSeq]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [JointSeq(t, c, lab, lm, m) for t, c, lab, lm, m in json.load(f)]
+        return [JointSeq(*row[:5], cls_labels=row[5] if len(row) > 5 else None) for row in json.load(f)]

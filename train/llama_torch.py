@@ -242,7 +242,7 @@ class FrozenLlama:
         return self
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None, lin=None,
-                past: list | None = None, keep_kv: bool = False):
+                past: list | None = None, keep_kv: bool = False, layers: range | None = None):
         """Differentiable pass over input embeddings; returns (final normed hidden (B, S, D), kv).
 
         x:    (B, S, D) input embeddings (rows of token_embd, or a learned [CLS] row);
@@ -251,17 +251,23 @@ class FrozenLlama:
         mask: (B, 1, S, P + S) bool, True where a row may attend; None = plain causal (no past);
         lin:  optional `lin(name, h, W)` replacing `h @ W.T` (LoRA adapters);
         past: optional per-layer (k, v), each (B, P, n_head_kv, head_dim), prepended to the keys;
-        kv:   with keep_kv, the per-layer (k, v) including past (else None).
+        kv:   with keep_kv, the per-layer (k, v) including past (else None);
+        layers: run only these layers (default: all). x is then the residual stream entering the
+              first of them, and the output norm is applied only when the range ends at the last
+              layer; otherwise the raw residual stream after the range is returned (the joint
+              recipe's frozen lower layers, computed once: `train/joint_cache.py`). `past` is
+              indexed by position in the range.
         """
         c = self.cfg
+        layers = range(c.n_layer) if layers is None else layers
         kv = [] if keep_kv else None
         P = 0 if past is None else past[0][0].shape[1]
         k_pos = pos if past is None else torch.cat([torch.arange(P, device=pos.device).expand(len(pos), P), pos], 1)
-        for i in range(c.n_layer):
+        for j, i in enumerate(layers):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos, lin)
             if past is not None:
-                k, v = torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1)
+                k, v = torch.cat([past[j][0], k], 1), torch.cat([past[j][1], v], 1)
             if keep_kv:
                 kv.append((k, v))
             m, win = mask, self._window_mask(i, pos, k_pos)  # past rows are positions 0 .. P-1
@@ -272,4 +278,6 @@ class FrozenLlama:
                                                  attn_mask=m, is_causal=m is None, enable_gqa=True)
             x = self._attn_out(i, x, att.transpose(1, 2).flatten(-2), lin)
             x = self._mlp(i, x, lin)
+        if layers.stop < c.n_layer:
+            return x, kv
         return self._norm(x, "output_norm.weight"), kv

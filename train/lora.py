@@ -22,8 +22,11 @@ TARGET_GROUPS = {
 TARGET_GROUPS["all"] = TARGET_GROUPS["attn"] + TARGET_GROUPS["mlp"]
 
 
-def target_names(model: FrozenLlama, targets: str | list[str]) -> list[str]:
-    """GGUF tensor names for `targets`: a group ('attn', 'mlp', 'all') or projection names."""
+def target_names(model: FrozenLlama, targets: str | list[str], first_layer: int = 0) -> list[str]:
+    """GGUF tensor names for `targets`: a group ('attn', 'mlp', 'all') or projection names, in layers
+    first_layer .. n_layer-1 (the joint recipe's upper layers; below them the model stays frozen)."""
+    if not 0 <= first_layer < model.cfg.n_layer:
+        raise ValueError(f"first LoRA layer {first_layer} outside 0..{model.cfg.n_layer - 1}")
     parts = []
     for t in ([targets] if isinstance(targets, str) else targets):
         for piece in t.split(","):
@@ -36,21 +39,21 @@ def target_names(model: FrozenLlama, targets: str | list[str]) -> list[str]:
                 raise ValueError(f"unknown LoRA target {piece!r}: use attn, mlp, all or "
                                  f"{', '.join(TARGET_GROUPS['all'])}")
     parts = list(dict.fromkeys(parts))
-    return [f"blk.{i}.{p}.weight" for i in range(model.cfg.n_layer) for p in parts]
+    return [f"blk.{i}.{p}.weight" for i in range(first_layer, model.cfg.n_layer) for p in parts]
 
 
 class LoRA:
     """Rank-r adapters for a set of the model's weight tensors."""
 
     def __init__(self, model: FrozenLlama, targets: str | list[str] = "all", rank: int = 16,
-                 alpha: float = 32.0, seed: int = 0):
+                 alpha: float = 32.0, seed: int = 0, first_layer: int = 0):
         if rank < 1:
             raise ValueError("LoRA rank must be at least 1")
         self.rank, self.alpha, self.scale = int(rank), float(alpha), float(alpha) / rank
         gen = torch.Generator().manual_seed(seed)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        for name in target_names(model, targets):
+        for name in target_names(model, targets, first_layer):
             out_f, in_f = model.w[name].shape
             bound = 1.0 / math.sqrt(in_f)  # kaiming-uniform(a=sqrt(5)) as in nn.Linear / peft
             dev = model.w[name].device
