@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import threading
 
-from .errors import ContextOverflowError, MessagesError, ModelFileError, RuntimeSafetyError
+from .errors import (ContextOverflowError, MessagesError, ModelBusyError, ModelFileError, ParameterError,
+                     RuntimeSafetyError)
 from .model import Model, load
 from .reply import Reply, Safety, Usage
 from .strategy import Generation, SafetyPolicy
 
 __all__ = ["chat", "load", "Model", "Reply", "Safety", "Usage", "Generation", "SafetyPolicy",
-           "ModelFileError", "MessagesError", "ContextOverflowError", "RuntimeSafetyError"]
+           "ModelFileError", "MessagesError", "ContextOverflowError", "RuntimeSafetyError", "ModelBusyError",
+           "ParameterError"]
 
 _default: Model | None = None
 _default_lock = threading.Lock()

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 
+from .backends.base import CHAT_SAMPLING
 from .errors import RuntimeSafetyError
 from .strategy import SafetyPolicy
 
@@ -27,8 +28,13 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="a safe GGUF model file (default: the embedded SmolLM2-135M safe model)")
     c.add_argument("--json", action="store_true", help="print the whole reply as JSON (text, refused, safety, usage)")
     c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--temperature", type=float, default=CHAT_SAMPLING["temperature"],
+                   help=f"sampling temperature (0: greedy; default {CHAT_SAMPLING['temperature']})")
+    c.add_argument("--top-p", type=float, default=CHAT_SAMPLING["top_p"])
+    c.add_argument("--repeat-penalty", type=float, default=CHAT_SAMPLING["repeat_penalty"])
+    c.add_argument("--seed", type=int, default=None, help="a fixed seed repeats an answer (default: a fresh one)")
+    c.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where TEXT first appears (repeatable, at most 4)")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--every", type=int, default=SafetyPolicy.every, help="check the safety verdict every K tokens")
     c.add_argument("--patience", type=int, default=1, help="consecutive unsafe verdicts before acting")
@@ -66,6 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-unverified", action="store_true",
                    help="load a file whose verification stamp says it failed (convert verify)")
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="reject requests asking for more tokens")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also let web pages from ORIGIN call the API (repeatable; '*' for any). Pages on "
+                        "localhost / 127.0.0.1, any port, always may, as with Ollama")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="reject larger request bodies")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait per model while it answers "
                    "one; more get HTTP 503 with Retry-After (default 8)")
@@ -110,7 +119,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(models, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-          max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue)
+          max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue, cors_origins=args.cors_origin)
     return 0
 
 
@@ -146,11 +155,12 @@ def _print_reply_end(reply, as_json: bool, out) -> None:
 
 def _turn(model, messages, args, out) -> str:
     gen = model.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                     stream=True)
-    for piece in gen:
-        if not args.json:
-            out.write(piece)
-            out.flush()
+                     top_p=args.top_p, repeat_penalty=args.repeat_penalty, stop=args.stop, stream=True)
+    with gen:  # closed however the loop ends (Ctrl-C included): the model is never left held
+        for piece in gen:
+            if not args.json:
+                out.write(piece)
+                out.flush()
     _print_reply_end(gen.reply, args.json, out)
     return gen.reply.text
 

@@ -15,3 +15,11 @@ class MessagesError(RuntimeSafetyError, ValueError):
 
 class ContextOverflowError(RuntimeSafetyError, ValueError):
     """The conversation does not fit in the model's context window."""
+
+
+class ModelBusyError(RuntimeSafetyError):
+    """The model is generating for another call (one KV cache: one generation at a time)."""
+
+
+class ParameterError(RuntimeSafetyError, ValueError):
+    """A generation parameter (temperature, top_p, seed, stop, ...) is out of range or of the wrong type."""

@@ -1,16 +1,18 @@
 """`load()` and `Model.chat()`: the friendly layer over a backend and the decoding strategy."""
 from __future__ import annotations
 
+import secrets
 import threading
 from pathlib import Path
 from typing import Any
 
 from convert.metadata import MetadataError, SafetyMeta, verification_problem
 
-from .backends.base import Sampling
-from .errors import ContextOverflowError, MessagesError, ModelFileError
+from .backends.base import CHAT_SAMPLING, Sampling
+from .errors import ContextOverflowError, ModelBusyError, ModelFileError, ParameterError
 from .prompt import build_prompt, prompt_tokens
 from .reply import Reply
+from .stops import stop_list
 from .strategy import Generation, SafetyPolicy, generate
 
 BACKENDS = ("llama", "onnx")
@@ -33,7 +35,7 @@ class Model:
 
     def __init__(self, path: str | Path, backend: str = "llama", n_ctx: int = 4096, n_gpu_layers: int = 0,
                  threads: int | None = None, safety: Any = "on", native: bool | None = None,
-                 allow_unverified: bool = False):
+                 allow_unverified: bool = False, busy_timeout: float | None = 60.0):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if native and backend != "llama":
@@ -46,7 +48,8 @@ class Model:
         else:
             from .backends.llama import LlamaBackend, LlamaModelFile
             self.file = LlamaModelFile(path, n_gpu_layers=n_gpu_layers)
-            make = lambda ids: LlamaBackend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids)  # noqa: E731
+            make = lambda ids: LlamaBackend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids,  # noqa: E731
+                                            reuse_prefix=True)  # a chat's next turn decodes only what is new
         self.meta: SafetyMeta | None = None
         try:
             self.meta = self.file.safety_meta()
@@ -60,6 +63,8 @@ class Model:
         self.backend = make(self.meta.token_ids if self.meta else None)
         self.native = self._native_mode(backend, native)
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread that took the lock for the generation in progress
+        self.busy_timeout = busy_timeout
 
     def _native_mode(self, backend: str, native: bool | None) -> bool:
         """None: the native loop where it exists; True: insist on it (a clear error if it cannot run)."""
@@ -84,16 +89,28 @@ class Model:
         bos = self.file.bos if self.file.add_bos else None
         return prompt_tokens(prompt, self.backend.tokenize, bos)
 
-    def chat(self, messages: Any, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-             stream: bool = False, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-             repeat_penalty: float = 1.0, safety: Any = None) -> Reply | Generation:
+    def chat(self, messages: Any, max_tokens: int = 256, temperature: float = CHAT_SAMPLING["temperature"],
+             seed: int | None = None, stream: bool = False, top_k: int = CHAT_SAMPLING["top_k"],
+             top_p: float = CHAT_SAMPLING["top_p"], min_p: float = CHAT_SAMPLING["min_p"],
+             repeat_penalty: float = CHAT_SAMPLING["repeat_penalty"], stop: str | list[str] | None = None,
+             safety: Any = None) -> Reply | Generation:
         """Answer `messages` (a string or OpenAI-style list; a final assistant message is a prefill).
 
         Returns a `Reply`, or with `stream=True` a `Generation` that yields text pieces and
-        holds the `Reply` in `.reply` when done. `safety` overrides the model's policy per call.
+        holds the `Reply` in `.reply` when done (close it, or use `with`, to stop early).
+        Sampling: temperature 0 is greedy; `seed=None` draws a fresh seed per call (a fixed seed
+        repeats an answer). `stop`: up to 4 strings that end the answer (not shown). `safety`
+        overrides the model's policy per call. Bad values raise `ParameterError` / `MessagesError`.
         """
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise MessagesError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ParameterError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if seed is None:
+            seed = secrets.randbits(32)
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise ParameterError(f"seed must be an integer or None, got {seed!r}")
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, seed=seed & 0xFFFFFFFF)
+        stops = stop_list(stop)
         policy = self.policy if safety is None else _policy(safety)
         if policy is not None and self.meta is None:
             raise ModelFileError(f"{self.path} has no safety metadata; only safety='off' can run it")
@@ -101,17 +118,35 @@ class Model:
         if len(tokens) + 2 > self.backend.n_ctx:
             raise ContextOverflowError(f"the conversation is {len(tokens)} tokens; the context window holds "
                                        f"{self.backend.n_ctx}: shorten the history or load with a larger n_ctx")
-        sampling = Sampling(temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, seed=int(seed))
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
                        answer_threshold=self.meta.answer_threshold if self.meta else None,
-                       sampling=sampling, max_tokens=max_tokens, native=self.native)
+                       sampling=sampling, max_tokens=max_tokens, native=self.native, stop=stops)
         g = Generation(self._locked(gen))
         return g if stream else g.run()
 
     def _locked(self, gen):
-        with self._lock:
+        """Run `gen` holding the model's lock, taken at the first piece and released when it ends or is
+        closed. A second call from the thread that holds an open stream could never get the lock (that
+        stream only moves when this thread reads it): it fails at once. Another thread waits up to
+        `busy_timeout` seconds, then fails; neither ever hangs."""
+        me = threading.get_ident()
+        if not self._lock.acquire(blocking=False):
+            if self._owner == me:
+                gen.close()
+                raise ModelBusyError(f"{self.path.name}: another stream of this model is still open in this "
+                                     "thread; read it to the end or close it (gen.close(), or `with m.chat(..., "
+                                     "stream=True) as gen:`) before starting a new chat")
+            if not self._lock.acquire(timeout=-1 if self.busy_timeout is None else self.busy_timeout):
+                gen.close()
+                raise ModelBusyError(f"{self.path.name}: still busy with another generation after "
+                                     f"{self.busy_timeout:g} s (one generation at a time per loaded model)")
+        self._owner = me
+        try:
             return (yield from gen)
+        finally:
+            self._owner = None
+            gen.close()
+            self._lock.release()
 
     def close(self):
         self.backend.close()
@@ -126,16 +161,17 @@ class Model:
 
 def load(path: str | Path | None = None, backend: str = "llama", n_gpu_layers: int = 0,
          threads: int | None = None, safety: Any = "on", n_ctx: int = 4096, native: bool | None = None,
-         allow_unverified: bool = False) -> Model:
+         allow_unverified: bool = False, busy_timeout: float | None = 60.0) -> Model:
     """Load a safe model file; with no path, the embedded default (built on first use).
 
     A file whose verification stamp says it failed (`convert quantize`/`verify --record`:
     `safety.verified=fail`) is refused unless `allow_unverified=True`; an unstamped file loads.
 
     `native`: run the token loop in C with the GIL released (llama backend; None = when available).
+    `busy_timeout`: how long a chat waits for a generation of another thread to end (None: for ever).
     """
     if path is None:
         from .default_model import default_model_path
         path = default_model_path()
     return Model(path, backend=backend, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, safety=safety,
-                 native=native, allow_unverified=allow_unverified)
+                 native=native, allow_unverified=allow_unverified, busy_timeout=busy_timeout)

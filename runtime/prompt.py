@@ -43,10 +43,35 @@ class Prompt:
         return "".join(s.text for s in self.segments)
 
 
+def _text(i: int, content: Any) -> str:
+    """A message's content as text: a string, or OpenAI content parts whose text parts are joined."""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise MessagesError(f"messages[{i}]['content'][{j}] is a {kind!r} part; only text parts "
+                                    "({'type': 'text', 'text': ...}) are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise MessagesError(f"messages[{i}]['content'] must be a string or a list of text parts, "
+                            f"got {type(content).__name__}")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. JSON "\ud800" escapes decode to text that is not Unicode
+        raise MessagesError(f"messages[{i}]['content'] is not valid Unicode: an unpaired surrogate "
+                            f"{content[e.start]!r} at character {e.start}") from None
+    return content
+
+
 def normalize_messages(messages: Any) -> list[dict[str, str]]:
-    """Accept a string or an OpenAI-style list of {"role", "content"}; raise MessagesError otherwise."""
+    """Accept a string or an OpenAI-style list of {"role", "content"}; raise MessagesError otherwise.
+
+    Content may be OpenAI content parts (text parts are joined; any other part is refused by name),
+    and the `developer` role is OpenAI's newer name for `system`."""
     if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
+        messages = [{"role": "user", "content": messages}]
     if isinstance(messages, dict):
         messages = [messages]
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -55,12 +80,12 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise MessagesError(f"messages[{i}] is a {type(m).__name__}, expected a dict with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
+        role = m.get("role")
+        role = "system" if role == "developer" else role
         if role not in ROLES:
-            raise MessagesError(f"messages[{i}]['role'] is {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise MessagesError(f"messages[{i}]['content'] must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+            raise MessagesError(f"messages[{i}]['role'] is {role!r}; expected one of {', '.join(ROLES)} "
+                                "(or developer, read as system)")
+        out.append({"role": role, "content": _text(i, m.get("content"))})
     if all(m["role"] != "user" for m in out):
         raise MessagesError("messages contain no 'user' message")
     return out

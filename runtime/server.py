@@ -24,6 +24,8 @@ try:
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
@@ -37,6 +39,7 @@ from .server_schema import (FINISH, APIError, chunk_event, completion, error_eve
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_TOKENS_CAP = 4096
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"  # pages served from this machine
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -233,10 +236,12 @@ class Server:
 
 def create_app(models: dict, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, max_queue: int = DEFAULT_MAX_QUEUE,
-               retry_after: int = DEFAULT_RETRY_AFTER_S) -> Starlette:
+               retry_after: int = DEFAULT_RETRY_AFTER_S, cors_origins: list[str] | None = None) -> Starlette:
     """The ASGI app serving `models` ({name: runtime.Model}; the first is the default).
 
     `max_queue`: requests that may wait per model while one generates (more get 503 + Retry-After).
+    `cors_origins`: web origins allowed to call the API from a browser besides localhost / 127.0.0.1
+    (any port), which always are, as with Ollama; ['*'] allows any.
     """
     srv = Server(models, api_key, max_body_bytes, max_tokens_cap, max_queue=max_queue, retry_after=retry_after)
 
@@ -256,19 +261,21 @@ def create_app(models: dict, api_key: str | None = None, max_body_bytes: int = D
               Route("/v1/models", wrap(srv.list_models), methods=["GET"]),
               Route("/v1/models/{name:path}", wrap(srv.get_model), methods=["GET"]),
               Route("/v1/chat/completions", wrap(srv.chat_completions), methods=["POST"])]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    cors = [Middleware(CORSMiddleware, allow_origins=list(cors_origins or []), allow_origin_regex=LOCAL_ORIGINS,
+                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600)]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, middleware=cors)
     app.state.server = srv
     return app
 
 
 def serve(models: dict, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info") -> None:
+          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", cors_origins: list[str] | None = None) -> None:
     """Serve `models` with uvicorn until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     try:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"the local server needs uvicorn ({e}); install it with pip install -e '.[serve]'") from None
     app = create_app(models, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap,
-                     max_queue=max_queue)
+                     max_queue=max_queue, cors_origins=cors_origins)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -85,28 +85,6 @@ def _integer(body: dict, key: str) -> int | None:
     return v
 
 
-def _flatten(i: int, m: Any) -> Any:
-    """OpenAI content parts -> plain text (text parts only); a text with lone surrogates is refused."""
-    if not isinstance(m, dict):
-        return m
-    content = m.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{i}]['content']: only text parts are supported", param="messages")
-            texts.append(part["text"])
-        content = "".join(texts)
-        m = {**m, "content": content}
-    if isinstance(content, str):
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as e:  # JSON "\ud800" escapes decode to text that is not Unicode
-            raise APIError(400, f"messages[{i}]['content'] is not valid Unicode: an unpaired surrogate "
-                                f"{content[e.start]!r} at character {e.start}", param="messages") from None
-    return m
-
-
 def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> ChatRequest:
     """Check a /v1/chat/completions body; raise APIError (4xx) naming the first problem."""
     name = body.get("model") or default
@@ -115,9 +93,7 @@ def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> C
                        code="model_not_found", param="model")
     if "messages" not in body:
         raise APIError(400, "'messages' is required", param="messages")
-    messages = body["messages"]
-    if isinstance(messages, list):
-        messages = [_flatten(i, m) for i, m in enumerate(messages)]
+    messages = body["messages"]  # roles, content parts, Unicode: checked by Model.chat (runtime/prompt.py)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
@@ -129,14 +105,36 @@ def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> C
     if _integer(body, "n") not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
     seed = _integer(body, "seed")
+    _unsupported(body)
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    kw = {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 0.0, 2.0, 0.0),
-          "top_p": _number(body, "top_p", 0.0, 1.0, 0.95), "seed": (seed or 0) & 0xFFFFFFFF}
+    kw = {"max_tokens": max_tokens, "stop": body.get("stop")}  # stop: checked by Model.chat (runtime/stops.py)
+    for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):  # absent: the model's chat defaults
+        if body.get(key) is not None:
+            kw[key] = _number(body, key, lo, hi, 0.0)
+    if seed is not None:  # absent: a fresh seed per request
+        kw["seed"] = seed & 0xFFFFFFFF
     return ChatRequest(name, messages, kw, stream, include_usage)
+
+
+# Fields a client may send that this server cannot honour: answered with a 400 naming the field rather
+# than ignored (a client asking for tools or JSON output must not silently get plain text).
+def _unsupported(body: dict) -> None:
+    if body.get("tools") or body.get("functions"):
+        key = "tools" if body.get("tools") else "functions"
+        raise APIError(400, f"'{key}' (function calling) is not supported by this server", param=key)
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise APIError(400, "'tool_choice' is not supported by this server (no tools)", param="tool_choice")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        key = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise APIError(400, f"'{key}' is not supported by this server", param=key)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise APIError(400, "'response_format' other than {'type': 'text'} is not supported yet "
+                            "(JSON output through a grammar is planned)", param="response_format")
 
 
 def safety_dict(reply) -> dict:
@@ -154,7 +152,8 @@ def usage_dict(reply) -> dict:
 def completion(head: dict, reply) -> dict:
     """The non-streaming response body."""
     return {**head, "object": "chat.completion", "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text,
+                                                 "refusal": reply.text if reply.refused else None},
                          "logprobs": None, "finish_reason": FINISH.get(reply.finish_reason, "stop")}],
             "usage": usage_dict(reply), "safety": safety_dict(reply)}
 

@@ -21,6 +21,7 @@ from convert.metadata import valid_answer_threshold
 
 from .backends.base import Backend, Sampling
 from .reply import Reply, Safety, Usage
+from .stops import StopMatcher
 
 ACTIONS = ("refuse", "stop")
 DEFAULT_REFUSAL = "I can't help with that."
@@ -95,7 +96,7 @@ class _Run:
     """The state of one generation: generated tokens, hold-back buffer, verdicts."""
 
     def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None,
-                 answer_thr: float | None):
+                 answer_thr: float | None, stop: list[str] | None = None):
         self.backend, self.policy, self.thr, self.answer_thr = backend, policy, thr, answer_thr
         self.enabled = policy is not None
         self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=answer_thr)
@@ -104,8 +105,15 @@ class _Run:
         self.released = 0
         self.streak = 0
         self.shown: list[str] = []  # every piece shown so far, in order
+        self.stopper = StopMatcher(stop or [])
 
-    def show(self, text: str) -> str:
+    @property
+    def stopped(self) -> bool:
+        """A stop sequence was reached: nothing after it is shown, generation ends."""
+        return self.stopper.hit
+
+    def show(self, text: str, final: bool = False) -> str:
+        text = self.stopper.feed(text) + (self.stopper.flush() if final else "")
         if text:
             self.shown.append(text)
         return text
@@ -164,6 +172,8 @@ def _python_loop(run: _Run, n_prompt: int, max_tokens: int) -> Iterator[str]:
             piece = "" if run.enabled else run.release(len(generated))
         if piece:
             yield piece
+        if run.stopped:
+            return "stop"
         if last:
             return "length"
 
@@ -181,9 +191,13 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
             piece = run.verdict(p, covered, why)
             if piece:
                 yield piece
+            if run.stopped:
+                return "stop"
         piece = run.release(len(run.generated)) if not run.enabled and tokens else ""
         if piece:
             yield piece
+        if run.stopped:
+            return "stop"
         if kind == "error":
             raise RuntimeError(info)
         if kind == "unsafe":  # the replay above must have raised: the two disagree, fail closed
@@ -194,11 +208,13 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
 
 def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy | None,
              threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False,
-             answer_threshold: float | None = None) -> Iterator[str]:
+             answer_threshold: float | None = None, stop: list[str] | None = None) -> Iterator[str]:
     """Yield text pieces as they are cleared for display; return the final `Reply`.
 
     `policy=None` runs without checks (an explicit caller choice). `native=True` runs the token
-    loop inside the backend (`backend.fused_loop`, the C loop for llama.cpp). Use through `Generation`.
+    loop inside the backend (`backend.fused_loop`, the C loop for llama.cpp). `stop`: strings that
+    end the answer where they first appear in the released text (not shown; runtime/stops.py).
+    Use through `Generation`.
     """
     t0 = time.perf_counter()
     enabled = policy is not None
@@ -213,7 +229,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         answer_thr = answer_threshold
     else:  # one threshold for every check: a policy threshold of its own also governs the answer
         answer_thr = thr
-    run = _Run(backend, policy, thr, answer_thr)
+    run = _Run(backend, policy, thr, answer_thr, stop)
     safety = run.safety
     shown = run.shown
     loop = None
@@ -234,7 +250,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         finish = yield from steps
         t_end = time.perf_counter()
         generated = run.generated
-        if run.enabled and (run.released < len(generated) or run.streak):
+        if run.enabled and not run.stopped and (run.released < len(generated) or run.streak):
             if run.released < len(generated) and not safety.trace[-1][0] == len(generated):
                 piece = run.verdict(backend.check(), len(generated), "end")
                 if piece:
@@ -242,7 +258,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
             if run.streak:  # the last verdicts were unsafe (below patience): never show what they covered
                 raise _Intervene(len(generated), f"unsafe verdict at the end of generation "
                                                  f"(p_unsafe={safety.trace[-1][1]:.3f} >= {run.answer_thr:.3f})")
-        tail = run.show(run.decoder.decode(b"", final=True))
+        tail = "" if run.stopped else run.show(run.decoder.decode(b"", final=True), final=True)
         if tail:
             yield tail
         refused = False
@@ -270,14 +286,41 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
 
 
 class Generation:
-    """Iterate for text pieces; `.reply` holds the final Reply once iteration has finished."""
+    """Iterate for text pieces; `.reply` holds the final Reply once iteration has finished.
+
+    A stream holds its model until it ends: read it to the end, `close()` it, or use it as a
+    context manager (`with m.chat(q, stream=True) as g: ...`), which closes it however the block
+    ends. A closed stream releases the model at once and yields nothing more (`.reply` stays None
+    when it was closed before the end).
+    """
 
     def __init__(self, gen: Iterator[str]):
         self._gen = gen
+        self._it: Iterator[str] | None = None
         self.reply: Reply | None = None
 
-    def __iter__(self):
+    def _iterate(self):
         self.reply = yield from self._gen
+
+    def __iter__(self):
+        if self._it is None:
+            self._it = self._iterate()
+        return self._it
+
+    def __next__(self) -> str:
+        return next(iter(self))
+
+    def close(self) -> None:
+        """Stop generating and release the model (idempotent)."""
+        if self._it is not None:
+            self._it.close()
+        self._gen.close()
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self) -> Reply:
         for _ in self:

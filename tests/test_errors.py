@@ -38,7 +38,7 @@ def test_malformed_messages_and_arguments(tiny_safe):
     m = runtime.load(tiny_safe, n_ctx=256)
     with pytest.raises(MessagesError):
         m.chat([{"role": "user", "content": None}])
-    with pytest.raises(MessagesError, match="max_tokens"):
+    with pytest.raises(runtime.ParameterError, match="max_tokens"):
         m.chat("hi", max_tokens=0)
     with pytest.raises(ValueError, match="safety must be"):
         m.chat("hi", safety="maybe")

@@ -146,3 +146,17 @@ def test_second_turn_tokens_and_two_turn_sequences():
     assert harm.cls_at == [3, 5, 7, 8, 11] and harm.labels() == [0, 0, 0, 0, 1]
     assert harm.lm_from == 11                                   # LM loss on the refusal only
     assert ben.tokens[-2:] == [60, 61] and ben.labels()[-1] == 0 and ben.lm_from is None
+
+
+def test_joint_speed_bench_prints_one_row_per_variant(tiny_base, tmp_path, capsys):
+    from bench.joint_speed import main
+    from tests.tiny_model import random_artifact
+    seqs = _seqs(16)
+    save_sequences(seqs, tmp_path / "s.json.gz")
+    random_artifact().save(tmp_path / "art")
+    assert main(["--sequences", str(tmp_path / "s.json.gz"), "--base", str(tiny_base), "--init-from",
+                 str(tmp_path / "art"), "--variant", "0:1", "--variant", "1:0.5", "--steps", "3",
+                 "--batch-tokens", "64", "--rank", "2", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert len(rows) == 2 and rows[1].split("|")[2].strip() == "50%"
+    assert all(float(r.split("|")[3]) > 0 for r in rows)

@@ -50,7 +50,8 @@ def test_user_cannot_inject_control_tokens(mf, typed):
     ([{"role": "user"}], "content"),
     ([{"role": "wizard", "content": "x"}], "role"),
     (["hello"], "expected a dict"),
-    ([{"role": "user", "content": ["x"]}], "string"),
+    ([{"role": "user", "content": ["x"]}], "only text parts"),
+    ([{"role": "user", "content": 3}], "string or a list of text parts"),
     ([{"role": "system", "content": "x"}], "no 'user'"),
 ])
 def test_malformed_messages_raise_clear_errors(bad, msg):

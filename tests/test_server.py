@@ -187,8 +187,47 @@ def test_request_errors(server, http, client):
 
 def test_content_parts_are_accepted(http):
     parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
-    assert _chat(http, messages=parts, max_tokens=8).json()["choices"][0]["message"]["content"] == \
-        _chat(http, max_tokens=8).json()["choices"][0]["message"]["content"]
+    assert _chat(http, messages=parts, max_tokens=8, temperature=0).json()["choices"][0]["message"]["content"] == \
+        _chat(http, max_tokens=8, temperature=0).json()["choices"][0]["message"]["content"]
+
+
+def test_stop_seed_refusal_and_unsupported_fields(http, client):
+    full = _chat(http, max_tokens=24, temperature=0).json()["choices"][0]["message"]["content"]
+    cut = full[5:8]
+    d = _chat(http, max_tokens=24, temperature=0, stop=[cut]).json()
+    assert d["choices"][0]["message"]["content"] == full[:full.index(cut)]
+    assert d["choices"][0]["finish_reason"] == "stop"
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0, stop=cut)
+    assert r.choices[0].message.content == full[:full.index(cut)]
+    # no seed: a fresh one per request, so sampled answers differ ("regenerate" works)
+    texts = {_chat(http, max_tokens=16, temperature=1.0).json()["choices"][0]["message"]["content"] for _ in range(4)}
+    assert len(texts) > 1
+    refused = _chat(http, model="tiny-refuse").json()["choices"][0]["message"]
+    assert refused["refusal"] == refused["content"] == "I can't help with that."
+    assert _chat(http).json()["choices"][0]["message"]["refusal"] is None
+    for field, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True),
+                         ("top_logprobs", 2), ("tool_choice", "required"),
+                         ("response_format", {"type": "json_object"})):
+        r = _chat(http, **{field: value})
+        _assert_error(r, 400)
+        assert r.json()["error"]["param"] == field
+    assert _chat(http, response_format={"type": "text"}, tool_choice="none").status_code == 200
+    for bad in ({"stop": [""]}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": 3}, {"temperature": -1},
+                {"top_p": 5}):
+        _assert_error(_chat(http, **bad), 400)
+
+
+def test_cors_localhost_by_default_and_opt_in_origins(models):
+    app = create_app({"tiny": models["tiny"]}, cors_origins=["https://app.example"])
+    with live_server(app) as url:
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        for origin, allowed in (("http://localhost:5173", True), ("http://127.0.0.1:3000", True),
+                                ("https://app.example", True), ("https://evil.example", False)):
+            r = httpx.options(f"{url}/v1/chat/completions", headers={"Origin": origin, **pre})
+            assert (r.status_code == 200) == allowed, (origin, r.status_code)
+            assert (r.headers.get("access-control-allow-origin") == origin) == allowed
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": "http://localhost:8080"})
+        assert r.headers["access-control-allow-origin"] == "http://localhost:8080"
 
 
 def test_client_disconnect_releases_model(server, http, models):

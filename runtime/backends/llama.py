@@ -162,8 +162,9 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
     """One llama.cpp context (one KV cache, one sampler chain) implementing `Backend`."""
 
     def __init__(self, mf: LlamaModelFile, n_ctx: int = 4096, threads: int | None = None,
-                 n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None):
+                 n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None, reuse_prefix: bool = False):
         self.mf = mf
+        self.reuse_prefix = reuse_prefix  # start() keeps the cached prefix shared with the last conversation
         threads = threads or max(1, min(os.cpu_count() or 1, 8))
         self.threads = threads
         p = ll.llama_context_default_params()
@@ -227,16 +228,19 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._drop_cls(start + len(tokens))
         return p
 
-    def start(self, tokens: list[int], sampling: Sampling, check: bool, reuse: bool = False) -> float | None:
+    def start(self, tokens: list[int], sampling: Sampling, check: bool, reuse: bool | None = None) -> float | None:
         """Decode a prompt (with the side [CLS] after it when check); the next `sample` continues it.
 
         reuse=True keeps the cache cells of the longest prefix shared with what the previous
         start/advance/verdicts left there (short of the last token, whose logits are needed):
         many prompts sharing a chat or jailbreak template skip it. The kept cells were computed
         in other batches, so logits may differ from a fresh start in the last bits of rounding.
+        reuse=None: the backend's `reuse_prefix` (a chat's next turn re-decodes only what is new).
         """
+        reuse = self.reuse_prefix if reuse is None else reuse
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
         done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
+        self.reused = done  # prompt tokens whose cache cells were kept (not decoded again)
         self._make_sampler(sampling)
         chunk = self.n_batch - max(1, len(self.side))  # room for the side tokens in the last chunk
         for s in range(done, len(tokens), chunk):
@@ -326,7 +330,6 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
     def fused_loop(self, policy, threshold, max_tokens: int, n_prompt: int, streak: int):
         """The token loop in C with the GIL released (cpp_ext/loop.c), after `start`."""
         from .native_loop import FusedLoop
-        self._cells = None  # the C loop decodes tokens this object does not see
         return FusedLoop(self, policy, threshold, max_tokens, n_prompt, streak)
 
     def _make_sampler(self, s: Sampling) -> None:

@@ -111,12 +111,22 @@ class FusedLoop:
             margin_trigger=policy.margin_trigger if enabled and policy.margin_trigger is not None else nan,
             sentence_ends=bool(enabled and policy.sentence_ends), threshold=threshold if enabled else 2.0,
             patience=policy.patience if enabled else 1, max_tokens=max_tokens, streak=streak, last_covered=0)
+        # the tokens in the cache cells, kept in step with the C loop's decodes (prefix reuse, next turn)
+        self._cells = list(backend._cells) if backend._cells is not None else None
+        self._n_prompt = n_prompt
+        backend._cells = None  # unknown while the C loop runs
 
     def run(self):
+        event = None
         try:
-            return self._loop.run()
+            event = self._loop.run()
+            return event
         finally:
-            self.backend.n_past, self.backend._row = self._loop.n_past, self._loop.row
+            b = self.backend
+            b.n_past, b._row = self._loop.n_past, self._loop.row
+            if self._cells is not None and event is not None:
+                self._cells.extend(event[1])  # tokens sampled since the last hand-over
+                b._cells = self._cells[:b.n_past] if len(self._cells) >= b.n_past else None
 
     @property
     def seconds(self) -> float:

@@ -1,0 +1,166 @@
+"""What a desktop app meets first: stream lifecycle, sampling defaults and checks, stop sequences,
+OpenAI-style messages and multi-turn prefix reuse (issue 21), on the tiny safe model."""
+import math
+import threading
+import time
+
+import pytest
+
+import runtime
+from runtime.backends.base import Sampling
+from runtime.stops import StopMatcher, stop_list
+from runtime.strategy import Generation, SafetyPolicy, generate
+from tests.test_strategy import FakeBackend
+
+pytestmark = pytest.mark.timeout(120)  # each of these would have hung before the fix
+
+
+@pytest.fixture(scope="module")
+def model(tiny_safe):
+    m = runtime.load(tiny_safe, n_ctx=512, threads=1)
+    yield m
+    m.close()
+
+
+# -- streams never block the model -------------------------------------------------------------
+def test_an_open_stream_in_this_thread_fails_a_second_chat_at_once_and_close_releases(model):
+    it = iter(model.chat("hello", stream=True, max_tokens=32))
+    next(it)
+    next(it)
+    t = time.perf_counter()
+    with pytest.raises(runtime.ModelBusyError, match="still open in this thread"):
+        model.chat("again", max_tokens=4)
+    assert time.perf_counter() - t < 5
+    g = model.chat("hello", stream=True, max_tokens=32)
+    with pytest.raises(runtime.ModelBusyError):
+        next(iter(g))
+    it.close()                          # the abandoned stream is closed: the model is free
+    assert model.chat("again", max_tokens=4).usage.completion_tokens <= 4
+
+
+def test_generation_close_and_context_manager(model):
+    g = model.chat("hello", stream=True, max_tokens=32)
+    first = next(g)
+    assert isinstance(first, str)
+    g.close()
+    g.close()                           # idempotent
+    assert list(g) == [] and g.reply is None
+    with model.chat("hello", stream=True, max_tokens=32) as g2:
+        next(iter(g2))
+    assert model.chat("x", max_tokens=2).usage.completion_tokens <= 2
+    with pytest.raises(KeyError):
+        with model.chat("hello", stream=True, max_tokens=32) as g3:
+            next(iter(g3))
+            raise KeyError("the app's own error")
+    assert model.chat("x", max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_another_thread_waits_then_times_out_or_proceeds(tiny_safe):
+    m = runtime.load(tiny_safe, n_ctx=512, threads=1, busy_timeout=0.3)
+    g = m.chat("hello", stream=True, max_tokens=64)
+    next(iter(g))
+    errors = []
+    th = threading.Thread(target=lambda: errors.append(pytest.raises(runtime.ModelBusyError, m.chat, "x")))
+    th.start()
+    th.join(10)
+    assert not th.is_alive() and errors
+    result = []
+    m.busy_timeout = 10
+    th = threading.Thread(target=lambda: result.append(m.chat("x", max_tokens=3)))
+    th.start()
+    time.sleep(0.2)
+    g.run()                             # the stream ends: the waiting thread gets the model
+    th.join(10)
+    assert result and result[0].usage.completion_tokens <= 3
+    m.close()
+
+
+# -- sampling: defaults, seeds, bad values ---------------------------------------------------------
+def test_seed_none_is_fresh_and_a_seed_repeats(model):
+    texts = {model.chat("hello", max_tokens=12, temperature=1.0).text for _ in range(4)}
+    assert len(texts) > 1
+    a = model.chat("hello", max_tokens=12, temperature=1.0, seed=7).text
+    assert a == model.chat("hello", max_tokens=12, temperature=1.0, seed=7).text
+    assert model.chat("hello", max_tokens=12, temperature=0).text == model.chat("hello", max_tokens=12,
+                                                                               temperature=0).text
+
+
+@pytest.mark.parametrize("kw,name", [
+    ({"temperature": math.nan}, "temperature"), ({"temperature": -1}, "temperature"),
+    ({"temperature": math.inf}, "temperature"), ({"top_p": 5}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"min_p": 2}, "min_p"), ({"repeat_penalty": 0}, "repeat_penalty"), ({"seed": "x"}, "seed"),
+    ({"seed": 1.5}, "seed"), ({"max_tokens": True}, "max_tokens"), ({"stop": [""]}, "stop"),
+    ({"stop": ["a"] * 5}, "stop"), ({"stop": 3}, "stop"), ({"temperature": "hot"}, "temperature"),
+])
+def test_bad_sampling_parameters_are_named(model, kw, name):
+    with pytest.raises(runtime.ParameterError, match=name):
+        model.chat("hello", **{"max_tokens": 4, **kw})
+
+
+# -- stop sequences, applied to released text --------------------------------------------------------
+def test_stop_matcher_finds_a_stop_split_across_pieces_and_flushes_a_false_start():
+    m = StopMatcher(["END", "\n\n"])
+    assert m.feed("abc E") == "abc "       # "E" may start "END": held back
+    assert m.feed("N") == ""
+    assert m.feed("Dzzz") == "" and m.hit  # stop found; nothing after it
+    m = StopMatcher(["END"])
+    assert m.feed("xEN") == "x" and m.flush() == "EN" and not m.hit
+    assert stop_list("x") == ["x"] and stop_list(None) == []
+
+
+def _gen(backend, policy, stop, max_tokens=20):
+    return Generation(generate(backend, [100, 101], policy=policy, threshold=0.5, sampling=Sampling(),
+                               max_tokens=max_tokens, stop=stop))
+
+
+def test_stop_ends_the_answer_and_never_shows_held_back_text():
+    # tokens 1..9 read "<1><2>...": stop at "3><4" -> shown "<1><2><", finish "stop"
+    r = _gen(FakeBackend(range(1, 10)), SafetyPolicy(every=1), ["3><4"]).run()
+    assert r.text == "<1><2><" and r.finish_reason == "stop" and not r.refused
+    # an unsafe verdict before the stop sequence is released: refused, the held-back text never shown
+    b = FakeBackend(range(1, 10), verdict=lambda covered: 0.9 if covered >= 4 else 0.0)
+    r = _gen(b, SafetyPolicy(every=4), ["<6>"]).run()
+    assert r.refused and "<5>" not in r.text and r.text.endswith("I can't help with that.")
+    r = _gen(FakeBackend(range(1, 4)), None, ["<9>"]).run()   # no stop reached: everything, "stop" at eog
+    assert r.text == "<1><2><3>" and r.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_stop_through_the_real_loops(tiny_safe, native):
+    m = runtime.load(tiny_safe, n_ctx=512, threads=1, native=native)
+    full = m.chat("hello", max_tokens=24, temperature=0).text
+    cut = full[6:9]
+    r = m.chat("hello", max_tokens=24, temperature=0, stop=cut)
+    assert r.text == full[:full.index(cut)] and r.finish_reason == "stop"
+    m.close()
+
+
+# -- messages as OpenAI clients send them --------------------------------------------------------------
+def test_content_parts_developer_role_and_bad_text(model):
+    plain = model.tokenize_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}])
+    parts = model.tokenize_messages([{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                                     {"role": "user", "content": [{"type": "text", "text": "hi "},
+                                                                  {"type": "text", "text": "there"}]}])
+    assert parts == plain
+    with pytest.raises(runtime.MessagesError, match="'image_url' part"):
+        model.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(runtime.MessagesError, match="unpaired surrogate"):
+        model.chat("a\ud800b")
+
+
+# -- multi-turn: the previous turn's cache is reused ------------------------------------------------
+@pytest.mark.parametrize("native", [False, True])
+def test_next_turn_reuses_the_cached_prefix(tiny_safe, native):
+    m = runtime.load(tiny_safe, n_ctx=512, threads=1, native=native)
+    history = [{"role": "user", "content": "hello"}]
+    r1 = m.chat(history, max_tokens=16, temperature=0)
+    first = len(m.tokenize_messages(history))
+    history += [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "and then?"}]
+    r2 = m.chat(history, max_tokens=16, temperature=0)
+    assert m.backend.reused >= first  # at least the whole first prompt was kept
+    fresh = runtime.load(tiny_safe, n_ctx=512, threads=1, native=native)
+    r2_fresh = fresh.chat(history, max_tokens=16, temperature=0)
+    assert fresh.backend.reused == 0
+    assert r2.safety.trace[0][1] == pytest.approx(r2_fresh.safety.trace[0][1], abs=1e-3)
+    m.close()
+    fresh.close()
