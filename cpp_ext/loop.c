@@ -24,7 +24,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+#include <windows.h>
+#else
 #include <time.h>
+#endif
 
 #include "verdict.h"
 
@@ -81,11 +85,22 @@ typedef struct {
     char error[160];
 } Loop;
 
+/* A monotonic clock in seconds: QueryPerformanceCounter on Windows (MSVC and MinGW have no
+   clock_gettime there), CLOCK_MONOTONIC elsewhere. */
+#ifdef _WIN32
+static double now(void) {
+    LARGE_INTEGER freq, count;
+    QueryPerformanceFrequency(&freq);
+    QueryPerformanceCounter(&count);
+    return (double)count.QuadPart / (double)freq.QuadPart;
+}
+#else
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+#endif
 
 /* Decode the token at n_past (+ the side tokens ending in [CLS] at n_past+1..); *p = p_unsafe for a check. */
 static int advance(Loop *L, llama_token tok, int check, double *p) {

@@ -164,3 +164,77 @@ def test_next_turn_reuses_the_cached_prefix(tiny_safe, native):
     assert r2.safety.trace[0][1] == pytest.approx(r2_fresh.safety.trace[0][1], abs=1e-3)
     m.close()
     fresh.close()
+
+
+# -- portable native module ---------------------------------------------------------------------------
+def test_without_the_native_module_the_python_loop_answers_the_same(tiny_safe, monkeypatch):
+    import runtime.backends.llama as llama_backend
+    import runtime.backends.native_loop as native_loop
+    with runtime.load(tiny_safe, n_ctx=512, threads=1) as m:
+        assert m.native
+        want = m.chat("hello", max_tokens=12, temperature=0)
+    monkeypatch.setattr(native_loop, "_native", None)   # as when the extension could not be compiled
+    monkeypatch.setattr(native_loop, "_checked", False)
+    monkeypatch.setattr(llama_backend, "_native", None)
+    with runtime.load(tiny_safe, n_ctx=512, threads=1) as m:
+        assert not m.native
+        got = m.chat("hello", max_tokens=12, temperature=0)
+    assert got.text == want.text
+    assert [p for _, p in got.safety.trace] == pytest.approx([p for _, p in want.safety.trace], abs=1e-6)
+    with pytest.raises(native_loop.NativeLoopError, match="not built"):
+        runtime.load(tiny_safe, n_ctx=512, threads=1, native=True)
+
+
+# POSIX calls that MSVC's C runtime lacks (MinGW-w64 has some of them through winpthreads, so they are
+# poisoned here to check the code as MSVC would see it)
+POSIX_ONLY = ("clock_gettime", "gettimeofday", "nanosleep", "usleep", "sysconf", "mmap", "pthread_create",
+              "pthread_mutex_lock", "sigaction", "fork", "dlopen")
+
+
+def _windows_pyconfig(src: str) -> str:
+    """Linux's pyconfig.h turned into a Windows (LLP64) one, enough to parse Python.h with MinGW-w64."""
+    import re
+    drop = re.compile(r"#define (HAVE_\w+|SIZEOF_LONG|SIZEOF_WCHAR_T|ALIGNOF_LONG|SIZEOF_LONG_DOUBLE|_POSIX_\w+|"
+                      r"_XOPEN_\w+|_GNU_SOURCE|__EXTENSIONS__|_DARWIN_C_SOURCE|_NETBSD_SOURCE|_BSD_SOURCE|"
+                      r"_DEFAULT_SOURCE|WITH_PYMALLOC|_REENTRANT|_FILE_OFFSET_BITS|_LARGEFILE_SOURCE)\b")
+    lines = [line for line in src.splitlines() if not drop.match(line)]
+    keep = ("HAVE_STDARG_PROTOTYPES", "HAVE_STDLIB_H", "HAVE_STRING_H", "HAVE_LONG_LONG", "HAVE_WCHAR_H",
+            "HAVE_ERRNO_H", "HAVE_STDINT_H", "HAVE_INTTYPES_H")
+    lines += ["#define MS_WINDOWS 1", "#define NT_THREADS 1", "#define SIZEOF_LONG 4", "#define SIZEOF_WCHAR_T 2",
+              "#define ALIGNOF_LONG 4", "#define SIZEOF_LONG_DOUBLE 16", "#define Py_NO_ENABLE_SHARED 1"]
+    return "\n".join(lines + [f"#define {k} 1" for k in keep]) + "\n"
+
+
+def test_the_native_module_compiles_for_windows(tmp_path):
+    """Cross-compile cpp_ext/ with MinGW-w64 (Debian's gcc-mingw-w64-x86-64) against the Python headers
+    with a Windows pyconfig.h, POSIX-only calls poisoned: no call MSVC lacks may remain (the portable
+    clock). Syntax and declarations only: there is no Windows Python to link against here."""
+    import re
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+    cc = shutil.which("x86_64-w64-mingw32-gcc")
+    if cc is None:
+        pytest.skip("x86_64-w64-mingw32-gcc is not installed (apt-get install gcc-mingw-w64-x86-64)")
+    root = Path(__file__).resolve().parents[1] / "cpp_ext"
+    inc = tmp_path / "include"
+    shutil.copytree(sysconfig.get_paths()["include"], inc)
+    (inc / "pyconfig.h").write_text(_windows_pyconfig((inc / "pyconfig.h").read_text()))
+
+    def compile_(src: Path):
+        headers = re.findall(r"#include <([^>]+)>", src.read_text())
+        wrapper = tmp_path / f"msvc_{src.name}"
+        wrapper.write_text("".join(f"#include <{h}>\n" for h in ["windows.h", "time.h"] + headers) +
+                           f"#pragma GCC poison {' '.join(POSIX_ONLY)}\n#include \"{src}\"\n")
+        return subprocess.run([cc, "-fsyntax-only", "-Wall", "-Werror=implicit-function-declaration",
+                               f"-I{inc}", f"-I{root}", str(wrapper)], capture_output=True, text=True, timeout=60)
+    for name in ("loop.c", "native.c"):
+        r = compile_(root / name)
+        assert r.returncode == 0, r.stderr[-2000:]
+    # the check catches what it is for: the clock this module used before is refused
+    old = tmp_path / "old_clock.c"
+    old.write_text("#include <time.h>\nstatic double now(void) { struct timespec ts; "
+                   "clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec; }\n")
+    r = compile_(old)
+    assert r.returncode != 0 and "clock_gettime" in r.stderr
