@@ -168,3 +168,24 @@ def test_base_speed_measures_a_llama_and_a_gemma3_file(tiny_base, tmp_path):
         r = measure(path, prompts, n_new=5, threads=1)
         assert r["arch"] == arch and r["params_m"] > r["embedding_m"] > 0 and r["embedding_std"] > 0 and r["file_mb"] > 0
         assert r["tokens_per_prompt"] > 5 and r["prompt_tok_s"] > 0 and r["gen_tok_s"] > 0
+
+
+def test_answers_bench_tiny(tiny_safe, capsys):
+    from bench.answers import QUESTIONS, main
+    assert main(["--model", str(tiny_safe), "--model", str(tiny_safe), "--max-tokens", "4", "--greedy",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| tiny-safe.gguf |") == 2 * len(QUESTIONS) + 2
+    assert f"/ {sum(e is not None for _, e in QUESTIONS)} |" in out
+
+
+def test_turns_bench_tiny(tiny_safe, capsys):
+    from bench.turns import main
+    assert main(["--model", str(tiny_safe), "--turns", "3", "--max-tokens", "4", "--report", "1", "3",
+                 "--threads", "1"]) == 0
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| native") or
+            r.startswith("| python")]
+    assert len(rows) == 4
+    third = [r for r in rows if r[2].strip() == "3"]
+    for r in third:  # with reuse the third turn decodes only what is new; without, the whole history
+        assert int(r[5]) < int(r[7]) == int(r[3])
