@@ -22,4 +22,10 @@ class ModelBusyError(RuntimeSafetyError):
 
 
 class ParameterError(RuntimeSafetyError, ValueError):
-    """A generation parameter (temperature, top_p, seed, stop, ...) is out of range or of the wrong type."""
+    """A generation parameter (temperature, top_p, seed, stop, ...) is out of range or of the wrong type.
+
+    `param` names it (the server answers it as the OpenAI error's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

@@ -10,6 +10,7 @@ from convert.metadata import MetadataError, SafetyMeta, verification_problem
 
 from .backends.base import CHAT_SAMPLING, Sampling
 from .errors import ContextOverflowError, ModelBusyError, ModelFileError, ParameterError
+from .formats import grammar_for
 from .prompt import build_prompt, prompt_tokens
 from .reply import Reply
 from .stops import stop_list
@@ -93,23 +94,36 @@ class Model:
              seed: int | None = None, stream: bool = False, top_k: int = CHAT_SAMPLING["top_k"],
              top_p: float = CHAT_SAMPLING["top_p"], min_p: float = CHAT_SAMPLING["min_p"],
              repeat_penalty: float = CHAT_SAMPLING["repeat_penalty"], stop: str | list[str] | None = None,
+             response_format: dict | None = None, grammar: str | None = None,
              safety: Any = None) -> Reply | Generation:
         """Answer `messages` (a string or OpenAI-style list; a final assistant message is a prefill).
 
         Returns a `Reply`, or with `stream=True` a `Generation` that yields text pieces and
         holds the `Reply` in `.reply` when done (close it, or use `with`, to stop early).
         Sampling: temperature 0 is greedy; `seed=None` draws a fresh seed per call (a fixed seed
-        repeats an answer). `stop`: up to 4 strings that end the answer (not shown). `safety`
+        repeats an answer). `stop`: up to 4 strings that end the answer (not shown).
+        `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
+        ...}}, as OpenAI's) or `grammar` (GBNF) constrain the answer (llama backend). `safety`
         overrides the model's policy per call. Bad values raise `ParameterError` / `MessagesError`.
         """
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ParameterError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            raise ParameterError(f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
         if seed is None:
             seed = secrets.randbits(32)
         elif isinstance(seed, bool) or not isinstance(seed, int):
-            raise ParameterError(f"seed must be an integer or None, got {seed!r}")
+            raise ParameterError(f"seed must be an integer or None, got {seed!r}", param="seed")
+        if grammar is not None and response_format is not None:
+            raise ParameterError("give either grammar or response_format, not both")
+        if grammar is not None and not isinstance(grammar, str):
+            raise ParameterError(f"grammar must be GBNF text, got {type(grammar).__name__}")
+        grammar = grammar if grammar is not None else grammar_for(response_format)
+        if grammar is not None:
+            check = getattr(self.backend, "check_grammar", None)
+            if check is None:
+                raise ParameterError("structured output (grammar / response_format) needs the llama backend")
+            check(grammar)
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, seed=seed & 0xFFFFFFFF)
+                            repeat_penalty=repeat_penalty, seed=seed & 0xFFFFFFFF, grammar=grammar)
         stops = stop_list(stop)
         policy = self.policy if safety is None else _policy(safety)
         if policy is not None and self.meta is None:

@@ -39,7 +39,7 @@ def error_for(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, (ValueError, RuntimeSafetyError)):  # MessagesError, ContextOverflowError, bad values
         code = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else "invalid_request"
-        return APIError(400, str(exc), code=code)
+        return APIError(400, str(exc), code=code, param=getattr(exc, "param", None))
     log.exception("internal error while serving a request")
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
 
@@ -111,7 +111,8 @@ def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> C
         raise APIError(400, "'stream' must be a boolean", param="stream")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    kw = {"max_tokens": max_tokens, "stop": body.get("stop")}  # stop: checked by Model.chat (runtime/stops.py)
+    kw = {"max_tokens": max_tokens, "stop": body.get("stop"),  # checked by Model.chat (runtime/stops.py)
+          "response_format": body.get("response_format")}      # a grammar (runtime/formats.py)
     for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):  # absent: the model's chat defaults
         if body.get(key) is not None:
             kw[key] = _number(body, key, lo, hi, 0.0)
@@ -131,10 +132,7 @@ def _unsupported(body: dict) -> None:
     if body.get("logprobs") or body.get("top_logprobs"):
         key = "logprobs" if body.get("logprobs") else "top_logprobs"
         raise APIError(400, f"'{key}' is not supported by this server", param=key)
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise APIError(400, "'response_format' other than {'type': 'text'} is not supported yet "
-                            "(JSON output through a grammar is planned)", param="response_format")
+
 
 
 def safety_dict(reply) -> dict:

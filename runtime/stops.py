@@ -21,9 +21,9 @@ def stop_list(stop: Any) -> list[str]:
         return []
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
-        raise ParameterError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise ParameterError(f"stop must be a string or a list of strings, got {stop!r}", param="stop")
     if len(items) > MAX_STOPS or any(not s for s in items):
-        raise ParameterError(f"stop takes at most {MAX_STOPS} non-empty strings, got {stop!r}")
+        raise ParameterError(f"stop takes at most {MAX_STOPS} non-empty strings, got {stop!r}", param="stop")
     return list(items)
 
 

@@ -281,3 +281,29 @@ def test_wheels_download_without_pip_from_the_index_json(tmp_path, monkeypatch):
             fetch_wheel("no-such-pkg", "1.0", None, dest=tmp_path / "cache3")
     finally:
         srv.shutdown()
+
+
+# -- structured output through llama.cpp's grammar sampler ---------------------------------------------
+@pytest.mark.parametrize("native", [False, True])
+def test_json_schema_output_parses(tiny_safe, native):
+    import json
+    m = runtime.load(tiny_safe, n_ctx=512, threads=1, native=native)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    for seed in range(3):
+        r = m.chat("hello", max_tokens=60, temperature=1.0, seed=seed,
+                   response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+        assert r.finish_reason == "stop", r.text
+        d = json.loads(r.text)
+        assert isinstance(d["n"], int) and isinstance(d["ok"], bool)
+        assert r.safety.checks >= 2  # checked as any answer is
+    r = m.chat("hello", max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    assert r.text.lstrip().startswith("{")
+    with pytest.raises(runtime.ParameterError, match="could not parse the grammar"):
+        m.chat("hello", grammar="root ::= (")
+    with pytest.raises(runtime.ParameterError, match="response_format"):
+        m.chat("hello", response_format={"type": "yaml"})
+    with pytest.raises(runtime.ParameterError, match="either"):
+        m.chat("hello", grammar='root ::= "a"', response_format={"type": "json_object"})
+    assert m.chat("hello", grammar='root ::= "yes" | "no"', max_tokens=8, temperature=1.0).text in ("yes", "no")
+    m.close()

@@ -207,11 +207,16 @@ def test_stop_seed_refusal_and_unsupported_fields(http, client):
     assert _chat(http).json()["choices"][0]["message"]["refusal"] is None
     for field, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True),
                          ("top_logprobs", 2), ("tool_choice", "required"),
-                         ("response_format", {"type": "json_object"})):
+                         ("response_format", {"type": "yaml"})):
         r = _chat(http, **{field: value})
         _assert_error(r, 400)
         assert r.json()["error"]["param"] == field
     assert _chat(http, response_format={"type": "text"}, tool_choice="none").status_code == 200
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["n"], int)
     for bad in ({"stop": [""]}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": 3}, {"temperature": -1},
                 {"top_p": 5}):
         _assert_error(_chat(http, **bad), 400)

@@ -31,18 +31,20 @@ class Sampling:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = 0
+    grammar: str | None = None  # GBNF the answer must follow (runtime/formats.py); None: free text
 
     def __post_init__(self):
         def number(name, lo, hi, lo_open=False):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or v < lo or v > hi or (lo_open and v == lo):
-                raise ParameterError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+                raise ParameterError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}",
+                                     param=name)
 
         def integer(name, lo):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ParameterError(f"{name} must be an integer >= {lo}, got {v!r}")
+                raise ParameterError(f"{name} must be an integer >= {lo}, got {v!r}", param=name)
         number("temperature", 0.0, 100.0)
         number("top_p", 0.0, 1.0)
         number("min_p", 0.0, 1.0)

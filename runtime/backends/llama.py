@@ -16,7 +16,7 @@ import llama_cpp as ll
 
 from convert.metadata import PREFIX, SafetyMeta
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, ParameterError
 from .base import Sampling, TokensFromFile, check_prompt, side_tokens
 
 try:  # the native module built from cpp_ext/ by pip install
@@ -332,6 +332,13 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         from .native_loop import FusedLoop
         return FusedLoop(self, policy, threshold, max_tokens, n_prompt, streak)
 
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ParameterError unless llama.cpp parses `grammar` (GBNF with a `root` rule)."""
+        g = ll.llama_sampler_init_grammar(self.mf.vocab, grammar.encode("utf-8"), b"root")
+        if not g:
+            raise ParameterError("llama.cpp could not parse the grammar (its log says where)")
+        ll.llama_sampler_free(g)
+
     def _make_sampler(self, s: Sampling) -> None:
         if self.sampler is not None:
             ll.llama_sampler_free(self.sampler)
@@ -342,6 +349,13 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             for i, tok in enumerate(self.safety_ids):
                 bias[i].token, bias[i].bias = tok, float("-inf")
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, n, bias))
+        if s.grammar is not None:  # after the safety mask: the grammar only ever sees ordinary tokens
+            g = ll.llama_sampler_init_grammar(self.mf.vocab, s.grammar.encode("utf-8"), b"root")
+            if not g:
+                ll.llama_sampler_free(chain)
+                self.sampler = None
+                raise ParameterError("llama.cpp could not parse the grammar (see its log above)")
+            ll.llama_sampler_chain_add(chain, g)
         if s.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
                 self.mf.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
