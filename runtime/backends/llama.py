@@ -94,6 +94,11 @@ class LlamaModelFile(_FreedOnDelete):
         params = ll.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
         params.vocab_only = bool(vocab_only)
+        # No "extra" CPU buffer types (weight repacking): on CPUs with AMX, llama.cpp moves Q4_1/Q8_0
+        # weights into its AMX buffer, and its AMX matmul crashed the process (SIGSEGV in
+        # ggml_backend_amx_mul_mat, seen on a Sapphire Rapids-class VM that does not grant AMX state).
+        # A crash is never acceptable; SAFECHAT_EXTRA_BUFTS=1 turns them back on where they work.
+        params.use_extra_bufts = os.environ.get("SAFECHAT_EXTRA_BUFTS") == "1"
         _log_lines.clear()
         self.model = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
