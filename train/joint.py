@@ -199,7 +199,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 lam: float = 1.0, batch_tokens: int = 8192, warmup: int | None = None, ckpt_every: int = 100,
                 resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
-                lower=None, lm_sample: float = 1.0) -> JointResult:
+                lower=None, lm_sample: float = 1.0, bf16: bool = False) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -211,6 +211,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     `lower` (`joint_cache.LowerStates` for these sequences and that layer) supplies the residual
     stream entering first_layer, so a step runs the upper layers alone (train/joint_cache.py).
     lm_sample < 1: the LM loss on that random fraction of its rows per step (seeded by step).
+    bf16: matrix products in bfloat16 on the CPU too (torch.autocast; the weights, adapters and
+    optimizer stay float32). On a CUDA device they always are.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +228,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
               "data": data_digest(seqs), "n_seqs": len(seqs)}
     if first_layer or lm_sample < 1:  # absent from older checkpoints' configs, which stay loadable
         config.update(first_layer=first_layer, lm_sample=lm_sample)
+    if bf16:
+        config["bf16"] = True
     ckpt = out_dir / CHECKPOINT
     st = torch.load(ckpt, map_location="cpu", weights_only=False) if resume and ckpt.is_file() else None
     if st is not None:
@@ -266,7 +270,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     n_all = sum(len(s.cls_at) for s in seqs)
     class_w = torch.tensor([n_all / (2.0 * max(n_all - n_pos, 1)), n_all / (2.0 * max(n_pos, 1))], device=dev)
     batches = make_batches(seqs, batch_tokens)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" or bf16
+           else contextlib.nullcontext())
     params = lora.parameters() + ([head] if first_layer else [cls_row, head])
 
     def save(step):
