@@ -22,7 +22,7 @@ found more signal around layers 18-20 than at the last). No model file or backen
 layer today, so this measures what such a format change would buy before anyone builds it.
 
 `--base GGUF` trains the same recipe on another base (llama or gemma3 architecture; a file without a
-chat template gets Gemma's turn format, `train.gemma3_torch.prompt_template`), the issue's "second base"
+chat template gets Gemma's turn format, `runtime.prompt.prompt_template`), the issue's "second base"
 question: its rows are comparable with the default base's rows of the same command. `--lr` sets the
 [CLS] rows' learning rate (the head's is 3x): a base that stores its embeddings on another scale moves
 its row further per Adam step at the same rate.
@@ -92,11 +92,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from convert.artifact import load_artifact
-    from convert.fetch import base_smollm2
+    from runtime.artifact import load_artifact
+    from runtime.fetch import base_smollm2
     from train.__main__ import training_set
     from train.cls_recipe import KVCache, score_cached, train_cls
-    from train.llama_torch import load_frozen
+    from convert.reference import load_frozen
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -39,12 +39,12 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from convert.artifact import load_artifact
-    from convert.fetch import base_smollm2
+    from runtime.artifact import load_artifact
+    from runtime.fetch import base_smollm2
     from train.joint import expanded_len, train_joint
     from train.joint_cache import compute_lower
     from train.joint_data import load_sequences
-    from train.llama_torch import load_frozen
+    from convert.reference import load_frozen
 
     torch.set_num_threads(args.threads)
     variants = args.variant or [(0, 1.0, False), (0, 0.25, False), (20, 0.25, False), (0, 0.25, True),

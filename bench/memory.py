@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     if (args.model is None) != (args.base is None):
         ap.error("give both --model and --base, or neither (the default model and its base)")
     if args.model is None:
-        from convert.fetch import base_smollm2
+        from runtime.fetch import base_smollm2
         from runtime.default_model import default_model_path
         safe, base = default_model_path(), base_smollm2()
     else:

@@ -88,9 +88,11 @@ def _exit_code(res) -> int:
 
 
 def cmd_gguf(a) -> int:
-    from .artifact import load_artifact
-    from .files import temp_beside
-    from .gguf_safe import check_compatible, convert_gguf, read_gguf
+    from runtime.artifact import load_artifact
+    from runtime.files import temp_beside
+    from runtime.fold import check_compatible, read_gguf
+
+    from .hf_import import convert_any as convert_gguf  # a GGUF or a Hugging Face folder
 
     out = Path(a.out)
     base = Path(a.base)
@@ -164,7 +166,7 @@ def cmd_onnx(a) -> int:
         from .onnx_export import export_onnx
     except ImportError as e:
         raise CliError(f"the ONNX export needs torch, onnx and onnxscript ({e}): pip install -e '.[train,onnx]'")
-    from .files import temp_beside
+    from runtime.files import temp_beside
 
     src, out = Path(a.gguf), Path(a.out)
     _check_writable(out)
@@ -255,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .artifact import ArtifactError
-    from .gguf_safe import ConvertError
-    from .metadata import MetadataError
+    from runtime.artifact import ArtifactError
+    from runtime.fold import ConvertError
+    from runtime.contract import MetadataError
     from .verify import VerifyError
 
     a = build_parser().parse_args(argv)

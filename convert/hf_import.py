@@ -1,6 +1,6 @@
 """A local Hugging Face Llama checkpoint directory -> base GGUF, torch-free (numpy, gguf-py).
 
-    convert_gguf("path/to/checkpoint-dir", artifact, "safe.gguf")   # or: python -m convert gguf --base DIR
+    convert_any("path/to/checkpoint-dir", artifact, "safe.gguf")    # or: python -m convert gguf --base DIR
 
 The directory holds `config.json` (architectures: LlamaForCausalLM), `model.safetensors` (or shards
 listed in `model.safetensors.index.json`), `tokenizer.json` (a byte-level BPE) and optionally
@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .gguf_io import ConvertError, scalar_kv, write_gguf
+from runtime.gguf_io import ConvertError, scalar_kv, write_gguf
 
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 _DTYPES = {"F32": (np.float32, gguf.GGMLQuantizationType.F32), "F16": (np.float16, gguf.GGMLQuantizationType.F16),
@@ -210,8 +210,8 @@ def hf_to_gguf(d: str | Path, out: str | Path, *, progress: bool = False) -> Pat
 def convert_hf(d: str | Path, art, out: str | Path, **kw):
     """`convert_gguf` for a checkpoint folder: checked against the artifact first, then imported to a
     temp GGUF beside `out`, folded, and the temp file removed."""
-    from .files import temp_beside
-    from .gguf_safe import convert_gguf
+    from runtime.files import temp_beside
+    from runtime.fold import convert_gguf
 
     d = Path(d)
     check_config(d, art.hidden_size, art.card.get("base_vocab_size"))
@@ -221,3 +221,9 @@ def convert_hf(d: str | Path, art, out: str | Path, **kw):
         return convert_gguf(tmp, art, out, base_name=d.name, **kw)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def convert_any(base: str | Path, art, out: str | Path, **kw):
+    """`runtime.fold.convert_gguf` for a GGUF base, `convert_hf` for a Hugging Face checkpoint folder."""
+    from runtime.fold import convert_gguf
+    return convert_hf(base, art, out, **kw) if Path(base).is_dir() else convert_gguf(base, art, out, **kw)

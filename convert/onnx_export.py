@@ -45,7 +45,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .metadata import PREFIX, MetadataError, SafetyMeta
+from runtime.contract import PREFIX, MetadataError, SafetyMeta
 
 QUANTS = ("int8", "int4", "int8-dynamic")
 _HIDDEN_OP, _HIDDEN_DOMAIN = "KeepFloatGemm", "safechat.export"  # placeholder during int8 quantization
@@ -54,8 +54,8 @@ OPSET = 18
 
 def _gguf_kv(path: Path) -> tuple[dict[str, str], str | None, int]:
     """(safety.* as strings, chat template, n_vocab) straight from the GGUF; refuses other architectures."""
-    from .gguf_io import ConvertError, architecture, read_gguf
-    from .gguf_safe import SUPPORTED_ARCHITECTURES
+    from runtime.gguf_io import ConvertError, architecture, read_gguf
+    from runtime.fold import SUPPORTED_ARCHITECTURES
 
     r = read_gguf(path, "model")
     arch = architecture(r, str(path))
@@ -214,7 +214,7 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
     import onnx
     import torch
 
-    from train.llama_torch import FrozenLlama
+    from convert.llama_torch import FrozenLlama
 
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if quant is not None and quant not in QUANTS:

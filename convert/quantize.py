@@ -23,9 +23,9 @@ from pathlib import Path
 
 import gguf
 
-from .files import temp_beside
-from .gguf_io import ConvertError, read_gguf
-from .metadata import PREFIX, SPECIAL_TOKENS, STAMP_KEYS
+from runtime.files import temp_beside
+from runtime.gguf_io import ConvertError, read_gguf
+from runtime.contract import PREFIX, SPECIAL_TOKENS, STAMP_KEYS
 from .stamp import stamp_of, write_stamped
 
 # name -> llama_ftype attribute of llama_cpp
@@ -68,17 +68,16 @@ def _safety_fields(reader: gguf.GGUFReader) -> dict:
 def _llama_quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
     import llama_cpp as ll
 
-    from runtime.backends.llama import _init, _log_lines  # quiet llama.cpp logging, keep errors
+    from runtime.backends.llama import init_llama, llama_errors  # quiet llama.cpp logging, keep errors
 
-    _init()
+    mark = init_llama()
     params = ll.llama_model_quantize_default_params()
     params.ftype = getattr(ll, QTYPES[qtype])
     params.allow_requantize = True
     params.nthread = int(threads)
-    _log_lines.clear()
     rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        detail = "; ".join(_log_lines[-2:]) or f"code {rc}"
+        detail = "; ".join(llama_errors(mark)[-2:]) or f"code {rc}"
         raise ConvertError(f"llama.cpp could not quantize {src} to {qtype}: {detail}")
 
 

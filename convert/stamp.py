@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_output
-from .gguf_io import architecture, copied_fields, copied_tensors, read_gguf, scalar_kv, write_gguf
-from .metadata import STAMP_KEYS, VERIFICATION, VERIFIED
+from runtime.files import atomic_output
+from runtime.gguf_io import architecture, copied_fields, copied_tensors, read_gguf, scalar_kv, write_gguf
+from runtime.contract import STAMP_KEYS, VERIFICATION, VERIFIED
 
 
 def stamp_of(result, prompt_set: dict, bar: dict) -> dict[str, str]:

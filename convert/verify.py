@@ -36,7 +36,7 @@ from pathlib import Path
 
 import gguf
 
-from .metadata import PREFIX, MetadataError, SafetyMeta
+from runtime.contract import PREFIX, MetadataError, SafetyMeta
 
 PROMPTS_V1 = Path(__file__).with_name("verify_prompts_v1.json")
 PROMPTS = Path(__file__).with_name("verify_prompts_v2.json")   # the default
@@ -70,7 +70,7 @@ def _import_torch():
     except ImportError:
         raise VerifyError("verification needs torch for the reference model: pip install -e '.[train]' (or, for "
                           "quantize/onnx/gguf --quant, --no-verify: the file is written without a stamp)") from None
-    from train.llama_torch import FrozenLlama
+    from convert.llama_torch import FrozenLlama
     return torch, FrozenLlama
 
 
@@ -213,7 +213,7 @@ class ModelResult:
 
 def _open(model: Path, threads: int | None):
     """(model file, backend, safety meta, facts) for a GGUF (llama.cpp) or an .onnx (onnxruntime)."""
-    from convert.metadata import MetadataError
+    from runtime.contract import MetadataError
     from runtime.errors import ModelFileError
 
     mf = None

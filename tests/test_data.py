@@ -34,11 +34,11 @@ def test_fetch_wheel_checks_sha256(tmp_path):
 
 
 def test_fetch_wheel_download_failure_names_package(tmp_path, monkeypatch):
-    import convert.fetch
+    import runtime.fetch
 
     class Failed:
         returncode, stderr, stdout = 1, "no network", ""
-    monkeypatch.setattr(convert.fetch.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(runtime.fetch.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(RuntimeError, match="pyrit==1.1.0"):
         data.fetch_wheel("pyrit", "1.1.0", cache_dir=tmp_path)
 
@@ -127,7 +127,8 @@ def test_data_card_counts_add_up(examples):
 
 def test_main_writes_outputs(tmp_path, examples, monkeypatch, capsys):
     monkeypatch.setattr(data, "build_dataset", lambda seed, cache_dir: examples)
-    assert data.main(["--out", str(tmp_path)]) == 0
+    from train import data_card
+    assert data_card.main(["--out", str(tmp_path)]) == 0
     lines = (tmp_path / "dataset.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
     assert len(lines) == len(examples)
     card = json.loads((tmp_path / "data_card.json").read_text(encoding="utf-8"))

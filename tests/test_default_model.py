@@ -3,8 +3,8 @@ import gguf
 import pytest
 
 import runtime
-from convert.artifact import load_artifact
-from convert.metadata import KEYS, PREFIX
+from runtime.artifact import load_artifact
+from runtime.contract import KEYS, PREFIX
 from runtime.default_model import ASSET
 
 pytestmark = pytest.mark.slow

@@ -57,7 +57,7 @@ def cli_server(tiny_safe, tiny_base, tmp_path_factory):
     """`python -m runtime serve` on two tiny models: "tiny", and "strict" (a threshold that refuses all)."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    from convert.gguf_safe import convert_gguf
+    from runtime.fold import convert_gguf
     from tests.tiny_model import random_artifact
 
     strict = tmp_path_factory.mktemp("strict") / "strict.gguf"

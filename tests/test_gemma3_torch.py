@@ -6,8 +6,9 @@ torch = pytest.importorskip("torch")
 
 from tests.tiny_model import write_tiny_gemma3  # noqa: E402
 from train.cls_recipe import KVCache  # noqa: E402
-from train.gemma3_torch import FrozenGemma3  # noqa: E402
-from train.llama_torch import FrozenLlama, load_frozen  # noqa: E402
+from convert.gemma3_torch import FrozenGemma3  # noqa: E402
+from convert.llama_torch import FrozenLlama
+from convert.reference import load_frozen  # noqa: E402
 
 WINDOW = 8
 
@@ -69,7 +70,7 @@ def test_gemma3_cls_against_cached_keys_equals_the_token_appended(gemma, tmp_pat
 def test_prompts_use_the_file_s_template_or_gemma_turns_for_a_gemma3_file_without_one(gemma, tiny_base):
     from runtime.backends.llama import LlamaModelFile
     from tests.tiny_model import CHATML
-    from train.gemma3_torch import GEMMA_TURNS, prompt_template
+    from runtime.prompt import GEMMA_TURNS, prompt_template
     g, llama = LlamaModelFile(gemma[0], vocab_only=True), LlamaModelFile(tiny_base, vocab_only=True)
     assert (g.architecture, g.chat_template, prompt_template(g)) == ("gemma3", None, GEMMA_TURNS)
     assert (llama.architecture, prompt_template(llama)) == ("llama", CHATML)

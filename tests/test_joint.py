@@ -8,12 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from convert.artifact import load_artifact  # noqa: E402
-from convert.gguf_safe import ConvertError, convert_gguf  # noqa: E402
-from convert.merge import load_deltas, merge_gguf, save_deltas  # noqa: E402
+from runtime.artifact import load_artifact  # noqa: E402
+from runtime.fold import ConvertError, convert_gguf  # noqa: E402
+from runtime.merge import load_deltas, merge_gguf, save_deltas  # noqa: E402
 from train.joint import CHECKPOINT, JointSeq, hidden, layout, score, train_joint  # noqa: E402
 from train.joint_data import generate, prepare, save_prep  # noqa: E402
-from train.llama_torch import FrozenLlama  # noqa: E402
+from convert.llama_torch import FrozenLlama  # noqa: E402
 from train.lora import LoRA  # noqa: E402
 
 WORDS = ["the", "a", "sun", "rain", "tree", "hill", "road", "lamp", "book", "door"]
@@ -146,7 +146,7 @@ def test_merge_adds_deltas_and_copies_the_rest(tiny_base, tmp_path):
 
 
 def test_merge_keep_requantizes_in_the_tensors_own_type(tmp_path):
-    from convert.gguf_io import copied_fields, write_gguf
+    from runtime.gguf_io import copied_fields, write_gguf
     from tests.tiny_model import write_tiny_base
     src = gguf.GGUFReader(str(write_tiny_base(tmp_path / "f32.gguf")))
     q8 = gguf.GGMLQuantizationType.Q8_0

@@ -11,7 +11,7 @@ from train.joint import (CHECKPOINT, JointSeq, expanded_len, hidden, hidden_uppe
                          train_joint)
 from train.joint_cache import LowerStates, compute_lower, lower_states  # noqa: E402
 from train.joint_data import _inside, _second_turn, _two_turn, load_sequences, save_sequences  # noqa: E402
-from train.llama_torch import FrozenLlama  # noqa: E402
+from convert.llama_torch import FrozenLlama  # noqa: E402
 from train.lora import LoRA  # noqa: E402
 
 

@@ -9,7 +9,7 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("torch")
 
 import runtime  # noqa: E402
-from convert.metadata import MetadataError  # noqa: E402
+from runtime.contract import MetadataError  # noqa: E402
 from convert.onnx_export import export_onnx  # noqa: E402
 from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import ll  # noqa: E402

@@ -1,7 +1,7 @@
 """Chat template rendering, prefill handling and special-token injection."""
 import pytest
 
-from convert.metadata import CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN
+from runtime.contract import CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN
 from runtime.backends.llama import LlamaModelFile
 from runtime.errors import MessagesError
 from runtime.prompt import build_prompt, normalize_messages, prompt_tokens

@@ -10,7 +10,7 @@ from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import LlamaBackend, LlamaModelFile  # noqa: E402
 from train.cls_recipe import (Encoded, KVCache, auroc, calibrate, encode, score_gguf,  # noqa: E402
                                shared_prefixes, train_cls)  # noqa: E402
-from train.llama_torch import FrozenLlama  # noqa: E402
+from convert.llama_torch import FrozenLlama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_kv_cache_computes_a_shared_prefix_once_and_gives_every_sequence_its_own
 
 def test_cls_recipe_learns_and_scores_through_the_converted_file(frozen, tiny_base, tmp_path):
     """Label 1 = the prompt mentions 'qz'; trained rows, folded into a GGUF, separate in llama.cpp."""
-    from convert.artifact import Artifact
-    from convert.gguf_safe import convert_gguf
+    from runtime.artifact import Artifact
+    from runtime.fold import convert_gguf
     mf = LlamaModelFile(tiny_base)
     rng = random.Random(0)
     words = ["the", "a", "sun", "rain", "tree", "hill", "road", "lamp", "book", "door"]

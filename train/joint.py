@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .cls_recipe import pack_batches
-from .llama_torch import FrozenLlama
+from convert.llama_torch import FrozenLlama
 from .lora import LoRA
 
 IGNORE = -100

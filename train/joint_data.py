@@ -32,7 +32,7 @@ from runtime.prompt import build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
-from .llama_torch import FrozenLlama
+from convert.llama_torch import FrozenLlama
 
 PREP_VERSION = 1
 REFUSAL = "I can't help with that."

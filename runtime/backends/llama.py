@@ -14,13 +14,13 @@ from pathlib import Path
 
 import llama_cpp as ll
 
-from convert.metadata import PREFIX, SafetyMeta
+from runtime.contract import PREFIX, SafetyMeta
 
 from ..errors import ModelFileError, ParameterError
 from .base import Sampling, TokensFromFile, check_prompt, side_tokens
 
 try:  # the native module built from cpp_ext/ by pip install
-    from runtime import _native
+    import runtime._native as _native  # the compiled module itself, not the package API
 except ImportError:  # pragma: no cover - only when the package was not installed with pip
     _native = None
 
@@ -34,6 +34,18 @@ def _log(level, text, user_data):  # keep llama.cpp quiet; remember errors for m
     if level >= 4 and text:  # GGML_LOG_LEVEL_ERROR == 4
         _log_lines.append(text.decode("utf-8", "replace").strip())
         del _log_lines[:-20]
+
+
+def llama_errors(since: int = 0) -> list[str]:
+    """llama.cpp's error lines logged since the `since`-th (the last 20 are kept), for error messages."""
+    return list(_log_lines[since:])
+
+
+def init_llama() -> int:
+    """Initialise llama.cpp once per process, its logging quiet except errors (kept for messages);
+    returns the current error-line count, to pass to `llama_errors` after a call that may fail."""
+    _init()
+    return len(_log_lines)
 
 
 def _init():

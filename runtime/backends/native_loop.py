@@ -15,7 +15,7 @@ import math
 import llama_cpp.llama_cpp as llc
 
 try:
-    from runtime import _native
+    import runtime._native as _native  # the compiled module itself, not the package API
 except ImportError:  # pragma: no cover - only when the package was not installed with pip
     _native = None
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.metadata import PREFIX, SIDE_TOKEN_IDS, SafetyMeta
+from runtime.contract import PREFIX, SIDE_TOKEN_IDS, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
 from .base import Sampling, TokensFromFile, check_prompt, side_tokens
 from .llama import LlamaModelFile, p_unsafe_from_logits, row_stats_py
 
 try:  # the native module built from cpp_ext/ by pip install
-    from runtime import _native
+    import runtime._native as _native  # the compiled module itself, not the package API
 except ImportError:  # pragma: no cover
     _native = None
 

@@ -159,7 +159,7 @@ def merge_plan(reader: gguf.GGUFReader, card: dict, deltas: Deltas | None, where
         if declared:
             raise ConvertError(f"the artifact carries weight deltas ({declared.get('file', DELTAS)}, "
                                f"{declared.get('tensors', '?')} tensors) that must be merged with it: pass "
-                               "deltas=convert.merge.load_deltas(ARTIFACT_DIR)")
+                               "deltas=runtime.merge.load_deltas(ARTIFACT_DIR)")
         return {}
     if declared and declared.get("sha256") and declared["sha256"] != deltas.sha256:
         raise ConvertError("the weight deltas do not belong to this artifact (sha256 differs from its card)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .metadata import valid_answer_threshold
+from .contract import valid_answer_threshold
 
 TENSORS = "safety.safetensors"
 CARD = "card.json"

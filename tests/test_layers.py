@@ -1,0 +1,55 @@
+"""The layering of docs/design.md holds: import-linter's contracts (pyproject.toml) and no import
+circle inside a package (function-level imports included: grimp reads every import statement)."""
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+PACKAGES = ("runtime", "convert", "train", "bench")
+
+
+def test_import_linter_contracts_hold():
+    importlinter = pytest.importorskip("importlinter")
+    from importlinter.cli import lint_imports
+    assert importlinter and lint_imports(config_filename="pyproject.toml") == 0  # 0: every contract kept
+
+
+def _cycles(graph, package: str) -> list[list[str]]:
+    """Import circles among the modules of one package (each found once, as a list of modules)."""
+    mods = sorted(m for m in graph.modules if m == package or m.startswith(package + "."))
+    def real(m, d):  # `import runtime._native`: the compiled extension, which grimp can only place on its package
+        details = graph.get_import_details(importer=m, imported=d) if hasattr(graph, "get_import_details") else []
+        return not details or not all("._native" in x["line_contents"] for x in details)
+    edges = {m: sorted(d for d in graph.find_modules_directly_imported_by(m) if d in mods and real(m, d))
+             for m in mods}
+    found, state, stack = [], {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in edges[m]:
+            if state.get(d) == 1:
+                found.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+    for m in mods:
+        if m not in state:
+            visit(m)
+    return found
+
+
+def test_no_import_circle_inside_a_package():
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph(*PACKAGES)
+    circles = {p: _cycles(graph, p) for p in PACKAGES}
+    assert not any(circles.values()), circles
+
+
+def test_the_circle_finder_finds_one():
+    class Graph:  # a -> b -> c -> a
+        modules = {"p", "p.a", "p.b", "p.c"}
+
+        def find_modules_directly_imported_by(self, m):
+            return {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}}.get(m, set())
+    assert _cycles(Graph(), "p") == [["p.a", "p.b", "p.c", "p.a"]]
