@@ -19,7 +19,7 @@ The cache is sequence-major ([1, P, Hkv, hd]) so that `cache[:, :P]` of a preall
 [1, n_ctx, Hkv, hd] buffer is a contiguous view: the runtime feeds it without copying and
 writes only the T new rows per step. A check is one call with [token, CLS] (T=2,
 logits_index=0): row 0 gives the next-token logits, row 1 (the [CLS]) the verdict; the
-caller simply does not keep the [CLS]'s key/value row (DESIGN.md section 3).
+caller simply does not keep the [CLS]'s key/value row (docs/design.md section 3).
 
 Rotary embeddings are llama.cpp's interleaved pairs on GGUF's permuted Q/K weights (as in
 train/llama_torch.py). Metadata_props: the `safety.*` keys (convert/metadata.py),

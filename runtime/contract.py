@@ -1,4 +1,4 @@
-"""The `safety.*` metadata contract (DESIGN.md section 2), shared by convert and runtime.
+"""The `safety.*` metadata contract (docs/design.md section 2), shared by the runtime, convert and train.
 
 Torch-free and dependency-free: the runtime imports it to read a model file.
 """

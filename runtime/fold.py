@@ -1,4 +1,4 @@
-"""Base GGUF + safety artifact -> safe GGUF (DESIGN.md section 2), with gguf-py only.
+"""Base GGUF + safety artifact -> safe GGUF (docs/design.md section 2), with gguf-py only.
 
 Three control tokens are appended to the vocabulary: `<|safety|>` ([CLS]), `<|safe|>`,
 `<|unsafe|>` (an artifact with K chained side rows puts K-1 `<|safety_side_i|>` tokens before

@@ -1,4 +1,4 @@
-"""The frozen-LM `cls` recipe (DESIGN.md section 4): learn the [CLS] input row and two head rows.
+"""The frozen-LM `cls` recipe (docs/design.md section 4): learn the [CLS] input row and two head rows.
 
 Strategic attention makes this cheap: nothing attends to [CLS], so the context's keys and
 values do not depend on it. Each training sequence is run through the frozen model once

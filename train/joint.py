@@ -1,9 +1,9 @@
-"""The paper's `joint` recipe (DESIGN.md section 4): LoRA + [CLS] row + head, one loss.
+"""The paper's `joint` recipe (docs/design.md section 4): LoRA + [CLS] row + head, one loss.
 
 loss = LM loss on response tokens + lambda * class-balanced cross-entropy of the [CLS] head
 (two logits, i.e. a binary BCE) at several [CLS] positions per sequence.
 
-Strategic attention, laid out exactly as the runtime computes it (DESIGN.md section 3): a
+Strategic attention, laid out exactly as the runtime computes it (docs/design.md section 3): a
 [CLS] placed after `tokens[:p]` is inserted into the sequence right after token p-1, gets
 rotary position p, and the real token after it keeps position p too; the 4D mask lets a
 [CLS] row see every real token before it and itself, and hides every [CLS] column from every

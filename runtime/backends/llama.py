@@ -2,7 +2,7 @@
 
 Per check step one decode holds two positions, `[token at n, [CLS] at n+1]`, with logits
 for both rows; row 0 feeds the sampler, row 1 gives the verdict, then the [CLS] cell is
-removed from the KV cache so the next token takes position n+1 (DESIGN.md section 3).
+removed from the KV cache so the next token takes position n+1 (docs/design.md section 3).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Same `Backend` interface and the same per-check step as the llama.cpp backend: o
 decodes `[token at n, [CLS] at n+1]` with `logits_index=0`; `logits` (row 0 only) feeds the
 sampler and `safety_logits` (the [CLS] row's hidden state against the two head rows only,
 no vocabulary projection) gives the verdict. The [CLS]'s key/value row is simply not
-written back, so the next token takes position n+1 (DESIGN.md section 3).
+written back, so the next token takes position n+1 (docs/design.md section 3).
 
 The KV cache is ours: per layer a preallocated `[1, n_ctx, Hkv, hd]` float32 buffer for
 keys and one for values. The graph takes the contiguous view `buf[:, :n]` (bound with
