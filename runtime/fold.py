@@ -95,15 +95,31 @@ def check_compatible(reader: gguf.GGUFReader, art: Artifact, where: str, *, forc
             "strip": strip}
 
 
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def _as_f16(name: str, data, qtype, shape) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A tensor's values as F16 (F32 tensors, the norms, stay F32); the same numbers llama.cpp's own
+    F16 quantization would write from this source: dequantized to float32, rounded to float16."""
+    if qtype in _FLOAT_TYPES:
+        return data, qtype
+    return gguf.quants.dequantize(np.asarray(data), qtype).astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
 def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: bool = True,
-                 force: bool = False, deltas=None, base_name: str | None = None) -> SafetyMeta:
+                 force: bool = False, deltas=None, base_name: str | None = None,
+                 weights: str | None = None) -> SafetyMeta:
     """Write the safe model to `out` atomically (temp file + rename). Returns its metadata.
 
     `base` is a GGUF (a Hugging Face checkpoint folder goes through `convert.hf_import.convert_any`,
     the offline converter). A base that is already a safe model is refused unless `force`: then its
     safety tokens, rows and `safety.*` metadata (a verification stamp included) are replaced by this
-    artifact's.
+    artifact's. `weights="F16"` stores every quantized tensor as F16 (the [CLS] and head rows too, unrounded):
+    llama.cpp then computes in float, as the reference does, instead of quantizing activations to 8 bits
+    (the default model's precision was chosen so: docs/results/default.md, *Precision*).
     """
+    if weights not in (None, "F16"):
+        raise ConvertError(f"weights must be None (the base's own types) or 'F16', got {weights!r}")
     if deltas is None and art.source is not None and art.card.get("deltas"):
         deltas = load_deltas(art.source)  # joint recipe: the artifact's own weight deltas
     if Path(base).is_dir():
@@ -146,14 +162,20 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
 
     tensors = []
     for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            data, qtype = _append_rows(t, emb_rows, n_vocab)
-        elif t.name == "output.weight" and out_rows is not None:
-            data, qtype = _append_rows(t, out_rows, n_vocab)
+        extra = emb_rows if t.name == "token_embd.weight" else out_rows if t.name == "output.weight" else None
+        if extra is not None and weights == "F16":  # dequantize the base rows, append ours unrounded
+            base_rows = np.asarray(t.data).reshape(int(t.shape[1]), -1)[:n_vocab]
+            full = base_rows if t.tensor_type in _FLOAT_TYPES else gguf.quants.dequantize(base_rows, t.tensor_type)
+            data, qtype = np.concatenate([full.astype(np.float32), extra]).astype(np.float16), \
+                gguf.GGMLQuantizationType.F16
+        elif extra is not None:
+            data, qtype = _append_rows(t, extra, n_vocab)
         elif t.name in merged:
             data, qtype = merged[t.name]
         else:
             data, qtype = t.data, t.tensor_type
+        if weights == "F16":
+            data, qtype = _as_f16(t.name, data, qtype, t.shape)
         tensors.append((t.name, data, qtype))
     write_gguf(out, arch, kv, tensors, progress=progress)
     return meta

@@ -53,6 +53,15 @@ def test_benign_question_is_answered(model, question):
     assert r.safety.checks >= 2 and r.safety.answer_threshold == 0.999999
 
 
+def test_the_first_question_a_user_asks_is_answered_right(model):
+    """The default is stored as F16 because the Q4_1 base answered this with "L'Étoile, la Marseillaise, ...":
+    llama.cpp's quantized CPU matmuls also quantize activations, and a 135M model feels it."""
+    assert model.path.name.endswith("-F16.gguf")
+    r = model.chat("What is the capital of France?", max_tokens=24, temperature=0)
+    assert r.text.startswith("The capital of France is Paris"), r.text
+    assert not r.refused
+
+
 @pytest.mark.parametrize("request_text", REQUESTS)
 def test_harmful_request_is_refused(model, request_text):
     r = model.chat(request_text, max_tokens=48)
@@ -88,7 +97,9 @@ def test_first_use_builds_into_a_fresh_cache_atomically(tmp_path, monkeypatch):
 
 
 def test_one_pass_scoring_equals_the_runtimes_checks_on_the_default_model(model):
-    """train's score_gguf path (LlamaBackend.verdicts) gives the verdicts generation computes, bit for bit."""
+    """train's score_gguf path (LlamaBackend.verdicts) gives the verdicts generation computes, up to float
+    rounding: bit for bit on the Q4_1 file (llama.cpp quantizes each activation row to 8 bits, whatever the
+    batch), within 5e-3 on the F16 default (its float matmuls accumulate in a batch-size-dependent order)."""
     from runtime.backends.base import Sampling
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
     from runtime.prompt import build_prompt, prompt_tokens
@@ -105,7 +116,7 @@ def test_one_pass_scoring_equals_the_runtimes_checks_on_the_default_model(model)
             p = be.advance(t, check=len(prompt) + i + 1 in positions)
             if p is not None:
                 stepped.append(p)
-        assert be.verdicts(prompt + ans, positions) == stepped
+        assert be.verdicts(prompt + ans, positions) == pytest.approx(stepped, abs=5e-3)
     be.close()
 
 
