@@ -265,7 +265,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         sched.load_state_dict(st["sched"])
         start, history = st["step"], st["history"]
         log(f"resumed from {ckpt} at step {start}/{steps}" + (
-            f" (extended from {st['config']['steps']})" if st["config"]["steps"] != steps else ""))
+            f" (the run had planned {st['config']['steps']})" if st["config"]["steps"] != steps else ""))
     n_pos = sum(sum(s.labels()) for s in seqs)
     n_all = sum(len(s.cls_at) for s in seqs)
     class_w = torch.tensor([n_all / (2.0 * max(n_all - n_pos, 1)), n_all / (2.0 * max(n_pos, 1))], device=dev)

@@ -53,7 +53,7 @@ class LowerStates:
         out = torch.zeros(len(idx), width, self.states.shape[1])
         for r, i in enumerate(idx):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            out[r, :b - a] = torch.from_numpy(np.asarray(self.states[a:b]))
+            out[r, :b - a] = torch.from_numpy(np.array(self.states[a:b]))  # a copy: the file is mapped read-only
         return out
 
     def save(self, out_dir: Path) -> Path:
