@@ -19,8 +19,9 @@ import time
 
 
 def _variant(text: str) -> tuple[int, float, bool]:
-    first, frac, *dtype = text.split(":") + ([] if ":" in text else ["1.0"])
-    return int(first), float(frac or 1.0), bool(dtype and dtype[0] == "bf16")
+    parts = text.split(":")  # FIRST_LAYER[:LM_SAMPLE[:bf16]]
+    frac = float(parts[1]) if len(parts) > 1 and parts[1] else 1.0
+    return int(parts[0]), frac, len(parts) > 2 and parts[2] == "bf16"
 
 
 def main(argv=None) -> int:

@@ -98,7 +98,7 @@ def check_compatible(reader: gguf.GGUFReader, art: Artifact, where: str, *, forc
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def _as_f16(name: str, data, qtype, shape) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _as_f16(data, qtype) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """A tensor's values as F16 (F32 tensors, the norms, stay F32); the same numbers llama.cpp's own
     F16 quantization would write from this source: dequantized to float32, rounded to float16."""
     if qtype in _FLOAT_TYPES:
@@ -175,7 +175,7 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
         else:
             data, qtype = t.data, t.tensor_type
         if weights == "F16":
-            data, qtype = _as_f16(t.name, data, qtype, t.shape)
+            data, qtype = _as_f16(data, qtype)
         tensors.append((t.name, data, qtype))
     write_gguf(out, arch, kv, tensors, progress=progress)
     return meta

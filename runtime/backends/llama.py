@@ -349,12 +349,16 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         from .native_loop import FusedLoop
         return FusedLoop(self, policy, threshold, max_tokens, n_prompt, streak)
 
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ParameterError unless llama.cpp parses `grammar` (GBNF with a `root` rule)."""
+    def _grammar_sampler(self, grammar: str):
+        """llama.cpp's grammar sampler for `grammar` (GBNF with a `root` rule); ParameterError if it does not parse."""
         g = ll.llama_sampler_init_grammar(self.mf.vocab, grammar.encode("utf-8"), b"root")
         if not g:
             raise ParameterError("llama.cpp could not parse the grammar (its log says where)")
-        ll.llama_sampler_free(g)
+        return g
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ParameterError unless llama.cpp parses `grammar` (before a generation, not inside it)."""
+        ll.llama_sampler_free(self._grammar_sampler(grammar))
 
     def _make_sampler(self, s: Sampling) -> None:
         if self.sampler is not None:
@@ -367,11 +371,12 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
                 bias[i].token, bias[i].bias = tok, float("-inf")
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, n, bias))
         if s.grammar is not None:  # after the safety mask: the grammar only ever sees ordinary tokens
-            g = ll.llama_sampler_init_grammar(self.mf.vocab, s.grammar.encode("utf-8"), b"root")
-            if not g:
+            try:
+                g = self._grammar_sampler(s.grammar)
+            except ParameterError:
                 ll.llama_sampler_free(chain)
                 self.sampler = None
-                raise ParameterError("llama.cpp could not parse the grammar (see its log above)")
+                raise
             ll.llama_sampler_chain_add(chain, g)
         if s.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(

@@ -113,7 +113,6 @@ class FusedLoop:
             patience=policy.patience if enabled else 1, max_tokens=max_tokens, streak=streak, last_covered=0)
         # the tokens in the cache cells, kept in step with the C loop's decodes (prefix reuse, next turn)
         self._cells = list(backend._cells) if backend._cells is not None else None
-        self._n_prompt = n_prompt
         backend._cells = None  # unknown while the C loop runs
 
     def run(self):
