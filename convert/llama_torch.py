@@ -28,6 +28,32 @@ import torch
 import torch.nn.functional as F
 
 
+class DecodeCache:
+    """Preallocated per-layer keys/values for incremental decoding.
+
+    `forward(..., past=cache)` writes each layer's new keys/values into the buffer in place and
+    attends to a view of it, so a decoding step costs no copy of the past (a list of (k, v) pairs
+    is concatenated, i.e. copied, at every step). The buffers are (B, H_kv, capacity, hd), the
+    layout attention reads, so the views need no transpose copy either.
+    """
+
+    def __init__(self, n_layer: int, batch: int, capacity: int, n_head_kv: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        shape = (n_layer, batch, n_head_kv, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.n = 0  # positions filled
+
+    def write(self, j: int, k: torch.Tensor, v: torch.Tensor):
+        """Store layer j's new (B, S, H_kv, hd) keys/values after the filled ones; (k, v) views of all."""
+        n, S = self.n, k.shape[1]
+        if n + S > self.k.shape[3]:
+            raise ValueError(f"DecodeCache holds {self.k.shape[3]} positions; {n} + {S} do not fit")
+        self.k[j, :, :, n:n + S] = k.transpose(1, 2)
+        self.v[j, :, :, n:n + S] = v.transpose(1, 2)
+        return self.k[j, :, :, :n + S].transpose(1, 2), self.v[j, :, :, :n + S].transpose(1, 2)
+
+
 @dataclass(frozen=True)
 class Config:
     n_layer: int
@@ -182,7 +208,7 @@ class FrozenLlama:
                  before it; the hidden state returned is the last one's.
         ctx_kv:  (n_layer, 2, Q, L, n_head_kv, head_dim) padded context keys/values, one per query
                  (fastest when its memory is laid out (n_layer, 2, Q, n_head_kv, L, head_dim), as
-                 `KVCache.gather` returns it). The [CLS] is read after as many layers as it holds (output
+                 `train.cls_recipe.KVCache.gather` returns it). The [CLS] is read after as many layers as it holds (output
                  norm applied): the first n layers' keys/values read it after layer n, a measurement of
                  where the signal lives (`bench cls_variants --read-layers`; files and backends read the last).
         ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
@@ -241,8 +267,9 @@ class FrozenLlama:
               of the token after it, as the runtime's side [CLS] has);
         mask: (B, 1, S, P + S) bool, True where a row may attend; None = plain causal (no past);
         lin:  optional `lin(name, h, W)` replacing `h @ W.T` (LoRA adapters);
-        past: optional per-layer (k, v), each (B, P, n_head_kv, head_dim), prepended to the keys;
-        kv:   with keep_kv, the per-layer (k, v) including past (else None);
+        past: optional per-layer (k, v), each (B, P, n_head_kv, head_dim), prepended to the keys,
+              or a `DecodeCache`, written in place (P = its filled length; it is advanced by S);
+        kv:   with keep_kv, the per-layer (k, v) including past, or the DecodeCache (else None);
         layers: run only these layers (default: all). x is then the residual stream entering the
               first of them, and the output norm is applied only when the range ends at the last
               layer; otherwise the raw residual stream after the range is returned (the joint
@@ -251,15 +278,18 @@ class FrozenLlama:
         """
         c = self.cfg
         layers = range(c.n_layer) if layers is None else layers
+        cache = past if isinstance(past, DecodeCache) else None
         kv = [] if keep_kv else None
-        P = 0 if past is None else past[0][0].shape[1]
+        P = cache.n if cache is not None else 0 if past is None else past[0][0].shape[1]
         k_pos = pos if past is None else torch.cat([torch.arange(P, device=pos.device).expand(len(pos), P), pos], 1)
         for j, i in enumerate(layers):
             h = self._norm(x, f"blk.{i}.attn_norm.weight")
             q, k, v = self._qkv(i, h, pos, lin)
-            if past is not None:
+            if cache is not None:
+                k, v = cache.write(j, k, v)
+            elif past is not None:
                 k, v = torch.cat([past[j][0], k], 1), torch.cat([past[j][1], v], 1)
-            if keep_kv:
+            if keep_kv and cache is None:
                 kv.append((k, v))
             m, win = mask, self._window_mask(i, pos, k_pos)  # past rows are positions 0 .. P-1
             if win is not None:
@@ -269,6 +299,9 @@ class FrozenLlama:
                                                  attn_mask=m, is_causal=m is None, enable_gqa=True)
             x = self._attn_out(i, x, att.transpose(1, 2).flatten(-2), lin)
             x = self._mlp(i, x, lin)
+        if cache is not None:
+            cache.n += x.shape[1]
+            kv = cache if keep_kv else None
         if layers.stop < c.n_layer:
             return x, kv
         return self._norm(x, "output_norm.weight"), kv

@@ -10,8 +10,9 @@ inputs   input_ids      int64 [1, T]
          past_key_{i}   float32 [1, P, Hkv, hd] per layer i (rotated keys), P may be 0
          past_value_{i} float32 [1, P, Hkv, hd]
 outputs  logits         float32 [1, n_vocab]    row `logits_index` only (one vocabulary projection)
-         safety_logits  float32 [1, 2]          [safe, unsafe] from the LAST row's final hidden
-                                                state dotted with the two head rows only
+         safety_logits  float32 [1, 2 + C]      [safe, unsafe, *category rows] from the LAST row's
+                                                final hidden state dotted with those head rows only
+                                                (C = categories + controversial; 0 without a category head)
          key_{i}        float32 [1, T, Hkv, hd] the NEW keys/values only; the caller owns the
          value_{i}                              cache and writes them in place
 
@@ -73,7 +74,7 @@ def _gguf_kv(path: Path) -> tuple[dict[str, str], str | None, int]:
     return kv, (tmpl.contents() if tmpl is not None else None), n_vocab
 
 
-def build_module(fl, safe_id: int, unsafe_id: int):
+def build_module(fl, safe_id: int, unsafe_id: int, category_ids: tuple[int, ...] = ()):
     """A torch module over FrozenLlama's weights with the I/O described in the module docstring."""
     import torch
     import torch.nn.functional as F
@@ -89,7 +90,7 @@ def build_module(fl, safe_id: int, unsafe_id: int):
             P = lambda t: torch.nn.Parameter(t.contiguous(), requires_grad=False)  # noqa: E731
             self.embd = P(w["token_embd.weight"])
             out = fl.output_matrix()
-            self.head = P(out[[safe_id, unsafe_id]].clone())                  # [2, D]
+            self.head = P(out[[safe_id, unsafe_id, *category_ids]].clone())   # [2 + C, D]
             self.out_w = self.embd if fl.tied else P(out)                      # [V, D], tied: shared
             self.out_norm = P(w["output_norm.weight"])
             self.layers = torch.nn.ModuleList()
@@ -140,7 +141,7 @@ def build_module(fl, safe_id: int, unsafe_id: int):
                 x = x + (F.silu(h @ m.ffn_gate) * (h @ m.ffn_up)) @ m.ffn_down
             hid = self._norm(x, self.out_norm)[0]                                      # [T, D]
             logits = F.linear(hid.index_select(0, logits_index), self.out_w)           # [1, V]
-            safety = F.linear(hid[-1:], self.head)                                     # [1, 2]
+            safety = F.linear(hid[-1:], self.head)                                     # [1, 2 + C]
             return (logits, safety, *new_kv)
 
     return SafeDecoder().eval()
@@ -232,7 +233,7 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
     c = fl.cfg
     say(f"read {gguf_path.name}: {c.n_layer} layers, width {c.n_embd}, vocab {c.n_vocab} "
         f"({time.perf_counter() - t0:.1f}s)")
-    module = build_module(fl, meta.safe_token_id, meta.unsafe_token_id)
+    module = build_module(fl, meta.safe_token_id, meta.unsafe_token_id, meta.category_ids)
     del fl
     ins, outs = io_names(c.n_layer)
     P0 = 3  # trace with 3 cached positions and T=2 ([token, CLS])

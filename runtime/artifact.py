@@ -31,6 +31,15 @@ class Artifact:
     head: np.ndarray           # (2, D): [benign, malicious]
     card: dict
     source: Path | None = field(default=None, compare=False)  # the directory it was loaded from
+    # optional (issue 24): harm-category rows (C, D), one per card["categories"]["names"], and the
+    # controversial-tier row (1, D); read at the same [CLS] position as `head`
+    category_head: np.ndarray | None = None
+    controversial_head: np.ndarray | None = None
+
+    @property
+    def categories(self) -> list[str]:
+        """The category names, in row order ([] without a category head)."""
+        return list(self.card.get("categories", {}).get("names", [])) if self.category_head is not None else []
 
     @property
     def hidden_size(self) -> int:
@@ -55,14 +64,20 @@ class Artifact:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.cls_embedding, np.float32).tobytes())
         h.update(np.ascontiguousarray(self.head, np.float32).tobytes())
+        for extra in (self.category_head, self.controversial_head):  # absent: the digest is what it was
+            if extra is not None:
+                h.update(np.ascontiguousarray(extra, np.float32).tobytes())
         h.update(json.dumps(self.card, sort_keys=True).encode())
         return h.hexdigest()
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({"cls_embedding": self.cls_embedding.astype(np.float32),
-                   "head": self.head.astype(np.float32)}, str(d / TENSORS))
+        tensors = {"cls_embedding": self.cls_embedding.astype(np.float32), "head": self.head.astype(np.float32)}
+        if self.category_head is not None:
+            tensors["category_head"] = self.category_head.astype(np.float32)
+            tensors["controversial_head"] = self.controversial_head.astype(np.float32)
+        save_file(tensors, str(d / TENSORS))
         (d / CARD).write_text(json.dumps(self.card, indent=2, sort_keys=True) + "\n")
         return d
 
@@ -84,6 +99,17 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{d}: card.json has no calibrated threshold in (0, 1)")
     if card.get("answer_threshold") is not None and not valid_answer_threshold(float(card["answer_threshold"])):
         raise ArtifactError(f"{d}: card.json's answer_threshold must be in (0, 1) or inf")
-    if not (np.isfinite(cls_row).all() and np.isfinite(head).all()):
+    if not all(np.isfinite(v).all() for v in t.values()):
         raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
-    return Artifact(cls_row.astype(np.float32), head.astype(np.float32), card, source=d)
+    cats, tier = t.get("category_head"), t.get("controversial_head")
+    if (cats is None) != (tier is None):
+        raise ArtifactError(f"{d}: category_head and controversial_head come together")
+    if cats is not None:
+        names = card.get("categories", {}).get("names")
+        D = cls_row.shape[-1]
+        if not isinstance(names, list) or cats.shape != (len(names), D) or tier.shape != (1, D):
+            raise ArtifactError(f"{d}: category_head must be (C, {D}) for the C names in card.json's categories "
+                                f"and controversial_head (1, {D})")
+        cats, tier = cats.astype(np.float32), tier.astype(np.float32)
+    return Artifact(cls_row.astype(np.float32), head.astype(np.float32), card, source=d,
+                    category_head=cats, controversial_head=tier)

@@ -20,6 +20,18 @@ def _answer_threshold(text: str) -> float:
     return math.inf if text.lower() in ("never", "inf") else float(text)
 
 
+def _add_category_rules(p) -> None:
+    """The per-app rules over a model's category head (SafetyPolicy.allow / block / controversial)."""
+    p.add_argument("--allow", action="append", default=[], metavar="CATEGORY",
+                   help="answer a flagged request the category head confidently puts in CATEGORY (repeatable; "
+                        "e.g. specialised_advice for a pharmacy assistant)")
+    p.add_argument("--block", action="append", default=[], metavar="CATEGORY",
+                   help="refuse requests the category head confidently puts in CATEGORY even when the safety "
+                        "verdict clears them (repeatable; e.g. self_harm for a children's app)")
+    p.add_argument("--controversial", choices=("strict", "loose"), default="strict",
+                   help="loose: answer flagged requests of the controversial tier (default strict)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m runtime", description="Local chat with an explicit safety signal")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -54,6 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="a system message for the conversation")
     c.add_argument("--allow-unverified", action="store_true",
                    help="load a file whose verification stamp says it failed (convert verify)")
+    _add_category_rules(c)
     pl = sub.add_parser("plot", help="answer QUESTION and draw its p_unsafe trace as a PNG (needs matplotlib)")
     pl.add_argument("question")
     pl.add_argument("--prefill", help="an assistant prefill the model continues (e.g. 'Sure, here is')")
@@ -78,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="reject larger request bodies")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait per model while it answers "
                    "one; more get HTTP 503 with Retry-After (default 8)")
+    _add_category_rules(s)
     return ap
 
 
@@ -109,11 +123,12 @@ def cmd_serve(args) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     specs = _parse_models(args.model)
+    policy = SafetyPolicy(allow=args.allow, block=args.block, controversial=args.controversial)
     if specs:
-        models = {name: load(path, threads=args.threads, allow_unverified=args.allow_unverified)
+        models = {name: load(path, threads=args.threads, allow_unverified=args.allow_unverified, safety=policy)
                   for name, path in specs.items()}
     else:
-        models = {DEFAULT_SERVE_NAME: load(threads=args.threads)}
+        models = {DEFAULT_SERVE_NAME: load(threads=args.threads, safety=policy)}
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -171,7 +186,8 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
     safety = "off" if args.no_safety else SafetyPolicy(
         every=args.every, patience=args.patience, action=args.action, max_gap=args.max_gap,
         threshold=args.threshold, answer_threshold=args.answer_threshold,
-        entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger, sentence_ends=args.sentence_ends)
+        entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger, sentence_ends=args.sentence_ends,
+        allow=args.allow, block=args.block, controversial=args.controversial)
     model = load(args.model, threads=args.threads, safety=safety, allow_unverified=args.allow_unverified)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.question is not None:

@@ -21,6 +21,19 @@ MAX_CHECK_TOKENS = 16  # side tokens + [CLS] (cpp_ext/loop.c MAX_SIDE)
 
 def side_token_name(i: int) -> str:
     return f"<|safety_side_{i}|>"
+
+
+# optional (issue 24): a harm-category head read at the same [CLS] position. The names (JSON list, row
+# order; the last is usually "none"), their token ids, per-category thresholds (JSON lists), and the
+# controversial-tier token and threshold. A file without them loads and behaves as before; a runtime
+# that does not know them ignores them (the tokens are ordinary control tokens).
+CATEGORIES, CATEGORY_TOKEN_IDS, CATEGORY_THRESHOLDS = "categories", "category_token_ids", "category_thresholds"
+CONTROVERSIAL_TOKEN_ID, CONTROVERSIAL_THRESHOLD = "controversial_token_id", "controversial_threshold"
+CONTROVERSIAL_TOKEN = "<|safety_controversial|>"
+
+
+def category_token_name(name: str) -> str:
+    return f"<|safety_cat_{name}|>"
 KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "threshold",
         "base_model", "trained_with", "metrics")
 # optional: the threshold for the checks after the prompt (inside the answer); absent = `threshold`,
@@ -68,11 +81,22 @@ class SafetyMeta:
     metrics: dict = field(default_factory=dict)
     answer_threshold: float | None = None
     side_token_ids: tuple[int, ...] = ()
+    categories: tuple[str, ...] = ()
+    category_token_ids: tuple[int, ...] = ()
+    category_thresholds: tuple[float, ...] = ()
+    controversial_token_id: int | None = None
+    controversial_threshold: float | None = None
 
     @property
     def token_ids(self) -> tuple[int, ...]:
         """(*side, cls, safe, unsafe): a check decodes all but the last two; none is ever sampled or typed."""
         return (*self.side_token_ids, self.cls_token_id, self.safe_token_id, self.unsafe_token_id)
+
+    @property
+    def category_ids(self) -> tuple[int, ...]:
+        """(*categories, controversial): the rows a check reads beside the label pair; () without a category
+        head. Never sampled or typed either."""
+        return (*self.category_token_ids, self.controversial_token_id) if self.categories else ()
 
     def to_kv(self) -> dict[str, object]:
         """Key/value pairs to write (ints as ints, the metrics as a JSON string)."""
@@ -86,7 +110,15 @@ class SafetyMeta:
             PREFIX + "trained_with": self.trained_with,
             PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
         } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: stored_threshold(self.answer_threshold)}) \
-          | ({PREFIX + SIDE_TOKEN_IDS: json.dumps(list(self.side_token_ids))} if self.side_token_ids else {})
+          | ({PREFIX + SIDE_TOKEN_IDS: json.dumps(list(self.side_token_ids))} if self.side_token_ids else {}) \
+          | (self._category_kv() if self.categories else {})
+
+    def _category_kv(self) -> dict[str, object]:
+        return {PREFIX + CATEGORIES: json.dumps(list(self.categories)),
+                PREFIX + CATEGORY_TOKEN_IDS: json.dumps(list(self.category_token_ids)),
+                PREFIX + CATEGORY_THRESHOLDS: json.dumps([float(t) for t in self.category_thresholds]),
+                PREFIX + CONTROVERSIAL_TOKEN_ID: int(self.controversial_token_id),
+                PREFIX + CONTROVERSIAL_THRESHOLD: float(self.controversial_threshold)}
 
     @classmethod
     def from_kv(cls, kv: dict[str, str], n_vocab: int, where: str = "model") -> "SafetyMeta":
@@ -103,7 +135,8 @@ class SafetyMeta:
             answer = kv.get(PREFIX + ANSWER_THRESHOLD)
             answer = None if answer is None else float(answer)
             side = tuple(int(i) for i in json.loads(kv.get(PREFIX + SIDE_TOKEN_IDS) or "[]"))
-        except (ValueError, TypeError) as e:
+            cats = _categories_from_kv(kv)
+        except (ValueError, TypeError, KeyError) as e:
             raise MetadataError(f"{where} has malformed safety metadata: {e}") from None
         if version > FORMAT_VERSION:
             raise MetadataError(f"{where} uses safety format {version}; this runtime reads up to {FORMAT_VERSION}")
@@ -114,12 +147,34 @@ class SafetyMeta:
         ids = [*side, *ids]
         if len(set(ids)) != len(ids) or not all(0 <= i < n_vocab for i in ids):
             raise MetadataError(f"{where} has invalid safety token ids {ids} for a vocabulary of {n_vocab}")
+        if cats:
+            names, cat_ids, cat_thr, tier_id, tier_thr = cats
+            every = ids + list(cat_ids) + [tier_id]
+            if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                raise MetadataError(f"{where} has malformed safety categories {names!r}")
+            if len(cat_ids) != len(names) or len(cat_thr) != len(names):
+                raise MetadataError(f"{where} lists {len(names)} categories but {len(cat_ids)} token ids and "
+                                    f"{len(cat_thr)} thresholds")
+            if len(set(every)) != len(every) or not all(0 <= i < n_vocab for i in every):
+                raise MetadataError(f"{where} has invalid category token ids for a vocabulary of {n_vocab}")
+            if not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in (*cat_thr, tier_thr)):
+                raise MetadataError(f"{where} has category thresholds outside [0, 1]")
         if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
             raise MetadataError(f"{where} has an invalid safety threshold {threshold}")
         if answer is not None and not valid_answer_threshold(answer):
             raise MetadataError(f"{where} has an invalid answer threshold {answer} (needs (0, 1) or inf)")
         return cls(version, *ids[len(side):], threshold, kv.get(PREFIX + "base_model", ""),
-                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side)
+                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side, *(cats or ()))
+
+
+def _categories_from_kv(kv: dict[str, str]):
+    """(names, token ids, thresholds, controversial id, controversial threshold), or None when absent."""
+    if PREFIX + CATEGORIES not in kv:
+        return None
+    names = tuple(json.loads(kv[PREFIX + CATEGORIES]))
+    ids = tuple(int(i) for i in json.loads(kv.get(PREFIX + CATEGORY_TOKEN_IDS) or "[]"))
+    thr = tuple(float(t) for t in json.loads(kv.get(PREFIX + CATEGORY_THRESHOLDS) or "[]"))
+    return names, ids, thr, int(kv[PREFIX + CONTROVERSIAL_TOKEN_ID]), float(kv[PREFIX + CONTROVERSIAL_THRESHOLD])
 
 
 # -- the verification stamp (written by `convert quantize` / `convert verify --record`) ---------------

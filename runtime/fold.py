@@ -19,7 +19,8 @@ import numpy as np
 from .artifact import Artifact
 from .gguf_io import SKIP, ConvertError, architecture, field_kv, read_gguf, scalar_kv, write_gguf
 from .merge import load_deltas, merge_plan
-from .contract import MAX_CHECK_TOKENS, PREFIX, SIDE_TOKEN_IDS, SPECIAL_TOKENS, SafetyMeta, side_token_name
+from .contract import (CATEGORIES, CONTROVERSIAL_TOKEN, MAX_CHECK_TOKENS, PREFIX, SIDE_TOKEN_IDS, SPECIAL_TOKENS,
+                       SafetyMeta, category_token_name, side_token_name)
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ConvertError", "check_compatible", "convert_gguf", "read_gguf"]
 
@@ -55,11 +56,14 @@ def _safety_to_strip(reader: gguf.GGUFReader, tokens: list, where: str, force: b
                            "model, or pass --force (force=True) to replace its safety signal")
     side = reader.fields.get(PREFIX + SIDE_TOKEN_IDS)
     side_ids = json.loads(side.contents()) if side is not None else []
-    ours = [side_token_name(i + 1) for i in range(len(side_ids))] + list(SPECIAL_TOKENS)
+    cats = reader.fields.get(PREFIX + CATEGORIES)
+    cat_names = json.loads(cats.contents()) if cats is not None else []
+    cat_tokens = [category_token_name(c) for c in cat_names] + ([CONTROVERSIAL_TOKEN] if cat_names else [])
+    ours = cat_tokens + [side_token_name(i + 1) for i in range(len(side_ids))] + list(SPECIAL_TOKENS)
     n, m = len(tokens), len(ours)
     ids_ok = all(int(reader.fields[PREFIX + key].contents()) == n - 3 + i
                  for i, key in enumerate(("cls_token_id", "safe_token_id", "unsafe_token_id"))
-                 if PREFIX + key in reader.fields) and side_ids == list(range(n - m, n - 3))
+                 if PREFIX + key in reader.fields) and side_ids == list(range(n - 3 - len(side_ids), n - 3))
     if list(tokens[-m:]) != ours or any(s in tokens[:-m] for s in SPECIAL_TOKENS) or not ids_ok:
         raise ConvertError(f"{where} carries {what} but not as the last tokens {ours}: "
                            "cannot replace them, even with --force; convert from its base model")
@@ -129,22 +133,35 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
     facts = check_compatible(reader, art, str(base), force=force)
     merged = merge_plan(reader, art.card, deltas, str(base))  # joint recipe: weight deltas (convert/merge.py)
     n_vocab, tied, arch = facts["n_vocab"], facts["tied"], facts["arch"]
+    # [base vocabulary][category rows + controversial row, if any][K-1 side tokens][cls, safe, unsafe]
+    cat_names = art.categories
+    read_rows = (np.concatenate([art.category_head, art.controversial_head]) if cat_names
+                 else np.zeros((0, art.hidden_size), np.float32))  # output-only rows, read at a check
+    c = len(read_rows)
     rows = art.side_rows                     # (K, D): K-1 side tokens, then the [CLS]
     k = len(rows)
-    side_ids = tuple(range(n_vocab, n_vocab + k - 1))
-    cls_id, safe_id, unsafe_id = n_vocab + k - 1, n_vocab + k, n_vocab + k + 1
+    side_ids = tuple(range(n_vocab + c, n_vocab + c + k - 1))
+    cls_id, safe_id, unsafe_id = n_vocab + c + k - 1, n_vocab + c + k, n_vocab + c + k + 1
+    cat_meta = {}
+    if cat_names:
+        record = art.card["categories"]
+        cat_meta = {"categories": tuple(cat_names), "category_token_ids": tuple(range(n_vocab, n_vocab + c - 1)),
+                    "category_thresholds": tuple(float(record["thresholds"][n]) for n in cat_names),
+                    "controversial_token_id": n_vocab + c - 1,
+                    "controversial_threshold": float(record["controversial_threshold"])}
     meta = SafetyMeta(2 if side_ids else 1, cls_id, safe_id, unsafe_id, art.threshold,
                       base_model=str(art.card.get("base_model", base_name or Path(base).name)),
                       trained_with=str(art.card.get("trained_with", art.digest()[:16])),
                       metrics=art.card.get("metrics", {}), answer_threshold=art.answer_threshold,
-                      side_token_ids=side_ids)
+                      side_token_ids=side_ids, **cat_meta)
     if tied:
-        emb_rows = np.concatenate([rows, art.head])
+        emb_rows = np.concatenate([read_rows, rows, art.head])
         out_rows = None
     else:  # the label tokens are never fed: zero input rows; side tokens are never predicted: zero output rows
-        emb_rows = np.concatenate([rows, np.zeros_like(art.head)])
-        out_rows = np.concatenate([np.zeros_like(rows), art.head])
-    names = [side_token_name(i + 1) for i in range(k - 1)] + list(SPECIAL_TOKENS)
+        emb_rows = np.concatenate([np.zeros_like(read_rows), rows, np.zeros_like(art.head)])
+        out_rows = np.concatenate([read_rows, np.zeros_like(rows), art.head])
+    names = ([category_token_name(n) for n in cat_names] + ([CONTROVERSIAL_TOKEN] if cat_names else [])
+             + [side_token_name(i + 1) for i in range(k - 1)] + list(SPECIAL_TOKENS))
 
     appended = {"tokenizer.ggml.tokens": names,
                 "tokenizer.ggml.token_type": [int(gguf.TokenType.CONTROL)] * len(names),

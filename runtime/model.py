@@ -14,7 +14,7 @@ from .formats import grammar_for
 from .prompt import build_prompt, prompt_template, prompt_tokens
 from .reply import Reply
 from .stops import stop_list
-from .strategy import Generation, SafetyPolicy, generate
+from .strategy import Categories, Generation, SafetyPolicy, generate
 
 BACKENDS = ("llama", "onnx")
 
@@ -45,12 +45,14 @@ class Model:
         if backend == "onnx":  # path is the .onnx file; its GGUF (vocabulary, template) lies beside it
             from .backends.onnx import OnnxBackend, OnnxModelFile
             self.file = OnnxModelFile(path, n_gpu_layers=n_gpu_layers, threads=threads)  # n_gpu_layers: CUDA
-            make = lambda ids: OnnxBackend(self.file, n_ctx=n_ctx, safety_ids=ids)  # noqa: E731
+            make = lambda ids, cats: OnnxBackend(self.file, n_ctx=n_ctx, safety_ids=ids,  # noqa: E731
+                                                 category_ids=cats)
         else:
             from .backends.llama import LlamaBackend, LlamaModelFile
             self.file = LlamaModelFile(path, n_gpu_layers=n_gpu_layers)
-            make = lambda ids: LlamaBackend(self.file, n_ctx=n_ctx, threads=threads, safety_ids=ids,  # noqa: E731
-                                            reuse_prefix=True)  # a chat's next turn decodes only what is new
+            make = lambda ids, cats: LlamaBackend(self.file, n_ctx=n_ctx, threads=threads,  # noqa: E731
+                                                  safety_ids=ids, category_ids=cats,
+                                                  reuse_prefix=True)  # a chat's next turn decodes only what is new
         self.meta: SafetyMeta | None = None
         try:
             self.meta = self.file.safety_meta()
@@ -61,11 +63,32 @@ class Model:
         if problem and not allow_unverified:
             self.file.close()
             raise ModelFileError(problem)
-        self.backend = make(self.meta.token_ids if self.meta else None)
+        self.backend = make(self.meta.token_ids if self.meta else None, self.meta.category_ids if self.meta else ())
+        m = self.meta
+        self.categories = (Categories(m.categories, m.category_thresholds, m.controversial_threshold)
+                           if m is not None and m.categories else None)
+        try:
+            self._check_rules(self.policy)
+        except ParameterError:
+            self.close()
+            raise
         self.native = self._native_mode(backend, native)
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread that took the lock for the generation in progress
         self.busy_timeout = busy_timeout
+
+    def _check_rules(self, policy: SafetyPolicy | None) -> None:
+        """A policy's allow/block rules name categories this model's head has (ParameterError otherwise)."""
+        if policy is None or not policy.has_category_rules:
+            return
+        if self.categories is None:
+            raise ParameterError(f"{self.path.name} has no category head: allow/block/controversial rules need "
+                                 "one (`python -m train categories ARTIFACT`, then convert)", param="safety")
+        known = set(self.categories.names) - {self.categories.none}
+        unknown = sorted((policy.allow | policy.block) - known)
+        if unknown:
+            raise ParameterError(f"unknown harm categories {unknown}; {self.path.name} has {sorted(known)}",
+                                 param="safety")
 
     def _native_mode(self, backend: str, native: bool | None) -> bool:
         """None: the native loop where it exists; True: insist on it (a clear error if it cannot run)."""
@@ -125,16 +148,21 @@ class Model:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed & 0xFFFFFFFF, grammar=grammar)
         stops = stop_list(stop)
-        policy = self.policy if safety is None else _policy(safety)
+        try:
+            policy = self.policy if safety is None else _policy(safety)
+        except (TypeError, ValueError) as e:
+            raise ParameterError(f"bad safety policy: {e}", param="safety") from None
         if policy is not None and self.meta is None:
             raise ModelFileError(f"{self.path} has no safety metadata; only safety='off' can run it")
+        self._check_rules(policy)
         tokens = self.tokenize_messages(messages)
         if len(tokens) + 2 > self.backend.n_ctx:
             raise ContextOverflowError(f"the conversation is {len(tokens)} tokens; the context window holds "
                                        f"{self.backend.n_ctx}: shorten the history or load with a larger n_ctx")
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
                        answer_threshold=self.meta.answer_threshold if self.meta else None,
-                       sampling=sampling, max_tokens=max_tokens, native=self.native, stop=stops)
+                       sampling=sampling, max_tokens=max_tokens, native=self.native, stop=stops,
+                       categories=self.categories)
         g = Generation(self._locked(gen))
         return g if stream else g.run()
 

@@ -25,9 +25,16 @@ def plot_trace(reply: Reply, out: str | Path, title: str = "") -> Path:
     triggers = s.triggers or ["check"] * len(xs)
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.plot(xs, ys, color="black", lw=1, zorder=1)
-    for kind in dict.fromkeys(triggers):
-        pts = [(x, y) for x, y, t in zip(xs, ys, triggers) if t == kind]
-        ax.scatter(*zip(*pts), s=28, color=COLORS.get(kind, "tab:red"), label=kind, zorder=2)
+    if any(s.category_trace):  # a model with a category head: colour each check by its top harm category
+        kinds = [c or "unknown" for c in s.category_trace]
+        palette = plt.get_cmap("tab20")
+        for i, kind in enumerate(dict.fromkeys(kinds)):
+            pts = [(x, y) for x, y, k in zip(xs, ys, kinds) if k == kind]
+            ax.scatter(*zip(*pts), s=28, color=palette(i % 20), label=f"category: {kind}", zorder=2)
+    else:
+        for kind in dict.fromkeys(triggers):
+            pts = [(x, y) for x, y, t in zip(xs, ys, triggers) if t == kind]
+            ax.scatter(*zip(*pts), s=28, color=COLORS.get(kind, "tab:red"), label=kind, zorder=2)
     if s.threshold is not None:
         ax.axhline(s.threshold, color="tab:red", ls="--", lw=1, label=f"threshold {s.threshold:.3f}")
     if s.answer_threshold is not None and s.answer_threshold != s.threshold and s.answer_threshold <= 1.0:

@@ -23,6 +23,13 @@ class Safety:
     triggers: list[str] = field(default_factory=list)  # why each check ran: prompt/every/entropy/.../end
     intervened_at: int | None = None
     reason: str | None = None
+    # with a category head: the top harm category of the prompt check (or of the check that intervened),
+    # every category's probability there, the controversial tier's, and the checks a rule let through
+    category: str | None = None
+    category_scores: dict[str, float] | None = None
+    controversial: float | None = None
+    allowed: list[tuple[int, str]] = field(default_factory=list)  # (tokens covered, allowed category)
+    category_trace: list[str | None] = field(default_factory=list)  # per check: its top harm category
 
     @property
     def max_p_unsafe(self) -> float | None:

@@ -137,8 +137,12 @@ def _unsupported(body: dict) -> None:
 
 def safety_dict(reply) -> dict:
     s = reply.safety
-    return {"refused": reply.refused, "reason": s.reason, "checks": s.checks, "max_p_unsafe": s.max_p_unsafe,
-            "intervened_at": s.intervened_at, "threshold": s.threshold, "enabled": s.enabled}
+    d = {"refused": reply.refused, "reason": s.reason, "checks": s.checks, "max_p_unsafe": s.max_p_unsafe,
+         "intervened_at": s.intervened_at, "threshold": s.threshold, "enabled": s.enabled}
+    if s.category_scores is not None:  # a model with a category head
+        d |= {"category": s.category, "category_scores": s.category_scores, "controversial": s.controversial,
+              "allowed": [{"at": at, "category": c} for at, c in s.allowed]}
+    return d
 
 
 def usage_dict(reply) -> dict:

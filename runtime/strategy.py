@@ -24,7 +24,34 @@ from .reply import Reply, Safety, Usage
 from .stops import StopMatcher
 
 ACTIONS = ("refuse", "stop")
+TIERS = ("strict", "loose")
 DEFAULT_REFUSAL = "I can't help with that."
+
+
+@dataclass(frozen=True)
+class Categories:
+    """A model file's category head (`safety.categories`): names in row order, the per-category
+    thresholds calibrated on val, the controversial tier's threshold; `none` names the no-harm row."""
+
+    names: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    controversial_threshold: float
+    none: str = "none"
+
+    def scores(self, probs) -> dict[str, float]:
+        return {n: round(float(q), 6) for n, q in zip(self.names, probs)}
+
+    def top(self, probs) -> tuple[str, float]:
+        """The most likely harm category (the no-harm row left out) and its probability."""
+        return max(((n, float(q)) for n, q in zip(self.names, probs) if n != self.none), key=lambda x: x[1])
+
+    def confident(self, probs, names) -> str | None:
+        """The first of `names` whose probability reaches its threshold, or None."""
+        for n in sorted(names):
+            i = self.names.index(n)
+            if probs[i] >= self.thresholds[i]:
+                return n
+        return None
 
 
 @dataclass(frozen=True)
@@ -48,6 +75,14 @@ class SafetyPolicy:
     entropy_trigger: float | None = None
     margin_trigger: float | None = None
     sentence_ends: bool = False
+    # per-app rules over the category head (a model file with `safety.categories`):
+    allow: frozenset = frozenset()  # answer a flagged request when one of these categories reaches its threshold
+    block: frozenset = frozenset()  # refuse a request the binary verdict clears when one of these reaches its
+    controversial: str = "strict"   # "loose": answer a flagged request the controversial tier reaches
+
+    @property
+    def has_category_rules(self) -> bool:
+        return bool(self.allow or self.block or self.controversial == "loose")
 
     @property
     def needs_stats(self) -> bool:
@@ -70,6 +105,16 @@ class SafetyPolicy:
         return None
 
     def __post_init__(self):
+        for name in ("allow", "block"):
+            v = getattr(self, name)
+            v = frozenset([v] if isinstance(v, str) else v or ())
+            if not all(isinstance(c, str) and c for c in v):
+                raise ValueError(f"SafetyPolicy.{name} must be category names")
+            object.__setattr__(self, name, v)
+        if self.allow & self.block:
+            raise ValueError(f"SafetyPolicy: {sorted(self.allow & self.block)} both allowed and blocked")
+        if self.controversial not in TIERS:
+            raise ValueError(f"SafetyPolicy.controversial must be one of {TIERS}, got {self.controversial!r}")
         if self.every < 0:
             raise ValueError("SafetyPolicy.every must be >= 0")
         if self.every == 0 and not self.max_gap:
@@ -96,8 +141,9 @@ class _Run:
     """The state of one generation: generated tokens, hold-back buffer, verdicts."""
 
     def __init__(self, backend: Backend, policy: SafetyPolicy | None, thr: float | None,
-                 answer_thr: float | None, stop: list[str] | None = None):
+                 answer_thr: float | None, stop: list[str] | None = None, categories: Categories | None = None):
         self.backend, self.policy, self.thr, self.answer_thr = backend, policy, thr, answer_thr
+        self.cats = categories if policy is not None else None
         self.enabled = policy is not None
         self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=answer_thr)
         self.generated: list[int] = []
@@ -124,21 +170,67 @@ class _Run:
         self.released = upto
         return self.show(self.decoder.decode(data))
 
-    def verdict(self, p: float | None, covered: int, why: str) -> str:
-        """Record a verdict; return newly cleared text, or raise _Intervene."""
+    def _record(self, scores) -> str | None:
+        """Keep a check's category scores on the trace; the name of its top harm category."""
+        if scores is None:
+            return None
+        probs, tier = scores
+        s = self.safety
+        s.category, _ = self.cats.top(probs)
+        s.category_scores, s.controversial = self.cats.scores(probs), round(float(tier), 6)
+        return s.category
+
+    def verdict(self, p: float | None, covered: int, why: str, fresh: bool = True) -> str:
+        """Record a verdict; return newly cleared text, or raise _Intervene.
+
+        `fresh`: the backend's category scores belong to this check (False when the native loop's checks
+        are replayed: its scores are then recomputed for an intervention only, to name the category)."""
         s = self.safety
         s.checks += 1
         s.triggers.append(why)
         p = float("nan") if p is None else float(p)
         s.trace.append((covered, p))
+        where = "the prompt" if covered == 0 else f"token {covered}"
         if not math.isfinite(p) or not 0.0 <= p <= 1.0:
             raise _Intervene(covered, f"safety verdict could not be computed (p_unsafe={p}) at token {covered}")
         thr = self.thr if covered == 0 else self.answer_thr
-        if p >= thr:
+        scores = self.backend.categories() if self.cats is not None and fresh else None
+        if self.cats is not None:
+            s.category_trace.append(self.cats.top(scores[0])[0] if scores is not None else None)
+        if covered == 0 or p >= thr:
+            self._record(scores)
+        unsafe, reason = p >= thr, None
+        pol = self.policy
+        if self.cats is not None and pol.has_category_rules:  # (the Python loop: every check is fresh)
+            if scores is None and pol.block:  # fail closed: a blocked topic cannot be ruled out
+                raise _Intervene(covered, f"category scores could not be computed at {where}")
+            if scores is not None:
+                probs, tier = scores
+                if unsafe:
+                    hit = self.cats.confident(probs, pol.allow)
+                    if hit is None and pol.controversial == "loose" and tier >= self.cats.controversial_threshold:
+                        hit = "controversial"
+                    if hit is not None:
+                        unsafe = False
+                        s.allowed.append((covered, hit))
+                else:
+                    hit = self.cats.confident(probs, pol.block)
+                    if hit is not None:
+                        unsafe = True
+                        self._record(scores)
+                        i = self.cats.names.index(hit)
+                        reason = (f"blocked category {hit}: p={probs[i]:.3f} >= {self.cats.thresholds[i]:.3f} "
+                                  f"at {where}")
+        if unsafe:
             self.streak += 1
-            if self.streak >= self.policy.patience:
-                where = "the prompt" if covered == 0 else f"token {covered}"
-                raise _Intervene(covered, f"unsafe: p_unsafe={p:.3f} >= {thr:.3f} at {where}")
+            if self.streak >= pol.patience:
+                if reason is None:
+                    if self.cats is not None and not fresh:
+                        self.backend.check()  # the same position again: scores that name the category
+                        self._record(self.backend.categories())
+                    named = f" ({s.category})" if self.cats is not None and s.category else ""
+                    reason = f"unsafe{named}: p_unsafe={p:.3f} >= {thr:.3f} at {where}"
+                raise _Intervene(covered, reason)
             return ""
         self.streak = 0
         return self.release(covered)
@@ -188,7 +280,7 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
         kind, tokens, checks, info = loop.run()
         run.generated.extend(tokens)
         for covered, p, why in checks:  # one at a time: a later unsafe verdict must not hide a shown piece
-            piece = run.verdict(p, covered, why)
+            piece = run.verdict(p, covered, why, fresh=False)
             if piece:
                 yield piece
             if run.stopped:
@@ -208,13 +300,15 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
 
 def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy | None,
              threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False,
-             answer_threshold: float | None = None, stop: list[str] | None = None) -> Iterator[str]:
+             answer_threshold: float | None = None, stop: list[str] | None = None,
+             categories: Categories | None = None) -> Iterator[str]:
     """Yield text pieces as they are cleared for display; return the final `Reply`.
 
     `policy=None` runs without checks (an explicit caller choice). `native=True` runs the token
     loop inside the backend (`backend.fused_loop`, the C loop for llama.cpp). `stop`: strings that
     end the answer where they first appear in the released text (not shown; runtime/stops.py).
-    Use through `Generation`.
+    `categories`: the model's category head; the policy's allow/block/controversial rules need it, and
+    run in the Python loop (the native loop knows thresholds only). Use through `Generation`.
     """
     t0 = time.perf_counter()
     enabled = policy is not None
@@ -229,7 +323,11 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         answer_thr = answer_threshold
     else:  # one threshold for every check: a policy threshold of its own also governs the answer
         answer_thr = thr
-    run = _Run(backend, policy, thr, answer_thr, stop)
+    if enabled and policy.has_category_rules and categories is None:
+        raise ValueError("the policy's allow/block/controversial rules need a model with a category head")
+    if enabled and categories is not None and (policy.has_category_rules or policy.needs_stats):
+        native = False  # the C loop neither applies category rules nor leaves the category rows out of its stats
+    run = _Run(backend, policy, thr, answer_thr, stop, categories)
     safety = run.safety
     shown = run.shown
     loop = None

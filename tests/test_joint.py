@@ -77,6 +77,22 @@ def test_batched_generation_equals_one_prompt_at_a_time(model):
     assert together == alone and all(len(g) >= 1 for g in together)
 
 
+def test_cached_generation_equals_recomputing_every_step(model):
+    """The preallocated key/value cache gives the tokens a full causal pass over the sequence so far gives."""
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 200) for _ in range(9)]
+    cached = generate(model, [prompt], 10, {2})[0]
+    seq, plain = list(prompt), []
+    for _ in range(10):
+        h, _ = model.forward(model.embed(torch.tensor([seq])), torch.arange(len(seq))[None], None)
+        t = int((h[0, -1] @ model.output_matrix().T).argmax())
+        plain.append(t)
+        seq.append(t)
+        if t == 2:
+            break
+    assert cached == plain
+
+
 def _planted(n=48, seed=0):
     """Label 1 = the sequence contains token 150 three times; LM loss on a short 'response'."""
     rng = random.Random(seed)

@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     ev.add_argument("artifact", type=Path)
     ev.add_argument("--out", type=Path, default=Path("bench/out/eval"))
     from .calibrate import add_parser as add_calibrate
+    from .category_head import add_parser as add_categories
     from .compare import add_parser as add_compare
     from .heldout import add_parser as add_heldout
     from .joint_run import add_parsers
@@ -223,10 +224,13 @@ def main(argv=None) -> int:
     add_compare(sub)
     add_calibrate(sub)
     add_heldout(sub)
+    add_categories(sub)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cmd.startswith("joint") or args.cmd in ("compare", "calibrate", "heldout"):
         return args.fn(args)
+    if args.cmd == "categories":
+        return args.func(args)
     if args.cmd == "eval":
         from .evaluate import evaluate
         evaluate(args.artifact, args.out)

@@ -32,7 +32,7 @@ from runtime.prompt import build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
-from convert.llama_torch import FrozenLlama
+from convert.llama_torch import DecodeCache, FrozenLlama
 
 PREP_VERSION = 1
 REFUSAL = "I can't help with that."
@@ -163,9 +163,12 @@ def generate(model: FrozenLlama, prompts: list[list[int]], max_new: int, eog: se
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
-        h, kv = model.forward(model.embed(ids), pos, mask[:, None], keep_kv=True)
+        c = model.cfg
+        kv = DecodeCache(c.n_layer, B, L + max_new, c.n_head_kv, c.head_dim, out_mat.dtype, dev)
+        h, _ = model.forward(model.embed(ids), pos, mask[:, None], past=kv)
         nxt = (h[:, -1] @ out_mat.T).argmax(-1)
         last = pos[:, -1]
+        valid = torch.cat([valid, torch.zeros(B, max_new, dtype=torch.bool, device=dev)], 1)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         eog_t = torch.tensor(sorted(eog), device=dev)
         for step in range(max_new):
@@ -175,10 +178,10 @@ def generate(model: FrozenLlama, prompts: list[list[int]], max_new: int, eog: se
             done |= torch.isin(nxt, eog_t)
             if bool(done.all()) or step == max_new - 1:
                 break
-            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
+            valid[:, L + step] = True
             last = last + 1
-            h, kv = model.forward(model.embed(nxt[:, None]), last[:, None], valid[:, None, None, :],
-                                  past=kv, keep_kv=True)
+            h, _ = model.forward(model.embed(nxt[:, None]), last[:, None], valid[:, None, None, :L + step + 1],
+                                 past=kv)
             nxt = (h[:, -1] @ out_mat.T).argmax(-1)
     return result
 

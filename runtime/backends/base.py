@@ -64,6 +64,20 @@ class Sampling:
 CHAT_SAMPLING = {"temperature": 0.2, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1}
 
 
+def category_probs(row, ids) -> tuple[tuple[float, ...], float] | None:
+    """(softmax over the category rows, sigmoid of the controversial row) of one logits row, or None when
+    a logit is not finite. `ids` is `SafetyMeta.category_ids`: (*categories, controversial)."""
+    z = [float(row[i]) for i in ids[:-1]]
+    t = float(row[ids[-1]])
+    if not all(math.isfinite(v) for v in (*z, t)):
+        return None
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    total = sum(e)
+    tier = 1.0 / (1.0 + math.exp(-t)) if t >= 0 else math.exp(t) / (1.0 + math.exp(t))
+    return tuple(v / total for v in e), tier
+
+
 def side_tokens(safety_ids) -> list[int]:
     """What a check decodes after the context: the side tokens, if any, then the [CLS].
 
@@ -115,4 +129,9 @@ class Backend(Protocol):
 
     def hesitation(self) -> tuple[float, float]:
         """(entropy in nats, top-1 minus top-2 probability) of the distribution last sampled from."""
+        ...
+
+    def categories(self) -> tuple[tuple[float, ...], float] | None:
+        """`category_probs` of the last check's [CLS] row: None when the model has no category head (or the
+        row was not finite). Valid right after `start`/`advance`/`check` computed a verdict."""
         ...

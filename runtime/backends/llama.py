@@ -17,7 +17,7 @@ import llama_cpp as ll
 from runtime.contract import PREFIX, SafetyMeta
 
 from ..errors import ModelFileError, ParameterError
-from .base import Sampling, TokensFromFile, check_prompt, side_tokens
+from .base import Sampling, TokensFromFile, category_probs, check_prompt, side_tokens
 
 try:  # the native module built from cpp_ext/ by pip install
     import runtime._native as _native  # the compiled module itself, not the package API
@@ -179,7 +179,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
     """One llama.cpp context (one KV cache, one sampler chain) implementing `Backend`."""
 
     def __init__(self, mf: LlamaModelFile, n_ctx: int = 4096, threads: int | None = None,
-                 n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None, reuse_prefix: bool = False):
+                 n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None, reuse_prefix: bool = False,
+                 category_ids: tuple[int, ...] = ()):
         self.mf = mf
         self.reuse_prefix = reuse_prefix  # start() keeps the cached prefix shared with the last conversation
         threads = threads or max(1, min(os.cpu_count() or 1, 8))
@@ -198,6 +199,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.batch = ll.llama_batch_init(n_batch, 0, 1)
         self.safety_ids = safety_ids  # (*side, cls, safe, unsafe) or None
         self.side = side_tokens(safety_ids) if safety_ids else []  # what a check decodes
+        self.category_ids = tuple(category_ids)  # (*categories, controversial) read at a check, or ()
+        self._categories = None  # category_probs of the last check computed here
         self.sampler = None
         self.n_past = 0
         self._row = -1  # batch row holding the logits of the last real token
@@ -230,7 +233,10 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         logits = ll.llama_get_logits_ith(self.ctx, row)
         safe, unsafe = self.safety_ids[-2:]
         if not logits:
+            self._categories = None
             return float("nan")
+        if self.category_ids:
+            self._categories = category_probs(logits, self.category_ids)
         if _native is not None:
             return _native.p_unsafe(ctypes.addressof(logits.contents), safe, unsafe)
         return p_unsafe_from_logits(logits, safe, unsafe)
@@ -334,9 +340,17 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._drop_cls(self.n_past)
         return p
 
+    def categories(self):
+        return self._categories if self.category_ids else None
+
+    @property
+    def masked_ids(self) -> tuple[int, ...]:
+        """Never sampled: the safety tokens and the category rows."""
+        return tuple(self.safety_ids or ()) + self.category_ids
+
     def hesitation(self) -> tuple[float, float]:
         logits = ll.llama_get_logits_ith(self.ctx, self._row)
-        excluded = tuple(self.safety_ids or ())
+        excluded = self.masked_ids
         if _native is not None:
             return _native.row_stats(ctypes.addressof(logits.contents), self.mf.n_vocab, excluded)
         return row_stats_py(logits, self.mf.n_vocab, excluded)
@@ -364,10 +378,10 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         if self.sampler is not None:
             ll.llama_sampler_free(self.sampler)
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if self.safety_ids:
-            n = len(self.safety_ids)
+        if self.masked_ids:
+            n = len(self.masked_ids)
             bias = (ll.llama_logit_bias * n)()
-            for i, tok in enumerate(self.safety_ids):
+            for i, tok in enumerate(self.masked_ids):
                 bias[i].token, bias[i].bias = tok, float("-inf")
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, n, bias))
         if s.grammar is not None:  # after the safety mask: the grammar only ever sees ordinary tokens

@@ -26,7 +26,7 @@ import numpy as np
 from runtime.contract import PREFIX, SIDE_TOKEN_IDS, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
-from .base import Sampling, TokensFromFile, check_prompt, side_tokens
+from .base import Sampling, TokensFromFile, category_probs, check_prompt, side_tokens
 from .llama import LlamaModelFile, p_unsafe_from_logits, row_stats_py
 
 try:  # the native module built from cpp_ext/ by pip install
@@ -133,7 +133,7 @@ class OnnxBackend(TokensFromFile):
     """One KV cache (numpy, preallocated) and one numpy sampler implementing `Backend`."""
 
     def __init__(self, mf: OnnxModelFile, n_ctx: int = 4096, threads: int | None = None,
-                 safety_ids: tuple[int, int, int] | None = None):
+                 safety_ids: tuple[int, int, int] | None = None, category_ids: tuple[int, ...] = ()):
         self.mf = mf
         self.sess = mf.session
         self.threads = mf.threads
@@ -150,7 +150,9 @@ class OnnxBackend(TokensFromFile):
         self._sampling = Sampling()
         self._rng = np.random.default_rng(0)
         self._history: list[int] = []
-        self._mask = np.array(sorted(set(safety_ids or ())), dtype=np.int64)
+        self.category_ids = tuple(category_ids)  # (*categories, controversial): safety_logits[2:], or ()
+        self._categories = None
+        self._mask = np.array(sorted(set(safety_ids or ()) | set(self.category_ids)), dtype=np.int64)
 
     # -- decoding --------------------------------------------------------------------
     def _run(self, tokens: list[int], start: int, keep: int, logits_row: int):
@@ -183,7 +185,17 @@ class OnnxBackend(TokensFromFile):
         logits, safety = self._run(items, 0, keep=len(tokens), logits_row=len(tokens) - 1)
         self._logits = logits
         self.n_past = len(tokens)
-        return p_unsafe_from_logits(safety, 0, 1) if check else None
+        return self._verdict(safety) if check else None
+
+    def _verdict(self, safety: np.ndarray) -> float:
+        """p_unsafe from safety_logits (and the category scores from its other rows, kept for `categories`)."""
+        if self.category_ids:
+            self._categories = category_probs(safety, range(2, 2 + len(self.category_ids))) \
+                if len(safety) == 2 + len(self.category_ids) else None
+        return p_unsafe_from_logits(safety, 0, 1)
+
+    def categories(self):
+        return self._categories if self.category_ids else None
 
     def advance(self, token: int, check: bool) -> float | None:
         n = self.n_past
@@ -191,16 +203,16 @@ class OnnxBackend(TokensFromFile):
         logits, safety = self._run(items, n, keep=1, logits_row=0)
         self._logits = logits
         self.n_past = n + 1
-        return p_unsafe_from_logits(safety, 0, 1) if check else None
+        return self._verdict(safety) if check else None
 
     def check(self) -> float:
         # the side tokens alone: a logits row is computed (one projection) but not kept
         _, safety = self._run(self.side, self.n_past, keep=0, logits_row=0)
-        return p_unsafe_from_logits(safety, 0, 1)
+        return self._verdict(safety)
 
     def hesitation(self) -> tuple[float, float]:
         row = self._logits
-        excluded = tuple(self.safety_ids or ())
+        excluded = tuple(int(i) for i in self._mask)
         if _native is not None and row.dtype == np.float32 and row.flags.c_contiguous:
             return _native.row_stats(row.ctypes.data, row.shape[0], excluded)
         return row_stats_py(row, row.shape[0], excluded)
@@ -251,7 +263,8 @@ def load_onnx(path: str | Path, gguf: str | Path | None = None, n_ctx: int = 409
         meta = mf.safety_meta()
     except ValueError:
         pass
-    return mf, OnnxBackend(mf, n_ctx=n_ctx, safety_ids=meta.token_ids if meta else None)
+    return mf, OnnxBackend(mf, n_ctx=n_ctx, safety_ids=meta.token_ids if meta else None,
+                           category_ids=meta.category_ids if meta else ())
 
 
 __all__ = ["OnnxBackend", "OnnxModelFile", "VocabFile", "load_onnx"]

