@@ -290,3 +290,69 @@ def test_category_probs_reference():
     assert probs == pytest.approx([1 / (1 + math.e), math.e / (1 + math.e)]) and tier == 0.5
     row[3] = np.nan
     assert category_probs(row, (2, 3, 9)) is None
+
+
+def test_onnx_export_carries_the_category_rows(cat_model_file, tmp_path):
+    """The ONNX backend reads the same category scores as llama.cpp from its safety_logits output."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import shutil
+
+    from convert.onnx_export import export_onnx
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+    from runtime.backends.onnx import load_onnx
+
+    shutil.copy(cat_model_file, tmp_path / "m.gguf")
+    export_onnx(cat_model_file, tmp_path / "m.onnx", progress=False)
+    mf, ob = load_onnx(tmp_path / "m.onnx", n_ctx=128)
+    lf = LlamaModelFile(cat_model_file)
+    meta = lf.safety_meta()
+    lb = LlamaBackend(lf, n_ctx=128, threads=1, safety_ids=meta.token_ids, category_ids=meta.category_ids)
+    toks = [1, 40, 41, 42, 43, 44]
+    ob.start(toks, Sampling(), check=True)
+    lb.start(toks, Sampling(), check=True)
+    (po, to), (pl, tl) = ob.categories(), lb.categories()
+    np.testing.assert_allclose(po, pl, atol=2e-3)
+    assert to == pytest.approx(tl, abs=2e-3)
+    assert all(int(ob.sample()) not in meta.category_ids for _ in range(3))
+    lb.close()
+    lf.close()
+
+
+def test_cli_rules_and_refusal_reason(cat_model_file):
+    import subprocess
+    import sys
+
+    def chat(*args):
+        return subprocess.run([sys.executable, "-m", "runtime", "chat", "hello", "--model", str(cat_model_file),
+                               "--max-tokens", "4", "--temperature", "0", "--answer-threshold", "never", *args],
+                              capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                                "HF_HUB_OFFLINE": "1"})
+    r = chat("--threshold", "0.001")
+    assert r.returncode == 0 and "[refused: unsafe (" in r.stdout
+    r = chat("--threshold", "0.001", "--allow", "weapons", "--json")
+    assert r.returncode == 0 and not json.loads(r.stdout)["refused"]
+    r = chat("--threshold", "0.999", "--block", "weapons")
+    assert "[refused: blocked category weapons" in r.stdout
+    r = chat("--allow", "cooking")
+    assert r.returncode == 2 and "unknown harm categories ['cooking']" in r.stderr
+
+
+def test_fit_and_thresholds_on_planted_classes():
+    pytest.importorskip("torch")
+    from train.category_head import category_metrics, fit_softmax, thresholds_for
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((len(HEAD), 16)) * 3
+    y = rng.integers(0, len(HEAD), 1300)
+    x = (centres[y] + rng.standard_normal((len(y), 16))).astype(np.float32)
+    W = fit_softmax(x[:1000], y[:1000], len(HEAD))
+    z = x[1000:] @ W.T
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    assert (q.argmax(1) == y[1000:]).mean() > 0.9
+    thr = thresholds_for(q, y[1000:], 0.02)
+    for c in range(len(HEAD)):  # at most 2% of the other classes' rows reach each threshold
+        assert (q[y[1000:] != c, c] >= thr[c]).mean() <= 0.02
+    m = category_metrics(q, y[1000:], thr)
+    assert m["accuracy"] > 0.9 and set(m["per_category"]) == set(HEAD)
