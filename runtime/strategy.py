@@ -131,6 +131,22 @@ class SafetyPolicy:
             raise ValueError("SafetyPolicy.answer_threshold must be in (0, 1), or math.inf to never act inside the answer")
 
 
+def apply_rules(unsafe: bool, scores, cats: Categories, policy: SafetyPolicy) -> tuple[bool, str | None]:
+    """The per-app rules on one check: (unsafe after the rules, the category that changed it or None).
+
+    A flagged check is cleared when an allowed category reaches its threshold, or, with
+    `controversial="loose"`, when the controversial tier reaches its own; a cleared check is flagged when
+    a blocked category reaches its threshold. `scores` = (category probabilities, tier probability)."""
+    probs, tier = scores
+    if unsafe:
+        hit = cats.confident(probs, policy.allow)
+        if hit is None and policy.controversial == "loose" and tier >= cats.controversial_threshold:
+            hit = "controversial"
+        return (hit is None), hit
+    hit = cats.confident(probs, policy.block)
+    return (hit is not None), hit
+
+
 class _Intervene(Exception):
     def __init__(self, covered: int, reason: str):
         super().__init__(reason)
@@ -205,22 +221,15 @@ class _Run:
             if scores is None and pol.block:  # fail closed: a blocked topic cannot be ruled out
                 raise _Intervene(covered, f"category scores could not be computed at {where}")
             if scores is not None:
-                probs, tier = scores
-                if unsafe:
-                    hit = self.cats.confident(probs, pol.allow)
-                    if hit is None and pol.controversial == "loose" and tier >= self.cats.controversial_threshold:
-                        hit = "controversial"
-                    if hit is not None:
-                        unsafe = False
-                        s.allowed.append((covered, hit))
-                else:
-                    hit = self.cats.confident(probs, pol.block)
-                    if hit is not None:
-                        unsafe = True
-                        self._record(scores)
-                        i = self.cats.names.index(hit)
-                        reason = (f"blocked category {hit}: p={probs[i]:.3f} >= {self.cats.thresholds[i]:.3f} "
-                                  f"at {where}")
+                flipped, hit = apply_rules(unsafe, scores, self.cats, pol)
+                if flipped != unsafe and not flipped:
+                    s.allowed.append((covered, hit))
+                elif flipped != unsafe:
+                    self._record(scores)
+                    i = self.cats.names.index(hit)
+                    reason = (f"blocked category {hit}: p={scores[0][i]:.3f} >= {self.cats.thresholds[i]:.3f} "
+                              f"at {where}")
+                unsafe = flipped
         if unsafe:
             self.streak += 1
             if self.streak >= pol.patience:

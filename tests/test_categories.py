@@ -356,3 +356,18 @@ def test_fit_and_thresholds_on_planted_classes():
         assert (q[y[1000:] != c, c] >= thr[c]).mean() <= 0.02
     m = category_metrics(q, y[1000:], thr)
     assert m["accuracy"] > 0.9 and set(m["per_category"]) == set(HEAD)
+
+
+def test_bench_tables_count_what_each_rule_changes():
+    from bench.categories import tables
+
+    weap, adv = (0.9, 0.05, 0.03, 0.02), (0.05, 0.9, 0.03, 0.02)
+    rows = [{"label": 1, "cat": "weapons", "tier": 0, "p": 0.99, "scores": (weap, 0.1)},
+            {"label": 1, "cat": "specialised_advice", "tier": 1, "p": 0.99, "scores": (adv, 0.9)},
+            {"label": 0, "cat": "specialised_advice", "tier": None, "p": 0.99, "scores": (adv, 0.1)},
+            {"label": 0, "cat": "specialised_advice", "tier": None, "p": 0.10, "scores": (adv, 0.1)},
+            {"label": 0, "cat": NONE, "tier": None, "p": 0.10, "scores": ((0.1, 0.1, 0.1, 0.7), 0.1)}]
+    out = tables(rows, CATS, 0.5)
+    assert "| specialised_advice | 1/1 | 0/1 | 1/1 |" in out      # allow: its own answered, weapons not
+    assert "| specialised_advice | 1 -> 2 of 2 | 0 -> 0 of 1 |" in out  # block: the cleared advice refused too
+    assert "answered now 1/1 of the refused controversial requests, 0/1 of the other" in out

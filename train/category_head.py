@@ -98,12 +98,12 @@ def thresholds_for(q: np.ndarray, y: np.ndarray, max_fpr: float) -> np.ndarray:
     return out
 
 
-def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray) -> dict:
+def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray, names=HEAD) -> dict:
     """Per category: rows, precision/recall of the argmax, recall and false-positive rate at its threshold;
     and the argmax confusion counts (true -> predicted)."""
     pred = q.argmax(1)
     per = {}
-    for c, name in enumerate(HEAD):
+    for c, name in enumerate(names):
         true, hit = y == c, pred == c
         at = q[:, c] >= thr[c]
         per[name] = {"n": int(true.sum()),
@@ -111,8 +111,8 @@ def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray) -> dict:
                      "recall": round(float((true & hit).sum() / true.sum()), 3) if true.any() else None,
                      "recall_at_threshold": round(float((true & at).sum() / true.sum()), 3) if true.any() else None,
                      "others_at_threshold": round(float((~true & at).sum() / max(1, (~true).sum())), 3)}
-    confusion = {HEAD[c]: {HEAD[p]: int(n) for p, n in sorted(Counter(pred[y == c].tolist()).items())}
-                 for c in range(len(HEAD)) if (y == c).any()}
+    confusion = {names[c]: {names[p]: int(n) for p, n in sorted(Counter(pred[y == c].tolist()).items())}
+                 for c in range(len(names)) if (y == c).any()}
     return {"per_category": per, "accuracy": round(float((pred == y).mean()), 3), "confusion": confusion}
 
 
@@ -196,12 +196,55 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
     art.controversial_head = tier_row[None, :]
     art.card["categories"] = record
     art.save(art_dir)
+    _write_card_section(art_dir, record)
     return record
+
+
+CARD_SECTION = "## Harm categories"
+
+
+def categories_markdown(record: dict) -> str:
+    """The data card's section: the taxonomy, where each label came from, the per-category figures."""
+    m = record["mapping"]
+    lines = [CARD_SECTION, "", f"`{record['command']}` (train/categories.py holds every mapping rule). Plain requests "
+             "(before wrapping, prefilling and suffixes; those take their base request's category):", "",
+             "| category | MLCommons / Llama Guard 3 | covers | harmful | benign | train rows (all forms) |",
+             "|---|---|---|---|---|---|"]
+    cats = m["categories"]
+    for name in record["names"]:
+        code, what = (record["taxonomy"][name]["mlcommons"], record["taxonomy"][name]["covers"]) \
+            if name in record["taxonomy"] else ("-", "no harm topic")
+        lines.append(f"| {name} | {code} | {what} | {cats.get(f'{name} / label 1', 0)} | "
+                     f"{cats.get(f'{name} / label 0', 0)} | {record['train_rows'].get(name, 0)} |")
+    lines.append(f"| (no category: binary signal only) | | | {cats.get('unlabelled / label 1', 0)} | "
+                 f"{cats.get('unlabelled / label 0', 0)} | |")
+    lines += ["", "| decided by | harmful | benign |", "|---|---|---|"]
+    rules = sorted({k.rsplit(" / label ", 1)[0] for k in m["rules"]})
+    lines += [f"| {r} | {m['rules'].get(f'{r} / label 1', 0)} | {m['rules'].get(f'{r} / label 0', 0)} |" for r in rules]
+    c = m["controversial"]
+    lines += ["", f"Controversial tier (harmful requests with a source label): {c['1']} controversial, {c['0']} not.", ""]
+    for split in ("val", "test"):
+        lines.append(summary(record, split))
+        lines.append("")
+    conf = record["metrics"]["test"]["confusion"]
+    names = record["names"]
+    lines += ["Test confusion (rows: label, columns: argmax):", "",
+              "| | " + " | ".join(n[:8] for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {t} | " + " | ".join(str(conf[t].get(p, "")) for p in names) + " |" for t in names if t in conf]
+    return "\n".join(lines) + "\n"
+
+
+def _write_card_section(art_dir: Path, record: dict) -> None:
+    path = Path(art_dir) / "DATA_CARD.md"
+    text = path.read_text() if path.is_file() else ""
+    if CARD_SECTION in text:
+        text = text[:text.index(CARD_SECTION)].rstrip() + "\n"
+    path.write_text((text + "\n" if text else "") + categories_markdown(record))
 
 
 def summary(record: dict, split: str = "test") -> str:
     m = record["metrics"][split]
-    lines = [f"{split}: argmax accuracy {m['accuracy']}",
+    lines = [f"{split}: argmax accuracy {m['accuracy']}", "",
              "| category | rows | precision | recall | recall at threshold | others at threshold |",
              "|---|---|---|---|---|---|"]
     for name, r in m["per_category"].items():
