@@ -251,6 +251,7 @@ def summary(record: dict, split: str = "test") -> str:
         lines.append(f"| {name} | {r['n']} | {r['precision']} | {r['recall']} | {r['recall_at_threshold']} | "
                      f"{r['others_at_threshold']} |")
     c = record["metrics"]["controversial"][split]
+    lines.append("")
     lines.append(f"controversial tier: recall {c['recall']} of {c['n_controversial']}, other harmful at threshold "
                  f"{c['others_at_threshold']} of {c['n_other']}")
     return "\n".join(lines)
