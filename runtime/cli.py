@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from .backends.base import CHAT_SAMPLING
@@ -32,9 +33,27 @@ def _add_category_rules(p) -> None:
                    help="loose: answer flagged requests of the controversial tier (default strict)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return f"safechat {v('safechat')} (llama-cpp-python {v('llama-cpp-python')})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime", description="Local chat with an explicit safety signal")
+    prog = "safechat" if os.path.basename(sys.argv[0]) == "safechat" else "python -m runtime"
+    ap = argparse.ArgumentParser(prog=prog, description="Local chat with an explicit safety signal")
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="cmd", required=True)
+    ms = sub.add_parser("models", help="list (or remove) the model files built into the cache")
+    ms.add_argument("--remove", action="append", default=[], metavar="NAME",
+                    help="delete this built file (its name as listed; repeatable)")
+    ms.add_argument("--prune", action="store_true",
+                    help="delete every built default model except the one this version uses")
     c = sub.add_parser("chat", help="answer QUESTION once, or chat interactively when it is omitted")
     c.add_argument("question", nargs="?", help="the question; omit for an interactive chat (reads stdin)")
     c.add_argument("--model", help="a safe GGUF model file (default: the embedded SmolLM2-135M safe model)")
@@ -110,6 +129,36 @@ def _parse_models(specs) -> dict:
             raise ValueError(f"model name {name!r} is given twice")
         out[name] = path
     return out
+
+
+def cmd_models(args, out=sys.stdout) -> int:
+    """The built models in `$SAFECHAT_CACHE/models`: name, size, which one the default is now."""
+    from .artifact import load_artifact
+    from .default_model import ASSET, WEIGHTS
+    from .fetch import cache_dir
+
+    folder = cache_dir() / "models"
+    files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    current = f"SmolLM2-135M-Instruct-safe-{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
+    by_name = {f.name: f for f in files}
+    doomed = []
+    for name in args.remove:
+        if name not in by_name:
+            raise ValueError(f"no built model named {name!r} in {folder}")
+        doomed.append(by_name[name])
+    if args.prune:
+        doomed += [f for f in files if f.name.startswith("SmolLM2-135M-Instruct-safe-") and f.name != current]
+    for f in dict.fromkeys(doomed):
+        f.unlink()
+        out.write(f"removed {f.name}\n")
+    files = [f for f in files if f.exists()]
+    out.write(f"{folder}: {len(files)} built model file(s)\n")
+    for f in files:
+        mark = "  (the default now)" if f.name == current else ""
+        out.write(f"  {f.name}  {f.stat().st_size / 2 ** 20:.0f} MiB{mark}\n")
+    if current not in {f.name for f in files}:
+        out.write(f"  (the default, {current}, is built on the first chat)\n")
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -214,7 +263,7 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return {"serve": cmd_serve, "plot": cmd_plot}.get(args.cmd, cmd_chat)(args)
+        return {"serve": cmd_serve, "plot": cmd_plot, "models": cmd_models}.get(args.cmd, cmd_chat)(args)
     except (RuntimeSafetyError, ValueError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,3 +54,24 @@ def test_thresholds_from_the_command_line(tiny_safe):
     assert s["answer_threshold"] == "inf" and "Infinity" not in r.stdout
     r = _run(["hello", "--model", str(tiny_safe), "--threshold", "1.5"])
     assert r.returncode == 2 and "threshold" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_and_built_models(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "--version"], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("safechat ") and "llama-cpp-python" in r.stdout
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "SmolLM2-135M-Instruct-safe-000000000000-F16.gguf").write_bytes(b"old")
+    (models / "mine.gguf").write_bytes(b"x")
+    env = {**ENV, "SAFECHAT_CACHE": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "runtime", "models", *a], capture_output=True,
+                                    text=True, env=env, timeout=60)
+    r = run()
+    assert r.returncode == 0 and "2 built model file(s)" in r.stdout and "is built on the first chat" in r.stdout
+    r = run("--prune")  # an older default goes, a file of the user's stays
+    assert "removed SmolLM2-135M-Instruct-safe-000000000000-F16.gguf" in r.stdout and (models / "mine.gguf").exists()
+    r = run("--remove", "mine.gguf")
+    assert r.returncode == 0 and not (models / "mine.gguf").exists()
+    r = run("--remove", "nope.gguf")
+    assert r.returncode == 2 and "no built model named 'nope.gguf'" in r.stderr
