@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     from runtime.artifact import load_artifact
     from runtime.fetch import base_smollm2
-    from train.__main__ import training_set
+    from train.cls_data import training_set
     from train.cls_recipe import KVCache, score_cached, train_cls
     from convert.reference import load_frozen
 
