@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     art = load_artifact(args.artifact or ASSET)
     examples = dataset_for(art.card)
     labels = label_examples(examples)
-    model = load(args.model, threads=args.threads, n_ctx=2048)
+    model = load(args.model, threads=args.threads, n_ctx=8192)  # the longest jailbreak-wrapped prompts
     if model.categories is None:
         print(f"{model.path.name} has no category head")
         return 2
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                 for e, (p, sc) in zip(held, obs)]
         saved[split] = [{"id": e["id"], **r} for e, r in zip(held, rows)]
         print(f"## {split} ({len(held)} examples; {sum(r['p'] >= thr for r in rows)} refused at the prompt)\n")
-        print(tables(rows, model.categories, thr))
+        print(tables(rows, model.categories, thr), flush=True)
         print()
     if args.save:
         args.save.write_text(json.dumps(saved))

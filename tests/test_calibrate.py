@@ -89,7 +89,8 @@ def test_metrics_at_a_threshold_pair():
 
 
 @pytest.fixture(scope="module")
-def examples():
+def examples(request):
+    request.applymarker(pytest.mark.downloads)
     from train.data import build_dataset
     return build_dataset(seed=0)
 

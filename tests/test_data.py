@@ -12,6 +12,8 @@ import pytest
 from train import data
 from train.data_card import data_card, data_card_markdown
 
+pytestmark = pytest.mark.downloads
+
 
 @pytest.fixture(scope="module")
 def examples():

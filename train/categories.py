@@ -60,9 +60,9 @@ _RULES = [
     ("cyber", r"hack|malware|virus|ransomware|exploit(?!ation)|ddos|denial.of.service|botnet|keylog|sql injection|trojan|"
               r"rootkit|backdoor|spyware|zero-day|brute.force|crack(ing)? (a |the )?password|password|phish|"
               r"firewall|antivirus|cyber"),
-    ("self_harm", r"suicid|kill myself|self-harm|self harm|cut myself|hurt myself|anorexi|bulimi|starv|"
+    ("self_harm", r"suicid|kill myself|self-harm|self harm|cut myself|hurt myself|harm myself|anorexi|bulimi|starv|"
                   r"without eating|purg|lose \d+ pounds|pro-ana|overdos"),
-    ("sexual", r"sex|porn|erotic|explicit|nude|naked|prostitut|escort|fetish|lewd|incest"),
+    ("sexual", r"sex|porn|erotic|explicit|nude|naked|prostitut|escort|fetish|lewd|incest|steamy"),
     ("fraud", r"fraud|scam|counterfeit|launder|identity theft|steal (someone'?s )?identit|ponzi|pyramid scheme|"
               r"insider trading|tax evasion|evade tax|forge|forgery|embezzl|fabricated (customer )?review|"
               r"fake (id|review|invoice|document|"

@@ -136,13 +136,18 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
     mf.close()
     stages = {"data": round(time.time() - t0, 1)}
     t1 = time.time()
-    if cache is not None and cache.is_file():
-        feats = np.load(cache)
-    else:
-        model = load_frozen(base)
-        feats = cls_features(model, toks, art.side_rows)
+    ids = [e["id"] for e in use]
+    have = {}
+    if cache is not None and cache.is_file():  # rows computed before (same artifact, same base) are reused
+        with np.load(cache) as z:
+            have = dict(zip(z["ids"].tolist(), z["feats"]))
+    todo = [i for i, k in enumerate(ids) if k not in have]
+    if todo:
+        new = cls_features(load_frozen(base), [toks[i] for i in todo], art.side_rows)
+        have.update(zip([ids[i] for i in todo], new))
         if cache is not None:
-            np.save(cache, feats)
+            np.savez(cache, ids=np.array(list(have)), feats=np.stack(list(have.values())))
+    feats = np.stack([have[k] for k in ids])
     stages["features"] = round(time.time() - t1, 1)
 
     split = np.array([e["split"] for e in use])
@@ -278,5 +283,6 @@ def add_parser(sub) -> None:
     c.add_argument("--tier-fpr", type=float, default=0.05,
                    help="controversial threshold: at most this share of the other val harmful rows reach it")
     c.add_argument("--threads", type=int, default=2)
-    c.add_argument("--features", type=Path, default=None, help="cache the [CLS] hidden states in this .npy")
+    c.add_argument("--features", type=Path, default=None,
+                   help="cache the [CLS] hidden states in this .npz (by example id; for one artifact and base)")
     c.set_defaults(func=cmd_categories)
