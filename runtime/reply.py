@@ -23,8 +23,9 @@ class Safety:
     triggers: list[str] = field(default_factory=list)  # why each check ran: prompt/every/entropy/.../end
     intervened_at: int | None = None
     reason: str | None = None
-    # with a category head: the top harm category of the prompt check (or of the check that intervened),
-    # every category's probability there, the controversial tier's, and the checks a rule let through
+    # with a category head: the category of the prompt check, or of the check that intervened (its top
+    # harm category when it flagged the conversation, else its top row, "none" for no harm topic), every
+    # category's probability there, the controversial tier's, and the checks a rule let through
     category: str | None = None
     category_scores: dict[str, float] | None = None
     controversial: float | None = None

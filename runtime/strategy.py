@@ -45,6 +45,10 @@ class Categories:
         """The most likely harm category (the no-harm row left out) and its probability."""
         return max(((n, float(q)) for n, q in zip(self.names, probs) if n != self.none), key=lambda x: x[1])
 
+    def best(self, probs) -> str:
+        """The most likely row, the no-harm row included."""
+        return max(zip(self.names, probs), key=lambda x: x[1])[0]
+
     def confident(self, probs, names) -> str | None:
         """The first of `names` whose probability reaches its threshold, or None."""
         for n in sorted(names):
@@ -186,13 +190,14 @@ class _Run:
         self.released = upto
         return self.show(self.decoder.decode(data))
 
-    def _record(self, scores) -> str | None:
-        """Keep a check's category scores on the trace; the name of its top harm category."""
+    def _record(self, scores, flagged: bool) -> str | None:
+        """Keep a check's category scores on the trace and name its category: the top harm category when
+        the check flagged the conversation, else the top row (`none` for a request with no harm topic)."""
         if scores is None:
             return None
         probs, tier = scores
         s = self.safety
-        s.category, _ = self.cats.top(probs)
+        s.category = self.cats.top(probs)[0] if flagged else self.cats.best(probs)
         s.category_scores, s.controversial = self.cats.scores(probs), round(float(tier), 6)
         return s.category
 
@@ -212,9 +217,9 @@ class _Run:
         thr = self.thr if covered == 0 else self.answer_thr
         scores = self.backend.categories() if self.cats is not None and fresh else None
         if self.cats is not None:
-            s.category_trace.append(self.cats.top(scores[0])[0] if scores is not None else None)
+            s.category_trace.append(self.cats.best(scores[0]) if scores is not None else None)
         if covered == 0 or p >= thr:
-            self._record(scores)
+            self._record(scores, flagged=p >= thr)
         unsafe, reason = p >= thr, None
         pol = self.policy
         if self.cats is not None and pol.has_category_rules:  # (the Python loop: every check is fresh)
@@ -225,7 +230,8 @@ class _Run:
                 if flipped != unsafe and not flipped:
                     s.allowed.append((covered, hit))
                 elif flipped != unsafe:
-                    self._record(scores)
+                    self._record(scores, flagged=True)
+                    s.category = hit
                     i = self.cats.names.index(hit)
                     reason = (f"blocked category {hit}: p={scores[0][i]:.3f} >= {self.cats.thresholds[i]:.3f} "
                               f"at {where}")
@@ -236,7 +242,7 @@ class _Run:
                 if reason is None:
                     if self.cats is not None and not fresh:
                         self.backend.check()  # the same position again: scores that name the category
-                        self._record(self.backend.categories())
+                        self._record(self.backend.categories(), flagged=True)
                     named = f" ({s.category})" if self.cats is not None and s.category else ""
                     reason = f"unsafe{named}: p_unsafe={p:.3f} >= {thr:.3f} at {where}"
                 raise _Intervene(covered, reason)

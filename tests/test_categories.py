@@ -395,3 +395,12 @@ def test_the_real_data_set_maps_onto_the_taxonomy():
             assert cat is not None, e["prompt"][:80]
     counts = mapping_counts(ex)["categories"]
     assert all(counts.get(f"{c} / label 1", 0) >= 20 for c in HEAD if c not in (NONE, "specialised_advice"))
+
+
+def test_an_answered_request_names_its_topic_or_none():
+    r = _run(CategoryBackend([5], lambda c: 0.1, (0.05, 0.05, 0.05, 0.85)), SafetyPolicy())
+    assert not r.refused and r.safety.category == NONE
+    r = _run(CategoryBackend([5], lambda c: 0.1, (0.05, 0.8, 0.05, 0.1)), SafetyPolicy())
+    assert r.safety.category == "specialised_advice"
+    r = _run(CategoryBackend([5], lambda c: 0.9, (0.2, 0.05, 0.05, 0.7)), SafetyPolicy())  # flagged: a harm name
+    assert r.refused and r.safety.category == "weapons"
