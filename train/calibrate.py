@@ -206,7 +206,8 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
                   "`budget` of the benign ones that look like attacks (look-dangerous, prefilled, jailbreak-wrapped) "
                   "refused",
         "budget": budget, "plain_budget": plain_budget,
-        "policy": {k: v for k, v in asdict(policy).items() if k not in ("threshold", "answer_threshold", "refusal")},
+        "policy": {k: v for k, v in asdict(policy).items()
+                   if k not in ("threshold", "answer_threshold", "refusal", "allow", "block", "controversial")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
         **tally(rows, tp, ta),
         # the alternative: what the best pair gains over the best one that never checks inside the answer
