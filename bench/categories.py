@@ -16,7 +16,7 @@ scores of the [CLS] at the end of the prompt, the check the default file acts on
    topics refused before and after (the collateral);
 4. `controversial="loose"`: controversial and other harmful requests answered.
 
-The decisions are `runtime.strategy.apply_rules`, the function the token loop calls.
+The decisions are `runtime.policy.apply_rules`, the function the token loop calls.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from runtime.backends.base import Sampling
 from runtime.model import load
-from runtime.strategy import SafetyPolicy, apply_rules
+from runtime.policy import SafetyPolicy, apply_rules
 
 from train.calibrate import messages
 from train.categories import label_examples

@@ -13,8 +13,9 @@ import threading
 from .errors import (ContextOverflowError, MessagesError, ModelBusyError, ModelFileError, ParameterError,
                      RuntimeSafetyError)
 from .model import Model, load
+from .policy import SafetyPolicy
 from .reply import Reply, Safety, Usage
-from .strategy import Generation, SafetyPolicy
+from .strategy import Generation
 
 __all__ = ["chat", "load", "Model", "Reply", "Safety", "Usage", "Generation", "SafetyPolicy",
            "ModelFileError", "MessagesError", "ContextOverflowError", "RuntimeSafetyError", "ModelBusyError",

@@ -12,7 +12,7 @@ import sys
 
 from .backends.base import CHAT_SAMPLING
 from .errors import RuntimeSafetyError
-from .strategy import SafetyPolicy
+from .policy import SafetyPolicy
 
 DEFAULT_SERVE_NAME = "smollm2-135m-safe"  # the embedded default model's name on the local server
 

@@ -11,10 +11,11 @@ from runtime.contract import MetadataError, SafetyMeta, verification_problem
 from .backends.base import CHAT_SAMPLING, Sampling
 from .errors import ContextOverflowError, ModelBusyError, ModelFileError, ParameterError
 from .formats import grammar_for
+from .policy import Categories, SafetyPolicy
 from .prompt import build_prompt, prompt_template, prompt_tokens
 from .reply import Reply
 from .stops import stop_list
-from .strategy import Categories, Generation, SafetyPolicy, generate
+from .strategy import Generation, generate
 
 BACKENDS = ("llama", "onnx")
 
