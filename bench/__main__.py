@@ -1,7 +1,7 @@
 import sys
 
-from . import (answers, base_speed, categories, cls_variants, conversations, gil, joint_speed, memory, overhead, own_answers, policies,
-               profile, soak, turns)
+from . import (answers, base_speed, categories, cls_variants, conversations, gil, joint_speed, memory, overhead,
+               own_answers, policies, profile, soak, turns)
 
 # "throughput" and "side_tokens" are kept as aliases: overhead and cls_variants measure what they did (and more)
 # with the same options
@@ -11,8 +11,25 @@ COMMANDS = {"overhead": overhead.main, "throughput": overhead.main, "memory": me
             "cls_variants": cls_variants.main, "side_tokens": cls_variants.main, "base_speed": base_speed.main,
             "joint_speed": joint_speed.main, "answers": answers.main,
             "turns": turns.main, "categories": categories.main}
+MODULES = {"overhead": overhead, "memory": memory, "policies": policies, "conversations": conversations,
+           "soak": soak, "gil": gil, "profile": profile, "own_answers": own_answers, "cls_variants": cls_variants,
+           "base_speed": base_speed, "joint_speed": joint_speed, "answers": answers, "turns": turns,
+           "categories": categories}
 
-if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-    print(f"usage: python -m bench {{{','.join(COMMANDS)}}} [options]")
+
+def _usage() -> str:
+    lines = ["usage: python -m bench COMMAND [options]   (COMMAND --help for its options; '-' or '_' alike)", ""]
+    for name, mod in MODULES.items():
+        first = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
+        lines.append(f"  {name.replace('_', '-'):15s} {first}")
+    return "\n".join(lines)
+
+
+name = sys.argv[1].replace("-", "_") if len(sys.argv) > 1 else ""
+if name in ("__help", "_h"):
+    print(_usage())
+    sys.exit(0)
+if name not in COMMANDS:
+    print(_usage(), file=sys.stderr)
     sys.exit(2)
-sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+sys.exit(COMMANDS[name](sys.argv[2:]))

@@ -189,3 +189,14 @@ def test_turns_bench_tiny(tiny_safe, capsys):
     third = [r for r in rows if r[2].strip() == "3"]
     for r in third:  # with reuse the third turn decodes only what is new; without, the whole history
         assert int(r[5]) < int(r[7]) == int(r[3])
+
+
+def test_bench_help_lists_every_command_and_hyphens_work():
+    r = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "joint-speed" in r.stdout and "categories" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "bench", "joint-speed", "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "usage" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "usage: python -m bench COMMAND" in r.stderr
