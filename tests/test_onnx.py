@@ -114,17 +114,17 @@ def test_sampler_never_picks_safety_tokens(models):
 def test_load_chat_end_to_end(models, onnx_dir):
     ml, mo = models
     assert mo.path == onnx_dir / "model.onnx"
-    ro = mo.chat(PROMPT, max_tokens=20)
-    rl = ml.chat(PROMPT, max_tokens=20)
+    ro = mo.chat(PROMPT, max_tokens=20, seed=0)
+    rl = ml.chat(PROMPT, max_tokens=20, seed=0)
     assert not ro.refused and ro.usage.completion_tokens == rl.usage.completion_tokens
     assert ro.text == rl.text
     assert [c for c, _ in ro.safety.trace] == [c for c, _ in rl.safety.trace]
     assert max(abs(a - b) for (_, a), (_, b) in zip(ro.safety.trace, rl.safety.trace)) < 5e-3
-    pieces = list(g := mo.chat(PROMPT, max_tokens=20, stream=True))
+    pieces = list(g := mo.chat(PROMPT, max_tokens=20, seed=0, stream=True))
     assert "".join(pieces) == ro.text and g.reply.text == ro.text
-    r = mo.chat(PROMPT, max_tokens=20, safety=runtime.SafetyPolicy(threshold=0.01))
+    r = mo.chat(PROMPT, max_tokens=20, seed=0, safety=runtime.SafetyPolicy(threshold=0.01))
     assert r.refused and r.safety.intervened_at == 0 and "unsafe" in r.safety.reason
-    off = mo.chat(PROMPT, max_tokens=20, safety="off")
+    off = mo.chat(PROMPT, max_tokens=20, seed=0, safety="off")
     assert off.text == ro.text and off.safety.checks == 0
 
 
