@@ -18,18 +18,25 @@ MODULES = {"overhead": overhead, "memory": memory, "policies": policies, "conver
 
 
 def _usage() -> str:
-    lines = ["usage: python -m bench COMMAND [options]   (COMMAND --help for its options; '-' or '_' alike)", ""]
+    lines = ["usage: python -m bench (or safechat bench) COMMAND [options]   (COMMAND --help for its options; '-' or '_' alike)", ""]
     for name, mod in MODULES.items():
         first = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
         lines.append(f"  {name.replace('_', '-'):15s} {first}")
     return "\n".join(lines)
 
 
-name = sys.argv[1].replace("-", "_") if len(sys.argv) > 1 else ""
-if name in ("__help", "_h"):
-    print(_usage())
-    sys.exit(0)
-if name not in COMMANDS:
-    print(_usage(), file=sys.stderr)
-    sys.exit(2)
-sys.exit(COMMANDS[name](sys.argv[2:]))
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench COMMAND ...` (also `safechat bench COMMAND ...`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0].replace("-", "_") if argv else ""
+    if name in ("__help", "_h"):
+        print(_usage())
+        return 0
+    if name not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        return 2
+    return COMMANDS[name](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

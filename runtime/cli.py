@@ -9,28 +9,14 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
-from .backends.base import CHAT_SAMPLING
+from .cli_flags import (add_model_flags, add_policy_flags, add_sampling_flags, load_kwargs, policy_of,
+                        sampling_kwargs)
 from .errors import RuntimeSafetyError
 from .policy import SafetyPolicy
 
 DEFAULT_SERVE_NAME = "smollm2-135m-safe"  # the embedded default model's name on the local server
-
-
-def _answer_threshold(text: str) -> float:
-    return math.inf if text.lower() in ("never", "inf") else float(text)
-
-
-def _add_category_rules(p) -> None:
-    """The per-app rules over a model's category head (SafetyPolicy.allow / block / controversial)."""
-    p.add_argument("--allow", action="append", default=[], metavar="CATEGORY",
-                   help="answer a flagged request the category head confidently puts in CATEGORY (repeatable; "
-                        "e.g. specialised_advice for a pharmacy assistant)")
-    p.add_argument("--block", action="append", default=[], metavar="CATEGORY",
-                   help="refuse requests the category head confidently puts in CATEGORY even when the safety "
-                        "verdict clears them (repeatable; e.g. self_harm for a children's app)")
-    p.add_argument("--controversial", choices=("strict", "loose"), default="strict",
-                   help="loose: answer flagged requests of the controversial tier (default strict)")
 
 
 def _version() -> str:
@@ -44,65 +30,31 @@ def _version() -> str:
     return f"safechat {v('safechat')} (llama-cpp-python {v('llama-cpp-python')})"
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    prog = "safechat" if os.path.basename(sys.argv[0]) == "safechat" else "python -m runtime"
-    ap = argparse.ArgumentParser(prog=prog, description="Local chat with an explicit safety signal")
-    ap.add_argument("--version", action="version", version=_version())
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ms = sub.add_parser("models", help="list (or remove) the model files built into the cache")
-    ms.add_argument("--remove", action="append", default=[], metavar="NAME",
-                    help="delete this built file (its name as listed; repeatable)")
-    ms.add_argument("--prune", action="store_true",
-                    help="delete every built default model except the one this version uses")
+def add_verbs(sub) -> None:
+    """chat, serve, plot, models: the runtime's verbs (also those of `safechat`, safechat/cli.py)."""
+    ms = sub.add_parser("models", help="list, build, locate or remove the model files built into the cache")
+    ms.add_argument("action", nargs="?", choices=("list", "pull", "path", "rm", "prune"), default="list",
+                    help="list (default); pull: build the default model now; path: print where it is; "
+                         "rm NAME...: delete built files; prune: delete every older default")
+    ms.add_argument("names", nargs="*", metavar="NAME", help="for rm: the files' names as listed")
     c = sub.add_parser("chat", help="answer QUESTION once, or chat interactively when it is omitted")
     c.add_argument("question", nargs="?", help="the question; omit for an interactive chat (reads stdin)")
-    c.add_argument("--model", help="a safe GGUF model file (default: the embedded SmolLM2-135M safe model)")
-    c.add_argument("--json", action="store_true", help="print the whole reply as JSON (text, refused, safety, usage)")
-    c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=CHAT_SAMPLING["temperature"],
-                   help=f"sampling temperature (0: greedy; default {CHAT_SAMPLING['temperature']})")
-    c.add_argument("--top-p", type=float, default=CHAT_SAMPLING["top_p"])
-    c.add_argument("--repeat-penalty", type=float, default=CHAT_SAMPLING["repeat_penalty"])
-    c.add_argument("--seed", type=int, default=None, help="a fixed seed repeats an answer (default: a fresh one)")
-    c.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="end the answer where TEXT first appears (repeatable, at most 4)")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--every", type=int, default=SafetyPolicy.every, help="check the safety verdict every K tokens")
-    c.add_argument("--patience", type=int, default=1, help="consecutive unsafe verdicts before acting")
-    c.add_argument("--threshold", type=float, default=None,
-                   help="act on p_unsafe >= this (default: the model file's calibrated threshold(s))")
-    c.add_argument("--answer-threshold", type=_answer_threshold, default=None, metavar="P|never",
-                   help="a separate threshold for the checks inside the answer; 'never': check only the prompt "
-                        "(default: the model file's, else --threshold)")
-    c.add_argument("--max-gap", type=int, default=None, help="adaptive: never more tokens than this between checks")
-    c.add_argument("--entropy-trigger", type=float, default=None, help="adaptive: check after a token sampled "
-                   "at this next-token entropy (nats) or more")
-    c.add_argument("--margin-trigger", type=float, default=None, help="adaptive: check after a token whose top-1 "
-                   "minus top-2 probability was this or less")
-    c.add_argument("--sentence-ends", action="store_true", help="adaptive: check at sentence and line ends")
-    c.add_argument("--action", choices=("refuse", "stop"), default="refuse")
-    c.add_argument("--no-safety", action="store_true", help="run WITHOUT safety checks (baselines only)")
     c.add_argument("--system", help="a system message for the conversation")
-    c.add_argument("--allow-unverified", action="store_true",
-                   help="load a file whose verification stamp says it failed (convert verify)")
-    _add_category_rules(c)
+    c.add_argument("--json", action="store_true", help="print the whole reply as JSON (text, refused, safety, usage)")
+    add_model_flags(c)
+    add_sampling_flags(c)
+    add_policy_flags(c)
     pl = sub.add_parser("plot", help="answer QUESTION and draw its p_unsafe trace as a PNG (needs matplotlib)")
     pl.add_argument("question")
     pl.add_argument("--prefill", help="an assistant prefill the model continues (e.g. 'Sure, here is')")
     pl.add_argument("--out", default="safety_trace.png")
-    pl.add_argument("--model", help="a safe GGUF model file (default: the embedded model)")
-    pl.add_argument("--max-tokens", type=int, default=64)
     pl.add_argument("--every", type=int, default=1, help="check every K tokens (default 1: the full trace)")
+    add_model_flags(pl)
+    add_sampling_flags(pl, max_tokens=64)
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs pip install -e '.[serve]')")
-    s.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help=f"a safe GGUF model served as NAME (repeatable; the first is the default). "
-                        f"Default: the embedded model as {DEFAULT_SERVE_NAME}")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--allow-unverified", action="store_true",
-                   help="load a file whose verification stamp says it failed (convert verify)")
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="reject requests asking for more tokens")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="also let web pages from ORIGIN call the API (repeatable; '*' for any). Pages on "
@@ -110,14 +62,21 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="reject larger request bodies")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait per model while it answers "
                    "one; more get HTTP 503 with Retry-After (default 8)")
-    _add_category_rules(s)
+    add_model_flags(s, many=True, serve_name=DEFAULT_SERVE_NAME)
+    add_sampling_flags(s, max_tokens=None)  # the defaults of what a request leaves out
+    add_policy_flags(s)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    prog = "safechat" if os.path.basename(sys.argv[0]) == "safechat" else "python -m runtime"
+    ap = argparse.ArgumentParser(prog=prog, description="Local chat with an explicit safety signal")
+    ap.add_argument("--version", action="version", version=_version())
+    add_verbs(ap.add_subparsers(dest="cmd", required=True))
     return ap
 
 
 def _parse_models(specs) -> dict:
     """['name=path', 'path'] -> {name: path}; a bare path is named after its file stem."""
-    from pathlib import Path
-
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -132,21 +91,36 @@ def _parse_models(specs) -> dict:
 
 
 def cmd_models(args, out=sys.stdout) -> int:
-    """The built models in `$SAFECHAT_CACHE/models`: name, size, which one the default is now."""
+    """The built models in `$SAFECHAT_CACHE/models`: list them, build the default (pull), print its path,
+    remove some (rm), or every older default (prune)."""
     from .artifact import load_artifact
-    from .default_model import ASSET, WEIGHTS
+    from .default_model import ASSET, WEIGHTS, default_model_path
     from .fetch import cache_dir
 
+    if args.names and args.action != "rm":
+        raise ValueError(f"models {args.action} takes no names (only rm does)")
+    if args.action in ("pull", "path"):
+        folder = cache_dir() / "models"
+        path = default_model_path() if args.action == "pull" else None
+        if path is None:
+            name = f"SmolLM2-135M-Instruct-safe-{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
+            path = folder / name
+        out.write(f"{path}\n")
+        if not path.is_file():
+            out.write("  (not built yet: `models pull` or the first chat builds it)\n")
+        return 0
     folder = cache_dir() / "models"
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
     current = f"SmolLM2-135M-Instruct-safe-{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
     by_name = {f.name: f for f in files}
     doomed = []
-    for name in args.remove:
+    if args.action == "rm" and not args.names:
+        raise ValueError("models rm needs the names of the files to delete (as `models list` shows them)")
+    for name in args.names:
         if name not in by_name:
             raise ValueError(f"no built model named {name!r} in {folder}")
         doomed.append(by_name[name])
-    if args.prune:
+    if args.action == "prune":
         doomed += [f for f in files if f.name.startswith("SmolLM2-135M-Instruct-safe-") and f.name != current]
     for f in dict.fromkeys(doomed):
         f.unlink()
@@ -172,18 +146,20 @@ def cmd_serve(args) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     specs = _parse_models(args.model)
-    policy = SafetyPolicy(allow=args.allow, block=args.block, controversial=args.controversial)
+    policy, how = policy_of(args), load_kwargs(args)
+    if policy == "off":
+        print("warning: serving WITHOUT safety checks (--no-safety)", file=sys.stderr)
     if specs:
-        models = {name: load(path, threads=args.threads, allow_unverified=args.allow_unverified, safety=policy)
-                  for name, path in specs.items()}
+        models = {name: load(path, safety=policy, **how) for name, path in specs.items()}
     else:
-        models = {DEFAULT_SERVE_NAME: load(threads=args.threads, safety=policy)}
+        models = {DEFAULT_SERVE_NAME: load(safety=policy, **how)}
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(models, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-          max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue, cors_origins=args.cors_origin)
+          max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue, cors_origins=args.cors_origin,
+          defaults=sampling_kwargs(args))
     return 0
 
 
@@ -191,7 +167,7 @@ def cmd_plot(args) -> int:
     from .model import load
     from .plot import plot_trace
 
-    model = load(args.model)
+    model = load(args.model, **load_kwargs(args))
     meta = model.meta
     # the full trace: a file that checks only the prompt (answer threshold inf) gets answer checks that
     # practically never act (p_unsafe >= the largest float below 1), so there is something to plot
@@ -201,7 +177,7 @@ def cmd_plot(args) -> int:
     messages = [{"role": "user", "content": args.question}]
     if args.prefill:
         messages.append({"role": "assistant", "content": args.prefill})
-    reply = model.chat(messages, max_tokens=args.max_tokens, safety=policy)
+    reply = model.chat(messages, safety=policy, **sampling_kwargs(args))
     print(reply.text)
     print(f"wrote {plot_trace(reply, args.out)}", file=sys.stderr)
     return 0
@@ -218,8 +194,7 @@ def _print_reply_end(reply, as_json: bool, out) -> None:
 
 
 def _turn(model, messages, args, out) -> str:
-    gen = model.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                     top_p=args.top_p, repeat_penalty=args.repeat_penalty, stop=args.stop, stream=True)
+    gen = model.chat(messages, stream=True, **sampling_kwargs(args))
     with gen:  # closed however the loop ends (Ctrl-C included): the model is never left held
         for piece in gen:
             if not args.json:
@@ -232,12 +207,7 @@ def _turn(model, messages, args, out) -> str:
 def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
     from .model import load
 
-    safety = "off" if args.no_safety else SafetyPolicy(
-        every=args.every, patience=args.patience, action=args.action, max_gap=args.max_gap,
-        threshold=args.threshold, answer_threshold=args.answer_threshold,
-        entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger, sentence_ends=args.sentence_ends,
-        allow=args.allow, block=args.block, controversial=args.controversial)
-    model = load(args.model, threads=args.threads, safety=safety, allow_unverified=args.allow_unverified)
+    model = load(args.model, safety=policy_of(args), **load_kwargs(args))
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.question is not None:
         _turn(model, history + [{"role": "user", "content": args.question}], args, out)
@@ -260,8 +230,8 @@ def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
         history.append({"role": "assistant", "content": text})
 
 
-def main(argv=None) -> int:
-    args = _build_parser().parse_args(argv)
+def run(args) -> int:
+    """Run a parsed runtime verb; a bad input is one line on stderr and exit status 2."""
     try:
         return {"serve": cmd_serve, "plot": cmd_plot, "models": cmd_models}.get(args.cmd, cmd_chat)(args)
     except (RuntimeSafetyError, ValueError, NotImplementedError, ImportError) as e:
@@ -269,3 +239,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv=None) -> int:
+    return run(_build_parser().parse_args(argv))

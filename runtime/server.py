@@ -113,7 +113,8 @@ class _EventStream(StreamingResponse):
 
 class Server:
     def __init__(self, models: dict, api_key: str | None, max_body_bytes: int, max_tokens_cap: int,
-                 max_queue: int = DEFAULT_MAX_QUEUE, retry_after: int = DEFAULT_RETRY_AFTER_S):
+                 max_queue: int = DEFAULT_MAX_QUEUE, retry_after: int = DEFAULT_RETRY_AFTER_S,
+                 defaults: dict | None = None):
         if not models:
             raise ValueError("the server needs at least one model")
         self.models = dict(models)
@@ -121,6 +122,7 @@ class Server:
         self.api_key = api_key or None
         self.max_body_bytes = int(max_body_bytes)
         self.max_tokens_cap = int(max_tokens_cap)
+        self.defaults = dict(defaults or {})  # Model.chat keywords a request may override (safechat serve --temperature)
         self.retry_after = max(1, int(retry_after))
         by_model: dict[int, ModelQueue] = {}  # one queue per Model object, even if served under two names
         self.queues = {n: by_model.setdefault(id(m), ModelQueue(max_queue)) for n, m in self.models.items()}
@@ -194,7 +196,8 @@ class Server:
 
     async def chat_completions(self, request: Request):
         self.authorize(request)
-        req = parse_chat(await self.read_json(request), self.models, self.default, self.max_tokens_cap)
+        req = parse_chat(await self.read_json(request), self.models, self.default, self.max_tokens_cap,
+                         self.defaults)
         model = self.models[req.model]
         # validates the messages and the context window before queueing (400 on error); starts nothing
         gen = await anyio.to_thread.run_sync(lambda: model.chat(req.messages, stream=True, **req.kwargs))
@@ -236,14 +239,18 @@ class Server:
 
 def create_app(models: dict, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, max_queue: int = DEFAULT_MAX_QUEUE,
-               retry_after: int = DEFAULT_RETRY_AFTER_S, cors_origins: list[str] | None = None) -> Starlette:
+               retry_after: int = DEFAULT_RETRY_AFTER_S, cors_origins: list[str] | None = None,
+               defaults: dict | None = None) -> Starlette:
     """The ASGI app serving `models` ({name: runtime.Model}; the first is the default).
 
     `max_queue`: requests that may wait per model while one generates (more get 503 + Retry-After).
     `cors_origins`: web origins allowed to call the API from a browser besides localhost / 127.0.0.1
     (any port), which always are, as with Ollama; ['*'] allows any.
+    `defaults`: Model.chat keywords for what a request leaves out (max_tokens, temperature, top_p,
+    repeat_penalty, seed, stop), as Ollama's model parameters; a request's own fields win.
     """
-    srv = Server(models, api_key, max_body_bytes, max_tokens_cap, max_queue=max_queue, retry_after=retry_after)
+    srv = Server(models, api_key, max_body_bytes, max_tokens_cap, max_queue=max_queue, retry_after=retry_after,
+                 defaults=defaults)
 
     def wrap(endpoint):
         async def handler(request: Request):
@@ -270,12 +277,13 @@ def create_app(models: dict, api_key: str | None = None, max_body_bytes: int = D
 
 def serve(models: dict, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", cors_origins: list[str] | None = None) -> None:
+          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", cors_origins: list[str] | None = None,
+          defaults: dict | None = None) -> None:
     """Serve `models` with uvicorn until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     try:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"the local server needs uvicorn ({e}); install it with pip install -e '.[serve]'") from None
     app = create_app(models, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap,
-                     max_queue=max_queue, cors_origins=cors_origins)
+                     max_queue=max_queue, cors_origins=cors_origins, defaults=defaults)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

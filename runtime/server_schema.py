@@ -85,8 +85,13 @@ def _integer(body: dict, key: str) -> int | None:
     return v
 
 
-def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> ChatRequest:
-    """Check a /v1/chat/completions body; raise APIError (4xx) naming the first problem."""
+def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int,
+               defaults: dict | None = None) -> ChatRequest:
+    """Check a /v1/chat/completions body; raise APIError (4xx) naming the first problem.
+
+    `defaults`: the server's Model.chat keywords for fields the body leaves out (the body's win).
+    """
+    defaults = defaults or {}
     name = body.get("model") or default
     if not isinstance(name, str) or name not in models:
         raise APIError(404, f"model {name!r} not found; available: {', '.join(models)}",
@@ -96,7 +101,7 @@ def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> C
     messages = body["messages"]  # roles, content parts, Unicode: checked by Model.chat (runtime/prompt.py)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
+        max_tokens = min(defaults.get("max_tokens", DEFAULT_MAX_TOKENS), max_tokens_cap)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise APIError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
     if max_tokens > max_tokens_cap:
@@ -111,12 +116,13 @@ def parse_chat(body: dict, models: dict, default: str, max_tokens_cap: int) -> C
         raise APIError(400, "'stream' must be a boolean", param="stream")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    kw = {"max_tokens": max_tokens, "stop": body.get("stop"),  # checked by Model.chat (runtime/stops.py)
-          "response_format": body.get("response_format")}      # a grammar (runtime/formats.py)
-    for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):  # absent: the model's chat defaults
+    kw = {**defaults, "max_tokens": max_tokens}
+    kw.update({"stop": body.get("stop", defaults.get("stop")),  # checked by Model.chat (runtime/stops.py)
+               "response_format": body.get("response_format")})  # a grammar (runtime/formats.py)
+    for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):  # absent: the server's, else the chat defaults
         if body.get(key) is not None:
             kw[key] = _number(body, key, lo, hi, 0.0)
-    if seed is not None:  # absent: a fresh seed per request
+    if seed is not None:  # absent: the server's --seed, else a fresh seed per request
         kw["seed"] = seed & 0xFFFFFFFF
     return ChatRequest(name, messages, kw, stream, include_usage)
 

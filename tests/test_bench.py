@@ -199,4 +199,4 @@ def test_bench_help_lists_every_command_and_hyphens_work():
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0 and "usage" in r.stdout
     r = subprocess.run([sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "usage: python -m bench COMMAND" in r.stderr
+    assert r.returncode == 2 and "usage: python -m bench (or safechat bench) COMMAND" in r.stderr

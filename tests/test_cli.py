@@ -69,9 +69,9 @@ def test_version_and_built_models(tmp_path):
                                     text=True, env=env, timeout=60)
     r = run()
     assert r.returncode == 0 and "2 built model file(s)" in r.stdout and "is built on the first chat" in r.stdout
-    r = run("--prune")  # an older default goes, a file of the user's stays
+    r = run("prune")  # an older default goes, a file of the user's stays
     assert "removed SmolLM2-135M-Instruct-safe-000000000000-F16.gguf" in r.stdout and (models / "mine.gguf").exists()
-    r = run("--remove", "mine.gguf")
+    r = run("rm", "mine.gguf")
     assert r.returncode == 0 and not (models / "mine.gguf").exists()
-    r = run("--remove", "nope.gguf")
+    r = run("rm", "nope.gguf")
     assert r.returncode == 2 and "no built model named 'nope.gguf'" in r.stderr
