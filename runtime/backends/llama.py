@@ -16,8 +16,9 @@ import llama_cpp as ll
 
 from runtime.contract import PREFIX, SafetyMeta
 
-from ..errors import ModelFileError, ParameterError
+from ..errors import ModelFileError
 from .base import Sampling, TokensFromFile, category_probs, check_prompt, side_tokens
+from .llama_sampler import grammar_sampler, sampler_chain
 
 try:  # the native module built from cpp_ext/ by pip install
     import runtime._native as _native  # the compiled module itself, not the package API
@@ -363,48 +364,15 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         from .native_loop import FusedLoop
         return FusedLoop(self, policy, threshold, max_tokens, n_prompt, streak)
 
-    def _grammar_sampler(self, grammar: str):
-        """llama.cpp's grammar sampler for `grammar` (GBNF with a `root` rule); ParameterError if it does not parse."""
-        g = ll.llama_sampler_init_grammar(self.mf.vocab, grammar.encode("utf-8"), b"root")
-        if not g:
-            raise ParameterError("llama.cpp could not parse the grammar (its log says where)")
-        return g
-
     def check_grammar(self, grammar: str) -> None:
         """Raise ParameterError unless llama.cpp parses `grammar` (before a generation, not inside it)."""
-        ll.llama_sampler_free(self._grammar_sampler(grammar))
+        ll.llama_sampler_free(grammar_sampler(self.mf.vocab, grammar))
 
     def _make_sampler(self, s: Sampling) -> None:
         if self.sampler is not None:
             ll.llama_sampler_free(self.sampler)
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if self.masked_ids:
-            n = len(self.masked_ids)
-            bias = (ll.llama_logit_bias * n)()
-            for i, tok in enumerate(self.masked_ids):
-                bias[i].token, bias[i].bias = tok, float("-inf")
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.mf.n_vocab, n, bias))
-        if s.grammar is not None:  # after the safety mask: the grammar only ever sees ordinary tokens
-            try:
-                g = self._grammar_sampler(s.grammar)
-            except ParameterError:
-                ll.llama_sampler_free(chain)
-                self.sampler = None
-                raise
-            ll.llama_sampler_chain_add(chain, g)
-        if s.repeat_penalty != 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self.mf.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
-        if s.greedy:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-        else:
-            if s.top_k > 0:
-                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
-        self.sampler = chain
+            self.sampler = None
+        self.sampler = sampler_chain(self.mf.vocab, self.mf.n_vocab, self.masked_ids, s)
 
     def close(self):
         if getattr(self, "sampler", None):
