@@ -51,18 +51,17 @@ from runtime.contract import PREFIX, MetadataError, SafetyMeta
 QUANTS = ("int8", "int4", "int8-dynamic")
 _HIDDEN_OP, _HIDDEN_DOMAIN = "KeepFloatGemm", "safechat.export"  # placeholder during int8 quantization
 OPSET = 18
+ONNX_ARCHITECTURES = ("llama",)  # the graph this exporter writes (convert/llama_torch.py's layers)
 
 
 def _gguf_kv(path: Path) -> tuple[dict[str, str], str | None, int]:
     """(safety.* as strings, chat template, n_vocab) straight from the GGUF; refuses other architectures."""
     from runtime.gguf_io import ConvertError, architecture, read_gguf
-    from runtime.fold import SUPPORTED_ARCHITECTURES
-
     r = read_gguf(path, "model")
     arch = architecture(r, str(path))
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ONNX_ARCHITECTURES:
         raise ConvertError(f"{path}: architecture {arch!r} is not supported by the ONNX export; supported: "
-                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                           f"{', '.join(ONNX_ARCHITECTURES)}")
     kv = {}
     for name, f in r.fields.items():
         if name.startswith(PREFIX):

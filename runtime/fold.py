@@ -24,8 +24,10 @@ from .contract import (CATEGORIES, CONTROVERSIAL_TOKEN, MAX_CHECK_TOKENS, PREFIX
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ConvertError", "check_compatible", "convert_gguf", "read_gguf"]
 
-# Architectures whose safety artifacts we can train and verify (train/llama_torch.py is the reference).
-SUPPORTED_ARCHITECTURES = ("llama",)
+# Architectures a safety artifact folds into: the fold only appends rows to token_embd/output and adds
+# metadata, the same for each; tests/test_hf_families.py checks the folded [CLS] of each against
+# transformers. (Training and `convert verify` need a torch reference: llama and gemma3 for now.)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 
 
 def _append_rows(t: gguf.ReaderTensor, rows: np.ndarray, keep: int) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:

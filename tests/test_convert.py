@@ -98,7 +98,7 @@ def test_force_refuses_safety_tokens_it_cannot_replace(tiny_base, tmp_path):
 def test_unsupported_architecture_is_named_before_writing(tiny_base, tmp_path):
     r = read_gguf(tiny_base)
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", copied_fields(r), copied_tensors(r))
-    with pytest.raises(ConvertError, match=r"gpt2.gguf: architecture 'gpt2' is not supported; supported: llama$"):
+    with pytest.raises(ConvertError, match=r"gpt2.gguf: architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3, gemma3, phi3$"):
         convert_gguf(gpt2, random_artifact(), tmp_path / "x.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf"]
 

@@ -89,7 +89,7 @@ def test_errors_are_one_clear_line(case, tiny_base, tiny_safe, art_dir, tmp_path
         base, want = tiny_safe, "already carries safety metadata"
     elif case == "architecture":
         base = _with_architecture(tiny_base, tmp_path / "mamba.gguf", "mamba")
-        want = "architecture 'mamba' is not supported; supported: llama"
+        want = "architecture 'mamba' is not supported; supported: llama, qwen2, qwen3, gemma3, phi3"
     else:
         (tmp_path / "afile").write_text("x")
         out, want = tmp_path / "afile" / "out.gguf", "is not writable"

@@ -157,11 +157,12 @@ def test_hf_errors_are_clear_and_nothing_is_written(case, tmp_path):
     hf, _ = write_hf_checkpoint(base, tmp_path / "hf")
     art = random_artifact()
     if case == "architecture":
-        _edit_json(hf / "config.json", architectures=["MistralForCausalLM"])
-        want = "architecture 'MistralForCausalLM' is not supported; supported Hugging Face architectures: Llama"
+        _edit_json(hf / "config.json", architectures=["GPTNeoXForCausalLM"])
+        want = ("architecture 'GPTNeoXForCausalLM' is not supported; supported Hugging Face architectures: "
+                "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
     elif case == "rope_scaling":
         _edit_json(hf / "config.json", rope_scaling={"type": "yarn", "factor": 4.0})
-        want = "rope_scaling={'type': 'yarn', 'factor': 4.0} is not supported"
+        want = "rope scaling 'yarn' is not supported by this importer; convert the checkpoint with llama.cpp's"
     elif case == "hidden":
         _edit_json(hf / "config.json", hidden_size=32)
         want = "the artifact is for hidden size 64; "

@@ -100,9 +100,11 @@ def test_server_defaults_fill_what_a_request_leaves_out():
 def test_the_built_wheel_runs_and_builds_the_default_model(tmp_path):
     from runtime.fetch import PINNED, fetch_wheel
 
-    dist = tmp_path / "dist"
+    dist, src = tmp_path / "dist", tmp_path / "src"  # built from a copy: no build/ left in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "out", "__pycache__",
+                                                             "*.egg-info", "*.so"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(dist), str(ROOT)], capture_output=True, text=True, timeout=600)
+                        "-w", str(dist), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = dist.glob("safechat-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
