@@ -9,9 +9,10 @@ its first 24, is kept for reproducing older figures) the prompt is tokenized the
 * MODEL runs through the runtime's own backend (llama.cpp for a GGUF, onnxruntime for an .onnx
   from `convert onnx`): the end-of-prompt side [CLS] check gives p_unsafe, then N greedy tokens
   (the three safety ids masked, as in the runtime);
-* the reference is `train.llama_torch.FrozenLlama` on REF's weights (dequantized to float32):
-  the same greedy continuation (safety ids masked) and p_unsafe from a [CLS] query against the
-  prompt's keys/values, with the [CLS] row and head rows read from REF's own matrices.
+* the reference is the transformers model of REF's weights (dequantized to float32,
+  `convert/hf_reference.py`, any family the importer knows): the same greedy continuation (safety
+  ids masked) and p_unsafe of the side tokens + [CLS] decoded after the prompt, scored by REF's
+  own safe/unsafe rows.
 
 Metrics per model: next-token agreement (the fraction of the first N greedy tokens that match
 before the first divergence, averaged over prompts), mean and max |delta p_unsafe| and verdict
@@ -24,7 +25,7 @@ prompts one flipped verdict is 0.99, on v1's 24 it is 0.958).
 
 Exact agreement is not expected even for the same weights: llama.cpp keeps K/V in F16 and
 quantizes activations (to Q8) for quantized matmuls, while the reference runs in float32.
-torch is imported only here, lazily.
+torch and transformers are imported only here, lazily.
 """
 from __future__ import annotations
 
@@ -67,88 +68,90 @@ def load_prompts(path: str | Path = PROMPTS) -> dict:
 def _import_torch():
     try:
         import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError:
-        raise VerifyError("verification needs torch for the reference model: pip install -e '.[train]' (or, for "
-                          "quantize/onnx/gguf --quant, --no-verify: the file is written without a stamp)") from None
-    from convert.llama_torch import FrozenLlama
-    return torch, FrozenLlama
+        raise VerifyError("verification needs torch and transformers for the reference model: pip install -e "
+                          "'.[train]' (or, for quantize/onnx/gguf --quant, --no-verify: the file is written without "
+                          "a stamp)") from None
+    return torch
 
 
 # -- the torch reference -----------------------------------------------------------------------
 
 class TorchReference:
-    """Greedy continuation and end-of-prompt p_unsafe from the torch model of REF's weights."""
+    """Greedy continuation and p_unsafe from the transformers model of REF's weights (convert/hf_reference.py).
+
+    A check is what the runtime decodes: the side tokens ending in the [CLS] after the tokens so far,
+    scored by the safe/unsafe logits, on a copy of the key/value cache (the answer never sees it).
+    """
 
     def __init__(self, path: str | Path):
-        torch, FrozenLlama = _import_torch()
-        self.torch = torch
+        from runtime.gguf_io import ConvertError
+
+        from .hf_reference import reference_model
+
+        self.torch = _import_torch()
         self.path = Path(path)
         try:
-            self.m = FrozenLlama(self.path)
-        except Exception as e:
-            raise VerifyError(f"cannot load the reference {self.path} in torch: {e}") from None
-        reader = gguf.GGUFReader(str(self.path))
-        f = reader.fields
+            self.m, self.facts = reference_model(self.path)
+        except (ConvertError, ValueError, KeyError) as e:
+            raise VerifyError(f"cannot load the reference {self.path} in transformers: {e}") from None
+        self.n_vocab = int(self.m.config.vocab_size)
+        f = gguf.GGUFReader(str(self.path)).fields
         kv = {k: str(v.contents()) for k, v in f.items() if k.startswith(PREFIX)}
         try:
-            self.ids = SafetyMeta.from_kv(kv, self.m.cfg.n_vocab, where=f"the reference {self.path}").token_ids
+            meta = SafetyMeta.from_kv(kv, self.n_vocab, where=f"the reference {self.path}")
         except MetadataError as e:
             raise VerifyError(str(e)) from None
-        safe_id, unsafe_id = self.ids[-2:]
-        self.cls_row = self.m.w["token_embd.weight"][list(self.ids[:-2])]  # (K, D): side tokens, then [CLS]
-        self.head = self.m.output_matrix()[[safe_id, unsafe_id]]   # (2, D): [safe, unsafe]
+        self.ids = meta.token_ids                  # (*side, cls, safe, unsafe)
+        self.side = list(self.ids[:-2])            # what a check decodes
+        cats = tuple(meta.category_token_ids or ()) + ((meta.controversial_token_id,)
+                                                         if meta.controversial_token_id is not None else ())
+        self.masked = list(self.ids) + list(cats)  # never sampled, as in the runtime
 
-    def _step(self, kv: list, token: int, pos: int):
-        """One incremental decode step (same math as FrozenLlama.prefill); appends to kv."""
-        torch, F, m = self.torch, self.torch.nn.functional, self.m
-        c = m.cfg
-        rep = c.n_head // c.n_head_kv
-        x = m.embed(torch.tensor([[token]]))
-        p = torch.tensor([[pos]])
-        for i in range(c.n_layer):
-            h = m._norm(x, f"blk.{i}.attn_norm.weight")
-            q, k, v = m._qkv(i, h, p)
-            kv[i][0] = torch.cat([kv[i][0], k], dim=1)
-            kv[i][1] = torch.cat([kv[i][1], v], dim=1)
-            att = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kv[i][0].repeat_interleave(rep, 2).transpose(1, 2),
-                kv[i][1].repeat_interleave(rep, 2).transpose(1, 2))
-            x = x + att.transpose(1, 2).flatten(-2) @ m.w[f"blk.{i}.attn_output.weight"].T
-            x = m._mlp(i, x)
-        return (m._norm(x, "output_norm.weight") @ m.output_matrix().T)[0, -1]
+    def _forward(self, tokens: list[int], cache):
+        return self.m(self.torch.tensor([tokens]), cache=cache, use_cache=True)
+
+    def _check(self, cache) -> float:
+        import copy
+
+        logits = self._forward(self.side, copy.deepcopy(cache)).logits[0, -1]
+        return float(self.torch.softmax(logits[list(self.ids[-2:])].double(), -1)[1])
 
     def _argmax(self, logits) -> int:
         logits = logits.clone()
-        logits[list(self.ids)] = -math.inf
+        logits[self.masked] = -math.inf
         return int(logits.argmax())
 
     def run(self, tokens: list[int], n_new: int, is_eog) -> tuple[float, list[int]]:
-        torch = self.torch
-        with torch.no_grad():
-            kv5, _, logits = self.m.prefill(torch.tensor([tokens]), return_logits=True)
-            hid = self.m.cls_forward(self.cls_row, kv5, torch.tensor([len(tokens)]))
-            lab = hid[0] @ self.head.T
-            p_unsafe = float(torch.softmax(lab.double(), -1)[1])
-            kv = [[kv5[i, 0], kv5[i, 1]] for i in range(kv5.shape[0])]     # (1, T, Hkv, hd) each
-            out, nxt = [], self._argmax(logits[0, -1])
+        from transformers import DynamicCache
+
+        with self.torch.no_grad():
+            cache = DynamicCache(config=self.m.config)
+            logits = self._forward(tokens, cache).logits[0, -1]
+            p_unsafe = self._check(cache)
+            out, nxt = [], self._argmax(logits)
             for step in range(n_new):
                 out.append(nxt)
                 if is_eog(nxt) or step == n_new - 1:
                     break
-                nxt = self._argmax(self._step(kv, nxt, len(tokens) + step))
+                nxt = self._argmax(self._forward([nxt], cache).logits[0, -1])
         return p_unsafe, out
-
 
     def answer_verdicts(self, tokens: list[int], answer: list[int], covered: list[int]) -> list[float]:
         """p_unsafe of a [CLS] after the prompt plus the first c answer tokens, for each c in `covered`."""
-        if not covered:
-            return []
-        torch = self.torch
-        with torch.no_grad():
-            kv5, _ = self.m.prefill(torch.tensor([tokens + answer[:max(covered)]]))
-            ends = torch.tensor([len(tokens) + c for c in covered])
-            hid = self.m.cls_forward(self.cls_row, kv5.expand(-1, -1, len(covered), -1, -1, -1), ends)
-            return [float(p) for p in torch.softmax((hid @ self.head.T).double(), -1)[:, 1]]
+        from transformers import DynamicCache
+
+        found = {}
+        with self.torch.no_grad():
+            cache, done = DynamicCache(config=self.m.config), 0
+            self._forward(tokens, cache)
+            for c in sorted(set(covered)):
+                if c > done:
+                    self._forward(answer[done:c], cache)
+                    done = c
+                found[c] = self._check(cache)
+        return [found[c] for c in covered]
 
 
 # -- llama.cpp (the runtime's path) ------------------------------------------------------------
@@ -244,11 +247,11 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
     model = Path(model)
     t0 = time.perf_counter()
     mf, backend, meta, facts = _open(model, threads)
-    if meta.token_ids != ref.ids or mf.n_vocab != ref.m.cfg.n_vocab:
+    if meta.token_ids != ref.ids or mf.n_vocab != ref.n_vocab:
         backend.close()
         mf.close()
         raise VerifyError(f"{model} has safety token ids {meta.token_ids} and {mf.n_vocab} tokens; the reference "
-                          f"{ref.path.name} has {ref.ids} and {ref.m.cfg.n_vocab}: not the same model")
+                          f"{ref.path.name} has {ref.ids} and {ref.n_vocab}: not the same model")
     bos = mf.bos if mf.add_bos else None
     answer_thr = meta.threshold if meta.answer_threshold is None else meta.answer_threshold
     every = answer_every() if math.isfinite(answer_thr) else 0   # checks inside answers act: verify them

@@ -153,17 +153,20 @@ def test_gguf_with_quant_and_requantize_note(tiny_base, art_dir, tmp_path, capsy
     assert "not verified" in stdout and not read_stamp(tmp_path / "q4.gguf")  # q8's stamp does not carry over
 
 
-def test_torch_reference_step_matches_prefill(tiny_safe):
+def test_torch_reference_cached_greedy_matches_full_passes(tiny_safe):
     torch = pytest.importorskip("torch")
     from convert.verify import TorchReference
     ref = TorchReference(tiny_safe)
     toks = [5, 40, 41, 42, 77, 9, 100]
-    _, _, logits = ref.m.prefill(torch.tensor([toks]), return_logits=True)
-    kv5, _ = ref.m.prefill(torch.tensor([toks[:4]]))
-    kv = [[kv5[i, 0], kv5[i, 1]] for i in range(kv5.shape[0])]
-    for j in range(4, len(toks)):
-        step = ref._step(kv, toks[j], j)
-        torch.testing.assert_close(step, logits[0, j], atol=1e-4, rtol=1e-4)
+    p, out = ref.run(toks, 6, is_eog=lambda t: False)
+    seq = list(toks)
+    with torch.no_grad():
+        for _ in range(6):  # no cache: the whole sequence again for every token
+            logits = ref.m(torch.tensor([seq])).logits[0, -1]
+            seq.append(ref._argmax(logits))
+        cls = ref.m(torch.tensor([toks + ref.side])).logits[0, -1]
+    assert out == seq[len(toks):]
+    assert p == pytest.approx(float(torch.softmax(cls[list(ref.ids[-2:])].double(), -1)[1]), abs=1e-6)
 
 
 def test_verify_passes_on_itself_and_fails_on_a_perturbed_head(tiny_base, tiny_safe, tmp_path, capsys):

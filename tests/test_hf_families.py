@@ -186,3 +186,38 @@ def test_an_unsupported_family_or_layout_is_a_clear_error(tmp_path):
         with pytest.raises(ConvertError, match=want.replace("(", r"\(").replace(")", r"\)")):
             hf_to_gguf(folder, tmp_path / "x.gguf")
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_reference_model_of_a_gguf_is_the_checkpoint_again(family, tmp_path):
+    """convert/hf_reference.py (what `convert verify` compares with): GGUF -> transformers gives back the
+    checkpoint's logits, and scores the folded [CLS] by its token id as the runtime does."""
+    from convert.hf_reference import reference_model
+
+    name, folder, tok, model, gguf_path = family
+    ids = tok.encode(CORPUS[:120], add_special_tokens=False)
+    ref, facts = reference_model(gguf_path)
+    assert facts["arch"] == {"llama3": "llama", "mistral": "llama"}.get(name, name)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+        got = ref(torch.tensor([ids])).logits[0]
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()), name
+    art = _artifact(model.config.hidden_size)
+    safe = tmp_path / f"{name}-safe.gguf"
+    convert_any(folder, art, safe, progress=False)
+    ref, _ = reference_model(safe)
+    meta = runtime.load(safe, n_ctx=256, threads=1).meta
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids + [meta.cls_token_id]])).logits[0, -1]
+    p = float(torch.softmax(logits[[meta.safe_token_id, meta.unsafe_token_id]].double(), 0)[1])
+    assert p == pytest.approx(_hf_p_unsafe(model, ids, art), abs=1e-5)
+
+
+def test_convert_verify_passes_each_family_against_its_own_weights(family, tmp_path):
+    from convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
+
+    name, folder, tok, model, gguf_path = family
+    safe = tmp_path / f"{name}-safe.gguf"
+    convert_any(folder, _artifact(model.config.hidden_size), safe, progress=False)
+    prompts = load_prompts(PROMPTS_V1)
+    r = verify_model(safe, TorchReference(safe), dict(prompts, prompts=prompts["prompts"][:4]), n_tokens=8, threads=1)
+    assert r.passed and r.token_agreement > 0.9, (name, r.token_agreement, r.mean_abs_dp)
