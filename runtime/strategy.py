@@ -12,6 +12,7 @@ the answer is shown as it is generated.
 from __future__ import annotations
 
 import codecs
+import logging
 import math
 import time
 from typing import Iterator
@@ -22,10 +23,13 @@ from .reply import Reply, Safety, Usage
 from .stops import StopMatcher
 
 
+log = logging.getLogger("safechat")  # refusals at INFO; fail-closed refusals (no verdict) at WARNING
+
+
 class _Intervene(Exception):
-    def __init__(self, covered: int, reason: str):
+    def __init__(self, covered: int, reason: str, failed: bool = False):
         super().__init__(reason)
-        self.covered, self.reason = covered, reason
+        self.covered, self.reason, self.failed = covered, reason, failed  # failed: no verdict, fail closed
 
 
 class _Run:
@@ -84,7 +88,8 @@ class _Run:
         s.trace.append((covered, p))
         where = "the prompt" if covered == 0 else f"token {covered}"
         if not math.isfinite(p) or not 0.0 <= p <= 1.0:
-            raise _Intervene(covered, f"safety verdict could not be computed (p_unsafe={p}) at token {covered}")
+            raise _Intervene(covered, f"safety verdict could not be computed (p_unsafe={p}) at token {covered}",
+                             failed=True)
         thr = self.thr if covered == 0 else self.answer_thr
         scores = self.backend.categories() if self.cats is not None and fresh else None
         if self.cats is not None:
@@ -95,7 +100,7 @@ class _Run:
         pol = self.policy
         if self.cats is not None and pol.has_category_rules:  # (the Python loop: every check is fresh)
             if scores is None and pol.block:  # fail closed: a blocked topic cannot be ruled out
-                raise _Intervene(covered, f"category scores could not be computed at {where}")
+                raise _Intervene(covered, f"category scores could not be computed at {where}", failed=True)
             if scores is not None:
                 flipped, hit = apply_rules(unsafe, scores, self.cats, pol)
                 if flipped != unsafe and not flipped:
@@ -248,6 +253,8 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         refused = False
     except _Intervene as stop:
         safety.intervened_at, safety.reason = stop.covered, stop.reason
+        (log.warning if stop.failed else log.info)("refused (%s): %s", "fail closed" if stop.failed else
+                                                   policy.action, stop.reason)
         finish, refused = "safety", True
         if policy.action == "refuse":
             msg = ("\n\n" if shown else "") + policy.refusal
@@ -258,6 +265,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
             raise
         safety.intervened_at = run.released
         safety.reason = f"safety check failed: {type(e).__name__}: {e}"
+        log.warning("refused (fail closed): %s", safety.reason)
         finish, refused = "safety", True
         msg = ("\n\n" if shown else "") + policy.refusal
         shown.append(msg)

@@ -128,19 +128,33 @@ def test_stop_action_ends_without_refusal_message():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), None, 1.5, -0.1])
-def test_missing_or_nan_verdict_fails_closed(bad):
+def test_missing_or_nan_verdict_fails_closed(bad, caplog):
     be = FakeBackend(list(range(10, 30)), verdict=lambda c: bad if c >= 3 else 0.1)
-    pieces, r = run(be, SafetyPolicy(every=1), stream=True)
+    with caplog.at_level("INFO", logger="safechat"):
+        pieces, r = run(be, SafetyPolicy(every=1), stream=True)
     assert r.refused and r.safety.intervened_at == 3
     assert "".join(pieces[:-1]) == text_of(range(10, 12))
     assert "could not be computed" in r.safety.reason
+    # the log says why, at WARNING: a refusal without a verdict is worth an operator's attention
+    assert [(x.levelname, x.getMessage()) for x in caplog.records] == [
+        ("WARNING", f"refused (fail closed): {r.safety.reason}")]
 
 
-def test_backend_exception_fails_closed():
+def test_backend_exception_fails_closed(caplog):
     be = FakeBackend(list(range(10, 30)), fail_at=5)
-    pieces, r = run(be, SafetyPolicy(every=4), stream=True)
+    with caplog.at_level("INFO", logger="safechat"):
+        pieces, r = run(be, SafetyPolicy(every=4), stream=True)
     assert r.refused and "backend exploded" in r.safety.reason
     assert "".join(pieces[:-1]) == text_of(range(10, 14))  # only what the check at 4 cleared
+    assert caplog.records[-1].levelname == "WARNING" and "fail closed" in caplog.records[-1].getMessage()
+
+
+def test_an_ordinary_refusal_is_logged_at_info(caplog):
+    be = FakeBackend(list(range(10, 30)), verdict=lambda c: 0.9 if c >= 4 else 0.1)
+    with caplog.at_level("INFO", logger="safechat"):
+        _, r = run(be, SafetyPolicy(every=4, threshold=0.5))
+    assert r.refused
+    assert [(x.levelname, x.getMessage()) for x in caplog.records] == [("INFO", f"refused (refuse): {r.safety.reason}")]
 
 
 def test_backend_exception_propagates_when_safety_is_off():
