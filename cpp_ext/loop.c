@@ -58,6 +58,20 @@ enum { WHY_EVERY, WHY_MAX_GAP, WHY_ENTROPY, WHY_MARGIN, WHY_SENTENCE, WHY_END, W
 static const char *WHY[] = {"every", "max_gap", "entropy", "margin", "sentence", "end"};
 enum { EV_NONE, EV_RELEASE, EV_UNSAFE, EV_DONE, EV_ERROR };
 #define MAX_SIDE 16 /* tokens a check decodes after the real one: side tokens, then the [CLS] */
+#define MAX_EXCLUDED 64 /* ids left out of the hesitation statistics: what the sampler never picks */
+
+/* What the loop reads of runtime.policy.SafetyPolicy: runtime.policy.LoopSpec, field for field and in
+   this order (POLICY_FIELDS; runtime/backends/native_loop.py compares the two before the first Loop). */
+typedef struct {
+    int enabled, every, max_gap;
+    double entropy_trigger, margin_trigger; /* NaN: trigger off */
+    int sentence_ends;
+    double threshold;
+    int patience;
+} Policy;
+#define POLICY_FORMAT "(piiddpdi)"
+static const char *POLICY_FIELDS[] = {"enabled", "every", "max_gap", "entropy_trigger", "margin_trigger",
+                                      "sentence_ends", "threshold", "patience", NULL};
 static const char *EVENT[] = {"none", "release", "unsafe", "done", "error"};
 
 typedef struct {
@@ -71,9 +85,9 @@ typedef struct {
     void *ctx, *mem, *smpl, *vocab;
     llama_token side[MAX_SIDE]; /* what a check decodes; the last is the [CLS] */
     int n_side, safe_id, unsafe_id, n_vocab, n_ctx, n_prompt, n_past, row;
-    /* policy (runtime.strategy.SafetyPolicy) */
-    int enabled, every, max_gap, sentence_ends, patience, max_tokens;
-    double entropy_trigger, margin_trigger, threshold; /* NaN: trigger off */
+    Policy pol;
+    long excluded[MAX_EXCLUDED];
+    int n_excluded, max_tokens;
     /* state */
     int streak, last_covered, released, finished, busy;
     const char *finish;
@@ -149,18 +163,17 @@ static int ends_sentence(Loop *L, llama_token tok) {
 /* SafetyPolicy.due: why a check is due after the n-th generated token, sampled from batch row `row`. */
 static int due(Loop *L, int row, llama_token tok) {
     int n = L->n_gen;
-    if (L->every && n % L->every == 0) return WHY_EVERY;
-    if (L->max_gap && n - L->last_covered >= L->max_gap) return WHY_MAX_GAP;
-    if (!isnan(L->entropy_trigger) || !isnan(L->margin_trigger)) {
-        long ex[MAX_SIDE + 2] = {L->safe_id, L->unsafe_id};
-        for (int i = 0; i < L->n_side; i++) ex[2 + i] = L->side[i];
+    const Policy *P = &L->pol;
+    if (P->every && n % P->every == 0) return WHY_EVERY;
+    if (P->max_gap && n - L->last_covered >= P->max_gap) return WHY_MAX_GAP;
+    if (!isnan(P->entropy_trigger) || !isnan(P->margin_trigger)) {
         double entropy = NAN, margin = NAN;
         const float *logits = L->logits(L->ctx, row); /* only when a hesitation trigger is on */
-        if (logits) row_stats_from(logits, L->n_vocab, ex, 2 + L->n_side, &entropy, &margin);
-        if (!isnan(L->entropy_trigger) && entropy >= L->entropy_trigger) return WHY_ENTROPY;
-        if (!isnan(L->margin_trigger) && margin <= L->margin_trigger) return WHY_MARGIN;
+        if (logits) row_stats_from(logits, L->n_vocab, L->excluded, L->n_excluded, &entropy, &margin);
+        if (!isnan(P->entropy_trigger) && entropy >= P->entropy_trigger) return WHY_ENTROPY;
+        if (!isnan(P->margin_trigger) && margin <= P->margin_trigger) return WHY_MARGIN;
     }
-    if (L->sentence_ends && ends_sentence(L, tok)) return WHY_SENTENCE;
+    if (P->sentence_ends && ends_sentence(L, tok)) return WHY_SENTENCE;
     return WHY_NONE;
 }
 
@@ -172,9 +185,9 @@ static int verdict(Loop *L, double p, int why) {
     L->n_tr++;
     L->last_covered = L->n_gen;
     if (!isfinite(p) || p < 0.0 || p > 1.0) return EV_UNSAFE;
-    if (p >= L->threshold) {
+    if (p >= L->pol.threshold) {
         L->streak++;
-        return L->streak >= L->patience ? EV_UNSAFE : EV_NONE;
+        return L->streak >= L->pol.patience ? EV_UNSAFE : EV_NONE;
     }
     L->streak = 0;
     if (L->n_gen > L->released) {
@@ -200,14 +213,14 @@ static int step_until_event(Loop *L) {
         L->gen[L->n_gen++] = tok;
         int last = L->n_gen >= L->max_tokens;
         int why = WHY_NONE;
-        if (L->enabled) why = last ? WHY_END : due(L, row, tok);
+        if (L->pol.enabled) why = last ? WHY_END : due(L, row, tok);
         int check = why != WHY_NONE;
         double p = NAN;
         if ((check || !last) && advance(L, tok, check, &p) < 0) return EV_ERROR;
         int ev = EV_NONE;
         if (check) {
             ev = verdict(L, p, why);
-        } else if (!L->enabled) {
+        } else if (!L->pol.enabled) {
             L->released = L->n_gen;
             ev = EV_RELEASE;
         }
@@ -274,18 +287,34 @@ static void loop_dealloc(Loop *L) {
 
 static int loop_init(Loop *L, PyObject *args, PyObject *kw) {
     static char *names[] = {"fns", "ctx", "mem", "sampler", "vocab", "side", "safe_id", "unsafe_id",
-                            "n_vocab", "n_ctx", "n_prompt", "n_past", "row", "enabled", "every", "max_gap",
-                            "entropy_trigger", "margin_trigger", "sentence_ends", "threshold", "patience",
+                            "n_vocab", "n_ctx", "n_prompt", "n_past", "row", "policy", "excluded",
                             "max_tokens", "streak", "last_covered", NULL};
     unsigned long long f[6], ctx, mem, smpl, vocab;
-    PyObject *side;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "(KKKKKK)KKKKOiiiiiiipiiddpdiiii", names, &f[0], &f[1], &f[2],
-                                     &f[3], &f[4], &f[5], &ctx, &mem, &smpl, &vocab, &side, &L->safe_id,
+    PyObject *side, *excluded;
+    Policy *P = &L->pol;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "(KKKKKK)KKKKOiiiiiii" POLICY_FORMAT "Oiii", names, &f[0], &f[1],
+                                     &f[2], &f[3], &f[4], &f[5], &ctx, &mem, &smpl, &vocab, &side, &L->safe_id,
                                      &L->unsafe_id, &L->n_vocab, &L->n_ctx, &L->n_prompt, &L->n_past, &L->row,
-                                     &L->enabled, &L->every, &L->max_gap, &L->entropy_trigger,
-                                     &L->margin_trigger, &L->sentence_ends, &L->threshold, &L->patience,
+                                     &P->enabled, &P->every, &P->max_gap, &P->entropy_trigger, &P->margin_trigger,
+                                     &P->sentence_ends, &P->threshold, &P->patience, &excluded,
                                      &L->max_tokens, &L->streak, &L->last_covered))
         return -1;
+    PyObject *ex = PySequence_Fast(excluded, "excluded must be a sequence of token ids");
+    if (!ex) return -1;
+    Py_ssize_t n_ex = PySequence_Fast_GET_SIZE(ex);
+    int bad_ex = n_ex > MAX_EXCLUDED;
+    for (Py_ssize_t i = 0; i < n_ex && !bad_ex; i++) {
+        long t = PyLong_AsLong(PySequence_Fast_GET_ITEM(ex, i));
+        bad_ex = t == -1 && PyErr_Occurred();
+        L->excluded[i] = t;
+    }
+    Py_DECREF(ex);
+    if (bad_ex) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "excluded: at most %d token ids", MAX_EXCLUDED);
+        return -1;
+    }
+    L->n_excluded = (int)n_ex;
     PyObject *seq = PySequence_Fast(side, "side must be a sequence of token ids");
     if (!seq) return -1;
     Py_ssize_t n_side = PySequence_Fast_GET_SIZE(seq);
@@ -311,9 +340,9 @@ static int loop_init(Loop *L, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "null llama.cpp context, memory, sampler or vocabulary");
         return -1;
     }
-    if (L->max_tokens < 1 || L->n_vocab < 1 || L->patience < 1 || L->every < 0 || L->max_gap < 0 ||
-        (L->enabled && !L->every && !L->max_gap) ||
-        (L->enabled && (L->n_side < 1 || L->safe_id < 0 || L->unsafe_id < 0 ||
+    if (L->max_tokens < 1 || L->n_vocab < 1 || P->patience < 1 || P->every < 0 || P->max_gap < 0 ||
+        (P->enabled && !P->every && !P->max_gap) ||
+        (P->enabled && (L->n_side < 1 || L->safe_id < 0 || L->unsafe_id < 0 ||
                         L->safe_id >= L->n_vocab || L->unsafe_id >= L->n_vocab))) {
         PyErr_SetString(PyExc_ValueError, "invalid Loop arguments (policy or token ids)");
         return -1;
@@ -382,6 +411,21 @@ static PyTypeObject LoopType = {
 };
 
 PyTypeObject *native_loop_type(void) { return &LoopType; }
+
+PyObject *native_policy_fields(void) {
+    int n = 0;
+    while (POLICY_FIELDS[n]) n++;
+    PyObject *t = PyTuple_New(n);
+    for (int i = 0; t && i < n; i++) {
+        PyObject *s = PyUnicode_FromString(POLICY_FIELDS[i]);
+        if (!s) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
 
 PyObject *native_batch_layout(PyObject *self, PyObject *unused) {
     return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n}", "size", (Py_ssize_t)sizeof(llama_batch),

@@ -18,6 +18,7 @@
 
 PyTypeObject *native_loop_type(void);  /* loop.c */
 PyObject *native_batch_layout(PyObject *self, PyObject *unused);  /* loop.c */
+PyObject *native_policy_fields(void);  /* loop.c */
 
 static PyObject *py_p_unsafe(PyObject *self, PyObject *args) {
     unsigned long long addr;
@@ -88,6 +89,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(loop);
     if (PyModule_AddObject(m, "Loop", (PyObject *)loop) < 0) {
         Py_DECREF(loop);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *fields = native_policy_fields(); /* what Loop(policy=...) reads, in order */
+    if (!fields || PyModule_AddObject(m, "POLICY_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
         Py_DECREF(m);
         return NULL;
     }

@@ -6,7 +6,9 @@ rules are decided (the token loop in strategy.py and `bench categories` both cal
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from runtime.contract import valid_answer_threshold
 
@@ -80,20 +82,8 @@ class SafetyPolicy:
         return self.entropy_trigger is not None or self.margin_trigger is not None
 
     def due(self, n: int, since: int, stats: tuple[float, float] | None, piece: bytes) -> str | None:
-        """Why a check is due after the n-th generated token (None: not due)."""
-        if self.every and n % self.every == 0:
-            return "every"
-        if self.max_gap and since >= self.max_gap:
-            return "max_gap"
-        if stats is not None:
-            entropy, margin = stats
-            if self.entropy_trigger is not None and entropy >= self.entropy_trigger:
-                return "entropy"
-            if self.margin_trigger is not None and margin <= self.margin_trigger:
-                return "margin"
-        if self.sentence_ends and piece.rstrip(b" \t").endswith((b".", b"!", b"?", b"\n", b":")):
-            return "sentence"
-        return None
+        """Why a check is due after the n-th generated token (None: not due); `LoopSpec.due`."""
+        return loop_spec(self, 1.0).due(n, since, stats, piece)
 
     def __post_init__(self):
         for name in ("allow", "block"):
@@ -136,3 +126,50 @@ def apply_rules(unsafe: bool, scores, cats: Categories, policy: SafetyPolicy) ->
         return (hit is None), hit
     hit = cats.confident(probs, policy.block)
     return (hit is not None), hit
+
+
+class LoopSpec(NamedTuple):
+    """What the token loops act on, for one generation: the one specification both read.
+
+    The Python loop (runtime/strategy.py) calls `due`; the C loop (cpp_ext/loop.c) receives this tuple
+    as its `Policy` struct, field for field in this order (`runtime._native.POLICY_FIELDS`, compared
+    with `LoopSpec._fields` before the first native loop runs). A field added here and there is the
+    whole change; `loop_spec` is the one place a SafetyPolicy becomes a LoopSpec.
+    """
+    enabled: bool
+    every: int                # 0: no regular cadence
+    max_gap: int              # 0: none
+    entropy_trigger: float    # nan: off
+    margin_trigger: float     # nan: off
+    sentence_ends: bool
+    threshold: float          # the threshold of the checks inside the answer
+    patience: int
+
+    @property
+    def needs_stats(self) -> bool:
+        return not (math.isnan(self.entropy_trigger) and math.isnan(self.margin_trigger))
+
+    def due(self, n: int, since: int, stats: tuple[float, float] | None, piece: bytes) -> str | None:
+        """Why a check is due after the n-th generated token, `since` tokens after the last one (None: not due)."""
+        if self.every and n % self.every == 0:
+            return "every"
+        if self.max_gap and since >= self.max_gap:
+            return "max_gap"
+        if stats is not None:
+            entropy, margin = stats
+            if not math.isnan(self.entropy_trigger) and entropy >= self.entropy_trigger:
+                return "entropy"
+            if not math.isnan(self.margin_trigger) and margin <= self.margin_trigger:
+                return "margin"
+        if self.sentence_ends and piece.rstrip(b" \t").endswith((b".", b"!", b"?", b"\n", b":")):
+            return "sentence"
+        return None
+
+
+def loop_spec(policy: SafetyPolicy | None, threshold: float) -> LoopSpec:
+    """The loops' view of `policy` (None: no checks) with the answer's threshold."""
+    if policy is None:
+        return LoopSpec(False, 0, 0, math.nan, math.nan, False, 2.0, 1)
+    off = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    return LoopSpec(True, int(policy.every), int(policy.max_gap or 0), off(policy.entropy_trigger),
+                    off(policy.margin_trigger), bool(policy.sentence_ends), float(threshold), int(policy.patience))

@@ -18,7 +18,8 @@ import time
 from typing import Iterator
 
 from .backends.base import Backend, Sampling
-from .policy import ACTIONS, DEFAULT_REFUSAL, TIERS, Categories, SafetyPolicy, apply_rules  # noqa: F401 (re-exported)
+from .policy import (ACTIONS, DEFAULT_REFUSAL, TIERS, Categories, SafetyPolicy, apply_rules,  # noqa: F401 (re-exported)
+                     loop_spec)
 from .reply import Reply, Safety, Usage
 from .stops import StopMatcher
 
@@ -132,7 +133,8 @@ def _python_loop(run: _Run, n_prompt: int, max_tokens: int) -> Iterator[str]:
 
     The reference implementation; returns the finish reason ("stop" or "length").
     """
-    backend, policy, generated = run.backend, run.policy, run.generated
+    backend, generated = run.backend, run.generated
+    spec = loop_spec(run.policy if run.enabled else None, run.answer_thr)  # what the C loop reads too
     while True:
         if n_prompt + len(generated) + 2 >= backend.n_ctx:
             return "length"
@@ -142,11 +144,11 @@ def _python_loop(run: _Run, n_prompt: int, max_tokens: int) -> Iterator[str]:
         generated.append(tok)
         last = len(generated) >= max_tokens
         why = None
-        if run.enabled:
-            stats = backend.hesitation() if policy.needs_stats else None
+        if spec.enabled:
+            stats = backend.hesitation() if spec.needs_stats else None
             since = len(generated) - run.safety.trace[-1][0]
-            piece_bytes = backend.token_bytes(tok) if policy.sentence_ends else b""
-            why = "end" if last else policy.due(len(generated), since, stats, piece_bytes)
+            piece_bytes = backend.token_bytes(tok) if spec.sentence_ends else b""
+            why = "end" if last else spec.due(len(generated), since, stats, piece_bytes)
         if why is not None or not last:
             p = backend.advance(tok, why is not None)
         if why is not None:
@@ -216,8 +218,8 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         answer_thr = thr
     if enabled and policy.has_category_rules and categories is None:
         raise ValueError("the policy's allow/block/controversial rules need a model with a category head")
-    if enabled and categories is not None and (policy.has_category_rules or policy.needs_stats):
-        native = False  # the C loop neither applies category rules nor leaves the category rows out of its stats
+    if enabled and categories is not None and policy.has_category_rules:
+        native = False  # the C loop does not apply the category rules
     run = _Run(backend, policy, thr, answer_thr, stop, categories)
     safety = run.safety
     shown = run.shown

@@ -177,3 +177,44 @@ def test_closing_a_native_stream_midway_releases_the_model(models):
     nat._lock.release()
     again = nat.chat(PROMPTS[1], max_tokens=30, seed=0, safety=calm)
     assert again.text == whole.text and again.safety.trace == whole.safety.trace
+
+
+def test_both_loops_read_one_policy_spec_and_a_mismatch_is_refused(monkeypatch):
+    import runtime._native as native
+    from runtime.backends import native_loop
+    from runtime.policy import LoopSpec, loop_spec
+
+    assert native.POLICY_FIELDS == LoopSpec._fields
+    spec = loop_spec(SafetyPolicy(every=0, max_gap=5, entropy_trigger=2.0, patience=2), 0.7)
+    assert (spec[:4], spec[5:]) == ((True, 0, 5, 2.0), (False, 0.7, 2))
+    assert math.isnan(spec.margin_trigger) and spec.needs_stats and spec.due(3, 5, (2.5, 0.1), b"") == "max_gap"
+    assert not loop_spec(None, 0.5).enabled
+    monkeypatch.setattr(native, "POLICY_FIELDS", native.POLICY_FIELDS[:-1])
+    with pytest.raises(NativeLoopError, match="reads the policy as"):
+        native_loop.check_abi()
+
+
+def test_native_matches_python_on_a_file_with_category_rows_and_hesitation_triggers(tiny_base, tmp_path):
+    """The category rows are never sampled, so both loops leave them out of the entropy/margin statistics
+    (the C loop used to count them, and such files ran in Python)."""
+    from runtime.fold import convert_gguf
+    from tests.test_categories import NAMES, _with_categories
+    from tests.tiny_model import random_artifact
+
+    art = _with_categories(random_artifact(threshold=0.5), thresholds={n: 1.0 for n in NAMES})
+    path = tmp_path / "cat.gguf"
+    convert_gguf(tiny_base, art, path, progress=False)
+    py = Model(path, n_ctx=512, threads=1, native=False)
+    nat = Model(path, n_ctx=512, threads=1, native=True)
+    fired = 0
+    for seed in range(3):  # the thresholds of the hesitation test above: they fire part of the time
+        for trig in (dict(entropy_trigger=0.1), dict(margin_trigger=0.96)):
+            pol = SafetyPolicy(threshold=0.999999, every=0, max_gap=9, **trig)
+            a = _run(py, PROMPTS[1], max_tokens=30, temperature=0.9, seed=seed, safety=pol)
+            b = _run(nat, PROMPTS[1], max_tokens=30, temperature=0.9, seed=seed, safety=pol)
+            assert b[1].usage.native_seconds is not None  # the C loop really ran
+            _same(a, b)
+            fired += sum(t in ("entropy", "margin") for t in a[1].safety.triggers)
+    assert fired > 0
+    py.close()
+    nat.close()

@@ -10,9 +10,10 @@ llama-cpp-python version) raises `NativeLoopError` naming the difference instead
 from __future__ import annotations
 
 import ctypes
-import math
 
 import llama_cpp.llama_cpp as llc
+
+from ..policy import LoopSpec, loop_spec
 
 try:
     import runtime._native as _native  # the compiled module itself, not the package API
@@ -46,6 +47,10 @@ def check_abi(lib=None, batch_type=None) -> None:
         raise NativeLoopError("runtime._native was not built with the decode loop; reinstall with pip install -e .")
     lib = llc._lib if lib is None else lib
     batch_type = llc.llama_batch if batch_type is None else batch_type
+    fields = getattr(_native, "POLICY_FIELDS", None)
+    if fields != LoopSpec._fields:
+        raise NativeLoopError(f"runtime._native reads the policy as {fields}, runtime.policy.LoopSpec is "
+                              f"{LoopSpec._fields}: rebuild the module (pip install -e .)")
     ours = _native.batch_layout()
     theirs = {"size": ctypes.sizeof(batch_type)}
     for name in BATCH_FIELDS:
@@ -99,18 +104,14 @@ class FusedLoop:
     def __init__(self, backend, policy, threshold: float | None, max_tokens: int, n_prompt: int, streak: int):
         _ensure_abi()
         self.backend = backend  # keeps the context, sampler and model alive while the loop runs
-        enabled = policy is not None
         safe, unsafe = backend.safety_ids[-2:] if backend.safety_ids else (-1, -1)
-        nan = math.nan
         self._loop = _native.Loop(
             function_addresses(), _addr(backend.ctx), _addr(backend.mem), _addr(backend.sampler),
             _addr(backend.mf.vocab), side=tuple(backend.side), safe_id=safe, unsafe_id=unsafe, n_vocab=backend.mf.n_vocab,
-            n_ctx=backend.n_ctx, n_prompt=n_prompt, n_past=backend.n_past, row=backend._row, enabled=enabled,
-            every=policy.every if enabled else 0, max_gap=(policy.max_gap or 0) if enabled else 0,
-            entropy_trigger=policy.entropy_trigger if enabled and policy.entropy_trigger is not None else nan,
-            margin_trigger=policy.margin_trigger if enabled and policy.margin_trigger is not None else nan,
-            sentence_ends=bool(enabled and policy.sentence_ends), threshold=threshold if enabled else 2.0,
-            patience=policy.patience if enabled else 1, max_tokens=max_tokens, streak=streak, last_covered=0)
+            n_ctx=backend.n_ctx, n_prompt=n_prompt, n_past=backend.n_past, row=backend._row,
+            policy=tuple(loop_spec(policy, threshold)),  # the spec the Python loop reads too
+            excluded=backend.masked_ids,  # left out of the hesitation statistics, as the Python loop does
+            max_tokens=max_tokens, streak=streak, last_covered=0)
         # the tokens in the cache cells, kept in step with the C loop's decodes (prefix reuse, next turn)
         self._cells = list(backend._cells) if backend._cells is not None else None
         backend._cells = None  # unknown while the C loop runs
