@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+import runtime
 
 # (question, a word a correct answer contains, or None for open questions)
 QUESTIONS = [
@@ -40,7 +41,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import runtime
 
     paths = [Path(p) for p in args.model] or [None]
     models = [runtime.load(p, threads=args.threads) for p in paths]

@@ -18,6 +18,10 @@ import statistics
 import time
 from pathlib import Path
 
+from runtime.backends.base import Sampling
+from runtime.fetch import base_smollm2
+from runtime.prompt import build_prompt, prompt_template, prompt_tokens
+
 from .common import MB, markdown_table
 
 
@@ -34,10 +38,7 @@ def _params(path: Path) -> tuple[str, int, int, float]:
 
 
 def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
-    from runtime.backends.base import Sampling
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
-    from runtime.prompt import build_prompt, prompt_tokens
-    from runtime.prompt import prompt_template
 
     arch, n_params, n_embd_params, embd_std = _params(path)
     mf = LlamaModelFile(path)
@@ -76,7 +77,6 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64, help="tokens generated after each prompt")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from runtime.fetch import base_smollm2
     from train.data import build_dataset
 
     prompts = [e for e in build_dataset(seed=0) if e["split"] == "val"][:args.prompts]

@@ -34,6 +34,8 @@ from runtime.policy import SafetyPolicy, apply_rules
 from train.calibrate import messages
 from train.categories import label_examples
 from train.category_head import category_metrics
+from runtime.artifact import load_artifact
+from runtime.default_model import ASSET
 
 
 def observe(model, examples: list[dict]) -> list[tuple[float, tuple | None]]:
@@ -108,8 +110,6 @@ def main(argv=None) -> int:
     ap.add_argument("--save", type=Path, default=None, help="write every example's scores here (JSON)")
     args = ap.parse_args(argv)
 
-    from runtime.artifact import load_artifact
-    from runtime.default_model import ASSET
     from train.data import dataset_for
 
     art = load_artifact(args.artifact or ASSET)

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from runtime.artifact import load_artifact
+from runtime.fetch import base_smollm2
 
 DEFAULT_LR = 3e-3  # train cls's (train_cls's) rate for the [CLS] rows
 
@@ -92,8 +94,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from runtime.artifact import load_artifact
-    from runtime.fetch import base_smollm2
     from train.cls_data import training_set
     from train.cls_recipe import KVCache, score_cached, train_cls
     from convert.reference import load_frozen

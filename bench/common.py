@@ -7,6 +7,7 @@ import re
 import resource
 import statistics
 from typing import Any, Iterable
+from runtime.model import load, Model
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 SPEED_THRESHOLD = 0.999999  # speed runs: no verdict intervenes, so every run has its full length
@@ -52,15 +53,11 @@ def peak_since_reset_mb() -> float | None:
 def runtime_modes() -> list[bool | None]:
     """The runtime's decode-loop modes to compare: [True, False] (native C loop, Python loop)
     when `Model` takes `native=`, else [None] (the one mode there is)."""
-    from runtime.model import Model
-
     return [True, False] if "native" in inspect.signature(Model).parameters else [None]
 
 
 def load_runtime(path, mode: bool | None = None, **kw):
     """runtime.load(path, **kw), with `native=mode` when the runtime has that switch."""
-    from runtime.model import load
-
     if mode is not None:
         kw["native"] = mode
     return load(path, **kw)

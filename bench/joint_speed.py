@@ -16,6 +16,8 @@ import argparse
 import random
 import tempfile
 import time
+from runtime.artifact import load_artifact
+from runtime.fetch import base_smollm2
 
 
 def _variant(text: str) -> tuple[int, float, bool]:
@@ -40,8 +42,6 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from runtime.artifact import load_artifact
-    from runtime.fetch import base_smollm2
     from train.joint import expanded_len, train_joint
     from train.joint_cache import compute_lower
     from train.joint_data import load_sequences

@@ -49,6 +49,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+from runtime.default_model import default_model_path
+from runtime.strategy import SafetyPolicy
+
 from .common import (PROMPT, SPEED_THRESHOLD, fmt, load_runtime, markdown_table, median, mode_label,
                      peak_since_reset_mb, process_peak_mb, reset_peak, rss_mb, runtime_modes)
 from .engine_time import engine_timer
@@ -144,8 +147,6 @@ def plain_call(llm, prompt_tokens: list[int], n: int, is_eog) -> Callable[[], Ou
 
 def policy_rows(policy_label: str, every: list[int], answer_threshold: float | None = None) -> list[tuple[str, object]]:
     """The runtime's configurations; the default one keeps the model file's answer threshold (inf: none there)."""
-    from runtime.strategy import SafetyPolicy
-
     rows = [("checks off", "off")]
     rows += [(f"check every {k}", SafetyPolicy(every=k, threshold=SPEED_THRESHOLD)) for k in every]
     rows.append((policy_label, dataclasses.replace(SafetyPolicy(), threshold=SPEED_THRESHOLD,
@@ -154,8 +155,6 @@ def policy_rows(policy_label: str, every: list[int], answer_threshold: float | N
 
 
 def describe_default(answer_threshold: float | None = None) -> str:
-    from runtime.strategy import SafetyPolicy
-
     if answer_threshold is not None and math.isinf(answer_threshold):
         return "default policy (model file: the prompt only, no checks inside the answer)"
     p, parts = SafetyPolicy(), []
@@ -195,7 +194,6 @@ def build(args) -> Setup:
 
     path = args.model
     if path is None:
-        from runtime.default_model import default_model_path
         path = default_model_path()
     from runtime.backends.llama import LlamaModelFile
     meta_file = LlamaModelFile(path, vocab_only=True)

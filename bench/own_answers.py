@@ -13,6 +13,7 @@ import argparse
 import random
 import statistics
 import time
+from runtime.fetch import base_smollm2
 
 
 def main(argv=None) -> int:
@@ -21,7 +22,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from runtime.fetch import base_smollm2
     from runtime.backends.llama import LlamaModelFile
     from train import data
     from train.cls_recipe import encode

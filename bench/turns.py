@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import runtime
 
 USER_TURNS = [
     "Hi! Can you help me plan a small vegetable garden?",
@@ -58,7 +59,6 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=int, nargs="+", default=[1, 5, 10], help="turns to print")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import runtime
 
     print(f"{args.turns} turns, greedy answers of at most {args.max_tokens} tokens, {args.threads} threads")
     print("| loop | turn | history tokens | first token, reuse (s) | decoded | first token, no reuse (s) | decoded |")

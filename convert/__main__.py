@@ -17,6 +17,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from runtime.artifact import ArtifactError, load_artifact
+from runtime.contract import MetadataError
+from runtime.files import temp_beside
+from runtime.fold import check_compatible, ConvertError, read_gguf
 
 QUANTS = ("none", "F16", "Q8_0", "Q4_K_M", "Q4_0")
 
@@ -88,10 +92,6 @@ def _exit_code(res) -> int:
 
 
 def cmd_gguf(a) -> int:
-    from runtime.artifact import load_artifact
-    from runtime.files import temp_beside
-    from runtime.fold import check_compatible, read_gguf
-
     from .hf_import import convert_any as convert_gguf  # a GGUF or a Hugging Face folder
 
     out = Path(a.out)
@@ -166,7 +166,6 @@ def cmd_onnx(a) -> int:
         from .onnx_export import export_onnx
     except ImportError as e:
         raise CliError(f"the ONNX export needs torch, onnx and onnxscript ({e}): pip install -e '.[train,onnx]'")
-    from runtime.files import temp_beside
 
     src, out = Path(a.gguf), Path(a.out)
     _check_writable(out)
@@ -257,9 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.artifact import ArtifactError
-    from runtime.fold import ConvertError
-    from runtime.contract import MetadataError
     from .verify import VerifyError
 
     a = build_parser().parse_args(argv)

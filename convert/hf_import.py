@@ -19,6 +19,8 @@ import gguf
 import numpy as np
 
 from runtime.gguf_io import ConvertError, scalar_kv, write_gguf
+from runtime.files import temp_beside
+from runtime.fold import convert_gguf
 
 from .hf_families import FAMILIES, gguf_names, llama3_rope_factors, metadata, transform
 from .hf_families import read_config as family_config
@@ -124,9 +126,6 @@ def hf_to_gguf(d: str | Path, out: str | Path, *, progress: bool = False) -> Pat
 def convert_hf(d: str | Path, art, out: str | Path, **kw):
     """`convert_gguf` for a checkpoint folder: checked against the artifact first, then imported to a
     temp GGUF beside `out`, folded, and the temp file removed."""
-    from runtime.files import temp_beside
-    from runtime.fold import convert_gguf
-
     d = Path(d)
     check_config(d, art.hidden_size, art.card.get("base_vocab_size"))
     tmp = temp_beside(out, ".base.tmp")
@@ -139,5 +138,4 @@ def convert_hf(d: str | Path, art, out: str | Path, **kw):
 
 def convert_any(base: str | Path, art, out: str | Path, **kw):
     """`runtime.fold.convert_gguf` for a GGUF base, `convert_hf` for a Hugging Face checkpoint folder."""
-    from runtime.fold import convert_gguf
     return convert_hf(base, art, out, **kw) if Path(base).is_dir() else convert_gguf(base, art, out, **kw)

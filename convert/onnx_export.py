@@ -47,6 +47,7 @@ import warnings
 from pathlib import Path
 
 from runtime.contract import PREFIX, MetadataError, SafetyMeta
+from runtime.gguf_io import architecture, ConvertError, read_gguf
 
 QUANTS = ("int8", "int4", "int8-dynamic")
 _HIDDEN_OP, _HIDDEN_DOMAIN = "KeepFloatGemm", "safechat.export"  # placeholder during int8 quantization
@@ -56,7 +57,6 @@ ONNX_ARCHITECTURES = ("llama",)  # the graph this exporter writes (convert/llama
 
 def _gguf_kv(path: Path) -> tuple[dict[str, str], str | None, int]:
     """(safety.* as strings, chat template, n_vocab) straight from the GGUF; refuses other architectures."""
-    from runtime.gguf_io import ConvertError, architecture, read_gguf
     r = read_gguf(path, "model")
     arch = architecture(r, str(path))
     if arch not in ONNX_ARCHITECTURES:

@@ -38,6 +38,11 @@ from pathlib import Path
 import gguf
 
 from runtime.contract import PREFIX, MetadataError, SafetyMeta
+from runtime.backends.base import Sampling
+from runtime.errors import ModelFileError
+from runtime.gguf_io import ConvertError
+from runtime.prompt import build_prompt, prompt_tokens
+from runtime.strategy import SafetyPolicy
 
 PROMPTS_V1 = Path(__file__).with_name("verify_prompts_v1.json")
 PROMPTS = Path(__file__).with_name("verify_prompts_v2.json")   # the default
@@ -51,7 +56,6 @@ class VerifyError(RuntimeError):
 
 def answer_every() -> int:
     """Tokens between the checks inside an answer that verify compares: the runtime's default cadence."""
-    from runtime.strategy import SafetyPolicy
     return SafetyPolicy().every
 
 
@@ -86,8 +90,6 @@ class TorchReference:
     """
 
     def __init__(self, path: str | Path):
-        from runtime.gguf_io import ConvertError
-
         from .hf_reference import reference_model
 
         self.torch = _import_torch()
@@ -159,7 +161,6 @@ class TorchReference:
 def _llama_run(backend, tokens: list[int], n_new: int, is_eog,
                every: int = 0) -> tuple[float, list[int], list[tuple[int, float]]]:
     """End-of-prompt p_unsafe, the greedy answer, and [(tokens covered, p_unsafe)] every `every` tokens."""
-    from runtime.backends.base import Sampling
     p = backend.start(tokens, Sampling(), check=True)
     out, checks = [], []
     for step in range(n_new):
@@ -216,8 +217,6 @@ class ModelResult:
 
 def _open(model: Path, threads: int | None):
     """(model file, backend, safety meta, facts) for a GGUF (llama.cpp) or an .onnx (onnxruntime)."""
-    from runtime.contract import MetadataError
-    from runtime.errors import ModelFileError
 
     mf = None
     try:
@@ -242,7 +241,6 @@ def _open(model: Path, threads: int | None):
 
 def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tokens: int = 32,
                  threads: int | None = None, ref_cache: dict | None = None, log=None) -> ModelResult:
-    from runtime.prompt import build_prompt, prompt_tokens
 
     model = Path(model)
     t0 = time.perf_counter()

@@ -53,3 +53,36 @@ def test_the_circle_finder_finds_one():
         def find_modules_directly_imported_by(self, m):
             return {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}}.get(m, set())
     assert _cycles(Graph(), "p") == [["p.a", "p.b", "p.c", "p.a"]]
+
+
+# Where an import of another package may sit inside a function (docs/design.md, section 5): the `safechat`
+# CLI loads a verb's package when that verb runs; packages above `convert` load torch-backed modules (train,
+# convert's references, bench's training benches) when used; any package loads the runtime's backends
+# (llama.cpp, onnxruntime) when it opens a file; bench/memory.py measures the import itself.
+LAZY_OK = {"runtime.backends.llama", "runtime.backends.onnx", "runtime.backends.native_loop", "runtime._native"}
+
+
+def _function_level_imports(package: str):
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / package).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    yield path.relative_to(root).as_posix(), node.lineno, node.module
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        yield path.relative_to(root).as_posix(), node.lineno, a.name
+
+
+def test_the_runtime_is_imported_at_module_level_by_the_packages_above_it():
+    """runtime needs neither torch nor a backend library to import: hiding it in a function body buys nothing."""
+    found = [f"{p}:{line} {mod}" for pkg in ("convert", "train", "bench", "safechat")
+             for p, line, mod in _function_level_imports(pkg)
+             if mod.split(".")[0] == "runtime" and mod not in LAZY_OK and p != "bench/memory.py"]
+    assert not found, found

@@ -30,6 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from runtime.artifact import load_artifact
+from runtime.fetch import base_smollm2
+from runtime.fold import convert_gguf
+from runtime.model import load
+from runtime.strategy import SafetyPolicy
 
 NEVER = 2.0  # an answer threshold no verdict reaches (inf in the card)
 
@@ -166,12 +171,6 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     prompt_only: the card gets the best pair that never checks inside the answer (no per-token cost),
     and the best pair overall is recorded beside it as the alternative (`calibration.with_answer_checks`).
     """
-    from runtime.artifact import load_artifact
-    from runtime.fetch import base_smollm2
-    from runtime.fold import convert_gguf
-    from runtime.model import load
-    from runtime.strategy import SafetyPolicy
-
     from .cls_recipe import metrics_for
     from .data import dataset_for
 
@@ -243,7 +242,6 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.strategy import SafetyPolicy
     policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,

@@ -24,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 from runtime.artifact import load_artifact
+from runtime.fetch import base_smollm2
+from runtime.prompt import prompt_template
 
 from . import data
 from .categories import CATEGORIES, HEAD, NONE, label_examples, mapping_counts
@@ -120,7 +122,6 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
                      threads: int = 2, cache: Path | None = None) -> dict:
     """Fit the category and controversial rows for the artifact in art_dir and write them into it."""
     from runtime.backends.llama import LlamaModelFile
-    from runtime.prompt import prompt_template
     from convert.reference import load_frozen
 
     torch.set_num_threads(threads)
@@ -263,8 +264,6 @@ def summary(record: dict, split: str = "test") -> str:
 
 
 def cmd_categories(args) -> int:
-    from runtime.fetch import base_smollm2
-
     base = Path(args.base) if args.base else base_smollm2()
     rec = train_categories(args.artifact, base, max_fpr=args.max_fpr, tier_fpr=args.tier_fpr,
                            threads=args.threads, cache=args.features)

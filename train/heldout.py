@@ -25,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.artifact import load_artifact
+from runtime.default_model import ASSET
+from runtime.fetch import base_smollm2
+from runtime.fold import convert_gguf
+
 from . import data
 from .cls_recipe import calibrate, encode, score_gguf
 from .evaluate import _logit, _text, fit_tfidf, load_scored, stacked
@@ -47,9 +52,6 @@ def reserved_sets(examples: list[dict]) -> dict[str, tuple[list[str], int]]:
 
 
 def _signal_scores(artifact: Path, texts: list[str], threads: int) -> np.ndarray:
-    from runtime.artifact import load_artifact
-    from runtime.fetch import base_smollm2
-    from runtime.fold import convert_gguf
     from runtime.backends.llama import LlamaModelFile
 
     base = base_smollm2()
@@ -107,7 +109,5 @@ def add_parser(sub) -> None:
 
 
 def cmd_heldout(args) -> int:
-    from runtime.default_model import ASSET
-
     print(heldout(args.artifact or ASSET, args.max_fpr, args.threads))
     return 0

