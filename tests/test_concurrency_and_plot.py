@@ -111,6 +111,18 @@ def _alone(url: str, max_tokens: int) -> list[tuple]:
     return [answer for _, answer, _ in answers]
 
 
+def _same(a, b) -> bool:
+    """Equal answers, floats within 1e-6: a next request keeps the cache cells of the prefix it shares with the
+    last one (reuse_prefix), computed in another batch, so verdicts may differ in the last bits."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-6
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def _latency_summary(label: str, seconds: list[float]) -> str:
     q = statistics.quantiles(seconds, n=20, method="inclusive")
     return (f"{label}: n={len(seconds)} min={min(seconds):.3f}s median={statistics.median(seconds):.3f}s "
@@ -141,7 +153,7 @@ def test_concurrent_clients_through_the_server(served):
     assert len(results) == 3 * N_CLIENTS
     for i, k, stream, status, answer, _ in results:
         assert status == 200, (i, k, stream, answer)  # 6 in flight < 1 + 8: nobody is turned away
-        assert answer == alone[i], f"client {i} round {k} (stream={stream}) got another request's answer"
+        assert _same(answer, alone[i]), f"client {i} round {k} (stream={stream}) got another request's answer"
     assert queue.in_flight == 0
     print("\n" + _latency_summary("6 clients x 3 requests, 24 tokens, queue 8", [r[-1] for r in results]))
 
@@ -161,7 +173,7 @@ def test_overloaded_server_answers_each_request_or_503(served):
     served_ok = [r for r in results if r[3] == 200]
     for i, k, stream, status, answer, _ in results:
         assert status in (200, 503), (status, answer)
-        assert answer == (alone[i] if status == 200 else "model_busy"), (i, k, stream, status)
+        assert _same(answer, alone[i] if status == 200 else "model_busy"), (i, k, stream, status)
     # the first burst: at most 3 can be in flight, and every admitted request completes
     assert len(served_ok) >= 3
     print("\n" + _latency_summary(f"6 clients x 2 requests, 48 tokens, queue 2 ({len(served_ok)} served, "
