@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import load_artifact
-from runtime.default_model import ASSET
+from runtime.default_model import ASSET, WEIGHTS
 from runtime.fetch import base_smollm2
 from runtime.fold import convert_gguf
 
@@ -51,7 +51,7 @@ def reserved_sets(examples: list[dict]) -> dict[str, tuple[list[str], int]]:
             "HarmBench (not in train) + GCG suffix": (suffixed(hb_kept), len(harmbench) - len(hb_kept))}
 
 
-def _signal_scores(artifact: Path, texts: list[str], threads: int) -> np.ndarray:
+def _signal_scores(artifact: Path, texts: list[str], threads: int, weights: str | None = WEIGHTS) -> np.ndarray:
     from runtime.backends.llama import LlamaModelFile
 
     base = base_smollm2()
@@ -63,11 +63,12 @@ def _signal_scores(artifact: Path, texts: list[str], threads: int) -> np.ndarray
     enc = [dataclasses.replace(e, positions=e.positions[:1]) for e in enc]
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "candidate.gguf"
-        convert_gguf(base, load_artifact(artifact), gguf, progress=False)
+        convert_gguf(base, load_artifact(artifact), gguf, progress=False, weights=weights)
         return np.array([ps[0] for ps in score_gguf(gguf, enc, threads=threads)])
 
 
-def heldout(artifact: Path, max_fpr: float = 0.02, threads: int = 2) -> str:
+def heldout(artifact: Path, max_fpr: float = 0.02, threads: int = 2, weights: str | None = WEIGHTS) -> str:
+    """The table; `weights`: the folded file's precision (default: the default model's, F16; None: the base's)."""
     card, scores, examples = load_scored(artifact)
     tfidf = fit_tfidf(examples)
     val = [e for e in examples if e["split"] == "val"]
@@ -86,7 +87,7 @@ def heldout(artifact: Path, max_fpr: float = 0.02, threads: int = 2) -> str:
     tc, tb = np.array([cls["test"][e["id"]] for e in plain]), np.array([base[e["id"]] for e in plain])
     rows.append(("test split, plain harmful (families seen in training)", len(plain), 0, tc, tb))
     for name, (texts, dropped) in reserved_sets(examples).items():
-        rows.append((name, len(texts), dropped, _signal_scores(artifact, texts, threads),
+        rows.append((name, len(texts), dropped, _signal_scores(artifact, texts, threads, weights),
                      tfidf(texts)))
     out = [f"| set | n (dropped: in the data) | signal at the card's {card_thr:.4f} | signal | TF-IDF | "
            f"mix (w={w:.1f}) |", "|---|---|---|---|---|---|"]
@@ -105,9 +106,11 @@ def add_parser(sub) -> None:
                    help="safety artifact directory (default: the packaged default's)")
     c.add_argument("--max-fpr", type=float, default=0.02)
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--weights", choices=("F16", "base"), default=WEIGHTS,
+                   help="the folded file's weights: F16 (the default model's, default) or the base's own (Q4_1)")
     c.set_defaults(fn=cmd_heldout)
 
 
 def cmd_heldout(args) -> int:
-    print(heldout(args.artifact or ASSET, args.max_fpr, args.threads))
+    print(heldout(args.artifact or ASSET, args.max_fpr, args.threads, None if args.weights == "base" else args.weights))
     return 0
