@@ -64,7 +64,8 @@ def cli_server(tiny_safe, tiny_base, tmp_path_factory):
     convert_gguf(tiny_base, random_artifact(threshold=0.0001), strict, progress=False)
     port = _free_port()
     cmd = [sys.executable, "-m", "runtime", "serve", "--model", f"tiny={tiny_safe}", "--model", f"strict={strict}",
-           "--port", str(port), "--api-key", KEY, "--threads", "1", "--max-queue", "3", "--max-tokens-cap", "64"]
+           "--port", str(port), "--api-key", KEY, "--threads", "1", "--max-queue", "3", "--max-tokens-cap", "64",
+           "--n-ctx", "512", "--max-tokens", "5", "--temperature", "0", "--every", "2"]  # the flags chat has too
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -106,6 +107,14 @@ def test_serve_cli_flags_reach_the_server(cli_server):
     r = subprocess.run([sys.executable, "-m", "runtime", "serve", "--max-queue", "-1"], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--max-queue must be >= 0" in r.stderr and "Traceback" not in r.stderr
+    # the shared sampling and policy flags: the defaults of what a request leaves out, and the model's policy
+    auth = {"Authorization": f"Bearer {KEY}"}
+    ask = lambda **kw: httpx.post(f"{cli_server}/v1/chat/completions", headers=auth, timeout=60,  # noqa: E731
+                                  json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **kw}).json()
+    short, longer = ask(), ask(max_tokens=12)
+    assert short["usage"]["completion_tokens"] <= 5 < longer["usage"]["completion_tokens"]
+    assert ask()["choices"][0]["message"]["content"] == short["choices"][0]["message"]["content"]  # temperature 0
+    assert short["safety"]["checks"] >= 3  # the prompt, then every 2 tokens
 
 
 def test_openai_client_example_streams_and_prints_safety(cli_server):
