@@ -83,5 +83,6 @@ typedef struct {
 
 double loop_now(void);              /* a monotonic clock in seconds (loop.c) */
 int step_until_event(Loop *L);      /* decode until there is something to hand over (loop.c) */
+int read_token_ids(PyObject *obj, const char *what, long *out, int max, long n_vocab);  /* loop_py.c */
 
 #endif

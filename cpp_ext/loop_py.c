@@ -58,6 +58,27 @@ static void loop_dealloc(Loop *L) {
     Py_TYPE(L)->tp_free((PyObject *)L);
 }
 
+/* A sequence of at most `max` token ids, each in [0, n_vocab), into out; its length, or -1 with a ValueError
+   naming `what` (shared by Loop's side and excluded ids and by row_stats in native.c). */
+int read_token_ids(PyObject *obj, const char *what, long *out, int max, long n_vocab) {
+    PyObject *seq = PySequence_Fast(obj, "expected a sequence of token ids");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int bad = n > max;
+    for (Py_ssize_t i = 0; i < n && !bad; i++) {
+        long t = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        bad = (t == -1 && PyErr_Occurred()) || t < 0 || t >= n_vocab;
+        out[i] = t;
+    }
+    Py_DECREF(seq);
+    if (bad) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: at most %d token ids, each in [0, n_vocab)", what, max);
+        return -1;
+    }
+    return (int)n;
+}
+
 static int loop_init(Loop *L, PyObject *args, PyObject *kw) {
     static char *names[] = {"fns", "ctx", "mem", "sampler", "vocab", "side", "safe_id", "unsafe_id",
                             "n_vocab", "n_ctx", "n_prompt", "n_past", "row", "policy", "excluded",
@@ -72,38 +93,13 @@ static int loop_init(Loop *L, PyObject *args, PyObject *kw) {
                                      &P->sentence_ends, &P->threshold, &P->patience, &excluded,
                                      &L->max_tokens, &L->streak, &L->last_covered))
         return -1;
-    PyObject *ex = PySequence_Fast(excluded, "excluded must be a sequence of token ids");
-    if (!ex) return -1;
-    Py_ssize_t n_ex = PySequence_Fast_GET_SIZE(ex);
-    int bad_ex = n_ex > MAX_EXCLUDED;
-    for (Py_ssize_t i = 0; i < n_ex && !bad_ex; i++) {
-        long t = PyLong_AsLong(PySequence_Fast_GET_ITEM(ex, i));
-        bad_ex = t == -1 && PyErr_Occurred();
-        L->excluded[i] = t;
-    }
-    Py_DECREF(ex);
-    if (bad_ex) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "excluded: at most %d token ids", MAX_EXCLUDED);
-        return -1;
-    }
-    L->n_excluded = (int)n_ex;
-    PyObject *seq = PySequence_Fast(side, "side must be a sequence of token ids");
-    if (!seq) return -1;
-    Py_ssize_t n_side = PySequence_Fast_GET_SIZE(seq);
-    int bad = n_side > MAX_SIDE;
-    for (Py_ssize_t i = 0; i < n_side && !bad; i++) {
-        long t = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-        bad = (t == -1 && PyErr_Occurred()) || t < 0 || t >= L->n_vocab;
-        L->side[i] = (llama_token)t;
-    }
-    Py_DECREF(seq);
-    if (bad) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "side: at most %d token ids, each in [0, n_vocab)", MAX_SIDE);
-        return -1;
-    }
-    L->n_side = (int)n_side;
+    long side_ids[MAX_SIDE];
+    int n_ex = read_token_ids(excluded, "excluded", L->excluded, MAX_EXCLUDED, L->n_vocab);
+    int n_side = n_ex < 0 ? -1 : read_token_ids(side, "side", side_ids, MAX_SIDE, L->n_vocab);
+    if (n_side < 0) return -1;
+    L->n_excluded = n_ex;
+    L->n_side = n_side;
+    for (int i = 0; i < n_side; i++) L->side[i] = (llama_token)side_ids[i];
     for (int i = 0; i < 6; i++)
         if (!f[i]) {
             PyErr_SetString(PyExc_ValueError, "null llama.cpp function address");

@@ -5,20 +5,15 @@
  * address of the row (as returned by llama_get_logits_ith) and returns softmax over the
  * two label logits, computed stably; NaN in, NaN out (the runtime then fails closed).
  * `row_stats(address, n_vocab, excluded)` returns (entropy, top-2 margin) of the softmax of a
- * logits row, skipping the excluded ids (the safety tokens): the "hesitation" signals that
+ * logits row, skipping the excluded ids (the ids the sampler never picks): the "hesitation" signals that
  * trigger an extra check in the adaptive policy, in one pass over 49k floats without copies.
- * The native decode loop (`Loop`, `batch_layout`) lives in loop.c.
+ * The native decode loop (`Loop`, `batch_layout`) lives in loop.c and loop_py.c.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
-#include <stdint.h>
+#include "loop.h"  /* Python.h, verdict.h, MAX_EXCLUDED, read_token_ids */
 
-#include "verdict.h"
-
-PyTypeObject *native_loop_type(void);  /* loop.c */
-PyObject *native_batch_layout(PyObject *self, PyObject *unused);  /* loop.c */
-PyObject *native_policy_fields(void);  /* loop.c */
+PyTypeObject *native_loop_type(void);  /* loop_py.c */
+PyObject *native_batch_layout(PyObject *self, PyObject *unused);  /* loop_py.c */
+PyObject *native_policy_fields(void);  /* loop_py.c */
 
 static PyObject *py_p_unsafe(PyObject *self, PyObject *args) {
     unsigned long long addr;
@@ -44,27 +39,13 @@ static PyObject *py_row_stats(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "null logits pointer or empty row");
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(excluded, "excluded must be a sequence of token ids");
-    if (!seq) return NULL;
-    Py_ssize_t n_ex = PySequence_Fast_GET_SIZE(seq);
-    long ex[8];
-    if (n_ex > 8) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "at most 8 excluded ids");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n_ex; i++) {
-        ex[i] = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (ex[i] == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-    }
-    Py_DECREF(seq);
+    long ex[MAX_EXCLUDED];
+    int n_ex = read_token_ids(excluded, "excluded", ex, MAX_EXCLUDED, n);
+    if (n_ex < 0) return NULL;
     const float *row = (const float *)(uintptr_t)addr;
     double entropy, margin;
     Py_BEGIN_ALLOW_THREADS
-    row_stats_from(row, n, ex, (int)n_ex, &entropy, &margin);
+    row_stats_from(row, n, ex, n_ex, &entropy, &margin);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("dd", entropy, margin);
 }
