@@ -93,25 +93,19 @@ def _parse_models(specs) -> dict:
 def cmd_models(args, out=sys.stdout) -> int:
     """The built models in `$SAFECHAT_CACHE/models`: list them, build the default (pull), print its path,
     remove some (rm), or every older default (prune)."""
-    from .artifact import load_artifact
-    from .default_model import ASSET, WEIGHTS, default_model_path
-    from .fetch import cache_dir
+    from .default_model import PREFIX, default_model_file, default_model_path
 
     if args.names and args.action != "rm":
         raise ValueError(f"models {args.action} takes no names (only rm does)")
     if args.action in ("pull", "path"):
-        folder = cache_dir() / "models"
-        path = default_model_path() if args.action == "pull" else None
-        if path is None:
-            name = f"SmolLM2-135M-Instruct-safe-{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
-            path = folder / name
+        path = default_model_path() if args.action == "pull" else default_model_file()
         out.write(f"{path}\n")
         if not path.is_file():
             out.write("  (not built yet: `models pull` or the first chat builds it)\n")
         return 0
-    folder = cache_dir() / "models"
+    folder = default_model_file().parent
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
-    current = f"SmolLM2-135M-Instruct-safe-{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
+    current = default_model_file().name
     by_name = {f.name: f for f in files}
     doomed = []
     if args.action == "rm" and not args.names:
@@ -121,7 +115,7 @@ def cmd_models(args, out=sys.stdout) -> int:
             raise ValueError(f"no built model named {name!r} in {folder}")
         doomed.append(by_name[name])
     if args.action == "prune":
-        doomed += [f for f in files if f.name.startswith("SmolLM2-135M-Instruct-safe-") and f.name != current]
+        doomed += [f for f in files if f.name.startswith(PREFIX) and f.name != current]
     for f in dict.fromkeys(doomed):
         f.unlink()
         out.write(f"removed {f.name}\n")

@@ -23,9 +23,16 @@ ASSET = Path(__file__).parent / "assets" / "smollm2-135m"
 WEIGHTS = "F16"
 
 
+PREFIX = "SmolLM2-135M-Instruct-safe-"  # every built default's file name starts so (`models prune`)
+
+
+def default_model_file() -> Path:
+    """Where this version's default model is (or will be) built; nothing is built here."""
+    return cache_dir() / "models" / f"{PREFIX}{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
+
+
 def default_model_path(progress: bool = True) -> Path:
-    art = load_artifact(ASSET)
-    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-safe-{art.digest()[:12]}-{WEIGHTS}.gguf"
+    out = default_model_file()
     if not out.is_file():
-        convert_gguf(base_smollm2(), art, out, progress=progress, weights=WEIGHTS)
+        convert_gguf(base_smollm2(), load_artifact(ASSET), out, progress=progress, weights=WEIGHTS)
     return out

@@ -77,14 +77,6 @@ class SafetyPolicy:
     def has_category_rules(self) -> bool:
         return bool(self.allow or self.block or self.controversial == "loose")
 
-    @property
-    def needs_stats(self) -> bool:
-        return self.entropy_trigger is not None or self.margin_trigger is not None
-
-    def due(self, n: int, since: int, stats: tuple[float, float] | None, piece: bytes) -> str | None:
-        """Why a check is due after the n-th generated token (None: not due); `LoopSpec.due`."""
-        return loop_spec(self, 1.0).due(n, since, stats, piece)
-
     def __post_init__(self):
         for name in ("allow", "block"):
             v = getattr(self, name)
