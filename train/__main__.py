@@ -45,7 +45,7 @@ def cmd_cls(args) -> int:
     card_data = data_card(examples)
     print(f"training on {len(train)} sequences "
           f"({sum(e.label for e in train)} harmful), {sum(len(e.positions) for e in train)} [CLS] positions")
-    model = load_frozen(base)  # FrozenLlama, or FrozenGemma3 for a gemma3 base
+    model = load_frozen(base)  # FrozenLlama, FrozenGemma3, or FrozenHF (transformers) for the other families
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         kv_path = args.kv_cache or Path(tmp) / "kv.npy"
         t1 = time.time()

@@ -37,7 +37,8 @@ def cls_features(model: FrozenLlama, tokens: list[list[int]], cls_row: np.ndarra
                  max_batch_tokens: int = 8192) -> np.ndarray:
     """(N, D) final normed hidden state of a [CLS] appended after each token list (plain causal pass:
     the [CLS] is the last position, so it sees everything and nothing sees it)."""
-    rows = torch.as_tensor(np.asarray(cls_row, np.float32)).reshape(-1, model.cfg.n_embd)
+    # the file's rows, as input embeddings: scaled as every token's is (Gemma: sqrt(d); `model.embed` does it)
+    rows = torch.as_tensor(np.asarray(cls_row, np.float32)).reshape(-1, model.cfg.n_embd) * model.embed_scale
     out = np.zeros((len(tokens), model.cfg.n_embd), np.float32)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     batches, cur = [], []
