@@ -44,7 +44,7 @@ def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
     mf = LlamaModelFile(path)
     template = prompt_template(mf)
     bos = mf.bos if mf.add_bos else None
-    toks = [prompt_tokens(build_prompt(template, [{"role": "user", "content": p["prompt"]}]), mf.tokenize, bos)
+    toks = [prompt_tokens(build_prompt(template, [{"role": "user", "content": p["prompt"]}]), mf, bos)
             for p in prompts]
     be = LlamaBackend(mf, n_ctx=max(map(len, toks)) + n_new + 8, threads=threads)
     pp, tg = [], []

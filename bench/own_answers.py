@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     base = base_smollm2()
     mf = LlamaModelFile(base)
-    enc = [encode(e, mf.tokenize, mf.chat_template, mf.bos if mf.add_bos else None)
+    enc = [encode(e, mf, mf.chat_template, mf.bos if mf.add_bos else None)
            for e in data.build_dataset(seed=0) if e["split"] == "train"]
     mf.close()
     idx = pick(enc, 200, 200, seed=0, hardneg=True)

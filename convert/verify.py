@@ -260,7 +260,7 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
         # torch and of the model's runtime spin against each other (measured: 1 ms -> 85 ms per decode)
         runs = []
         for pr in prompt_set["prompts"]:
-            toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf.tokenize, bos)
+            toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf, bos)
             runs.append((pr, toks, *_llama_run(backend, toks, n_tokens, mf.is_eog, every)))
         for pr, toks, p_m, out_m, checks in runs:
             key = (tuple(toks), n_tokens)

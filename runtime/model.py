@@ -112,7 +112,7 @@ class Model:
     def tokenize_messages(self, messages: Any) -> list[int]:
         prompt = build_prompt(prompt_template(self.file), messages)
         bos = self.file.bos if self.file.add_bos else None
-        return prompt_tokens(prompt, self.backend.tokenize, bos)
+        return prompt_tokens(prompt, self.backend, bos)
 
     def chat(self, messages: Any, max_tokens: int = 256, temperature: float = CHAT_SAMPLING["temperature"],
              seed: int | None = None, stream: bool = False, top_k: int = CHAT_SAMPLING["top_k"],

@@ -1,10 +1,11 @@
 """Messages -> prompt segments, through the model's own chat template (Jinja, from the GGUF).
 
 The template is rendered with each message's content replaced by a random placeholder, then
-split at the placeholders. The result is a list of `Segment`s: the template's own text
-(tokenized with special-token parsing on, so `<|im_start|>` is the control token) and the
-users' text (tokenized with special parsing off, so a user typing `<|safety|>` or
-`<|im_start|>` gets plain characters, never a control token or a forged turn).
+split at the placeholders. The result is a list of `Segment`s: the template's own text and the
+users' text. `prompt_tokens` tokenizes them as the whole rendered text would be (llama.cpp's and
+Hugging Face's way) with one difference: only the template's text is searched for control tokens,
+so a user typing `<|safety|>` or `<|im_start|>` gets plain characters, never a control token or a
+forged turn.
 """
 from __future__ import annotations
 
@@ -154,14 +155,69 @@ def build_prompt(template: str | None, messages: Any, bos: str = "", eos: str = 
     return Prompt(tuple(segments), prefill)
 
 
-def prompt_tokens(prompt: Prompt, tokenize, bos: int | None = None) -> list[int]:
-    """Token ids of a prompt: template text with special parsing, user text and prefill without.
+@dataclass(frozen=True)
+class Special:
+    """A control token's text as the vocabulary spells it; strip: whitespace it eats on its left/right."""
+    text: str
+    lstrip: bool = False
+    rstrip: bool = False
 
-    `tokenize(text, special) -> list[int]`; `bos` is prepended when the model asks for it.
+
+def prompt_tokens(prompt: Prompt, vocab, bos: int | None = None) -> list[int]:
+    """Token ids of a prompt, as llama.cpp tokenizes the rendered text in one call, except that user
+    text and the prefill are never parsed for control tokens.
+
+    `vocab.tokenize(text, special) -> list[int]`; `vocab.special_texts()` -> the vocabulary's control
+    tokens (`Special`s). llama.cpp splits a text at its control tokens and tokenizes each run of text
+    between two of them in one piece (a SentencePiece vocabulary puts its "▁" before each run, a BPE
+    merges across what was template and user text). So the template's text is split at the control
+    tokens it holds, and each run between two of them (template text, user text and prefill together)
+    is one `tokenize(run, special=False)`. `bos` is prepended when the model asks for it. A vocabulary
+    without `special_texts` (or a bare tokenize function) gets each segment tokenized on its own.
     """
     ids = [bos] if bos is not None else []
-    for seg in prompt.segments:
-        ids += tokenize(seg.text, seg.special)
-    if prompt.prefill:
-        ids += tokenize(prompt.prefill, False)
+    specials = getattr(vocab, "special_texts", None)
+    tokenize = getattr(vocab, "tokenize", vocab)
+    parts = list(prompt.segments) + ([Segment(prompt.prefill, False)] if prompt.prefill else [])
+    if specials is None:
+        for seg in parts:
+            ids += tokenize(seg.text, seg.special)
+        return ids
+    run, eat = "", False  # eat: the last control token strips the whitespace after it
+    for seg in parts:
+        for piece in _split(seg.text, specials()) if seg.special else [seg.text]:
+            if isinstance(piece, str):
+                if eat:
+                    piece = piece.lstrip()
+                    eat = not piece
+                run += piece
+                continue
+            if piece.lstrip:
+                run = run.rstrip()
+            if run:
+                ids += tokenize(run, False)
+            ids += tokenize(piece.text, True)
+            run, eat = "", piece.rstrip
+    if run:
+        ids += tokenize(run, False)
     return ids
+
+
+def _split(text: str, specials: tuple[Special, ...]) -> list:
+    """text as str runs and the `Special`s it holds; at each position the earliest match, the longest
+    of those starting there (llama.cpp's partition, which tries longer tokens first)."""
+    present = sorted((s for s in specials if s.text and s.text in text), key=lambda s: -len(s.text))
+    out, i = [], 0
+    while present and i < len(text):
+        found = [(text.find(s.text, i), k) for k, s in enumerate(present)]
+        found = [f for f in found if f[0] >= 0]
+        if not found:
+            break
+        start, k = min(found)  # earliest; among those, the lowest k is the longest
+        if start > i:
+            out.append(text[i:start])
+        out.append(present[k])
+        i = start + len(present[k].text)
+    if i < len(text):
+        out.append(text[i:])
+    return out

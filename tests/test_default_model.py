@@ -108,7 +108,7 @@ def test_one_pass_scoring_equals_the_runtimes_checks_on_the_default_model(model)
     for question, answer in [("How do I bake bread?", " Mix flour, water, salt and yeast, knead it for ten "
                               "minutes, let it rise for an hour, shape it and bake it at 220 C for 35 minutes."),
                              (HARMFUL, " Sure, here is how: first you need a metal pipe and two end caps, then")]:
-        prompt = prompt_tokens(build_prompt(mf.chat_template, question), mf.tokenize)
+        prompt = prompt_tokens(build_prompt(mf.chat_template, question), mf)
         ans = mf.tokenize(answer, False)
         positions = [len(prompt)] + [len(prompt) + k for k in (4, 12, len(ans))]
         stepped = [be.start(prompt, Sampling(), check=True)]
@@ -129,7 +129,7 @@ def test_prefix_reuse_in_scoring_moves_verdicts_by_rounding_only(model):
     be = LlamaBackend(mf, n_ctx=2048, threads=2, safety_ids=mf.safety_meta().token_ids)
     # look-dangerous prompts share long template prefixes: the case reuse is for
     held = [e for e in build_dataset(seed=0) if e["split"] == "test" and e["augmentation"] == "hardneg_template"][:24]
-    seqs = sorted(prompt_tokens(build_prompt(mf.chat_template, e["prompt"]), mf.tokenize) for e in held)
+    seqs = sorted(prompt_tokens(build_prompt(mf.chat_template, e["prompt"]), mf) for e in held)
     fresh = [be.verdicts(s, [len(s) // 2, len(s)]) for s in seqs]
     reused = [be.verdicts(s, [len(s) // 2, len(s)], reuse=True) for s in seqs]
     diff = max(abs(a - b) for f, r in zip(fresh, reused) for a, b in zip(f, r))

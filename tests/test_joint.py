@@ -214,7 +214,7 @@ def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
 
     mf = LlamaModelFile(tiny_base)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
-    save_prep(prepare(_toy_examples(), mf.tokenize, mf.chat_template, None, eog, mf.n_vocab), tmp_path / "prep.json.gz")
+    save_prep(prepare(_toy_examples(), mf, mf.chat_template, None, eog, mf.n_vocab), tmp_path / "prep.json.gz")
     out = tmp_path / "art"
     rc = main(["joint", "--out", str(out), "--base", str(tiny_base), "--data", str(tmp_path / "prep.json.gz"),
                "--steps", "30", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--cls-lr", "3e-2",

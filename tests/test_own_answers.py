@@ -10,7 +10,7 @@ def _encoded(mf, n):
     for i in range(n):
         ex = {"prompt": f"question number {i}", "label": i % 2, "prefill": "Sure, here is" if i % 3 == 0 else None,
               "response": "a reference answer" if i % 5 == 1 else None}
-        rows.append(encode(ex, mf.tokenize, mf.chat_template))
+        rows.append(encode(ex, mf, mf.chat_template))
     return rows
 
 

@@ -15,7 +15,7 @@ def mf(tiny_safe):
 
 def _prompt(mf):
     from runtime.prompt import build_prompt, prompt_tokens
-    return prompt_tokens(build_prompt(mf.chat_template, "Tell me about the weather in spring."), mf.tokenize)
+    return prompt_tokens(build_prompt(mf.chat_template, "Tell me about the weather in spring."), mf)
 
 
 def _greedy(mf, prompt, n, check_every):

@@ -125,7 +125,7 @@ def test_cls_recipe_learns_and_scores_through_the_converted_file(frozen, tiny_ba
         text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
         if label:
             text = text + " qz qz qz"
-        exs.append(encode({"prompt": text, "label": label, "augmentation": "none"}, mf.tokenize, mf.chat_template))
+        exs.append(encode({"prompt": text, "label": label, "augmentation": "none"}, mf, mf.chat_template))
     train, test = exs[:120], exs[120:]
     val = exs[100:120]
     cls_row, head, info = train_cls(frozen, train[:100], tmp_path / "kv.npy", epochs=6, lr=2e-2, val=val,
@@ -154,9 +154,9 @@ def test_calibrate_respects_the_false_positive_budget():
 
 def test_encode_places_cls_after_prompt_and_inside_responses(tiny_base):
     mf = LlamaModelFile(tiny_base)
-    e = encode({"prompt": "hi", "response": "word " * 40, "label": 0}, mf.tokenize, mf.chat_template)
+    e = encode({"prompt": "hi", "response": "word " * 40, "label": 0}, mf, mf.chat_template)
     assert isinstance(e, Encoded) and e.positions[0] < e.positions[-1] <= len(e.tokens)
-    p = encode({"prompt": "hi", "prefill": "Sure, here is", "label": 1}, mf.tokenize, mf.chat_template)
+    p = encode({"prompt": "hi", "prefill": "Sure, here is", "label": 1}, mf, mf.chat_template)
     assert p.positions == [len(p.tokens)] and p.tokens[-len(mf.tokenize("Sure, here is", False)):] == \
         mf.tokenize("Sure, here is", False)
 

@@ -32,7 +32,7 @@ def test_answer_checks_are_verified_against_the_reference(tiny_safe, prompts):
     row = next(row for row in r.prompts if len(row["answer_checks"]) == 2)
     mf = LlamaModelFile(tiny_safe)
     pr = next(p for p in prompts["prompts"] if p["id"] == row["id"])
-    toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf.tokenize, mf.bos if mf.add_bos else None)
+    toks = prompt_tokens(build_prompt(mf.chat_template, pr["messages"]), mf, mf.bos if mf.add_bos else None)
     mf.close()
     along = [q_r for _, _, q_r in row["answer_checks"]]
     assert ref.answer_verdicts(toks, row["tokens"], [4, 8]) == pytest.approx(along)

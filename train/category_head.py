@@ -134,7 +134,7 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
     bos = mf.bos if mf.add_bos else None
     template = prompt_template(mf)
     use = [e for e in examples if labels[e["id"]][0] is not None or labels[e["id"]][1] is not None]
-    toks = [encode({**e, "response": None}, mf.tokenize, template, bos).tokens for e in use]
+    toks = [encode({**e, "response": None}, mf, template, bos).tokens for e in use]
     mf.close()
     stages = {"data": round(time.time() - t0, 1)}
     t1 = time.time()

@@ -27,7 +27,7 @@ def training_set(args, base: Path):
     examples = data.build_dataset(seed=args.seed, suffixes=getattr(args, "suffixes", False))
     mf = LlamaModelFile(base)
     bos = mf.bos if mf.add_bos else None
-    encoded = [encode(e, mf.tokenize, prompt_template(mf), bos) for e in examples]
+    encoded = [encode(e, mf, prompt_template(mf), bos) for e in examples]
     by_split = defaultdict(list)
     for e in encoded:
         by_split[e.meta["split"]].append(e)

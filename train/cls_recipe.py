@@ -37,15 +37,16 @@ class Encoded:
     meta: dict
 
 
-def encode(example: dict, tokenize, template: str | None, bos: int | None = None) -> Encoded:
-    """Token ids exactly as the runtime builds them, plus the [CLS] positions to train/evaluate."""
+def encode(example: dict, vocab, template: str | None, bos: int | None = None) -> Encoded:
+    """Token ids exactly as the runtime builds them (`vocab`: the model file, `runtime.prompt.prompt_tokens`),
+    plus the [CLS] positions to train/evaluate."""
     msgs = [{"role": "user", "content": example["prompt"]}]
     if example.get("prefill"):
         msgs.append({"role": "assistant", "content": example["prefill"]})
-    toks = prompt_tokens(build_prompt(template, msgs), tokenize, bos)
+    toks = prompt_tokens(build_prompt(template, msgs), vocab, bos)
     positions = [len(toks)]
     if example.get("response") and not example.get("prefill"):
-        resp = tokenize(example["response"], False)[:max(RESPONSE_POINTS)]
+        resp = vocab.tokenize(example["response"], False)[:max(RESPONSE_POINTS)]
         positions += [len(toks) + k for k in RESPONSE_POINTS if k <= len(resp)]
         toks = toks + resp
     return Encoded(toks, positions, int(example["label"]), example)

@@ -67,7 +67,7 @@ def compare(old: Path, new: Path, old_templates: int | None, max_fpr: float = 0.
     trained = {e["base_key"] for d in (cur, prev) for e in d if e["split"] == "train"}
     mf = LlamaModelFile(base, vocab_only=True)
     bos = mf.bos if mf.add_bos else None
-    held = {s: [encode(e, mf.tokenize, mf.chat_template, bos) for e in cur
+    held = {s: [encode(e, mf, mf.chat_template, bos) for e in cur
                 if e["split"] == s and e["base_key"] not in trained] for s in ("val", "test")}
     out = {}
     for name, art in (("old", old), ("new", new)):

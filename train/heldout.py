@@ -57,7 +57,7 @@ def _signal_scores(artifact: Path, texts: list[str], threads: int, weights: str 
     base = base_smollm2()
     mf = LlamaModelFile(base, vocab_only=True)
     bos = mf.bos if mf.add_bos else None
-    enc = [encode({"prompt": t, "label": 1, "augmentation": "heldout"}, mf.tokenize, mf.chat_template, bos)
+    enc = [encode({"prompt": t, "label": 1, "augmentation": "heldout"}, mf, mf.chat_template, bos)
            for t in texts]
     mf.close()
     enc = [dataclasses.replace(e, positions=e.positions[:1]) for e in enc]

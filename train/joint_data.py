@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.prompt import build_prompt, prompt_tokens
+from runtime.prompt import Prompt, build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
@@ -57,7 +57,7 @@ LEADS = ("", "Now, for the story: ", "Great. Next: ", "In character, answer this
          "For the scene, the character explains this in detail: ", "OK. Now tell me: ")
 
 
-def _second_turn(template: str | None, text: str, tokenize) -> list[int] | None:
+def _second_turn(template: str | None, text: str, vocab) -> list[int] | None:
     """Tokens that follow an assistant's answer when the user then sends `text` (template text with
     special parsing, the user's text without), ending where the next answer begins; None when the
     template does not lay a second turn out that way."""
@@ -67,14 +67,14 @@ def _second_turn(template: str | None, text: str, tokenize) -> list[int] | None:
     at = [i for i, g in enumerate(segs) if not g.special and g.text == "B"]
     if len(at) != 1 or p.prefill is not None:
         return None
-    return [t for g in segs[at[0] + 1:] for t in tokenize(g.text, g.special)]
+    return prompt_tokens(Prompt(tuple(segs[at[0] + 1:]), None), vocab)
 
 
-def _multi_turn(train_examples: list[dict], template, tokenize, bos, n: int, seed: int) -> dict:
+def _multi_turn(train_examples: list[dict], template, vocab, bos, n: int, seed: int) -> dict:
     """Framing first turns and second-turn requests (half harmful, half benign) for two-turn sequences."""
     rng = random.Random(seed * 7919 + 17)
     framings = [{"text": f, "tokens": prompt_tokens(build_prompt(template, [{"role": "user", "content": f}]),
-                                                    tokenize, bos)} for f in FRAMINGS]
+                                                    vocab, bos)} for f in FRAMINGS]
     plain = [e for e in train_examples if not e.get("prefill") and e["augmentation"] == "none"
              and len(e["prompt"]) <= 600]
     turn2 = []
@@ -83,14 +83,14 @@ def _multi_turn(train_examples: list[dict], template, tokenize, bos, n: int, see
         for e in rng.sample(pool, min(n // 2, len(pool))):
             lead = rng.choice(LEADS)
             text = lead + (e["prompt"][:1].lower() + e["prompt"][1:] if lead else e["prompt"])
-            toks = _second_turn(template, text, tokenize)
+            toks = _second_turn(template, text, vocab)
             if toks is None:
                 return {"framings": [], "turn2": []}
             turn2.append({"id": e["id"], "label": label, "tokens": toks})
     return {"framings": framings, "turn2": turn2}
 
 
-def prepare(examples: list[dict], tokenize, template: str | None, bos: int | None, eog: list[int],
+def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, eog: list[int],
             n_vocab: int, *, max_prompt_tokens: int = 512, base_sha256: str = "", multi_turn: int = 0,
             seed: int = 0) -> dict:
     """Token ids for every split; train prompts end where the assistant's answer would begin.
@@ -102,19 +102,19 @@ def prepare(examples: list[dict], tokenize, template: str | None, bos: int | Non
             msgs = [{"role": "user", "content": e["prompt"]}]
             if e.get("prefill"):
                 msgs.append({"role": "assistant", "content": e["prefill"]})
-            toks = prompt_tokens(build_prompt(template, msgs), tokenize, bos)
+            toks = prompt_tokens(build_prompt(template, msgs), vocab, bos)
             if len(toks) <= max_prompt_tokens:
                 train.append({"id": e["id"], "tokens": toks, "label": int(e["label"]),
                               "prefill": bool(e.get("prefill")), "augmentation": e["augmentation"]})
         elif e["split"] in held:
-            enc = encode(e, tokenize, template, bos)
+            enc = encode(e, vocab, template, bos)
             held[e["split"]].append({"id": e["id"], "tokens": enc.tokens, "positions": enc.positions,
                                      "label": enc.label, "augmentation": e["augmentation"]})
-    eot = [t for t in tokenize("<|im_end|>", True) if t in set(eog)][:1] or eog[:1]
-    extra = _multi_turn([e for e in examples if e["split"] == "train"], template, tokenize, bos, multi_turn,
+    eot = [t for t in vocab.tokenize("<|im_end|>", True) if t in set(eog)][:1] or eog[:1]
+    extra = _multi_turn([e for e in examples if e["split"] == "train"], template, vocab, bos, multi_turn,
                         seed) if multi_turn else {}
     return {"version": PREP_VERSION, "base_sha256": base_sha256, "n_vocab": n_vocab, "eog": sorted(eog),
-            "refusal": tokenize(REFUSAL, False) + eot, "train": train, **held, **extra}
+            "refusal": vocab.tokenize(REFUSAL, False) + eot, "train": train, **held, **extra}
 
 
 def save_prep(prep: dict, path: str | Path) -> Path:

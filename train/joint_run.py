@@ -65,7 +65,7 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
     card = data_card(examples)
     mf = LlamaModelFile(base, vocab_only=True)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
-    prep = prepare(examples, mf.tokenize, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
+    prep = prepare(examples, mf, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
                    max_prompt_tokens=max_prompt_tokens, base_sha256=sha256_file(base), multi_turn=multi_turn,
                    seed=seed)
     prep["data"] = {k: card[k] for k in card if k != "examples"}

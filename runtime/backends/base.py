@@ -103,6 +103,9 @@ class TokensFromFile:
     def tokenize(self, text: str, special: bool) -> list[int]:
         return self.mf.tokenize(text, special)
 
+    def special_texts(self):
+        return self.mf.special_texts()
+
     def token_bytes(self, token: int) -> bytes:
         return self.mf.token_bytes(token)
 
@@ -114,6 +117,8 @@ class Backend(Protocol):
     n_ctx: int
 
     def tokenize(self, text: str, special: bool) -> list[int]: ...
+
+    def special_texts(self) -> tuple: ...  # the vocabulary's control tokens (runtime.prompt.Special)
 
     def token_bytes(self, token: int) -> bytes: ...
 

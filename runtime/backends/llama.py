@@ -17,6 +17,7 @@ import llama_cpp as ll
 from runtime.contract import PREFIX, SafetyMeta
 
 from ..errors import ModelFileError
+from ..prompt import Special
 from .base import Sampling, TokensFromFile, category_probs, check_prompt, side_tokens
 from .llama_sampler import grammar_sampler, sampler_chain
 
@@ -128,6 +129,7 @@ class LlamaModelFile(_FreedOnDelete):
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self.bos = ll.llama_vocab_bos(self.vocab)
         self._piece_cache: dict[int, bytes] = {}
+        self._specials: tuple[Special, ...] | None = None
 
     def _read_metadata(self) -> dict[str, str]:
         out = {}
@@ -156,6 +158,23 @@ class LlamaModelFile(_FreedOnDelete):
             buf = (ll.llama_token * -n)()
             n = ll.llama_tokenize(self.vocab, data, len(data), buf, -n, False, special)
         return list(buf[:n])
+
+    def special_texts(self) -> tuple[Special, ...]:
+        """The control (and unknown) tokens: what llama.cpp parses out of a text only with special
+        parsing on (`runtime.prompt.prompt_tokens` splits template text at them). Read once."""
+        if self._specials is None:
+            out = []
+            buf = ctypes.create_string_buffer(256)
+            for t in range(self.n_vocab):
+                attr = ll.llama_vocab_get_attr(self.vocab, t)
+                if attr & (ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN):
+                    n = ll.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, True)
+                    if n > 0:
+                        out.append(Special(buf.raw[:n].decode("utf-8", "replace"),
+                                           bool(attr & ll.LLAMA_TOKEN_ATTR_LSTRIP),
+                                           bool(attr & ll.LLAMA_TOKEN_ATTR_RSTRIP)))
+            self._specials = tuple(out)
+        return self._specials
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._piece_cache.get(token)

@@ -117,6 +117,9 @@ class OnnxModelFile:
     def tokenize(self, text: str, special: bool) -> list[int]:
         return self.vocab_file.tokenize(text, special)
 
+    def special_texts(self):
+        return self.vocab_file.special_texts()
+
     def token_bytes(self, token: int) -> bytes:
         return self.vocab_file.token_bytes(token)
 
