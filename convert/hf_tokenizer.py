@@ -2,7 +2,7 @@
 
 Two kinds, as llama.cpp has them:
 
-* byte-level BPE (GPT-2 style: SmolLM, Llama 3.x, Qwen2/2.5/3, Phi-4-mini) -> `gpt2`: the vocabulary,
+* byte-level BPE (GPT-2 style: SmolLM, Llama 3.x, Qwen2/2.5/3, Phi-4-mini's o200k split) -> `gpt2`: the vocabulary,
   merges and special tokens carry over as they are; what llama.cpp needs besides is the name of the
   pre-tokenizer regex, which it keeps in its own table (PRE_TOKENIZERS lists those recognised);
 * SentencePiece-style BPE with byte fallback (Llama 2, Mistral v0.x, Phi-3/3.5, Gemma) -> `llama`
@@ -35,6 +35,10 @@ PRE_TOKENIZERS = {
         "llama-bpe",  # Llama 3.x
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",  # Qwen2, Qwen2.5, Qwen3
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "gpt-4o",  # Phi-4-mini (tiktoken's o200k_base split)
 }
 
 
@@ -51,8 +55,8 @@ def pre_tokenizer(pre: dict | None, d: Path) -> str:
         if regex in PRE_TOKENIZERS and steps[0].get("behavior") == "Isolated":
             return PRE_TOKENIZERS[regex]
     raise ConvertError(f"{d}/tokenizer.json: pre-tokenizer {kinds or None} is not one this importer knows (GPT-2 "
-                       "byte-level, single digits + byte-level as in SmolLM2, or the Llama 3 and Qwen2 split "
-                       "regexes); convert the checkpoint with llama.cpp's convert_hf_to_gguf.py and pass the GGUF")
+                       "byte-level, single digits + byte-level as in SmolLM2, or the Llama 3, Qwen2 and GPT-4o "
+                       "split regexes); convert the checkpoint with llama.cpp's convert_hf_to_gguf.py and pass the GGUF")
 
 
 SPACE = "\u2581"  # "▁", SentencePiece's space

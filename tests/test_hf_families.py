@@ -40,6 +40,7 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "qwen2", dict(head_dim=32, tie_word_embeddings=True)),
     "gemma3": ("Gemma3TextConfig", "spm-replace", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
                                                       num_hidden_layers=6)),
+    "phi4": ("Phi3Config", "gpt-4o", dict(partial_rotary_factor=0.75, tie_word_embeddings=True)),
     "phi3": ("Phi3Config", "spm-prepend", dict(partial_rotary_factor=0.5, tie_word_embeddings=False)),
 }
 CORPUS = ("The quick brown fox jumps over the lazy dog. It's 2026 and we've 12345 apples; they'll eat 7 of them!\n"
@@ -48,7 +49,7 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. It's 2026 and we've 1234
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} says: {{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant says:{% endif %}")
 SAMPLES = ["Hello world! It's 1234567 o'clock.", "  two  spaces\n\nnew lines\r\n", "naïve café – 日本語 ✓",
-           "<|im_start|>user\nhi<|im_end|>"]
+           "<|im_start|>user\nhi<|im_end|>", "HelloWorld's iPHONEs\n/usr/bin e\u0301t\u00e9 DON'T"]
 
 
 SP = "\u2581"
@@ -256,7 +257,7 @@ def test_the_reference_model_of_a_gguf_is_the_checkpoint_again(family, tmp_path)
     name, folder, tok, model, gguf_path = family
     ids = tok.encode(CORPUS[:120], add_special_tokens=False)
     ref, facts = reference_model(gguf_path)
-    assert facts["arch"] == {"llama3": "llama", "mistral": "llama"}.get(name, name)
+    assert facts["arch"] == {"llama3": "llama", "mistral": "llama", "phi4": "phi3"}.get(name, name)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0]
         got = ref(torch.tensor([ids])).logits[0]
