@@ -22,8 +22,10 @@ writes only the T new rows per step. A check is one call with [token, CLS] (T=2,
 logits_index=0): row 0 gives the next-token logits, row 1 (the [CLS]) the verdict; the
 caller simply does not keep the [CLS]'s key/value row (docs/design.md section 3).
 
-Rotary embeddings are llama.cpp's interleaved pairs on GGUF's permuted Q/K weights (as in
-train/llama_torch.py). Metadata_props: the `safety.*` keys (convert/metadata.py),
+For llama, rotary embeddings are llama.cpp's interleaved pairs on GGUF's permuted Q/K weights (as
+in convert/llama_torch.py); qwen2, qwen3, gemma3 and phi3 files are exported through transformers'
+own layers (convert/onnx_hf.py), whose keys are in transformers' layout: the runtime only stores and
+feeds them back. Metadata_props: the `safety.*` keys (convert/metadata.py),
 `tokenizer.chat_template`, and `safechat.*` shape facts. Tokenization is NOT in the ONNX
 file: the ONNX backend loads the vocabulary (vocab-only) from the safe GGUF beside it
 (same stem, `.gguf`, or the file named in `safechat.vocab_gguf`).
@@ -52,7 +54,9 @@ from runtime.gguf_io import architecture, ConvertError, read_gguf
 QUANTS = ("int8", "int4", "int8-dynamic")
 _HIDDEN_OP, _HIDDEN_DOMAIN = "KeepFloatGemm", "safechat.export"  # placeholder during int8 quantization
 OPSET = 18
-ONNX_ARCHITECTURES = ("llama",)  # the graph this exporter writes (convert/llama_torch.py's layers)
+# llama: the graph written here over convert/llama_torch.py's layers; the others through transformers
+# (convert/onnx_hf.py)
+ONNX_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 
 
 def _gguf_kv(path: Path) -> tuple[dict[str, str], str | None, int]:
@@ -214,7 +218,9 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
     import onnx
     import torch
 
+    from convert.hf_frozen import FrozenHF
     from convert.llama_torch import FrozenLlama
+    from convert.onnx_hf import build_hf_module
 
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if quant is not None and quant not in QUANTS:
@@ -228,11 +234,13 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
         meta = SafetyMeta.from_kv(kv, n_tok, where=str(gguf_path))
     except MetadataError as e:
         raise MetadataError(f"{e}; convert it with `python -m convert gguf` first") from None
-    fl = FrozenLlama(gguf_path)  # raises on non-llama architectures
+    llama = architecture(read_gguf(gguf_path, "model"), str(gguf_path)) == "llama"
+    fl = FrozenLlama(gguf_path) if llama else FrozenHF(gguf_path)
     c = fl.cfg
     say(f"read {gguf_path.name}: {c.n_layer} layers, width {c.n_embd}, vocab {c.n_vocab} "
         f"({time.perf_counter() - t0:.1f}s)")
-    module = build_module(fl, meta.safe_token_id, meta.unsafe_token_id, meta.category_ids)
+    build = build_module if llama else build_hf_module
+    module = build(fl, meta.safe_token_id, meta.unsafe_token_id, meta.category_ids)
     del fl
     ins, outs = io_names(c.n_layer)
     P0 = 3  # trace with 3 cached positions and T=2 ([token, CLS])
