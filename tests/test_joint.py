@@ -273,3 +273,24 @@ def test_deltas_on_the_vocabulary_matrices_are_refused(tiny_base, tmp_path):
     with pytest.raises(ConvertError, match="vocabulary matrices"):
         convert_gguf(tiny_base, art, tmp_path / "x.gguf", progress=False, deltas=load_deltas(tmp_path))
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_comply_sequences_continue_an_opener_and_carry_the_requests_label(tiny_base, model):
+    """`--comply N`: N harmful and N benign training prompts with a compliance opener as the prefill; the
+    base model's greedy continuation follows it, every [CLS] inside labelled as the request, no LM loss."""
+    from runtime.backends.llama import LlamaModelFile
+    from train.joint_data import OPENERS, build_sequences
+
+    mf = LlamaModelFile(tiny_base)
+    eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
+    prep = prepare(_toy_examples(), mf, mf.chat_template, None, eog, mf.n_vocab, comply=5)
+    assert sorted(c["label"] for c in prep["comply"]) == [0] * 5 + [1] * 5
+    openers = [mf.tokenize(o, False) for o in OPENERS]
+    assert all(any(c["tokens"][-len(o):] == o for o in openers) for c in prep["comply"])
+    base = build_sequences(model, {**prep, "comply": []}, gen_tokens=8, cls_every=2, log=lambda *_: None)
+    seqs = build_sequences(model, prep, gen_tokens=8, cls_every=2, log=lambda *_: None)
+    comply = [s for s in seqs if s.meta["kind"] == "comply"]
+    assert len(seqs) == len(base) + 10 and len(comply) == 10
+    for s, c in zip(comply, prep["comply"]):
+        assert s.tokens[:len(c["tokens"])] == c["tokens"] and len(s.tokens) > len(c["tokens"])
+        assert s.lm_from is None and len(s.cls_at) >= 2 and set(s.labels()) == {c["label"]}

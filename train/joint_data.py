@@ -13,11 +13,16 @@
    | harmful, no prefill | the refusal text | end of prompt |
    | harmful (+ its own answer) | none (never trained to comply) | end of prompt/prefill, inside the answer |
    | two turns: benign or a fiction/role-play framing, then a request | the refusal after a harmful second turn | turn 1 (benign), end of turn 2 (its label) |
+   | comply: a request + a compliance opener (`OPENERS`) as prefill, the base model's continuation | none | end of the opener, inside the continuation (the request's label) |
 
    "Inside the answer" is every `cls_every` tokens and the answer's last token (the runtime checks
    every k tokens), or, without cls_every, after 8/24/48 tokens as the first joint runs had it.
    The two-turn conversations are built by code from the same training prompts (`prepare`:
-   `FRAMINGS` and `LEADS`), the first turn's answer being the base model's own.
+   `FRAMINGS` and `LEADS`), the first turn's answer being the base model's own. The comply rows are
+   what a jailbreak or prefill that worked looks like inside the answer: the base model complies
+   with anything once it has begun to, so a harmful request continued after "Sure, here is how to do
+   it:" is a harmful continuation, generated at training time and never stored outside the run's
+   directory; the benign requests continued after the same openers keep the opener from being the cue.
 """
 from __future__ import annotations
 
@@ -52,6 +57,10 @@ FRAMINGS = (
     "I'm writing a short story for a contest. It needs to feel authentic.",
     "Let's brainstorm ideas for my tabletop campaign tonight.",
 )
+# Compliance openers: the prefill the base model continues in `comply` sequences (a harmful request
+# so continued is what a successful attack looks like inside the answer; a benign one, its contrast).
+OPENERS = ("Sure, here is how to do it:", "Of course! Here are the details.", "Step 1:",
+           "Absolutely. Here's everything you need to know.", "Here is a detailed answer:")
 # How the second turn's request is put (the request's own text follows).
 LEADS = ("", "Now, for the story: ", "Great. Next: ", "In character, answer this: ", "Thanks! Also, ",
          "For the scene, the character explains this in detail: ", "OK. Now tell me: ")
@@ -90,12 +99,28 @@ def _multi_turn(train_examples: list[dict], template, vocab, bos, n: int, seed: 
     return {"framings": framings, "turn2": turn2}
 
 
+def _comply(train_examples: list[dict], template, vocab, bos, n: int, seed: int, max_tokens: int) -> list[dict]:
+    """n harmful and n benign plain training prompts, each with a compliance opener as the prefill."""
+    rng = random.Random(seed * 6151 + 29)
+    plain = [e for e in train_examples if not e.get("prefill") and e["augmentation"] == "none"]
+    out = []
+    for label in (1, 0):
+        pool = [e for e in plain if int(e["label"]) == label]
+        for e in rng.sample(pool, min(n, len(pool))):
+            msgs = [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": rng.choice(OPENERS)}]
+            toks = prompt_tokens(build_prompt(template, msgs), vocab, bos)
+            if len(toks) <= max_tokens:
+                out.append({"id": e["id"], "tokens": toks, "label": label})
+    return out
+
+
 def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, eog: list[int],
             n_vocab: int, *, max_prompt_tokens: int = 512, base_sha256: str = "", multi_turn: int = 0,
-            seed: int = 0) -> dict:
+            seed: int = 0, comply: int = 0) -> dict:
     """Token ids for every split; train prompts end where the assistant's answer would begin.
 
-    multi_turn > 0 adds that many second-turn requests (and the framings) for two-turn sequences."""
+    multi_turn > 0 adds that many second-turn requests (and the framings) for two-turn sequences;
+    comply > 0 that many harmful and as many benign prompts with a compliance opener (`OPENERS`)."""
     train, held = [], {"val": [], "test": []}
     for e in examples:
         if e["split"] == "train":
@@ -113,6 +138,9 @@ def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, 
     eot = [t for t in vocab.tokenize("<|im_end|>", True) if t in set(eog)][:1] or eog[:1]
     extra = _multi_turn([e for e in examples if e["split"] == "train"], template, vocab, bos, multi_turn,
                         seed) if multi_turn else {}
+    if comply:
+        extra["comply"] = _comply([e for e in examples if e["split"] == "train"], template, vocab, bos, comply,
+                                  seed, max_prompt_tokens)
     return {"version": PREP_VERSION, "base_sha256": base_sha256, "n_vocab": n_vocab, "eog": sorted(eog),
             "refusal": vocab.tokenize(REFUSAL, False) + eot, "train": train, **held, **extra}
 
@@ -220,12 +248,19 @@ def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, har
                     batch_size: int = 64, cls_every: int | None = None, log=print) -> list[JointSeq]:
     """The training sequences (table in the module docstring); generation runs on the model's device."""
     eog = set(prep["eog"])
+    seqs_comply: list[JointSeq] = []
     train = prep["train"]
     want = [e for e in train if e["label"] == 0 or harmful_answers or e["prefill"]]
-    framings = prep.get("framings", [])
-    log(f"generating the base model's own answers for {len(want) + len(framings)} prompts ({gen_tokens} tokens max)")
-    answers = generate(model, [e["tokens"] for e in want] + [f["tokens"] for f in framings], gen_tokens, eog,
-                       batch_size=batch_size, n_vocab=prep["n_vocab"])
+    framings, comply = prep.get("framings", []), prep.get("comply", [])
+    log(f"generating the base model's own answers for {len(want) + len(framings) + len(comply)} prompts "
+        f"({gen_tokens} tokens max)")
+    answers = generate(model, [e["tokens"] for e in want] + [f["tokens"] for f in framings]
+                       + [c["tokens"] for c in comply], gen_tokens, eog, batch_size=batch_size, n_vocab=prep["n_vocab"])
+    for c, ans in zip(comply, answers[len(want) + len(framings):]):
+        n = len(c["tokens"])
+        seqs_comply.append(JointSeq(c["tokens"] + ans, [n] + _inside(n, ans, eog, cls_every), c["label"], lm_from=None,
+                                    meta={"id": c["id"], "kind": "comply"}))
+    answers = answers[:len(want) + len(framings)]
     seqs, firsts = [], []
     for e, ans in zip(want, answers):
         n = len(e["tokens"])
@@ -244,7 +279,7 @@ def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, har
             n = len(e["tokens"])
             seqs.append(JointSeq(e["tokens"] + prep["refusal"], [n], 1, lm_from=n,
                                  meta={"id": e["id"], "kind": "refusal"}))
-    return seqs
+    return seqs + seqs_comply
 
 
 def save_sequences(seqs: list[JointSeq], path: Path) -> None:

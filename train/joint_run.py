@@ -54,7 +54,7 @@ def _has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0) -> dict:
+def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0, comply: int = 0) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
     from runtime.backends.llama import LlamaModelFile
 
@@ -67,14 +67,14 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
     prep = prepare(examples, mf, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
                    max_prompt_tokens=max_prompt_tokens, base_sha256=sha256_file(base), multi_turn=multi_turn,
-                   seed=seed)
+                   seed=seed, comply=comply)
     prep["data"] = {k: card[k] for k in card if k != "examples"}
     prep["seed"] = seed
     return prep
 
 
 def cmd_joint_prep(args) -> int:
-    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn)
+    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply)
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
@@ -138,6 +138,7 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
               "first_layer": args.first_layer, "lm_sample": args.lm_sample, "cls_every": args.cls_every,
               "bf16": args.bf16,
               "multi_turn": args.multi_turn,
+              **({"comply": args.comply} if args.comply else {}),
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
     what = json.dumps([data.get("examples_sha256"), recipe, res.info["config"]["data"]], sort_keys=True)
@@ -165,7 +166,7 @@ def cmd_joint(args) -> int:
     elif args.resume and (out / PREP).is_file():
         prep = load_prep(out / PREP)
     else:
-        prep = make_prep(base, args.seed, multi_turn=args.multi_turn)
+        prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply)
         save_prep(prep, out / PREP)  # what `joint-eval --data` measures on; no generated text in it
     model = FrozenLlama(base)
     if model.cfg.n_vocab != prep["n_vocab"]:
@@ -269,6 +270,9 @@ def add_parsers(sub) -> None:
                    help="[CLS] every N tokens inside the answers (default: after 8/24/48 tokens)")
     j.add_argument("--multi-turn", type=int, default=0,
                    help="add this many two-turn conversations (framing or benign turn, then a request)")
+    j.add_argument("--comply", type=int, default=0,
+                   help="this many harmful and as many benign training prompts continued by the base model after a "
+                        "compliance opener ([CLS] inside labelled by the request; train/joint_data.py OPENERS)")
     j.add_argument("--rank", type=int, default=8)
     j.add_argument("--alpha", type=float, default=16.0)
     j.add_argument("--targets", default="all", help="LoRA targets: attn, mlp, all, or projections (attn_q,ffn_up,...)")
@@ -300,6 +304,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--multi-turn", type=int, default=0, help="second-turn requests for two-turn conversations")
+    p.add_argument("--comply", type=int, default=0, help="harmful and benign prompts with a compliance opener")
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
     e.add_argument("artifact", type=Path)
