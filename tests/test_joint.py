@@ -294,3 +294,17 @@ def test_comply_sequences_continue_an_opener_and_carry_the_requests_label(tiny_b
     for s, c in zip(comply, prep["comply"]):
         assert s.tokens[:len(c["tokens"])] == c["tokens"] and len(s.tokens) > len(c["tokens"])
         assert s.lm_from is None and len(s.cls_at) >= 2 and set(s.labels()) == {c["label"]}
+
+
+def test_bf16_is_refused_where_the_cpu_runs_it_slower(tmp_path, monkeypatch, capsys):
+    """`--bf16` on a CPU without bfloat16 instructions (an AVX2 machine measured 40x slower) stops at once with
+    the reason, before any data is built; where bfloat16 pays the probe says so (a real measurement)."""
+    import train.joint_run as jr
+    from train.__main__ import main
+
+    speed = jr.bf16_speedup()
+    assert speed > 0
+    monkeypatch.setattr(jr, "bf16_speedup", lambda: 0.025)
+    monkeypatch.setattr(jr, "make_prep", lambda *a, **k: pytest.fail("data built before the --bf16 check"))
+    with pytest.raises(SystemExit, match=r"--bf16: bfloat16 matrix products run 40x slower"):
+        main(["joint", "--out", str(tmp_path / "j"), "--device", "cpu", "--bf16", "--threads", "1"])

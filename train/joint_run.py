@@ -54,6 +54,23 @@ def _has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def bf16_speedup(n: int = 512, reps: int = 5) -> float:
+    """How many times faster a bfloat16 matrix product runs than a float32 one on this CPU (the threads set).
+
+    `--bf16` pays only where the CPU has bfloat16 instructions (AVX-512 BF16, AMX): measured 3x there;
+    on an AVX2-only CPU (no such instructions) torch's bfloat16 product ran at 1.8 GFLOP/s against 75 in
+    float32, a 40x slower run. About 0.1 s; `cmd_joint` refuses --bf16 below 1."""
+    secs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, 576, dtype=dt), torch.randn(576, n, dtype=dt)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        secs[dt] = time.perf_counter() - t
+    return secs[torch.float32] / max(secs[torch.bfloat16], 1e-9)
+
+
 def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0, comply: int = 0) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
     from runtime.backends.llama import LlamaModelFile
@@ -155,6 +172,9 @@ def cmd_joint(args) -> int:
     dev = _device(args.device)
     if dev.type == "cpu":
         torch.set_num_threads(args.threads)
+        if args.bf16 and (speed := bf16_speedup()) < 1:
+            raise SystemExit(f"error: --bf16: bfloat16 matrix products run {1 / speed:.0f}x slower than float32 on "
+                             "this CPU (no AVX-512 BF16 or AMX instructions); drop --bf16")
     else:
         torch.set_float32_matmul_precision("high")  # TF32 for generation and scoring; training runs in bf16
     base = _base(args)
@@ -265,7 +285,7 @@ def add_parsers(sub) -> None:
     j.add_argument("--lm-sample", type=float, default=1.0, help="LM loss on this random fraction of its rows")
     j.add_argument("--bf16", action="store_true",
                    help="bfloat16 matrix products on the CPU (autocast; about 3x the float32 rate where the "
-                        "CPU has AVX-512 BF16 / AMX)")
+                        "CPU has AVX-512 BF16 / AMX; refused where a quick probe finds it slower, as on AVX2)")
     j.add_argument("--cls-every", type=int, default=None,
                    help="[CLS] every N tokens inside the answers (default: after 8/24/48 tokens)")
     j.add_argument("--multi-turn", type=int, default=0,
