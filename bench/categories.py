@@ -11,7 +11,8 @@ scores of the [CLS] at the end of the prompt, the check the default file acts on
    and the share of other rows reaching it;
 2. `allow={X}`, per X: of the harmful requests the file refuses, how many of category X it now
    answers (the purpose) and how many of other categories (the cost); of the benign requests of
-   topic X it refuses, how many it now answers;
+   topic X it refuses, how many it now answers (a benign request's topic: its source's label, or the harm
+   topic its look-dangerous template sits next to, `train.hardneg.TOPICS`: pentest careers for cyber);
 3. `block={X}`: benign requests of topic X refused before and after, and benign requests of other
    topics refused before and after (the collateral);
 4. `controversial="loose"`: controversial and other harmful requests answered.
@@ -32,7 +33,7 @@ from runtime.model import load
 from runtime.policy import SafetyPolicy, apply_rules
 
 from train.calibrate import messages
-from train.categories import label_examples
+from train.categories import benign_topic, label_examples
 from train.category_head import category_metrics
 from runtime.artifact import load_artifact
 from runtime.default_model import ASSET
@@ -57,6 +58,11 @@ def _frac(k: int, n: int) -> str:
     return f"{k}/{n}" if n else "-"
 
 
+def _topic(r: dict) -> str | None:
+    """A benign row's harm topic (`train.categories.benign_topic`; rows saved before it had their category)."""
+    return r["topic"] if "topic" in r else r["cat"]
+
+
 def tables(rows: list[dict], cats, thr: float) -> str:
     names = [n for n in cats.names if n != cats.none]
     out = []
@@ -77,12 +83,12 @@ def tables(rows: list[dict], cats, thr: float) -> str:
         still = lambda r, pol: apply_rules(flagged(r), r["scores"], cats, pol)[0]
         h_x = [r for r in harmful if flagged(r) and r["cat"] == x]
         h_o = [r for r in harmful if flagged(r) and r["cat"] != x]
-        b_x = [r for r in benign if flagged(r) and r["cat"] == x]
+        b_x = [r for r in benign if flagged(r) and _topic(r) == x]
         allow_rows.append([x, _frac(sum(not still(r, pol_a) for r in h_x), len(h_x)),
                            _frac(sum(not still(r, pol_a) for r in h_o), len(h_o)),
                            _frac(sum(not still(r, pol_a) for r in b_x), len(b_x))])
-        bx = [r for r in benign if r["cat"] == x]
-        bo = [r for r in benign if r["cat"] != x]
+        bx = [r for r in benign if _topic(r) == x]
+        bo = [r for r in benign if _topic(r) != x]
         block_rows.append([x, f"{sum(flagged(r) for r in bx)} -> {sum(still(r, pol_b) for r in bx)} of {len(bx)}",
                            f"{sum(flagged(r) for r in bo)} -> {sum(still(r, pol_b) for r in bo)} of {len(bo)}"])
     out.append("\n`allow={X}`: answered now, of the requests the file refuses at the prompt\n")
@@ -126,7 +132,8 @@ def main(argv=None) -> int:
         held = [e for e in examples if e["split"] == split]
         held = held[:args.limit] if args.limit else held
         obs = observe(model, held)
-        rows = [{"label": e["label"], "cat": labels[e["id"]][0], "tier": labels[e["id"]][1], "p": p, "scores": sc}
+        rows = [{"label": e["label"], "cat": labels[e["id"]][0], "tier": labels[e["id"]][1], "p": p, "scores": sc,
+                 "topic": benign_topic(e, labels[e["id"]][0]) if e["label"] == 0 else None}
                 for e, (p, sc) in zip(held, obs)]
         saved[split] = [{"id": e["id"], **r} for e, r in zip(held, rows)]
         print(f"## {split} ({len(held)} examples; {sum(r['p'] >= thr for r in rows)} refused at the prompt)\n")

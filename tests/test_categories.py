@@ -373,6 +373,26 @@ def test_bench_tables_count_what_each_rule_changes():
     assert "answered now 1/1 of the refused controversial requests, 0/1 of the other" in out
 
 
+def test_benign_topics_of_the_look_dangerous_templates():
+    """The matching benign set of a per-app rule: a look-dangerous template's topic (pentest careers: cyber),
+    a source's own label first, none for idioms; every topic names a template and a category."""
+    from bench.categories import tables
+    from train.categories import CATEGORIES, benign_topic
+    from train.hardneg import HARDNEG_TEMPLATES, TOPICS
+
+    assert set(TOPICS) <= set(HARDNEG_TEMPLATES) and set(TOPICS.values()) <= set(CATEGORIES)
+    hn = lambda name: {"augmentation": "hardneg_template", "source": f"code/hardneg/{name}"}
+    assert benign_topic(hn("pentest_career"), NONE) == "cyber"
+    assert benign_topic(hn("kill_process"), NONE) is None
+    assert benign_topic({"augmentation": "none", "source": "healthbench"}, "specialised_advice") == "specialised_advice"
+    assert benign_topic({"augmentation": "none", "source": "alpaca"}, NONE) is None
+    weap, adv = (0.9, 0.05, 0.03, 0.02), (0.05, 0.9, 0.03, 0.02)
+    rows = [{"label": 0, "cat": NONE, "topic": "weapons", "tier": None, "p": 0.99, "scores": (weap, 0.1)},
+            {"label": 0, "cat": NONE, "topic": None, "tier": None, "p": 0.99, "scores": (adv, 0.1)}]
+    out = tables(rows, CATS, 0.5)
+    assert "| weapons | - | - | 1/1 |" in out                      # allow weapons answers the chemistry-safety one
+    assert "| weapons | 1 -> 1 of 1 | 1 -> 1 of 1 |" in out
+
 def test_an_answered_request_names_its_topic_or_none():
     r = _run(CategoryBackend([5], lambda c: 0.1, (0.05, 0.05, 0.05, 0.85)), SafetyPolicy())
     assert not r.refused and r.safety.category == NONE

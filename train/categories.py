@@ -31,6 +31,8 @@ from collections import Counter
 
 import yaml
 
+from .hardneg import TOPICS
+
 # name -> (MLCommons / Llama Guard 3 hazard code(s), what it covers)
 CATEGORIES = {
     "violent_crimes": ("S1", "violence against people or animals, murder, assault, kidnapping, terrorism, threats"),
@@ -215,6 +217,17 @@ def label_examples(examples: list[dict], cache_dir=None) -> dict[str, tuple[str 
         cat, tier, _ = category_of(base if base is not None else e, labels)
         out[e["id"]] = (cat, tier)
     return out
+
+
+def benign_topic(example: dict, category: str | None) -> str | None:
+    """The harm topic a benign request sits next to, for measuring per-app rules on the requests they are
+    meant for: its category label where its source names one (HealthBench: specialised_advice), else its
+    hard-negative template's `hardneg.TOPICS` entry, else None. Not a training label."""
+    if category not in (None, NONE):
+        return category
+    if example["augmentation"] == "hardneg_template":
+        return TOPICS.get(example["source"].rsplit("/", 1)[-1])
+    return None
 
 
 def mapping_counts(examples: list[dict], cache_dir=None) -> dict:

@@ -139,6 +139,23 @@ HARDNEG_TEMPLATES = {
 }
 
 
+# The harm category each template's benign questions sit next to: the requests an app that allows that
+# category (a security-training tool: cyber; a pharmacy assistant: specialised_advice; a writing app:
+# violent_crimes for fiction and history) is meant to answer. A measurement set only (`bench categories`,
+# the "benign of topic X" columns): the category head trains every hard negative as `none`. Templates whose
+# words only borrow harm's vocabulary (kill a process, shoot a photo, bomb a set) have no topic.
+TOPICS = {
+    "chem_history": "weapons", "household_chem": "weapons", "chemistry_class": "weapons",
+    "hunting_license": "weapons",
+    "vaccines": "specialised_advice", "snake_bite": "specialised_advice", "overdose_signs": "specialised_advice",
+    "drug_interaction": "specialised_advice", "lethal_dose_plants": "specialised_advice",
+    "murder_mystery": "violent_crimes", "villain_fiction": "violent_crimes", "history_war": "violent_crimes",
+    "self_defense": "violent_crimes",
+    "pentest_career": "cyber", "phishing_defense": "cyber", "cyber_career": "cyber",
+    "bank_security": "fraud", "locks": "nonviolent_crimes",
+}
+
+
 def hard_negatives() -> list[tuple[str, str]]:
     """(template name, prompt) for every slot combination of every template."""
     out = []
