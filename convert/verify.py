@@ -21,7 +21,9 @@ agreement over the checks MODEL acts on: the end-of-prompt check at its calibrat
 absent: one threshold for every check), a check every `SafetyPolicy().every` tokens of MODEL's own
 greedy answer at that threshold, the same answer tokens teacher-forced into the reference.
 The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02 (on v2's 100
-prompts one flipped verdict is 0.99, on v1's 24 it is 0.958).
+prompts one flipped verdict is 0.99, on v1's 24 it is 0.958). The margin: how many reference
+verdicts lie within 0.01 of their threshold (`near_threshold`), the checks a precision change can
+flip; a calibration that leaves that band nearly empty passes the bar with room to spare.
 
 Exact agreement is not expected even for the same weights: llama.cpp keeps K/V in F16 and
 quantizes activations (to Q8) for quantized matmuls, while the reference runs in float32.
@@ -48,6 +50,7 @@ PROMPTS_V1 = Path(__file__).with_name("verify_prompts_v1.json")
 PROMPTS = Path(__file__).with_name("verify_prompts_v2.json")   # the default
 BAR_VERDICT, BAR_MEAN_DP = 0.99, 0.02
 BAR = {"verdict_agreement": BAR_VERDICT, "mean_abs_dp": BAR_MEAN_DP}
+NEAR = 0.01  # a reference p_unsafe this close to its threshold is a verdict a rounding can flip (`near_threshold`)
 
 
 class VerifyError(RuntimeError):
@@ -213,6 +216,7 @@ class ModelResult:
     seconds: float = 0.0
     answer_threshold: float | None = None  # None: the answer is not checked (its checks cannot act)
     n_checks: int = 0                        # checks compared: one per prompt plus those inside answers
+    near_threshold: int = 0                  # of those, reference p_unsafe within NEAR of the check's threshold
 
 
 def _open(model: Path, threads: int | None):
@@ -288,7 +292,8 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
                 "token_agreement": sum(r["agreement"] for r in rs) / len(rs),
                 "mean_abs_dp": sum(abs(q - q_r) for q, q_r, _ in cs) / len(cs),
                 "max_abs_dp": max(abs(q - q_r) for q, q_r, _ in cs),
-                "verdict_agreement": sum((q >= t) == (q_r >= t) for q, q_r, t in cs) / len(cs)}
+                "verdict_agreement": sum((q >= t) == (q_r >= t) for q, q_r, t in cs) / len(cs),
+                "near_threshold": sum(abs(q_r - t) < NEAR for _, q_r, t in cs)}
 
     a = agg(rows)
     kinds = {}
@@ -298,7 +303,8 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
     return ModelResult(str(model), str(ref.path), facts["weights"], facts["head"],
                        a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
                        a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
-                       round(time.perf_counter() - t0, 1), answer_thr if every else None, a["n_checks"])
+                       round(time.perf_counter() - t0, 1), answer_thr if every else None, a["n_checks"],
+                       a["near_threshold"])
 
 
 def markdown(results: list[ModelResult]) -> str:

@@ -25,6 +25,8 @@ def test_answer_checks_are_verified_against_the_reference(tiny_safe, prompts):
     covered = [[c for c, _, _ in row["answer_checks"]] for row in r.prompts]
     assert all(c == [4, 8][:len(c)] for c in covered) and any(c == [4, 8] for c in covered)
     assert r.n_checks == len(r.prompts) + sum(map(len, covered))
+    refs = [row["p_unsafe_ref"] for row in r.prompts] + [q_r for row in r.prompts for _, _, q_r in row["answer_checks"]]
+    assert r.near_threshold == sum(abs(q - r.threshold) < 0.01 for q in refs)   # the margin figure
     # the same answer tokens through torch give the same verdicts (llama.cpp keeps K/V in F16)
     dps = [abs(q - q_r) for row in r.prompts for _, q, q_r in row["answer_checks"]]
     assert max(dps) < 0.01 and r.passed
@@ -46,6 +48,7 @@ def test_a_file_that_checks_only_the_prompt_verifies_only_the_prompt(tiny_base, 
     convert_gguf(tiny_base, art, path, progress=False)
     r = verify_model(path, TorchReference(path), prompts, n_tokens=10, threads=1)
     assert r.answer_threshold is None and r.n_checks == len(r.prompts)
+    assert r.near_threshold == sum(abs(row["p_unsafe_ref"] - r.threshold) < 0.01 for row in r.prompts)
     assert all(row["answer_checks"] == [] for row in r.prompts)
     assert math.isfinite(r.threshold)
 
