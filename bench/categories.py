@@ -59,7 +59,8 @@ def _frac(k: int, n: int) -> str:
 
 
 def _topic(r: dict) -> str | None:
-    """A benign row's harm topic (`train.categories.benign_topic`; rows saved before it had their category)."""
+    """A benign row's harm topic (`train.categories.benign_topic`); a row without one is taken by its category,
+    which is what benign_topic gives every row whose source names one."""
     return r["topic"] if "topic" in r else r["cat"]
 
 

@@ -137,7 +137,7 @@ def cmd_verify(a) -> int:
     import json
 
     from .stamp import stamp_of, write_stamped
-    from .verify import answer_every, markdown, run_verify
+    from .verify import NEAR, answer_every, markdown, run_verify
 
     if a.json:
         _check_writable(Path(a.json))
@@ -148,7 +148,7 @@ def cmd_verify(a) -> int:
     print(f"\n{ps['n']} prompts ({ps['name']} v{ps['version']}), {a.tokens} greedy tokens; reference: torch "
           f"float32 of {a.reference or 'each model itself'}; bar: verdict agreement >= 99%, mean abs dp <= 0.02")
     for r in results:
-        print(f"{Path(r.model).name}: {r.near_threshold} of {r.n_checks} reference verdicts within 0.01 of their "
+        print(f"{Path(r.model).name}: {r.near_threshold} of {r.n_checks} reference verdicts within {NEAR} of their "
               "threshold (the margin: checks a rounding can flip)")
         if r.answer_threshold is not None:  # its checks inside the answer act, so they were compared too
             print(f"{Path(r.model).name}: {r.n_checks} checks compared, the end of each prompt and every "
