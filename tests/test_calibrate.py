@@ -173,3 +173,37 @@ def test_calibrate_prompt_only_writes_the_pair_that_never_checks_the_answer(tiny
     assert alt["threshold"] == best["threshold"] and alt["answer_threshold"] == best["answer_threshold"]
     key = "val_attacks_caught"
     assert alt[key] == best["calibration"][key] and po["calibration"][key] == best["calibration"]["prompt_only"][key]
+
+
+def test_calibrate_from_saved_traces_matches_generating_them(tiny_base, tmp_path, examples):
+    """--traces (what `bench conversations --save` writes for the artifact's fold) gives the same pair, no rerun."""
+    from runtime.artifact import load_artifact
+    from runtime.fold import convert_gguf
+    from runtime.model import load
+    from runtime.strategy import SafetyPolicy
+    from train.calibrate import held_out_conversations, observe
+
+    ran, read = tmp_path / "ran", tmp_path / "read"
+    for d in (ran, read):
+        d.mkdir()
+        _artifact_with_scores(d, examples)
+    kw = dict(base=tiny_base, tokens=6, threads=1, limit=20, plain_budget=0.05)
+    calibrate_artifact(ran, 0.1, **kw)
+    gguf = tmp_path / "fold.gguf"
+    convert_gguf(tiny_base, load_artifact(read), gguf, progress=False)
+    groups = held_out_conversations(examples, "val", 20)
+    with load(gguf, threads=1, allow_unverified=True) as model:
+        val = {k: observe(model, g, SafetyPolicy(), 6) for k, g in groups.items()}
+    saved = tmp_path / "traces.json"
+    saved.write_text(json.dumps({str(gguf): {"val": val}}))
+    calibrate_artifact(read, 0.1, traces=saved, **kw)
+    a, b = (json.loads((d / "card.json").read_text()) for d in (ran, read))
+    assert (a["threshold"], a["answer_threshold"]) == (b["threshold"], b["answer_threshold"])
+    for key in ("val_attacks_caught", "val_plain_refused", "val_lookalike_refused"):
+        assert a["calibration"][key] == b["calibration"][key]
+    assert b["calibration"]["traces"] == str(saved) and "traces" not in a["calibration"]
+    # traces of another limit (or other data) are refused by name, not silently used
+    with pytest.raises(SystemExit, match="val plain traces, the data has 20"):
+        val["plain"] = val["plain"][:5]
+        saved.write_text(json.dumps({str(gguf): {"val": val}}))
+        calibrate_artifact(read, 0.1, traces=saved, **kw)

@@ -165,11 +165,16 @@ def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
 
 def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: float = 0.02, base: Path | None = None,
                        policy=None, tokens: int = 48, threads: int | None = None, command: str = "",
-                       limit: int = 0, progress: bool = False, prompt_only: bool = False) -> dict:
+                       limit: int = 0, progress: bool = False, prompt_only: bool = False,
+                       weights: str | None = None, traces: Path | None = None) -> dict:
     """Calibrate the artifact's (threshold, answer_threshold) on val conversations; rewrite its card.
 
     prompt_only: the card gets the best pair that never checks inside the answer (no per-token cost),
     and the best pair overall is recorded beside it as the alternative (`calibration.with_answer_checks`).
+    weights: how the artifact is folded for the run ("F16": as the default model is built; None: the
+    base's own types). traces: the val traces a `bench conversations --save` run wrote for the file this
+    artifact folds into (one model in it): read instead of generating them again (greedy generation does
+    not depend on the thresholds, so they are the same observations).
     """
     from .cls_recipe import metrics_for
     from .data import dataset_for
@@ -184,11 +189,15 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     held, scored = _held(examples, json.loads(scores_path.read_text()))
     policy = policy or SafetyPolicy()
     groups = held_out_conversations(examples, "val", limit)
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf = Path(tmp) / "calibrate.gguf"
-        convert_gguf(base or base_smollm2(), art, gguf, progress=False)
-        with load(gguf, threads=threads, allow_unverified=True) as model:
-            rows = {k: split_max(observe(model, g, policy, tokens, progress and f"val {k}")) for k, g in groups.items()}
+    if traces is not None:
+        rows = {k: split_max(t) for k, t in saved_val_traces(traces, groups).items()}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = Path(tmp) / "calibrate.gguf"
+            convert_gguf(base or base_smollm2(), art, gguf, progress=False, weights=weights)
+            with load(gguf, threads=threads, allow_unverified=True) as model:
+                rows = {k: split_max(observe(model, g, policy, tokens, progress and f"val {k}"))
+                        for k, g in groups.items()}
     try:
         best = best_pair(rows, budget, plain_budget)
         never = best_pair(rows, budget, plain_budget, prompt_only=True)
@@ -208,6 +217,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         "policy": {k: v for k, v in asdict(policy).items()
                    if k not in ("threshold", "answer_threshold", "refusal", "allow", "block", "controversial")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
+        "folded": weights or "base types", **({"traces": str(traces)} if traces else {}),
         **tally(rows, tp, ta),
         # the alternative: what the best pair gains over the best one that never checks inside the answer
         # (no time per generated token) decides whether answer checks are worth their cost
@@ -219,6 +229,24 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     }
     replace(art, card=card).save(art_dir)
     return card["calibration"] | {"threshold": tp, "answer_threshold": card["answer_threshold"]}
+
+
+def saved_val_traces(path: Path, groups: dict[str, list]) -> dict[str, list]:
+    """The val traces of the one model a `bench conversations --save` file holds, checked against `groups`."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: cannot read saved traces: {e}") from None
+    if not isinstance(saved, dict) or len(saved) != 1:
+        raise SystemExit(f"error: {path}: expected the traces of exactly one model file "
+                         f"(a `bench conversations --save` run with one --model), found {len(saved)}")
+    (model, splits), = saved.items()
+    val = splits.get("val", {}) if isinstance(splits, dict) else {}
+    for k, g in groups.items():
+        if len(val.get(k, ())) != len(g):
+            raise SystemExit(f"error: {path}: {model} has {len(val.get(k, ()))} val {k} traces, the data has "
+                             f"{len(g)}: saved with another --limit or other data")
+    return {k: val[k] for k in groups}
 
 
 def add_parser(sub) -> None:
@@ -238,6 +266,11 @@ def add_parser(sub) -> None:
     c.add_argument("--prompt-only", action="store_true",
                    help="write the best pair that never checks inside the answer (no per-token cost); the best "
                         "pair overall is recorded beside it")
+    c.add_argument("--weights", choices=("F16",), default=None,
+                   help="fold as the default model is built (F16) instead of keeping the base's types")
+    c.add_argument("--traces", type=Path, default=None,
+                   help="val traces saved by `bench conversations --model FILE --save TRACES`, FILE being this "
+                        "artifact's fold: read instead of generated")
     c.set_defaults(fn=_run)
 
 
@@ -246,6 +279,6 @@ def _run(args) -> int:
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,
                              command="python -m train " + shlex.join(args.argv), limit=args.limit, progress=True,
-                             prompt_only=args.prompt_only)
+                             prompt_only=args.prompt_only, weights=args.weights, traces=args.traces)
     print(json.dumps(out, indent=2))
     return 0

@@ -228,6 +228,15 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
     def sample(self) -> int:
         return int(ll.llama_sampler_sample(self.sampler, self.ctx, self._row))
 
+    def logits_row(self):
+        """A copy of the next-token logits at the last real position (n_vocab float32; the safety rows
+        included: `masked_ids` names them). For measurements (`bench drift`), not the token loop."""
+        import numpy as np
+        logits = ll.llama_get_logits_ith(self.ctx, self._row)
+        if not logits:
+            raise ModelFileError(f"llama.cpp returned no logits for {self.mf.path}")
+        return np.ctypeslib.as_array(logits, shape=(self.mf.n_vocab,)).copy()
+
     def fused_loop(self, policy, threshold, max_tokens: int, n_prompt: int, streak: int):
         """The token loop in C with the GIL released (cpp_ext/loop.c), after `start`."""
         from .native_loop import FusedLoop

@@ -1,0 +1,126 @@
+"""How far a safe file's language model moved from a reference's: greedy answers and per-token KL.
+
+    python -m bench drift --model JOINT.gguf [--reference REF.gguf] [--n 100] [--tokens 48]
+
+The joint recipe (issue 20) trains LoRA on the upper layers with an LM loss on the base model's own
+answers, to keep its behaviour; this measures what is left of the change, on held-back benign requests
+(the val split's plain ones: nothing trains on them). The reference defaults to the default model
+file, whose `cls` signal leaves SmolLM2's weights untouched (the base model, folded the same way), so
+compare files of the same weight type (both F16, as the default is built). Per prompt:
+
+* the reference answers greedily (`--tokens`); the same tokens are fed to the model (teacher forcing)
+  and KL(reference || model) of the next-token distributions is taken at every position of that answer,
+  over the ordinary vocabulary (the safety rows of either file excluded);
+* the model answers greedily on its own: identical answers, and the tokens before the first divergence.
+
+Prints one table; checks are off in both files (only the language model is compared).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.base import Sampling
+from runtime.model import load
+from train.calibrate import held_out_conversations, messages
+
+
+def log_softmax(row: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    x = row[keep].astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def kl(ref_row: np.ndarray, row: np.ndarray, keep: np.ndarray) -> float:
+    """KL(ref || model) in nats over the `keep` ids of two logits rows."""
+    lp, lq = log_softmax(ref_row, keep), log_softmax(row, keep)
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def _keep(*models) -> np.ndarray:
+    n = min(m.backend.mf.n_vocab for m in models)
+    keep = np.ones(n, dtype=bool)
+    for m in models:
+        keep[[i for i in m.backend.masked_ids if i < n]] = False
+    return keep
+
+
+def greedy(backend, tokens: list[int], n: int, is_eog) -> tuple[list[int], list[np.ndarray]]:
+    """n greedy tokens after `tokens` (stopping at end of generation) and the logits row before each."""
+    backend.start(tokens, Sampling(), check=False)
+    out, rows = [], []
+    for _ in range(n):
+        row = backend.logits_row()
+        rows.append(row)
+        tok = backend.sample()
+        if is_eog(tok):
+            break
+        out.append(tok)
+        backend.advance(tok, check=False)
+    return out, rows
+
+
+def forced(backend, tokens: list[int], answer: list[int], n_rows: int) -> list[np.ndarray]:
+    """The logits rows before each answer token (and one after, up to n_rows) with the answer fed in."""
+    backend.start(tokens, Sampling(), check=False)
+    rows = [backend.logits_row()]
+    for tok in answer[:n_rows - 1]:
+        backend.advance(tok, check=False)
+        rows.append(backend.logits_row())
+    return rows
+
+
+def prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def measure(model, ref, examples: list[dict], n_tokens: int) -> dict:
+    keep = _keep(model, ref)
+    kls, same, prefixes = [], 0, []
+    from tqdm import tqdm
+    for e in tqdm(examples, desc="drift", unit="prompt", mininterval=10):
+        toks = ref.tokenize_messages(messages(e))
+        if toks != model.tokenize_messages(messages(e)):
+            raise SystemExit(f"error: {model.path} and {ref.path} tokenize differently: not the same base model")
+        ans, ref_rows = greedy(ref.backend, toks, n_tokens, ref.backend.is_eog)
+        rows = forced(model.backend, toks, ans, len(ref_rows))
+        kls.extend(kl(r, m, keep) for r, m in zip(ref_rows, rows))
+        mine, _ = greedy(model.backend, toks, n_tokens, model.backend.is_eog)
+        same += mine == ans
+        prefixes.append(prefix(mine, ans))
+    k = np.array(kls)
+    return {"prompts": len(examples), "positions": len(k), "identical": same, "mean_kl": float(k.mean()),
+            "median_kl": float(np.median(k)), "p95_kl": float(np.quantile(k, 0.95)), "max_kl": float(k.max()),
+            "median_prefix": statistics.median(prefixes)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench drift", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="safe GGUF to compare (repeatable)")
+    ap.add_argument("--reference", default=None, help="safe GGUF of the unchanged LM (default: the default model)")
+    ap.add_argument("--n", type=int, default=100, help="held-back benign prompts (val, plain)")
+    ap.add_argument("--tokens", type=int, default=48, help="greedy tokens per answer")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.tokens < 1:
+        raise SystemExit("error: --n and --tokens must be at least 1")
+    from train.data import build_dataset
+    examples = held_out_conversations(build_dataset(seed=0), "val")["plain"][:args.n]
+    ref = load(args.reference, threads=args.threads, allow_unverified=True)
+    print(f"\n{len(examples)} held-back benign requests (val, plain), {args.tokens} greedy tokens, against "
+          f"{ref.path.name}; KL(reference || model) in nats per answer position\n")
+    print("| model | identical answers | median tokens before the first difference | mean KL | median KL | "
+          "p95 KL | max KL | positions |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in args.model:
+        model = load(Path(path), threads=args.threads, allow_unverified=True)
+        r = measure(model, ref, examples, args.tokens)
+        print(f"| {model.path.name} | {r['identical']}/{r['prompts']} | {r['median_prefix']:g} | {r['mean_kl']:.4f} | "
+              f"{r['median_kl']:.4f} | {r['p95_kl']:.4f} | {r['max_kl']:.3f} | {r['positions']} |", flush=True)
+        model.close()
+    ref.close()
+    return 0
