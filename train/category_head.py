@@ -119,6 +119,24 @@ def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray, names=HEAD) 
     return {"per_category": per, "accuracy": round(float((pred == y).mean()), 3), "confusion": confusion}
 
 
+def with_deltas(model, art_dir: Path, card: dict):
+    """The torch model with the artifact's weight deltas added (a joint-recipe artifact's LoRA, merged as
+    `convert` merges it), so the [CLS] hidden states are the ones its model file computes; unchanged for
+    an artifact without deltas."""
+    from runtime.merge import load_deltas
+
+    deltas = load_deltas(art_dir) if card.get("deltas") else None
+    if deltas is None:
+        return model
+    for name in deltas.names:
+        w = model.w.get(name)
+        if w is None or tuple(w.shape) != deltas.shape(name):
+            raise SystemExit(f"error: {art_dir}: the weight delta of {name} {deltas.shape(name)} does not fit the "
+                             f"base's {None if w is None else tuple(w.shape)}")
+        model.w[name] = w + torch.from_numpy(deltas.delta(name))
+    return model
+
+
 def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_fpr: float = 0.05,
                      threads: int = 2, cache: Path | None = None) -> dict:
     """Fit the category and controversial rows for the artifact in art_dir and write them into it."""
@@ -145,7 +163,7 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
             have = dict(zip(z["ids"].tolist(), z["feats"]))
     todo = [i for i, k in enumerate(ids) if k not in have]
     if todo:
-        new = cls_features(load_frozen(base), [toks[i] for i in todo], art.side_rows)
+        new = cls_features(with_deltas(load_frozen(base), art_dir, art.card), [toks[i] for i in todo], art.side_rows)
         have.update(zip([ids[i] for i in todo], new))
         if cache is not None:
             np.savez(cache, ids=np.array(list(have)), feats=np.stack(list(have.values())))
