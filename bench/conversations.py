@@ -111,11 +111,37 @@ def main(argv=None) -> int:
             print(f"| {_name(model.path)}, {name} | {tp:.4f} / {_fmt(ta)} | {counts} | {lat} | {auc:.3f} |",
                   flush=True)
         print("\n" + _families(_name(model.path), groups, traces, *own) + "\n", flush=True)
+        print(_attack_kinds(_name(model.path), groups, traces, *own) + "\n", flush=True)
         saved[str(model.path)] = traces
         model.close()
     if args.save and not args.traces:
         args.save.write_text(json.dumps(saved))
     return 0
+
+
+KINDS = {"none": "plain", "jailbreak_template": "jailbreak-wrapped", "prefill": "prefilled"}
+
+
+def _attack_kinds(name: str, groups, traces, thr: float, answer_thr: float) -> str:
+    """Attacks caught at the file's own pair per kind (plain, jailbreak-wrapped, prefilled, ...): where the
+    first refusing check fired, and how many answer tokens were covered when it fired inside the answer."""
+    rows = [f"{name}: attacks caught at its own thresholds {thr:.4f} / {_fmt(answer_thr)}, by kind", "",
+            "| split | kind | caught | at the prompt | inside the answer | answer tokens covered at the catch "
+            "(median / max) |", "|---|---|---|---|---|---|"]
+    for split, gs in groups.items():
+        kinds: dict[str, list] = {}
+        for e, t in zip(gs["attacks"], traces[split]["attacks"]):
+            c = kinds.setdefault(KINDS.get(e["augmentation"], e["augmentation"]), [0, 0, []])
+            c[0] += 1
+            first = _first(t, thr, answer_thr)
+            if first == 0:
+                c[1] += 1
+            elif first is not None:
+                c[2].append(first)
+        for k, (n, at, inside) in sorted(kinds.items()):
+            lat = f"{statistics.median(inside):.0f} / {max(inside)}" if inside else "-"
+            rows.append(f"| {split} | {k} | {at + len(inside)}/{n} | {at} | {len(inside)} | {lat} |")
+    return "\n".join(rows)
 
 
 def _family(e: dict) -> str:

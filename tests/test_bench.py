@@ -137,6 +137,16 @@ def test_conversation_first_crossing():
     assert _first(trace, 0.1, 2.0) == 0 and _first(trace, 0.5, 0.9) == 8 and _first(trace, 0.5, 2.0) is None
 
 
+def test_attacks_caught_by_kind():
+    from bench.conversations import _attack_kinds
+    attacks = [{"augmentation": a} for a in ("none", "prefill", "prefill", "jailbreak_template")]
+    traces = [[(0, 0.9)], [(0, 0.1), (4, 0.2), (8, 0.99)], [(0, 0.1), (4, 0.3)], [(0, 0.2), (4, 0.95)]]
+    out = _attack_kinds("m", {"test": {"attacks": attacks}}, {"test": {"attacks": traces}}, 0.8, 0.9)
+    assert "| test | plain | 1/1 | 1 | 0 | - |" in out
+    assert "| test | prefilled | 1/2 | 0 | 1 | 8 / 8 |" in out
+    assert "| test | jailbreak-wrapped | 1/1 | 0 | 1 | 4 / 4 |" in out
+
+
 def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     from bench import conversations
     assert conversations.main(["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5",
@@ -146,6 +156,7 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     assert len(rows) == 2 and all(r.count("/2 |") == 6 for r in rows)
     assert "own |" in rows[0] and "best for 50% lookalikes |" in rows[1]
     assert "benign refused at its own thresholds" in out and "| split | group | family |" in out
+    assert "attacks caught at its own thresholds" in out and "| split | kind | caught |" in out
     saved = json.loads((tmp_path / "traces.json").read_text())
     (traces,) = saved.values()
     assert set(traces["val"]) == {"attacks", "plain", "lookalike"}
