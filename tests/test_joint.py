@@ -199,6 +199,7 @@ def _toy_examples(n=96):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + (" qz qz qz" if label else "")
         split = "train" if i < 64 else ("val" if i < 80 else "test")
         out.append({"id": f"t{i}", "prompt": text, "label": label, "split": split, "augmentation": "none",
+                    "source": "toy", "family": f"toy{i % 4}",
                     "prefill": "Sure, here is" if i % 6 == 0 else None,
                     "response": None if label else "the sun and the rain " * 4})
     return out
@@ -210,17 +211,21 @@ def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
 
     import runtime
     from runtime.backends.llama import LlamaModelFile
+    from train.data_card import data_card
     from train.joint_run import main
 
     mf = LlamaModelFile(tiny_base)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
-    save_prep(prepare(_toy_examples(), mf, mf.chat_template, None, eog, mf.n_vocab), tmp_path / "prep.json.gz")
+    prep = prepare(_toy_examples(), mf, mf.chat_template, None, eog, mf.n_vocab)
+    prep["data"] = data_card(_toy_examples())  # as `train joint` records the data set it built
+    save_prep(prep, tmp_path / "prep.json.gz")
     out = tmp_path / "art"
     rc = main(["joint", "--out", str(out), "--base", str(tiny_base), "--data", str(tmp_path / "prep.json.gz"),
                "--steps", "30", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--cls-lr", "3e-2",
                "--batch-tokens", "2048", "--gen-tokens", "16", "--device", "cpu", "--threads", "1",
                "--eval", "torch", "--max-fpr", "0.1"])
     assert rc == 0
+    assert (out / "DATA_CARD.md").read_text().startswith("# Data card (96 examples")  # what it was trained on
     torch_scores = json.loads((out / "scores.json").read_text())
     # re-measure on the converted file with llama.cpp (what a GPU run without llama.cpp is followed by)
     assert main(["joint-eval", str(out), "--data", str(tmp_path / "prep.json.gz"), "--base", str(tiny_base),

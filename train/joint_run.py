@@ -28,6 +28,7 @@ from runtime.fetch import base_smollm2, PINNED, sha256_file
 from runtime.fold import convert_gguf
 
 from .cls_recipe import metrics_for
+from .data_card import data_card_markdown
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import build_sequences, held_out, load_prep, load_sequences, prepare, save_prep, save_sequences
 from convert.llama_torch import FrozenLlama
@@ -238,6 +239,8 @@ def cmd_joint(args) -> int:
         print(json.dumps(metrics, indent=2))
     card["seconds"] = round(time.time() - t0, 1)
     Artifact(res.cls_row, res.head, card).save(out)
+    if card.get("data"):  # what it was trained on, as `train cls` writes it (`train categories` appends its section)
+        (out / "DATA_CARD.md").write_text(data_card_markdown(card["data"]))
     if scores is not None:
         (out / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
     print(f"artifact written to {out} ({card['seconds']:.0f}s); checkpoint {out / CHECKPOINT}")
