@@ -178,6 +178,8 @@ def test_report_states_the_calibration_of_old_and_new_cards():
     assert f"val attacks caught {cal['val_attacks_caught']}" in line
     assert f"plain benign refused {cal['val_plain_refused']}" in line and "lookalikes refused" in line
     assert "inside answers never" in line or "inside answers 0." in line
+    near = dict(card, answer_threshold=0.9999798)  # an answer threshold close to 1 is not rounded to 1
+    assert "inside answers 0.999980 " in metrics_table(near).splitlines()[-1]
     # a card of the previous calibration (prefill attacks and lookalikes only) still reads
     old = dict(card, calibration={"budget": 0.05, "val_attacks_caught": "29/47", "val_benign_refused": "6/138"})
     assert "benign refused 6/138" in metrics_table(old).splitlines()[-1]

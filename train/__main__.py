@@ -113,7 +113,9 @@ def metrics_table(card: dict, split: str = "test") -> str:
     if cal is None:
         return "\n".join(rows) + f"\n\nthreshold {card['threshold']:.4f} (calibrated on val)"
     answer = float(card["answer_threshold"])
-    answer = "never (the answer is not checked)" if math.isinf(answer) else f"{answer:.4f}"
+    # near 1 the pair differs in the 5th or 6th digit: 0.99998 is not 1.0000 (which would read "never")
+    answer = ("never (the answer is not checked)" if math.isinf(answer)
+              else f"{answer:.6f}" if answer > 0.999 else f"{answer:.4f}")
     if "plain_budget" in cal:
         how = (f"at most {cal['plain_budget']:.0%} of plain benign and {cal['budget']:.0%} of lookalike benign "
                f"ones refused; val attacks caught {cal['val_attacks_caught']}, plain benign refused "
