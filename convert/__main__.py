@@ -152,7 +152,7 @@ def cmd_verify(a) -> int:
               "threshold (the margin: checks a rounding can flip)")
         if r.answer_threshold is not None:  # its checks inside the answer act, so they were compared too
             print(f"{Path(r.model).name}: {r.n_checks} checks compared, the end of each prompt and every "
-                  f"{answer_every()} tokens of its answer (answer threshold {r.answer_threshold:.4f})")
+                  f"{answer_every()} tokens of its answer (answer threshold {r.answer_threshold:.6g})")
     if a.record:
         for r in results:
             write_stamped(r.model, r.model, stamp_of(r, ps, summary["bar"]))
