@@ -119,6 +119,28 @@ def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray, names=HEAD) 
     return {"per_category": per, "accuracy": round(float((pred == y).mean()), 3), "confusion": confusion}
 
 
+def cls_features_llama(path: Path, tokens: list[list[int]], threads: int = 2) -> np.ndarray:
+    """(N, D) the same hidden states read from a safe GGUF by llama.cpp (its embeddings output at the
+    [CLS] of a check): what the file computes at a check, F16 rounding included, and a prompt that
+    shares a template with the one before decodes only what is new (prompts run in sorted order).
+    Several times faster here than the float32 torch pass over every token of every prompt."""
+    from runtime.backends.llama import LlamaBackend, LlamaModelFile
+
+    mf = LlamaModelFile(path)
+    ids = mf.safety_meta().token_ids
+    be = LlamaBackend(mf, n_ctx=max(map(len, tokens)) + len(ids) + 8, threads=threads, safety_ids=ids,
+                      embeddings=True)
+    try:
+        rows = {}
+        for i in tqdm(sorted(range(len(tokens)), key=lambda i: tokens[i]), desc="[CLS] hidden states (llama.cpp)",
+                      mininterval=10):
+            rows[i] = be.cls_hidden(tokens[i])
+    finally:
+        be.close()
+        mf.close()
+    return np.stack([rows[i] for i in range(len(tokens))]).astype(np.float32)
+
+
 def with_deltas(model, art_dir: Path, card: dict):
     """The torch model with the artifact's weight deltas added (a joint-recipe artifact's LoRA, merged as
     `convert` merges it), so the [CLS] hidden states are the ones its model file computes; unchanged for
@@ -138,8 +160,13 @@ def with_deltas(model, art_dir: Path, card: dict):
 
 
 def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_fpr: float = 0.05,
-                     threads: int = 2, cache: Path | None = None) -> dict:
-    """Fit the category and controversial rows for the artifact in art_dir and write them into it."""
+                     threads: int = 2, cache: Path | None = None, engine: str = "torch") -> dict:
+    """Fit the category and controversial rows for the artifact in art_dir and write them into it.
+
+    engine: where the [CLS] hidden states come from: "torch" (float32, the base plus the artifact's
+    deltas) or "llama" (llama.cpp on the artifact folded at F16, as the default model is built)."""
+    if engine not in ("torch", "llama"):
+        raise SystemExit(f"error: engine must be torch or llama, not {engine!r}")
     from runtime.backends.llama import LlamaModelFile
     from convert.reference import load_frozen
 
@@ -163,7 +190,17 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
             have = dict(zip(z["ids"].tolist(), z["feats"]))
     todo = [i for i, k in enumerate(ids) if k not in have]
     if todo:
-        new = cls_features(with_deltas(load_frozen(base), art_dir, art.card), [toks[i] for i in todo], art.side_rows)
+        if engine == "llama":
+            import tempfile
+
+            from runtime.fold import convert_gguf
+            with tempfile.TemporaryDirectory() as tmp:
+                folded = Path(tmp) / "features.gguf"
+                convert_gguf(base, art, folded, progress=False, weights="F16")
+                new = cls_features_llama(folded, [toks[i] for i in todo], threads)
+        else:
+            new = cls_features(with_deltas(load_frozen(base), art_dir, art.card), [toks[i] for i in todo],
+                               art.side_rows)
         have.update(zip([ids[i] for i in todo], new))
         if cache is not None:
             np.savez(cache, ids=np.array(list(have)), feats=np.stack(list(have.values())))
@@ -215,7 +252,9 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
         "train_controversial_rows": {"1": int(tc[1]), "0": int(tc[0])},
         "mapping": mapping_counts(examples),
         "stage_seconds": stages,
-        "command": f"python -m train categories {art_dir} --max-fpr {max_fpr} --tier-fpr {tier_fpr}",
+        "features_from": "llama.cpp on the F16 fold" if engine == "llama" else "torch float32",
+        "command": f"python -m train categories {art_dir} --max-fpr {max_fpr} --tier-fpr {tier_fpr}"
+                   + (" --engine llama" if engine == "llama" else ""),
     }
     art.category_head = W
     art.controversial_head = tier_row[None, :]
@@ -285,7 +324,7 @@ def summary(record: dict, split: str = "test") -> str:
 def cmd_categories(args) -> int:
     base = Path(args.base) if args.base else base_smollm2()
     rec = train_categories(args.artifact, base, max_fpr=args.max_fpr, tier_fpr=args.tier_fpr,
-                           threads=args.threads, cache=args.features)
+                           threads=args.threads, cache=args.features, engine=args.engine)
     print(summary(rec, "val"))
     print(summary(rec, "test"))
     print(json.dumps(rec["stage_seconds"]))
@@ -302,5 +341,9 @@ def add_parser(sub) -> None:
                    help="controversial threshold: at most this share of the other val harmful rows reach it")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--features", type=Path, default=None,
-                   help="cache the [CLS] hidden states in this .npz (by example id; for one artifact and base)")
+                   help="cache the [CLS] hidden states in this .npz (by example id; for one artifact, base and "
+                        "engine)")
+    c.add_argument("--engine", choices=("torch", "llama"), default="torch",
+                   help="[CLS] hidden states from the float32 torch model, or from llama.cpp on the F16 fold "
+                        "(what the default file computes; several times faster here)")
     c.set_defaults(func=cmd_categories)

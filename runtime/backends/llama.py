@@ -50,7 +50,7 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
     def __init__(self, mf: LlamaModelFile, n_ctx: int = 4096, threads: int | None = None,
                  n_batch: int = 512, safety_ids: tuple[int, int, int] | None = None, reuse_prefix: bool = False,
-                 category_ids: tuple[int, ...] = ()):
+                 category_ids: tuple[int, ...] = (), embeddings: bool = False):
         self.mf = mf
         self.reuse_prefix = reuse_prefix  # start() keeps the cached prefix shared with the last conversation
         threads = threads or max(1, min(os.cpu_count() or 1, 8))
@@ -60,6 +60,9 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         p.n_threads = p.n_threads_batch = threads
         p.n_seq_max = 1
         p.no_perf = True
+        if embeddings:  # the final normed hidden state of each output row too (`cls_hidden`); no pooling
+            p.embeddings = True
+            p.pooling_type = ll.LLAMA_POOLING_TYPE_NONE
         self.ctx = ll.llama_init_from_model(mf.model, p)
         if not self.ctx:
             raise ModelFileError(f"llama.cpp could not create a context for {mf.path} (n_ctx={n_ctx})")
@@ -227,6 +230,26 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
 
     def sample(self) -> int:
         return int(ll.llama_sampler_sample(self.sampler, self.ctx, self._row))
+
+    def cls_hidden(self, tokens: list[int], reuse: bool = True):
+        """The final normed hidden state (what the safety and category rows read) at the [CLS] of a check
+        after `tokens`; needs a backend made with embeddings=True. reuse keeps the cache cells of the prefix
+        shared with the previous call (as `start` does: order many prompts so that templates are shared).
+        For fitting heads on what the file computes (`train categories`), not the token loop."""
+        import numpy as np
+        check_prompt(tokens, self.n_ctx, True, self.safety_ids)
+        done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
+        chunk = self.n_batch - max(1, len(self.side))  # room for the side tokens in the last chunk
+        for s in range(done, len(tokens), chunk):
+            part = tokens[s:s + chunk]
+            self._decode(part, s, want_last=False, cls=s + chunk >= len(tokens))
+        row = ll.llama_get_embeddings_ith(self.ctx, len(part) + len(self.side) - 1)
+        if not row:
+            raise ModelFileError(f"llama.cpp returned no hidden state for {self.mf.path} (made without embeddings?)")
+        out = np.ctypeslib.as_array(row, shape=(ll.llama_model_n_embd(self.mf.model),)).copy()
+        self._drop_cls(len(tokens))
+        self.n_past, self._cells = len(tokens), list(tokens)
+        return out
 
     def logits_row(self):
         """A copy of the next-token logits at the last real position (n_vocab float32; the safety rows
