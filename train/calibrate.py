@@ -217,7 +217,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         "policy": {k: v for k, v in asdict(policy).items()
                    if k not in ("threshold", "answer_threshold", "refusal", "allow", "block", "controversial")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
-        "folded": weights or "base types", **({"traces": str(traces)} if traces else {}),
+        **({"traces": str(traces)} if traces else {"folded": weights or "base types"}),
         **tally(rows, tp, ta),
         # the alternative: what the best pair gains over the best one that never checks inside the answer
         # (no time per generated token) decides whether answer checks are worth their cost

@@ -189,21 +189,25 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
         with np.load(cache) as z:
             have = dict(zip(z["ids"].tolist(), z["feats"]))
     todo = [i for i, k in enumerate(ids) if k not in have]
-    if todo:
-        if engine == "llama":
-            import tempfile
-
-            from runtime.fold import convert_gguf
-            with tempfile.TemporaryDirectory() as tmp:
-                folded = Path(tmp) / "features.gguf"
-                convert_gguf(base, art, folded, progress=False, weights="F16")
-                new = cls_features_llama(folded, [toks[i] for i in todo], threads)
-        else:
-            new = cls_features(with_deltas(load_frozen(base), art_dir, art.card), [toks[i] for i in todo],
-                               art.side_rows)
-        have.update(zip([ids[i] for i in todo], new))
+    def keep(done: list[int], rows: np.ndarray) -> None:  # into the cache file as they come: a killed run resumes
+        have.update(zip([ids[i] for i in done], rows))
         if cache is not None:
             np.savez(cache, ids=np.array(list(have)), feats=np.stack(list(have.values())))
+
+    if todo and engine == "llama":
+        import tempfile
+
+        from runtime.fold import convert_gguf
+        with tempfile.TemporaryDirectory() as tmp:
+            folded = Path(tmp) / "features.gguf"
+            convert_gguf(base, art, folded, progress=False, weights="F16")
+            todo = sorted(todo, key=lambda i: toks[i])  # neighbours share their templates' cache cells
+            for s in range(0, len(todo), 500):
+                part = todo[s:s + 500]
+                keep(part, cls_features_llama(folded, [toks[i] for i in part], threads))
+    elif todo:
+        keep(todo, cls_features(with_deltas(load_frozen(base), art_dir, art.card), [toks[i] for i in todo],
+                                art.side_rows))
     feats = np.stack([have[k] for k in ids])
     stages["features"] = round(time.time() - t1, 1)
 
