@@ -29,7 +29,8 @@ from train.calibrate import held_out_conversations, messages
 
 
 def log_softmax(row: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    x = row[keep].astype(np.float64)
+    """Over the ids `keep` marks (a file may have more rows than that: its category rows)."""
+    x = row[:len(keep)][keep].astype(np.float64)
     x -= x.max()
     return x - np.log(np.exp(x).sum())
 

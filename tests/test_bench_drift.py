@@ -17,6 +17,9 @@ def test_kl_is_zero_for_equal_rows_and_positive_otherwise():
     big = a.copy()
     big[np.argmax(a)] += 100
     assert kl(a, big, keep) == pytest.approx(0.0, abs=1e-12)
+    # a file with more rows (its category rows) compares over the shared ids only
+    longer = np.concatenate([a, [50.0, -3.0]]).astype(np.float32)
+    assert kl(a, longer, keep) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_prefix_counts_tokens_before_the_first_difference():
