@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from runtime.artifact import load_artifact
 from runtime.fetch import base_smollm2
+from runtime.fold import convert_gguf
+from runtime.merge import load_deltas
 from runtime.prompt import prompt_template
 
 from . import data
@@ -145,8 +147,6 @@ def with_deltas(model, art_dir: Path, card: dict):
     """The torch model with the artifact's weight deltas added (a joint-recipe artifact's LoRA, merged as
     `convert` merges it), so the [CLS] hidden states are the ones its model file computes; unchanged for
     an artifact without deltas."""
-    from runtime.merge import load_deltas
-
     deltas = load_deltas(art_dir) if card.get("deltas") else None
     if deltas is None:
         return model
@@ -197,7 +197,6 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
     if todo and engine == "llama":
         import tempfile
 
-        from runtime.fold import convert_gguf
         with tempfile.TemporaryDirectory() as tmp:
             folded = Path(tmp) / "features.gguf"
             convert_gguf(base, art, folded, progress=False, weights="F16")
