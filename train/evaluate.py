@@ -174,7 +174,8 @@ def stacked(examples, s_cls: dict, s_base: dict, max_fpr: float, weights=np.lins
     runtime's verdict is the [CLS] alone. Returns (Markdown table, chosen w)."""
     cols = {}
     for split in ("val", "test"):
-        ex = [e for e in examples if e["split"] == split]
+        # the scored ones: a joint artifact's scores cover a seeded sample (`train joint --eval-limit`)
+        ex = [e for e in examples if e["split"] == split and e["id"] in s_cls[split]]
         cols[split] = (np.array([s_cls[split][e["id"]] for e in ex]), np.array([s_base[e["id"]] for e in ex]),
                        np.array([e["label"] for e in ex]), np.array([e["augmentation"] for e in ex]))
     rows, best = [], (-1.0, 0.0)

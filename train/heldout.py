@@ -71,8 +71,9 @@ def heldout(artifact: Path, max_fpr: float = 0.02, threads: int = 2, weights: st
     """The table; `weights`: the folded file's precision (default: the default model's, F16; None: the base's)."""
     card, scores, examples = load_scored(artifact)
     tfidf = fit_tfidf(examples)
-    val = [e for e in examples if e["split"] == "val"]
-    test = [e for e in examples if e["split"] == "test"]
+    # the scored ones: a joint artifact's scores cover a seeded sample (`train joint --eval-limit`)
+    val = [e for e in examples if e["split"] == "val" and e["id"] in scores["val"]]
+    test = [e for e in examples if e["split"] == "test" and e["id"] in scores["test"]]
     base = dict(zip([e["id"] for e in val + test], tfidf(_text(e) for e in val + test)))
     cls = {sp: {i: ps[0] for i, ps in scores[sp].items()} for sp in ("val", "test")}
     _, w = stacked(examples, cls, base, max_fpr)
