@@ -218,6 +218,7 @@ def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
     prep = prepare(_toy_examples(), mf, mf.chat_template, None, eog, mf.n_vocab)
     prep["data"] = data_card(_toy_examples())  # as `train joint` records the data set it built
+    prep["suffixes"] = True  # as `train joint --suffixes` marks it: the card's recipe must say so (dataset_for)
     save_prep(prep, tmp_path / "prep.json.gz")
     out = tmp_path / "art"
     rc = main(["joint", "--out", str(out), "--base", str(tiny_base), "--data", str(tmp_path / "prep.json.gz"),
@@ -237,6 +238,7 @@ def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
     art = load_artifact(out)
     deltas = load_deltas(out)
     assert art.card["recipe"]["recipe"] == "joint" and art.card["deltas"]["sha256"] == deltas.sha256
+    assert art.card["recipe"]["suffixes"] is True
     assert "llama.cpp" in art.card["metrics"]["measured_on"]
     assert len(deltas.names) == 2 * 7 and art.card["metrics"]["test"]["all"]["auroc"] > 0.9
     safe = tmp_path / "safe.gguf"

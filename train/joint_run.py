@@ -73,14 +73,16 @@ def bf16_speedup(n: int = 512, reps: int = 5) -> float:
     return secs[torch.float32] / max(secs[torch.bfloat16], 1e-9)
 
 
-def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0, comply: int = 0) -> dict:
-    """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp)."""
+def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0, comply: int = 0,
+              suffixes: bool = False) -> dict:
+    """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp); suffixes: with the
+    random-suffix copies `train cls --suffixes` trains on (`train.data.build_dataset`)."""
     from runtime.backends.llama import LlamaModelFile
 
     from . import data
     from .data_card import data_card
 
-    examples = data.build_dataset(seed=seed)
+    examples = data.build_dataset(seed=seed, suffixes=suffixes)
     card = data_card(examples)
     mf = LlamaModelFile(base, vocab_only=True)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
@@ -89,11 +91,12 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
                    seed=seed, comply=comply)
     prep["data"] = {k: card[k] for k in card if k != "examples"}
     prep["seed"] = seed
+    prep["suffixes"] = bool(suffixes)  # `train.data.dataset_for` rebuilds the same examples from the card's recipe
     return prep
 
 
 def cmd_joint_prep(args) -> int:
-    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply)
+    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes)
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
@@ -158,6 +161,7 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
               "bf16": args.bf16,
               "multi_turn": args.multi_turn,
               **({"comply": args.comply} if args.comply else {}),
+              **({"suffixes": True} if prep.get("suffixes") else {}),
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
     what = json.dumps([data.get("examples_sha256"), recipe, res.info["config"]["data"]], sort_keys=True)
@@ -188,7 +192,7 @@ def cmd_joint(args) -> int:
     elif args.resume and (out / PREP).is_file():
         prep = load_prep(out / PREP)
     else:
-        prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply)
+        prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply, suffixes=args.suffixes)
         save_prep(prep, out / PREP)  # what `joint-eval --data` measures on; no generated text in it
     model = FrozenLlama(base)
     if model.cfg.n_vocab != prep["n_vocab"]:
@@ -297,6 +301,8 @@ def add_parsers(sub) -> None:
     j.add_argument("--comply", type=int, default=0,
                    help="this many harmful and as many benign training prompts continued by the base model after a "
                         "compliance opener ([CLS] inside labelled by the request; train/joint_data.py OPENERS)")
+    j.add_argument("--suffixes", action="store_true",
+                   help="build the data with the random-suffix copies `train cls --suffixes` uses (train/data.py)")
     j.add_argument("--rank", type=int, default=8)
     j.add_argument("--alpha", type=float, default=16.0)
     j.add_argument("--targets", default="all", help="LoRA targets: attn, mlp, all, or projections (attn_q,ffn_up,...)")
@@ -329,6 +335,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--multi-turn", type=int, default=0, help="second-turn requests for two-turn conversations")
     p.add_argument("--comply", type=int, default=0, help="harmful and benign prompts with a compliance opener")
+    p.add_argument("--suffixes", action="store_true", help="with the random-suffix copies (train/data.py)")
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
     e.add_argument("artifact", type=Path)
