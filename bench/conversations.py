@@ -1,6 +1,6 @@
 """Conversation-level figures of a safe model under one check policy: what a user of the runtime sees.
 
-    python -m bench conversations [--model PATH ...] [--every 4] [--tokens 48] [--refusal 0.02 0.05 0.10]
+    python -m bench conversations [--model PATH ...] [--every 4] [--tokens 48] [--refusal 0.02 0.05 0.10] [--suffixes]
 
 Per-position figures (`train report`) score one [CLS] at a time; the runtime refuses a whole
 conversation as soon as *any* check crosses its threshold, so a benign answer checked 12 times
@@ -65,13 +65,16 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-refusal", type=float, default=0.02,
                     help="budget for the plain benign requests refused, calibrated on val (default 2%%)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many conversations per group and split")
+    ap.add_argument("--suffixes", action="store_true",
+                    help="the data with the random-suffix copies (`train cls/joint --suffixes`): what such an "
+                         "artifact's `train calibrate --traces` needs, and its suffix slice (kind 'suffix')")
     ap.add_argument("--save", type=Path, default=None, help="write every conversation's check trace to this JSON")
     ap.add_argument("--traces", type=Path, default=None,
                     help="read the traces a --save run wrote instead of generating (same --model files and --limit)")
     args = ap.parse_args(argv)
     from train.data import build_dataset
 
-    data = build_dataset(seed=0)
+    data = build_dataset(seed=0, suffixes=args.suffixes)
     groups = {split: held_out_conversations(data, split, args.limit) for split in ("val", "test")}
     policy = SafetyPolicy(every=args.every)
     sizes = lambda s: " / ".join(str(len(groups[s][g])) for g in GROUPS)  # noqa: E731
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
     return 0
 
 
-KINDS = {"none": "plain", "jailbreak_template": "jailbreak-wrapped", "prefill": "prefilled"}
+KINDS = {"none": "plain", "jailbreak_template": "jailbreak-wrapped", "prefill": "prefilled", "suffix": "random suffix"}
 
 
 def _attack_kinds(name: str, groups, traces, thr: float, answer_thr: float) -> str:

@@ -139,12 +139,25 @@ def test_conversation_first_crossing():
 
 def test_attacks_caught_by_kind():
     from bench.conversations import _attack_kinds
-    attacks = [{"augmentation": a} for a in ("none", "prefill", "prefill", "jailbreak_template")]
-    traces = [[(0, 0.9)], [(0, 0.1), (4, 0.2), (8, 0.99)], [(0, 0.1), (4, 0.3)], [(0, 0.2), (4, 0.95)]]
+    attacks = [{"augmentation": a} for a in ("none", "prefill", "prefill", "jailbreak_template", "suffix")]
+    traces = [[(0, 0.9)], [(0, 0.1), (4, 0.2), (8, 0.99)], [(0, 0.1), (4, 0.3)], [(0, 0.2), (4, 0.95)], [(0, 0.85)]]
     out = _attack_kinds("m", {"test": {"attacks": attacks}}, {"test": {"attacks": traces}}, 0.8, 0.9)
     assert "| test | plain | 1/1 | 1 | 0 | - |" in out
     assert "| test | prefilled | 1/2 | 0 | 1 | 8 / 8 |" in out
     assert "| test | jailbreak-wrapped | 1/1 | 0 | 1 | 4 / 4 |" in out
+    assert "| test | random suffix | 1/1 | 1 | 0 | - |" in out
+
+
+def test_conversations_suffixes_use_the_suffix_augmented_data(tiny_safe, capsys, monkeypatch):
+    """--suffixes: the conversations of the data `train cls/joint --suffixes` trained on (the real builder, spied)."""
+    import train.data
+    from bench import conversations
+    seen, real = [], train.data.build_dataset
+    monkeypatch.setattr(train.data, "build_dataset", lambda **kw: seen.append(kw) or real(**kw))
+    args = ["--model", str(tiny_safe), "--limit", "1", "--tokens", "2", "--refusal", "0.5", "--plain-refusal", "0.5"]
+    assert conversations.main(args + ["--suffixes"]) == 0 and seen[-1] == {"seed": 0, "suffixes": True}
+    assert conversations.main(args) == 0 and seen[-1] == {"seed": 0, "suffixes": False}
+    assert any(e["augmentation"] == "suffix" for e in real(seed=0, suffixes=True) if e["split"] == "val")
 
 
 def test_conversations_tiny(tiny_safe, capsys, tmp_path):

@@ -109,6 +109,18 @@ def _artifact_with_scores(path, examples):
     return art
 
 
+def _two_artifacts(tmp_path, examples, *names):
+    """Identical random artifacts with scores in tmp_path/name for each name (two calibrations to compare)."""
+    dirs = [tmp_path / n for n in names]
+    for d in dirs:
+        d.mkdir()
+        _artifact_with_scores(d, examples)
+    return dirs
+
+
+CAL_KW = dict(tokens=6, threads=1, limit=20, plain_budget=0.05)
+
+
 def test_calibrate_writes_the_pair_into_the_card_and_the_model_file(tiny_base, tmp_path, examples):
     """End to end on the tiny model: val conversations through the runtime, the card rewritten, the pair converted."""
     from runtime.artifact import load_artifact
@@ -158,11 +170,8 @@ def test_calibrate_refuses_scores_of_other_data(tiny_base, tmp_path):
 
 def test_calibrate_prompt_only_writes_the_pair_that_never_checks_the_answer(tiny_base, tmp_path, examples):
     """--prompt-only swaps the two recorded pairs: the card gets the prompt-only one, the best one is kept beside it."""
-    first, second = tmp_path / "best", tmp_path / "prompt-only"
-    for d in (first, second):
-        d.mkdir()
-        _artifact_with_scores(d, examples)
-    kw = dict(base=tiny_base, tokens=6, threads=1, limit=20, plain_budget=0.05)
+    first, second = _two_artifacts(tmp_path, examples, "best", "prompt-only")
+    kw = dict(base=tiny_base, **CAL_KW)
     calibrate_artifact(first, 0.1, **kw)
     out = calibrate_artifact(second, 0.1, prompt_only=True, **kw)
     best, po = (json.loads((d / "card.json").read_text()) for d in (first, second))
@@ -183,11 +192,8 @@ def test_calibrate_from_saved_traces_matches_generating_them(tiny_base, tmp_path
     from runtime.strategy import SafetyPolicy
     from train.calibrate import held_out_conversations, observe
 
-    ran, read = tmp_path / "ran", tmp_path / "read"
-    for d in (ran, read):
-        d.mkdir()
-        _artifact_with_scores(d, examples)
-    kw = dict(base=tiny_base, tokens=6, threads=1, limit=20, plain_budget=0.05)
+    ran, read = _two_artifacts(tmp_path, examples, "ran", "read")
+    kw = dict(base=tiny_base, **CAL_KW)
     calibrate_artifact(ran, 0.1, **kw)
     gguf = tmp_path / "fold.gguf"
     convert_gguf(tiny_base, load_artifact(read), gguf, progress=False)

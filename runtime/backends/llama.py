@@ -134,21 +134,29 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         reuse=None: the backend's `reuse_prefix` (a chat's next turn re-decodes only what is new).
         """
         reuse = self.reuse_prefix if reuse is None else reuse
+        self._make_sampler(sampling)
+        row = self._prefill(tokens, reuse, check)
+        p = None
+        if check:
+            p = self._verdict(row)
+            self._drop_cls(len(tokens))
+        self.n_past = len(tokens)
+        self._cells = list(tokens)
+        return p
+
+    def _prefill(self, tokens: list[int], reuse: bool, check: bool) -> int:
+        """Decode tokens in chunks (keeping the cells of the prefix shared with the previous pass when
+        reuse), the side tokens ending in [CLS] after the last chunk when check (their cells stay for the
+        caller to read and drop). Returns the batch row of that [CLS] (check) or of the last token."""
         check_prompt(tokens, self.n_ctx, check, self.safety_ids)
         done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
         self.reused = done  # prompt tokens whose cache cells were kept (not decoded again)
-        self._make_sampler(sampling)
         chunk = self.n_batch - max(1, len(self.side))  # room for the side tokens in the last chunk
         for s in range(done, len(tokens), chunk):
             part = tokens[s:s + chunk]
             final = s + chunk >= len(tokens)
-            if final and check:
-                p = self._with_cls(part, s, want_last=True)
-            else:
-                self._decode(part, s, want_last=final, cls=False)
-        self.n_past = len(tokens)
-        self._cells = list(tokens)
-        return p if check else None
+            self._decode(part, s, want_last=final, cls=final and check)
+        return len(part) - 1 + (len(self.side) if check else 0)
 
     def _keep_prefix(self, tokens: list[int], limit: int) -> int:
         """Keep the cells of the prefix (at most `limit` long) shared with `_cells`; drop the rest."""
@@ -237,13 +245,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         shared with the previous call (as `start` does: order many prompts so that templates are shared).
         For fitting heads on what the file computes (`train categories`), not the token loop."""
         import numpy as np
-        check_prompt(tokens, self.n_ctx, True, self.safety_ids)
-        done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
-        chunk = self.n_batch - max(1, len(self.side))  # room for the side tokens in the last chunk
-        for s in range(done, len(tokens), chunk):
-            part = tokens[s:s + chunk]
-            self._decode(part, s, want_last=False, cls=s + chunk >= len(tokens))
-        row = ll.llama_get_embeddings_ith(self.ctx, len(part) + len(self.side) - 1)
+        cls_row = self._prefill(tokens, reuse, check=True)
+        row = ll.llama_get_embeddings_ith(self.ctx, cls_row)
         if not row:
             raise ModelFileError(f"llama.cpp returned no hidden state for {self.mf.path} (made without embeddings?)")
         out = np.ctypeslib.as_array(row, shape=(ll.llama_model_n_embd(self.mf.model),)).copy()
