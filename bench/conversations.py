@@ -28,7 +28,7 @@ import numpy as np
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
-from train.calibrate import best_pair, held_out_conversations, observe, refused, split_max
+from train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
 
 GROUPS = ("attacks", "plain", "lookalike")
 
@@ -58,7 +58,9 @@ def _auroc(pos, neg):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench conversations")
     ap.add_argument("--model", action="append", default=None, help="safe GGUF (repeatable; default: the default)")
-    ap.add_argument("--every", type=int, default=4, help="check every k generated tokens (the default policy: 4)")
+    ap.add_argument("--every", type=int, default=None,
+                    help="check every k generated tokens (default 4); with --traces: evaluate the saved traces at "
+                         "this coarser cadence (a multiple of theirs), as `train calibrate --every` does")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.05, 0.10],
                     help="budgets for the benign lookalikes refused, calibrated on val")
@@ -76,9 +78,12 @@ def main(argv=None) -> int:
 
     data = build_dataset(seed=0, suffixes=args.suffixes)
     groups = {split: held_out_conversations(data, split, args.limit) for split in ("val", "test")}
-    policy = SafetyPolicy(every=args.every)
+    every = args.every or 4
+    if every < 1:
+        raise SystemExit(f"error: --every must be >= 1, got {args.every}")
+    policy = SafetyPolicy(every=every)
     sizes = lambda s: " / ".join(str(len(groups[s][g])) for g in GROUPS)  # noqa: E731
-    print(f"\nevery {args.every} tokens, up to {args.tokens} greedy tokens; conversations (attacks / plain benign / "
+    print(f"\nevery {every} tokens, up to {args.tokens} greedy tokens; conversations (attacks / plain benign / "
           f"benign lookalikes): val {sizes('val')}, test {sizes('test')}; pairs chosen on val with at most "
           f"{args.plain_refusal:.0%} of the plain benign refused\n")
     cols = " | ".join(f"{s} {w}" for s in ("val", "test") for w in
@@ -92,6 +97,10 @@ def main(argv=None) -> int:
             if str(model.path) not in saved:
                 raise SystemExit(f"error: {args.traces} has no traces of {model.path} (it has: {', '.join(saved)})")
             traces = saved[str(model.path)]
+            try:
+                traces = {s: {g: at_cadence(t, every) for g, t in ts.items()} for s, ts in traces.items()}
+            except ValueError as e:
+                raise SystemExit(f"error: {args.traces}: {e}") from None
         else:
             traces = {s: {g: observe(model, es, policy, args.tokens, f"{s} {g}") for g, es in gs.items()}
                       for s, gs in groups.items()}
@@ -100,7 +109,8 @@ def main(argv=None) -> int:
         auc = _auroc(rows["test"]["attacks"].max(1), test_benign.max(1))
         answer = model.meta.answer_threshold
         own = (float(model.meta.threshold), float(model.meta.threshold if answer is None else answer))
-        pairs = [("own", own)]
+        mine = model.meta.every or 4  # the cadence the file's own pair was calibrated at
+        pairs = [("own" if mine == every else f"own (calibrated checking every {mine})", own)]
         for b in args.refusal:
             pairs.append((f"best for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal)))
             if pairs[-1][1][1] < 1.0:  # what the answer checks add: the best pair without them

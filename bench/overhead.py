@@ -154,10 +154,11 @@ def policy_rows(policy_label: str, every: list[int], answer_threshold: float | N
     return rows
 
 
-def describe_default(answer_threshold: float | None = None) -> str:
+def describe_default(answer_threshold: float | None = None, every: int | None = None) -> str:
+    """The default policy's row label for a file with this answer threshold and calibrated cadence."""
     if answer_threshold is not None and math.isinf(answer_threshold):
         return "default policy (model file: the prompt only, no checks inside the answer)"
-    p, parts = SafetyPolicy(), []
+    p, parts = SafetyPolicy().with_every(every), []
     if p.every:
         parts.append(f"every {p.every}")
     if p.max_gap:
@@ -197,9 +198,10 @@ def build(args) -> Setup:
         path = default_model_path()
     from runtime.backends.llama import LlamaModelFile
     meta_file = LlamaModelFile(path, vocab_only=True)
-    answer = meta_file.safety_meta().answer_threshold  # the default policy follows the model file
+    meta = meta_file.safety_meta()
+    answer = meta.answer_threshold  # the default policy follows the model file
     meta_file.close()
-    rows = policy_rows(describe_default(answer), args.every, answer)
+    rows = policy_rows(describe_default(answer, meta.every), args.every, answer)
     configs, models = [], []
     for mode in runtime_modes():
         label = "runtime" + mode_label(mode)

@@ -137,7 +137,7 @@ def cmd_verify(a) -> int:
     import json
 
     from .stamp import stamp_of, write_stamped
-    from .verify import NEAR, answer_every, markdown, run_verify
+    from .verify import NEAR, markdown, run_verify
 
     if a.json:
         _check_writable(Path(a.json))
@@ -152,7 +152,7 @@ def cmd_verify(a) -> int:
               "threshold (the margin: checks a rounding can flip)")
         if r.answer_threshold is not None:  # its checks inside the answer act, so they were compared too
             print(f"{Path(r.model).name}: {r.n_checks} checks compared, the end of each prompt and every "
-                  f"{answer_every()} tokens of its answer (answer threshold {r.answer_threshold:.6g})")
+                  f"{r.every} tokens of its answer (answer threshold {r.answer_threshold:.6g})")
     if a.record:
         for r in results:
             write_stamped(r.model, r.model, stamp_of(r, ps, summary["bar"]))

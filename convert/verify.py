@@ -18,7 +18,7 @@ Metrics per model: next-token agreement (the fraction of the first N greedy toke
 before the first divergence, averaged over prompts), mean and max |delta p_unsafe| and verdict
 agreement over the checks MODEL acts on: the end-of-prompt check at its calibrated threshold
 (`safety.threshold`) and, when its answer threshold lets checks inside the answer act (finite, or
-absent: one threshold for every check), a check every `SafetyPolicy().every` tokens of MODEL's own
+absent: one threshold for every check), a check every `safety.every` tokens (the file's calibrated cadence, else the runtime's default) of MODEL's own
 greedy answer at that threshold, the same answer tokens teacher-forced into the reference.
 The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02 (on v2's 100
 prompts one flipped verdict is 0.99, on v1's 24 it is 0.958). The margin: how many reference
@@ -57,9 +57,10 @@ class VerifyError(RuntimeError):
     pass
 
 
-def answer_every() -> int:
-    """Tokens between the checks inside an answer that verify compares: the runtime's default cadence."""
-    return SafetyPolicy().every
+def answer_every(meta) -> int:
+    """Tokens between the checks inside an answer that verify compares: the cadence the runtime uses for this
+    file by default (its own `safety.every`, else the runtime's default)."""
+    return SafetyPolicy().with_every(meta.every).every
 
 
 def load_prompts(path: str | Path = PROMPTS) -> dict:
@@ -217,6 +218,7 @@ class ModelResult:
     answer_threshold: float | None = None  # None: the answer is not checked (its checks cannot act)
     n_checks: int = 0                        # checks compared: one per prompt plus those inside answers
     near_threshold: int = 0                  # of those, reference p_unsafe within NEAR of the check's threshold
+    every: int = 0                           # tokens between the answer checks compared (0: none compared)
 
 
 def _open(model: Path, threads: int | None):
@@ -256,7 +258,7 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
                           f"{ref.path.name} has {ref.ids} and {ref.n_vocab}: not the same model")
     bos = mf.bos if mf.add_bos else None
     answer_thr = meta.threshold if meta.answer_threshold is None else meta.answer_threshold
-    every = answer_every() if math.isfinite(answer_thr) else 0   # checks inside answers act: verify them
+    every = answer_every(meta) if math.isfinite(answer_thr) else 0   # checks inside answers act: verify them
     rows = []
     ref_cache = {} if ref_cache is None else ref_cache
     try:
@@ -304,7 +306,7 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
                        a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
                        a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
                        round(time.perf_counter() - t0, 1), answer_thr if every else None, a["n_checks"],
-                       a["near_threshold"])
+                       a["near_threshold"], every)
 
 
 def markdown(results: list[ModelResult]) -> str:

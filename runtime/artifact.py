@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .contract import valid_answer_threshold
+from .contract import MAX_EVERY, valid_answer_threshold, valid_every
 
 TENSORS = "safety.safetensors"
 CARD = "card.json"
@@ -60,6 +60,12 @@ class Artifact:
         a = self.card.get("answer_threshold")
         return None if a is None else float(a)
 
+    @property
+    def every(self) -> int | None:
+        """The cadence (a check every k generated tokens) the card's thresholds were calibrated at, if recorded."""
+        k = self.card.get("every")
+        return None if k is None else int(k)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.cls_embedding, np.float32).tobytes())
@@ -99,6 +105,8 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{d}: card.json has no calibrated threshold in (0, 1)")
     if card.get("answer_threshold") is not None and not valid_answer_threshold(float(card["answer_threshold"])):
         raise ArtifactError(f"{d}: card.json's answer_threshold must be in (0, 1) or inf")
+    if card.get("every") is not None and not valid_every(card["every"]):
+        raise ArtifactError(f"{d}: card.json's every must be a whole number of tokens, 1..{MAX_EVERY}")
     if not all(np.isfinite(v).all() for v in t.values()):
         raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
     cats, tier = t.get("category_head"), t.get("controversial_head")

@@ -72,7 +72,9 @@ def sampling_kwargs(args) -> dict:
 
 def add_policy_flags(p) -> None:
     """The safety policy: when to check, at which thresholds, what to do; the per-app category rules."""
-    p.add_argument("--every", type=int, default=SafetyPolicy.every, help="check the safety verdict every K tokens")
+    p.add_argument("--every", type=int, default=None,
+                   help="check the safety verdict every K tokens (default: the cadence the model file was "
+                        "calibrated at, else 4)")
     p.add_argument("--patience", type=int, default=1, help="consecutive unsafe verdicts before acting")
     p.add_argument("--threshold", type=float, default=None,
                    help="act on p_unsafe >= this (default: the model file's calibrated threshold(s))")

@@ -39,6 +39,9 @@ KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "t
 # optional: the threshold for the checks after the prompt (inside the answer); absent = `threshold`,
 # inf = no checks inside the answer (none could act)
 ANSWER_THRESHOLD = "answer_threshold"
+# optional: the cadence the thresholds were calibrated at, a check every k generated tokens; absent = the
+# runtime's default (`runtime.policy.DEFAULT_EVERY`). A policy's own `every` overrides it.
+EVERY = "every"
 
 
 def stored_threshold(x: float) -> float:
@@ -65,6 +68,14 @@ def valid_answer_threshold(a: float) -> bool:
     return 0.0 < a < 1.0 or a == math.inf
 
 
+MAX_EVERY = 4096
+
+
+def valid_every(k) -> bool:
+    """A file's calibrated cadence: a whole number of tokens between checks inside the answer."""
+    return isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_EVERY
+
+
 class MetadataError(ValueError):
     pass
 
@@ -86,6 +97,7 @@ class SafetyMeta:
     category_thresholds: tuple[float, ...] = ()
     controversial_token_id: int | None = None
     controversial_threshold: float | None = None
+    every: int | None = None
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -111,7 +123,8 @@ class SafetyMeta:
             PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
         } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: stored_threshold(self.answer_threshold)}) \
           | ({PREFIX + SIDE_TOKEN_IDS: json.dumps(list(self.side_token_ids))} if self.side_token_ids else {}) \
-          | (self._category_kv() if self.categories else {})
+          | (self._category_kv() if self.categories else {}) \
+          | ({} if self.every is None else {PREFIX + EVERY: int(self.every)})
 
     def _category_kv(self) -> dict[str, object]:
         return {PREFIX + CATEGORIES: json.dumps(list(self.categories)),
@@ -134,6 +147,8 @@ class SafetyMeta:
             metrics = json.loads(kv.get(PREFIX + "metrics") or "{}")
             answer = kv.get(PREFIX + ANSWER_THRESHOLD)
             answer = None if answer is None else float(answer)
+            cadence = kv.get(PREFIX + EVERY)
+            cadence = None if cadence is None else int(cadence)
             side = tuple(int(i) for i in json.loads(kv.get(PREFIX + SIDE_TOKEN_IDS) or "[]"))
             cats = _categories_from_kv(kv)
         except (ValueError, TypeError, KeyError) as e:
@@ -163,8 +178,10 @@ class SafetyMeta:
             raise MetadataError(f"{where} has an invalid safety threshold {threshold}")
         if answer is not None and not valid_answer_threshold(answer):
             raise MetadataError(f"{where} has an invalid answer threshold {answer} (needs (0, 1) or inf)")
+        if cadence is not None and not valid_every(cadence):
+            raise MetadataError(f"{where} has an invalid check cadence {cadence} (needs an integer 1..{MAX_EVERY})")
         return cls(version, *ids[len(side):], threshold, kv.get(PREFIX + "base_model", ""),
-                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side, *(cats or ()))
+                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side, *(cats or ()), every=cadence)
 
 
 def _categories_from_kv(kv: dict[str, str]):

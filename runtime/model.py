@@ -160,6 +160,8 @@ class Model:
         if len(tokens) + 2 > self.backend.n_ctx:
             raise ContextOverflowError(f"the conversation is {len(tokens)} tokens; the context window holds "
                                        f"{self.backend.n_ctx}: shorten the history or load with a larger n_ctx")
+        if policy is not None:
+            policy = policy.with_every(self.meta.every)  # None: the cadence the file was calibrated at
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
                        answer_threshold=self.meta.answer_threshold if self.meta else None,
                        sampling=sampling, max_tokens=max_tokens, native=self.native, stop=stops,

@@ -7,7 +7,7 @@ rules are decided (the token loop in strategy.py and `bench categories` both cal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from runtime.contract import valid_answer_threshold
@@ -47,6 +47,9 @@ class Categories:
         return None
 
 
+DEFAULT_EVERY = 4  # the cadence of a file that does not carry its own (files calibrated before `safety.every`)
+
+
 @dataclass(frozen=True)
 class SafetyPolicy:
     """When to check, when to act, and how.
@@ -58,7 +61,8 @@ class SafetyPolicy:
     sentence or line (`sentence_ends`), and never more than `max_gap` tokens apart.
     """
 
-    every: int = 4                  # check every k generated tokens (0: only triggers / max_gap)
+    every: int | None = None        # check every k generated tokens (0: only triggers / max_gap); None: the
+                                    # model file's calibrated cadence (`safety.every`), else DEFAULT_EVERY
     threshold: float | None = None  # None: the calibrated threshold from the model file
     answer_threshold: float | None = None  # for the checks after the prompt; None: `threshold`; inf: none there
     patience: int = 1               # consecutive unsafe verdicts before acting
@@ -77,6 +81,12 @@ class SafetyPolicy:
     def has_category_rules(self) -> bool:
         return bool(self.allow or self.block or self.controversial == "loose")
 
+    def with_every(self, every: int | None) -> "SafetyPolicy":
+        """This policy with `every` resolved: its own cadence, else the model file's `every`, else DEFAULT_EVERY."""
+        if self.every is not None:
+            return self
+        return replace(self, every=DEFAULT_EVERY if every is None else int(every))
+
     def __post_init__(self):
         for name in ("allow", "block"):
             v = getattr(self, name)
@@ -88,8 +98,8 @@ class SafetyPolicy:
             raise ValueError(f"SafetyPolicy: {sorted(self.allow & self.block)} both allowed and blocked")
         if self.controversial not in TIERS:
             raise ValueError(f"SafetyPolicy.controversial must be one of {TIERS}, got {self.controversial!r}")
-        if self.every < 0:
-            raise ValueError("SafetyPolicy.every must be >= 0")
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 0):
+            raise ValueError("SafetyPolicy.every must be an integer >= 0 (or None: the model file's cadence)")
         if self.every == 0 and not self.max_gap:
             raise ValueError("SafetyPolicy needs every >= 1 or a max_gap")
         if self.max_gap is not None and self.max_gap < 1:
@@ -163,5 +173,6 @@ def loop_spec(policy: SafetyPolicy | None, threshold: float) -> LoopSpec:
     if policy is None:
         return LoopSpec(False, 0, 0, math.nan, math.nan, False, 2.0, 1)
     off = lambda v: math.nan if v is None else float(v)  # noqa: E731
-    return LoopSpec(True, int(policy.every), int(policy.max_gap or 0), off(policy.entropy_trigger),
+    every = DEFAULT_EVERY if policy.every is None else policy.every  # a caller without a model file
+    return LoopSpec(True, int(every), int(policy.max_gap or 0), off(policy.entropy_trigger),
                     off(policy.margin_trigger), bool(policy.sentence_ends), float(threshold), int(policy.patience))

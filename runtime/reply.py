@@ -18,6 +18,7 @@ class Safety:
     enabled: bool
     threshold: float | None = None
     answer_threshold: float | None = None  # for the checks after the prompt (inf: none there)
+    every: int | None = None  # the cadence inside the answer: a check every k tokens (0: adaptive triggers only)
     checks: int = 0
     trace: list[tuple[int, float]] = field(default_factory=list)
     triggers: list[str] = field(default_factory=list)  # why each check ran: prompt/every/entropy/.../end

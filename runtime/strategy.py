@@ -41,7 +41,8 @@ class _Run:
         self.backend, self.policy, self.thr, self.answer_thr = backend, policy, thr, answer_thr
         self.cats = categories if policy is not None else None
         self.enabled = policy is not None
-        self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=answer_thr)
+        self.safety = Safety(enabled=self.enabled, threshold=thr, answer_threshold=answer_thr,
+                             every=policy.every if policy is not None else None)
         self.generated: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.released = 0
@@ -205,6 +206,8 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
     """
     t0 = time.perf_counter()
     enabled = policy is not None
+    if enabled:
+        policy = policy.with_every(None)  # a caller that did not resolve the file's cadence: the default
     thr = (policy.threshold or threshold) if enabled else None
     if enabled and thr is None:
         raise ValueError("safety is on but no threshold is known (model metadata or SafetyPolicy.threshold)")

@@ -183,6 +183,20 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
         conversations.main(args + ["--traces", str(tmp_path / "other.json")])
 
 
+def test_conversations_at_a_coarser_cadence_from_saved_traces(tiny_safe, capsys, tmp_path):
+    """--every K --traces (saved checking every k dividing K) prints what generating at every K prints."""
+    from bench import conversations
+    args = ["--model", str(tiny_safe), "--limit", "2", "--tokens", "8", "--refusal", "0.5", "--plain-refusal", "0.5"]
+    assert conversations.main(args + ["--every", "2", "--save", str(tmp_path / "two.json")]) == 0
+    capsys.readouterr()
+    assert conversations.main(args + ["--every", "4"]) == 0
+    generated = capsys.readouterr().out
+    assert conversations.main(args + ["--every", "4", "--traces", str(tmp_path / "two.json")]) == 0
+    assert capsys.readouterr().out == generated and generated.lstrip().startswith("every 4 tokens")
+    with pytest.raises(SystemExit, match="does not divide 3"):
+        conversations.main(args + ["--every", "3", "--traces", str(tmp_path / "two.json")])
+
+
 def test_base_speed_measures_a_llama_and_a_gemma3_file(tiny_base, tmp_path):
     from bench.base_speed import measure
     from tests.tiny_model import write_tiny_gemma3

@@ -213,3 +213,51 @@ def test_calibrate_from_saved_traces_matches_generating_them(tiny_base, tmp_path
         val["plain"] = val["plain"][:5]
         saved.write_text(json.dumps({str(gguf): {"val": val}}))
         calibrate_artifact(read, 0.1, traces=saved, **kw)
+
+
+def test_at_cadence_keeps_the_checks_a_coarser_cadence_makes():
+    from train.calibrate import at_cadence
+    traces = [[(0, 0.1), (2, 0.2), (4, 0.9), (6, 0.3), (8, 0.4), (9, 0.5)],  # the end at 9
+              [(0, 0.1), (0, 0.2), (2, 0.3), (3, 0.8)],                      # a prefill: two checks at 0
+              [(0, 0.7)]]                                                     # refused or ended at the prompt
+    assert at_cadence(traces, 2) == [list(t) for t in traces]
+    assert at_cadence(traces, 4) == [[(0, 0.1), (4, 0.9), (8, 0.4), (9, 0.5)], [(0, 0.1), (0, 0.2), (3, 0.8)],
+                                     [(0, 0.7)]]
+    assert at_cadence(traces, 8)[0] == [(0, 0.1), (8, 0.4), (9, 0.5)]
+    with pytest.raises(ValueError, match="every 2 tokens, which does not divide 3"):
+        at_cadence(traces, 3)
+
+
+def test_calibrate_at_a_coarser_cadence_from_finer_traces(tiny_base, tmp_path, examples):
+    """`--every 4 --traces` over traces saved checking every 2 gives what generating at every 4 gives, records
+    the cadence in the card, and the file's default policy then checks at it."""
+    from runtime.artifact import load_artifact
+    from runtime.fold import convert_gguf
+    from runtime.model import load
+    from runtime.strategy import SafetyPolicy
+    from train.calibrate import held_out_conversations, observe
+
+    ran, read = _two_artifacts(tmp_path, examples, "ran", "read")
+    kw = dict(base=tiny_base, **{**CAL_KW, "tokens": 9})
+    calibrate_artifact(ran, 0.1, policy=SafetyPolicy(every=4), **kw)
+    gguf = tmp_path / "fold.gguf"
+    convert_gguf(tiny_base, load_artifact(read), gguf, progress=False)
+    groups = held_out_conversations(examples, "val", 20)
+    with load(gguf, threads=1, allow_unverified=True) as model:
+        val = {k: observe(model, g, SafetyPolicy(every=2), 9) for k, g in groups.items()}
+    saved = tmp_path / "traces.json"
+    saved.write_text(json.dumps({str(gguf): {"val": val}}))
+    calibrate_artifact(read, 0.1, policy=SafetyPolicy(every=4), traces=saved, **kw)
+    a, b = (json.loads((d / "card.json").read_text()) for d in (ran, read))
+    assert a["every"] == b["every"] == 4 and b["calibration"]["policy"]["every"] == 4
+    assert (a["threshold"], a["answer_threshold"]) == (b["threshold"], b["answer_threshold"])
+    for key in ("val_attacks_caught", "val_plain_refused", "val_lookalike_refused"):
+        assert a["calibration"][key] == b["calibration"][key]
+    convert_gguf(tiny_base, load_artifact(read), tmp_path / "four.gguf", progress=False)
+    with load(tmp_path / "four.gguf", threads=1, allow_unverified=True) as model:
+        assert model.meta.every == 4 and model.chat("hello", max_tokens=4).safety.every == 4
+    # a cadence the saved traces cannot give is a clear error; recalibrating keeps the card's own cadence
+    with pytest.raises(SystemExit, match="does not divide 3"):
+        calibrate_artifact(read, 0.1, policy=SafetyPolicy(every=3), traces=saved, **kw)
+    calibrate_artifact(read, 0.1, traces=saved, **kw)
+    assert json.loads((read / "card.json").read_text())["every"] == 4

@@ -171,6 +171,41 @@ def test_answer_threshold_travels_from_the_card_to_the_runtime(tiny_base, tmp_pa
         load_artifact(d)
 
 
+def test_the_calibrated_cadence_travels_from_the_card_to_the_runtime(tiny_base, tmp_path):
+    """A card's `every` (the cadence its pair was calibrated at) becomes `safety.every`, the default policy's
+    cadence for that file; a policy's own `every` wins; no key: the runtime's default of 4."""
+    import runtime
+    from runtime.contract import MetadataError, SafetyMeta
+    art = random_artifact(threshold=0.999999)
+    art.card.update(answer_threshold=0.999999, every=3)
+    convert_gguf(tiny_base, art, tmp_path / "three.gguf", progress=False)
+    assert read_gguf(tmp_path / "three.gguf").fields[PREFIX + "every"].contents() == 3
+    with runtime.load(tmp_path / "three.gguf", allow_unverified=True) as m:
+        assert m.meta.every == 3
+        for native in (True, False):
+            m.native = native
+            for every, want in ((None, 3), (2, 2)):  # the file's cadence, then a policy's own
+                pol = None if every is None else runtime.SafetyPolicy(every=every)
+                r = m.chat("hello there", max_tokens=12, temperature=0, safety=pol)
+                inside = [c for c, _ in r.safety.trace if c > 0]  # the last is the end-of-answer check
+                assert r.safety.every == want and all(c % want == 0 for c in inside[:-1]), (native, r.safety.trace)
+                assert r.usage.completion_tokens < want or inside[0] == want
+    convert_gguf(tiny_base, random_artifact(threshold=0.999999), tmp_path / "none.gguf", progress=False)
+    assert PREFIX + "every" not in read_gguf(tmp_path / "none.gguf").fields
+    with runtime.load(tmp_path / "none.gguf", allow_unverified=True) as m:
+        assert m.meta.every is None and m.chat("hello", max_tokens=4).safety.every == 4
+    kv = {PREFIX + k: v for k, v in [("format_version", "1"), ("cls_token_id", "1"), ("safe_token_id", "2"),
+                                     ("unsafe_token_id", "3"), ("threshold", "0.9")]}
+    assert SafetyMeta.from_kv({**kv, PREFIX + "every": "16"}, 10).every == 16
+    for bad in ("0", "-4", "1.5", "many"):
+        with pytest.raises(MetadataError, match="cadence|malformed"):
+            SafetyMeta.from_kv({**kv, PREFIX + "every": bad}, 10)
+    d = art.save(tmp_path / "bad")
+    (d / "card.json").write_text('{"threshold": 0.9, "every": 0}')
+    with pytest.raises(ArtifactError, match="every"):
+        load_artifact(d)
+
+
 def test_the_file_never_stores_a_threshold_below_the_calibrated_one(tiny_base, tmp_path):
     """The file holds float32 and llama.cpp reads metadata back as 6-decimal text; nearest rounding put v9's
     0.9781200955383609 at 0.978120, below the highest val conversation score calibration let through."""

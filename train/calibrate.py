@@ -16,7 +16,10 @@ requests) and at most `budget` of the lookalikes (default 5%, the target on look
 An answer threshold that gains no attack is "never" (inf in the card: the runtime then checks
 only the prompt). It writes both into the card, recomputes the card's per-position metrics at them
 (end of prompt at tp, inside answers at ta) and records the calibration; `convert gguf` carries the
-pair into the model file.
+pair into the model file, with the cadence it was calibrated at (`every`: the file's default policy
+checks at that cadence). `--every K --traces T` reads traces saved at a finer cadence that divides K
+and keeps the checks a K-cadence would make (the prompt, every K tokens, the end): the cadence is
+chosen by the same val conversations, without generating them again.
 """
 from __future__ import annotations
 
@@ -78,6 +81,23 @@ def observe(model, examples: list[dict], policy, tokens: int,
     watch = replace(policy, threshold=float(np.nextafter(1.0, 0.0)), answer_threshold=None)
     return [model.chat(messages(e), max_tokens=tokens, safety=watch).safety.trace
             for e in tqdm(examples, desc=progress or None, disable=not progress, unit="conv")]
+
+
+def at_cadence(traces: list, every: int) -> list:
+    """The traces a check every `every` tokens would have made, from traces saved at a cadence dividing it.
+
+    A trace is [(tokens covered, p_unsafe)]: the prompt's check(s) at 0, one every k answer tokens, and
+    the last at the end of the answer. Greedy generation does not depend on the checks, so a coarser
+    cadence sees the same verdicts at fewer positions: those at 0, at multiples of `every`, and the last.
+    ValueError when the saved cadence does not divide `every` (those positions were never observed)."""
+    if every < 1:
+        raise ValueError("a cadence is a check every k >= 1 tokens")
+    inner = [c for t in traces for c, _ in list(t)[:-1] if c > 0]
+    saved = math.gcd(*inner) if inner else 1
+    if every % saved:
+        raise ValueError(f"the traces were saved checking every {saved} tokens, which does not divide {every}")
+    return [[(c, p) for i, (c, p) in enumerate(t) if c == 0 or c % every == 0 or i == len(t) - 1]
+            for t in traces]
 
 
 def split_max(traces) -> np.ndarray:
@@ -187,10 +207,15 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         raise SystemExit(f"error: {scores_path} not found: `train cls` writes it beside the card")
     examples = dataset_for(card)
     held, scored = _held(examples, json.loads(scores_path.read_text()))
-    policy = policy or SafetyPolicy()
+    policy = (policy or SafetyPolicy()).with_every(art.every)  # default: the cadence the card records, else 4
     groups = held_out_conversations(examples, "val", limit)
     if traces is not None:
-        rows = {k: split_max(t) for k, t in saved_val_traces(traces, groups).items()}
+        if not policy.every:
+            raise SystemExit("error: --traces needs a regular cadence (every k >= 1)")
+        try:
+            rows = {k: split_max(at_cadence(t, policy.every)) for k, t in saved_val_traces(traces, groups).items()}
+        except ValueError as e:
+            raise SystemExit(f"error: {traces}: {e}") from None
     else:
         with tempfile.TemporaryDirectory() as tmp:
             gguf = Path(tmp) / "calibrate.gguf"
@@ -208,6 +233,9 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     _, metrics = metrics_for(held, scored, card.get("recipe", {}).get("max_fpr", 0.02),
                              card["metrics"].get("measured_on", ""), thresholds=(tp, answer))
     card.update(threshold=tp, answer_threshold=_card_answer(ta), metrics=metrics)
+    card.pop("every", None)
+    if policy.every:  # the file's default policy will check at the cadence these thresholds were chosen for
+        card["every"] = int(policy.every)
     card["calibration"] = {
         "method": "val conversations: the (prompt, answer) threshold pair catching the most harmful ones (plain, "
                   "jailbreak-wrapped, prefilled) with at most `plain_budget` of the plain benign ones and at most "
@@ -259,7 +287,9 @@ def add_parser(sub) -> None:
     c.add_argument("--plain-budget", type=float, default=0.02,
                    help="at most this share of the val plain benign conversations refused (default 2%%)")
     c.add_argument("--base", type=Path, default=None, help="base GGUF (default: SmolLM2-135M-Instruct)")
-    c.add_argument("--every", type=int, default=None, help="check every k tokens (default: the runtime's policy)")
+    c.add_argument("--every", type=int, default=None,
+                   help="calibrate for a check every k tokens, recorded in the card and the file (default: the "
+                        "card's own cadence, else 4); with --traces, a multiple of the cadence they were saved at")
     c.add_argument("--tokens", type=int, default=48, help="greedy tokens per conversation")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--limit", type=int, default=0, help="at most this many val conversations per group (smoke runs)")
@@ -275,6 +305,8 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
+    if args.every is not None and args.every < 1:
+        raise SystemExit(f"error: --every must be >= 1, got {args.every}")
     policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,
