@@ -303,6 +303,26 @@ def test_comply_sequences_continue_an_opener_and_carry_the_requests_label(tiny_b
         assert s.lm_from is None and len(s.cls_at) >= 2 and set(s.labels()) == {c["label"]}
 
 
+def test_comply_prompts_come_from_the_kinds_asked_for(tiny_base):
+    """`--comply-kinds`: the comply prompts are drawn from those augmentations only (default: plain requests,
+    the same draw as before the option existed)."""
+    from runtime.backends.llama import LlamaModelFile
+
+    mf = LlamaModelFile(tiny_base)
+    eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
+    examples = _toy_examples()
+    for e in examples[1::3]:  # both labels, no prefill
+        e["augmentation"] = "jailbreak_template"
+    kind = {e["id"]: e["augmentation"] for e in examples}
+    args = (mf, mf.chat_template, None, eog, mf.n_vocab)
+    plain = prepare(examples, *args, comply=4)["comply"]
+    wrapped = prepare(examples, *args, comply=4, comply_kinds=("jailbreak_template",))["comply"]
+    both = prepare(examples, *args, comply=4, comply_kinds=("none", "jailbreak_template"))["comply"]
+    assert {kind[c["id"]] for c in plain} == {"none"} and {kind[c["id"]] for c in wrapped} == {"jailbreak_template"}
+    assert len(plain) == len(wrapped) == len(both) == 8 and sorted(c["label"] for c in wrapped) == [0] * 4 + [1] * 4
+    assert [c["id"] for c in plain] == [c["id"] for c in prepare(examples, *args, comply=4, comply_kinds=("none",))["comply"]]
+
+
 def test_bf16_is_refused_where_the_cpu_runs_it_slower(tmp_path, monkeypatch, capsys):
     """`--bf16` on a CPU without bfloat16 instructions (an AVX2 machine measured 40x slower) stops at once with
     the reason, before any data is built; where bfloat16 pays the probe says so (a real measurement)."""

@@ -99,10 +99,15 @@ def _multi_turn(train_examples: list[dict], template, vocab, bos, n: int, seed: 
     return {"framings": framings, "turn2": turn2}
 
 
-def _comply(train_examples: list[dict], template, vocab, bos, n: int, seed: int, max_tokens: int) -> list[dict]:
-    """n harmful and n benign plain training prompts, each with a compliance opener as the prefill."""
+COMPLY_KINDS = ("none",)  # the augmentations comply rows draw from by default: plain requests
+
+
+def _comply(train_examples: list[dict], template, vocab, bos, n: int, seed: int, max_tokens: int,
+            kinds: tuple[str, ...] = COMPLY_KINDS) -> list[dict]:
+    """n harmful and n benign training prompts of the augmentations `kinds` (default: plain requests; e.g.
+    also "jailbreak_template", "suffix"), each with a compliance opener as the prefill."""
     rng = random.Random(seed * 6151 + 29)
-    plain = [e for e in train_examples if not e.get("prefill") and e["augmentation"] == "none"]
+    plain = [e for e in train_examples if not e.get("prefill") and e["augmentation"] in kinds]
     out = []
     for label in (1, 0):
         pool = [e for e in plain if int(e["label"]) == label]
@@ -116,11 +121,12 @@ def _comply(train_examples: list[dict], template, vocab, bos, n: int, seed: int,
 
 def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, eog: list[int],
             n_vocab: int, *, max_prompt_tokens: int = 512, base_sha256: str = "", multi_turn: int = 0,
-            seed: int = 0, comply: int = 0) -> dict:
+            seed: int = 0, comply: int = 0, comply_kinds: tuple[str, ...] = COMPLY_KINDS) -> dict:
     """Token ids for every split; train prompts end where the assistant's answer would begin.
 
     multi_turn > 0 adds that many second-turn requests (and the framings) for two-turn sequences;
-    comply > 0 that many harmful and as many benign prompts with a compliance opener (`OPENERS`)."""
+    comply > 0 that many harmful and as many benign prompts with a compliance opener (`OPENERS`), drawn from the
+    training prompts of the augmentations `comply_kinds`."""
     train, held = [], {"val": [], "test": []}
     for e in examples:
         if e["split"] == "train":
@@ -140,7 +146,7 @@ def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, 
                         seed) if multi_turn else {}
     if comply:
         extra["comply"] = _comply([e for e in examples if e["split"] == "train"], template, vocab, bos, comply,
-                                  seed, max_prompt_tokens)
+                                  seed, max_prompt_tokens, tuple(comply_kinds))
     return {"version": PREP_VERSION, "base_sha256": base_sha256, "n_vocab": n_vocab, "eog": sorted(eog),
             "refusal": vocab.tokenize(REFUSAL, False) + eot, "train": train, **held, **extra}
 

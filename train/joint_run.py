@@ -30,9 +30,15 @@ from runtime.fold import convert_gguf
 from .cls_recipe import metrics_for
 from .data_card import data_card_markdown
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
-from .joint_data import build_sequences, held_out, load_prep, load_sequences, prepare, save_prep, save_sequences
+from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, load_sequences, prepare, save_prep,
+                         save_sequences)
+
 from convert.llama_torch import FrozenLlama
 from .lora import LoRA
+
+# what comply prompts may be drawn from (`--comply-kinds`): train/data.py's augmentations, prefills excepted
+# (a comply row's prefill is its compliance opener)
+AUGMENTATIONS = ("none", "jailbreak_template", "hardneg_template", "suffix")
 
 SEQUENCES = "sequences.json.gz"
 PREP = "prep.json.gz"
@@ -73,8 +79,15 @@ def bf16_speedup(n: int = 512, reps: int = 5) -> float:
     return secs[torch.float32] / max(secs[torch.bfloat16], 1e-9)
 
 
+def _comply_kinds(args) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(getattr(args, "comply_kinds", None) or COMPLY_KINDS))
+    if "suffix" in kinds and not args.suffixes:
+        raise SystemExit("error: --comply-kinds suffix needs --suffixes (the data has no suffix copies without it)")
+    return kinds
+
+
 def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0, comply: int = 0,
-              suffixes: bool = False) -> dict:
+              suffixes: bool = False, comply_kinds: tuple[str, ...] = COMPLY_KINDS) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp); suffixes: with the
     random-suffix copies `train cls --suffixes` trains on (`train.data.build_dataset`)."""
     from runtime.backends.llama import LlamaModelFile
@@ -88,7 +101,7 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
     prep = prepare(examples, mf, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
                    max_prompt_tokens=max_prompt_tokens, base_sha256=sha256_file(base), multi_turn=multi_turn,
-                   seed=seed, comply=comply)
+                   seed=seed, comply=comply, comply_kinds=comply_kinds)
     prep["data"] = {k: card[k] for k in card if k != "examples"}
     prep["seed"] = seed
     prep["suffixes"] = bool(suffixes)  # `train.data.dataset_for` rebuilds the same examples from the card's recipe
@@ -96,7 +109,8 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
 
 
 def cmd_joint_prep(args) -> int:
-    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes)
+    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes,
+                     _comply_kinds(args))
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
@@ -161,6 +175,8 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
               "bf16": args.bf16,
               "multi_turn": args.multi_turn,
               **({"comply": args.comply} if args.comply else {}),
+              **({"comply_kinds": list(_comply_kinds(args))}
+                 if args.comply and _comply_kinds(args) != COMPLY_KINDS else {}),
               **({"suffixes": True} if prep.get("suffixes") else {}),
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
@@ -192,7 +208,8 @@ def cmd_joint(args) -> int:
     elif args.resume and (out / PREP).is_file():
         prep = load_prep(out / PREP)
     else:
-        prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply, suffixes=args.suffixes)
+        prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply, suffixes=args.suffixes,
+                         comply_kinds=_comply_kinds(args))
         save_prep(prep, out / PREP)  # what `joint-eval --data` measures on; no generated text in it
     model = FrozenLlama(base)
     if model.cfg.n_vocab != prep["n_vocab"]:
@@ -301,6 +318,9 @@ def add_parsers(sub) -> None:
     j.add_argument("--comply", type=int, default=0,
                    help="this many harmful and as many benign training prompts continued by the base model after a "
                         "compliance opener ([CLS] inside labelled by the request; train/joint_data.py OPENERS)")
+    j.add_argument("--comply-kinds", nargs="+", default=list(COMPLY_KINDS), choices=AUGMENTATIONS, metavar="KIND",
+                   help="the augmentations the comply prompts are drawn from (default: none, the plain requests; "
+                        "also jailbreak_template, hardneg_template, suffix (with --suffixes))")
     j.add_argument("--suffixes", action="store_true",
                    help="build the data with the random-suffix copies `train cls --suffixes` uses (train/data.py)")
     j.add_argument("--rank", type=int, default=8)
@@ -335,6 +355,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--multi-turn", type=int, default=0, help="second-turn requests for two-turn conversations")
     p.add_argument("--comply", type=int, default=0, help="harmful and benign prompts with a compliance opener")
+    p.add_argument("--comply-kinds", nargs="+", default=list(COMPLY_KINDS), choices=AUGMENTATIONS, metavar="KIND",
+                   help="the augmentations the comply prompts are drawn from (default: none)")
     p.add_argument("--suffixes", action="store_true", help="with the random-suffix copies (train/data.py)")
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
