@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.model import load
+from runtime.policy import DEFAULT_EVERY
 from runtime.strategy import SafetyPolicy
 
 from train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench conversations")
     ap.add_argument("--model", action="append", default=None, help="safe GGUF (repeatable; default: the default)")
     ap.add_argument("--every", type=int, default=None,
-                    help="check every k generated tokens (default 4); with --traces: evaluate the saved traces at "
+                    help="check every k generated tokens (default: the runtime's default, 4); with --traces: evaluate the saved traces at "
                          "this coarser cadence (a multiple of theirs), as `train calibrate --every` does")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.05, 0.10],
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
 
     data = build_dataset(seed=0, suffixes=args.suffixes)
     groups = {split: held_out_conversations(data, split, args.limit) for split in ("val", "test")}
-    every = args.every or 4
+    every = args.every or DEFAULT_EVERY
     if every < 1:
         raise SystemExit(f"error: --every must be >= 1, got {args.every}")
     policy = SafetyPolicy(every=every)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         auc = _auroc(rows["test"]["attacks"].max(1), test_benign.max(1))
         answer = model.meta.answer_threshold
         own = (float(model.meta.threshold), float(model.meta.threshold if answer is None else answer))
-        mine = model.meta.every or 4  # the cadence the file's own pair was calibrated at
+        mine = model.meta.every or DEFAULT_EVERY  # the cadence the file's own pair was calibrated at
         pairs = [("own" if mine == every else f"own (calibrated checking every {mine})", own)]
         for b in args.refusal:
             pairs.append((f"best for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal)))

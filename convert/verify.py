@@ -18,8 +18,9 @@ Metrics per model: next-token agreement (the fraction of the first N greedy toke
 before the first divergence, averaged over prompts), mean and max |delta p_unsafe| and verdict
 agreement over the checks MODEL acts on: the end-of-prompt check at its calibrated threshold
 (`safety.threshold`) and, when its answer threshold lets checks inside the answer act (finite, or
-absent: one threshold for every check), a check every `safety.every` tokens (the file's calibrated cadence, else the runtime's default) of MODEL's own
-greedy answer at that threshold, the same answer tokens teacher-forced into the reference.
+absent: one threshold for every check), a check every `safety.every` tokens (the file's calibrated
+cadence, else the runtime's default) of MODEL's own greedy answer at that threshold, the same answer
+tokens teacher-forced into the reference.
 The bar (issue 4): verdict agreement >= 99% and mean |delta p_unsafe| <= 0.02 (on v2's 100
 prompts one flipped verdict is 0.99, on v1's 24 it is 0.958). The margin: how many reference
 verdicts lie within 0.01 of their threshold (`near_threshold`), the checks a precision change can

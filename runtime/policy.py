@@ -169,10 +169,10 @@ class LoopSpec(NamedTuple):
 
 
 def loop_spec(policy: SafetyPolicy | None, threshold: float) -> LoopSpec:
-    """The loops' view of `policy` (None: no checks) with the answer's threshold."""
+    """The loops' view of `policy` (None: no checks; its `every` resolved, `generate` does it) with the answer's
+    threshold."""
     if policy is None:
         return LoopSpec(False, 0, 0, math.nan, math.nan, False, 2.0, 1)
     off = lambda v: math.nan if v is None else float(v)  # noqa: E731
-    every = DEFAULT_EVERY if policy.every is None else policy.every  # a caller without a model file
-    return LoopSpec(True, int(every), int(policy.max_gap or 0), off(policy.entropy_trigger),
+    return LoopSpec(True, int(policy.every), int(policy.max_gap or 0), off(policy.entropy_trigger),
                     off(policy.margin_trigger), bool(policy.sentence_ends), float(threshold), int(policy.patience))

@@ -32,7 +32,6 @@ from .data_card import data_card_markdown
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, load_sequences, prepare, save_prep,
                          save_sequences)
-
 from convert.llama_torch import FrozenLlama
 from .lora import LoRA
 
@@ -168,6 +167,7 @@ def deltas_card(path: Path, lora: LoRA) -> dict:
 
 def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
     """The artifact card before measurement (threshold 0.5 until calibrated)."""
+    kinds = _comply_kinds(args)
     recipe = {"recipe": "joint", "seed": args.seed, "steps": args.steps, "rank": args.rank, "alpha": args.alpha,
               "targets": args.targets, "lambda": args.lam, "lr": args.lr, "cls_lr": args.cls_lr,
               "batch_tokens": args.batch_tokens, "gen_tokens": args.gen_tokens, "max_train": args.max_train,
@@ -175,8 +175,7 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
               "bf16": args.bf16,
               "multi_turn": args.multi_turn,
               **({"comply": args.comply} if args.comply else {}),
-              **({"comply_kinds": list(_comply_kinds(args))}
-                 if args.comply and _comply_kinds(args) != COMPLY_KINDS else {}),
+              **({"comply_kinds": list(kinds)} if args.comply and kinds != COMPLY_KINDS else {}),
               **({"suffixes": True} if prep.get("suffixes") else {}),
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
