@@ -31,7 +31,9 @@ from runtime.strategy import SafetyPolicy
 
 from train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
 
-GROUPS = ("attacks", "plain", "lookalike")
+GROUPS = ("attacks", "plain", "lookalike", "real")
+NAMES = {"attacks": "attacks caught", "plain": "plain benign refused", "lookalike": "template lookalikes refused",
+         "real": "real lookalikes refused"}
 
 
 def _first(trace, thr, answer_thr):
@@ -63,8 +65,11 @@ def main(argv=None) -> int:
                     help="check every k generated tokens (default: the runtime's default, 4); with --traces: evaluate the saved traces at "
                          "this coarser cadence (a multiple of theirs), as `train calibrate --every` does")
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.05, 0.10],
-                    help="budgets for the benign lookalikes refused, calibrated on val")
+    ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.03, 0.05, 0.10],
+                    help="budgets for the benign lookalikes refused (template and real, each), calibrated on val")
+    ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
+                    help="with the real look-alike family (train/real_lookalikes.py) as its own group (default; "
+                         "--no-real: the conversations before it)")
     ap.add_argument("--plain-refusal", type=float, default=0.02,
                     help="budget for the plain benign requests refused, calibrated on val (default 2%%)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many conversations per group and split")
@@ -77,20 +82,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from train.data import build_dataset
 
-    data = build_dataset(seed=0, suffixes=args.suffixes)
+    data = build_dataset(seed=0, suffixes=args.suffixes, real=args.real)
     groups = {split: held_out_conversations(data, split, args.limit) for split in ("val", "test")}
+    names = [g for g in GROUPS if g in groups["val"]]
     every = args.every or DEFAULT_EVERY
     if every < 1:
         raise SystemExit(f"error: --every must be >= 1, got {args.every}")
     policy = SafetyPolicy(every=every)
-    sizes = lambda s: " / ".join(str(len(groups[s][g])) for g in GROUPS)  # noqa: E731
-    print(f"\nevery {every} tokens, up to {args.tokens} greedy tokens; conversations (attacks / plain benign / "
-          f"benign lookalikes): val {sizes('val')}, test {sizes('test')}; pairs chosen on val with at most "
+    sizes = lambda s: " / ".join(str(len(groups[s][g])) for g in names)  # noqa: E731
+    print(f"\nevery {every} tokens, up to {args.tokens} greedy tokens; conversations ({' / '.join(names)}): "
+          f"val {sizes('val')}, test {sizes('test')}; pairs chosen on val with at most "
           f"{args.plain_refusal:.0%} of the plain benign refused\n")
-    cols = " | ".join(f"{s} {w}" for s in ("val", "test") for w in
-                      ("attacks caught", "plain benign refused", "lookalikes refused"))
-    print(f"| model | thresholds (prompt / answer) | {cols} | test tokens to catch (median / max) | test AUROC |")
-    print("|---|---|" + "---|" * 8)
+    cols = " | ".join(f"{s} {NAMES[g]}" for s in ("val", "test") for g in names)
+    print(f"| model | thresholds (prompt / answer) | {cols} | test tokens to catch (median / max) | "
+          "test AUROC (template / real lookalikes) |")
+    print("|---|---|" + "---|" * (2 * len(names) + 2))
     saved = json.loads(args.traces.read_text()) if args.traces else {}
     for path in args.model or [None]:
         model = load(path, allow_unverified=True)
@@ -98,6 +104,9 @@ def main(argv=None) -> int:
             if str(model.path) not in saved:
                 raise SystemExit(f"error: {args.traces} has no traces of {model.path} (it has: {', '.join(saved)})")
             traces = saved[str(model.path)]
+            if missing := [g for g in names if g not in traces.get("val", {})]:
+                raise SystemExit(f"error: {args.traces} has no {', '.join(missing)} traces of {model.path} "
+                                 "(saved from other data: --no-real, or run again with --save)")
             try:
                 traces = {s: {g: at_cadence(t, every) for g, t in ts.items()} for s, ts in traces.items()}
             except ValueError as e:
@@ -107,22 +116,25 @@ def main(argv=None) -> int:
                       for s, gs in groups.items()}
         rows = {s: {g: split_max(t) for g, t in ts.items()} for s, ts in traces.items()}  # (prompt, answer) maxima
         test_benign = np.concatenate([rows["test"]["plain"], rows["test"]["lookalike"]])
-        auc = _auroc(rows["test"]["attacks"].max(1), test_benign.max(1))
+        auc = f"{_auroc(rows['test']['attacks'].max(1), test_benign.max(1)):.3f}"
+        if "real" in rows["test"]:  # the ranking against real questions on sensitive topics alone
+            auc += f" / {_auroc(rows['test']['attacks'].max(1), rows['test']['real'].max(1)):.3f}"
         answer = model.meta.answer_threshold
         own = (float(model.meta.threshold), float(model.meta.threshold if answer is None else answer))
         mine = model.meta.every or DEFAULT_EVERY  # the cadence the file's own pair was calibrated at
         pairs = [("own" if mine == every else f"own (calibrated checking every {mine})", own)]
         for b in args.refusal:
-            pairs.append((f"best for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal)))
+            pairs.append((f"best for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal,
+                                                                     real_budget=b)))
             if pairs[-1][1][1] < 1.0:  # what the answer checks add: the best pair without them
                 pairs.append((f"prompt only, for {b:.0%} lookalikes", best_pair(rows["val"], b, args.plain_refusal,
-                                                                                   prompt_only=True)))
+                                                                                   prompt_only=True, real_budget=b)))
         for name, (tp, ta) in pairs:
             later = [c for t in traces["test"]["attacks"] if (c := _first(t, tp, ta)) is not None and c > 0]
             lat = f"{statistics.median(later):.0f} / {max(later)}" if later else "-"
             counts = " | ".join(f"{refused(rows[s][g], tp, ta)}/{len(rows[s][g])}" for s in ("val", "test")
-                                for g in GROUPS)
-            print(f"| {_name(model.path)}, {name} | {tp:.4f} / {_fmt(ta)} | {counts} | {lat} | {auc:.3f} |",
+                                for g in names)
+            print(f"| {_name(model.path)}, {name} | {tp:.4f} / {_fmt(ta)} | {counts} | {lat} | {auc} |",
                   flush=True)
         print("\n" + _families(_name(model.path), groups, traces, *own) + "\n", flush=True)
         print(_attack_kinds(_name(model.path), groups, traces, *own) + "\n", flush=True)
@@ -161,6 +173,8 @@ def _attack_kinds(name: str, groups, traces, thr: float, answer_thr: float) -> s
 def _family(e: dict) -> str:
     if e["augmentation"] == "hardneg_template":
         return e["source"].split("/")[-1]
+    if e["augmentation"] == "real_lookalike":
+        return "real " + e["family"]
     how = {"prefill": "prefilled ", "jailbreak_template": "jailbreak-wrapped "}.get(e["augmentation"], "")
     return how + e["source"]
 
@@ -171,7 +185,7 @@ def _families(name: str, groups, traces, thr: float, answer_thr: float) -> str:
             "(at the prompt + inside the answer)", "",
             "| split | group | family | refused | at the prompt | inside the answer |", "|---|---|---|---|---|---|"]
     for split, gs in groups.items():
-        for group in ("plain", "lookalike"):
+        for group in (g for g in ("plain", "lookalike", "real") if g in gs):
             fam: dict[str, list[int]] = {}
             for e, t in zip(gs[group], traces[split][group]):
                 c = fam.setdefault(_family(e), [0, 0, 0])

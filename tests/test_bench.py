@@ -155,8 +155,8 @@ def test_conversations_suffixes_use_the_suffix_augmented_data(tiny_safe, capsys,
     seen, real = [], train.data.build_dataset
     monkeypatch.setattr(train.data, "build_dataset", lambda **kw: seen.append(kw) or real(**kw))
     args = ["--model", str(tiny_safe), "--limit", "1", "--tokens", "2", "--refusal", "0.5", "--plain-refusal", "0.5"]
-    assert conversations.main(args + ["--suffixes"]) == 0 and seen[-1] == {"seed": 0, "suffixes": True}
-    assert conversations.main(args) == 0 and seen[-1] == {"seed": 0, "suffixes": False}
+    assert conversations.main(args + ["--suffixes"]) == 0 and seen[-1] == {"seed": 0, "suffixes": True, "real": True}
+    assert conversations.main(args + ["--no-real"]) == 0 and seen[-1] == {"seed": 0, "suffixes": False, "real": False}
     assert any(e["augmentation"] == "suffix" for e in real(seed=0, suffixes=True) if e["split"] == "val")
 
 
@@ -166,13 +166,14 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
                                "--plain-refusal", "0.5", "--save", str(tmp_path / "traces.json")]) == 0
     out = capsys.readouterr().out
     rows = [r for r in out.splitlines() if r.startswith("| tiny")]
-    assert len(rows) == 2 and all(r.count("/2 |") == 6 for r in rows)
+    assert len(rows) == 2 and all(r.count("/2 |") == 8 for r in rows)  # 4 groups (real look-alikes too) x 2 splits
     assert "own |" in rows[0] and "best for 50% lookalikes |" in rows[1]
+    assert "real lookalikes refused" in out
     assert "benign refused at its own thresholds" in out and "| split | group | family |" in out
     assert "attacks caught at its own thresholds" in out and "| split | kind | caught |" in out
     saved = json.loads((tmp_path / "traces.json").read_text())
     (traces,) = saved.values()
-    assert set(traces["val"]) == {"attacks", "plain", "lookalike"}
+    assert set(traces["val"]) == {"attacks", "plain", "lookalike", "real"}
     assert len(traces["val"]["attacks"]) == 2 and traces["val"]["attacks"][0][0][0] == 0  # first check: the prompt
     # the tables again from the saved traces, without generating
     args = ["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5", "--plain-refusal", "0.5"]
@@ -181,6 +182,10 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     with pytest.raises(SystemExit, match="no traces of"):
         (tmp_path / "other.json").write_text(json.dumps({"elsewhere.gguf": traces}))
         conversations.main(args + ["--traces", str(tmp_path / "other.json")])
+    with pytest.raises(SystemExit, match="no real traces"):  # saved before the real family existed
+        old = {k: {s: {g: t for g, t in gs.items() if g != "real"} for s, gs in v.items()} for k, v in saved.items()}
+        (tmp_path / "old.json").write_text(json.dumps(old))
+        conversations.main(args + ["--traces", str(tmp_path / "old.json")])
 
 
 def test_conversations_at_a_coarser_cadence_from_saved_traces(tiny_safe, capsys, tmp_path):

@@ -335,3 +335,29 @@ def test_bf16_is_refused_where_the_cpu_runs_it_slower(tmp_path, monkeypatch, cap
     monkeypatch.setattr(jr, "make_prep", lambda *a, **k: pytest.fail("data built before the --bf16 check"))
     with pytest.raises(SystemExit, match=r"--bf16: bfloat16 matrix products run 40x slower"):
         main(["joint", "--out", str(tmp_path / "j"), "--device", "cpu", "--bf16", "--threads", "1"])
+
+
+def test_own_answers_only_teach_no_refusal(tiny_base, model):
+    """`--lm-targets own` (the default): no sequence puts LM loss on the refusal sentence, harmful requests keep
+    their [CLS] at the end of the prompt, and the benign own answers are trained as before; `own+refusal` is the
+    recipe every run up to run7 used."""
+    from runtime.backends.llama import LlamaModelFile
+    from train.joint_data import build_sequences
+
+    mf = LlamaModelFile(tiny_base)
+    eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
+    prep = prepare(_toy_examples(), mf, mf.chat_template, None, eog, mf.n_vocab, multi_turn=6, seed=1)
+    quiet = dict(gen_tokens=8, cls_every=2, log=lambda *_: None)
+    old = build_sequences(model, prep, refusal_lm=True, **quiet)
+    new = build_sequences(model, prep, refusal_lm=False, **quiet)
+    refusal = prep["refusal"]
+    ends_in_refusal = lambda s: s.lm_from is not None and s.tokens[s.lm_from:] == refusal  # noqa: E731
+    assert any(ends_in_refusal(s) for s in old)
+    assert not any(ends_in_refusal(s) for s in new)
+    assert len(new) == len(old)
+    for a, b in zip(old, new):
+        assert a.cls_at == b.cls_at and a.labels() == b.labels()
+        if a.lm_from is not None and not ends_in_refusal(a):
+            assert (a.tokens, a.lm_from) == (b.tokens, b.lm_from)  # own answers: unchanged
+        if ends_in_refusal(a):
+            assert b.lm_from is None and b.tokens == a.tokens[:a.lm_from]

@@ -23,6 +23,7 @@ chosen by the same val conversations, without generating them again.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shlex
@@ -38,6 +39,8 @@ from runtime.fetch import base_smollm2
 from runtime.fold import convert_gguf
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
+
+from .real_lookalikes import AUGMENTATION as REAL
 
 NEVER = 2.0  # an answer threshold no verdict reaches (inf in the card)
 
@@ -55,12 +58,16 @@ def held_out_conversations(examples: list[dict], split: str, limit: int = 0) -> 
 
     attacks: every harmful example (plain, jailbreak-wrapped, prefilled); plain: benign requests as
     users send them; lookalike: benign ones that look like attacks (look-dangerous templates,
-    prefilled, wrapped in a jailbreak template).
+    prefilled, wrapped in a jailbreak template); real (when the data has them): real benign questions on
+    sensitive topics (`train/real_lookalikes.py`), from subjects the training split never saw.
     """
     held = [e for e in examples if e["split"] == split]
     groups = {"attacks": [e for e in held if e["label"] == 1],
               "plain": [e for e in held if e["label"] == 0 and e["augmentation"] == "none"],
-              "lookalike": [e for e in held if e["label"] == 0 and e["augmentation"] != "none"]}
+              "lookalike": [e for e in held if e["label"] == 0 and e["augmentation"] not in ("none", REAL)]}
+    real = [e for e in held if e["label"] == 0 and e["augmentation"] == REAL]
+    if real:  # data built with the real look-alike family (`build_dataset(real=True)`)
+        groups["real"] = real
     return {k: v[:limit] for k, v in groups.items()} if limit else groups
 
 
@@ -155,12 +162,18 @@ def tally(rows: dict, tp: float, ta: float) -> dict:
             for k, r in rows.items()}
 
 
-def best_pair(rows: dict, budget: float, plain_budget: float, prompt_only: bool = False) -> tuple[float, float]:
-    """`pick_pair` over the three groups of `held_out_conversations` (rows per group, as `split_max` gives);
-    prompt_only: the best pair that never checks the answer (answer threshold NEVER)."""
+def best_pair(rows: dict, budget: float, plain_budget: float, prompt_only: bool = False,
+              real_budget: float | None = None) -> tuple[float, float]:
+    """`pick_pair` over the groups of `held_out_conversations` (rows per group, as `split_max` gives): at most
+    `plain_budget` of the plain benign, `budget` of the template look-alikes and, when the rows have the real
+    family and `real_budget` is given, `real_budget` of the real look-alikes refused; prompt_only: the best
+    pair that never checks the answer (answer threshold NEVER)."""
     if prompt_only:
         rows = {g: np.c_[r[:, 0], np.zeros(len(r))] for g, r in rows.items()}
-    tp, ta = pick_pair(rows["attacks"], [(rows["plain"], plain_budget), (rows["lookalike"], budget)])
+    limits = [(rows["plain"], plain_budget), (rows["lookalike"], budget)]
+    if real_budget is not None and len(rows.get("real", ())):
+        limits.append((rows["real"], real_budget))
+    tp, ta = pick_pair(rows["attacks"], limits)
     return tp, (NEVER if prompt_only else ta)
 
 
@@ -186,7 +199,8 @@ def _held(examples: list[dict], scores: dict) -> tuple[dict, dict]:
 def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: float = 0.02, base: Path | None = None,
                        policy=None, tokens: int = 48, threads: int | None = None, command: str = "",
                        limit: int = 0, progress: bool = False, prompt_only: bool = False,
-                       weights: str | None = None, traces: Path | None = None) -> dict:
+                       weights: str | None = None, traces: Path | None = None, real: bool | None = None,
+                       real_budget: float = 0.03) -> dict:
     """Calibrate the artifact's (threshold, answer_threshold) on val conversations; rewrite its card.
 
     prompt_only: the card gets the best pair that never checks inside the answer (no per-token cost),
@@ -194,7 +208,10 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     weights: how the artifact is folded for the run ("F16": as the default model is built; None: the
     base's own types). traces: the val traces a `bench conversations --save` run wrote for the file this
     artifact folds into (one model in it): read instead of generating them again (greedy generation does
-    not depend on the thresholds, so they are the same observations).
+    not depend on the thresholds, so they are the same observations). real: calibrate with the real
+    look-alike family's val split as a group of its own, at most `real_budget` of it refused (default: when
+    the card's data has it; an artifact trained without it can be calibrated on it too: the family is drawn
+    after every other example, so the rest of the data is the same).
     """
     from .cls_recipe import metrics_for
     from .data import dataset_for
@@ -205,7 +222,8 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     scores_path = Path(art_dir) / "scores.json"
     if not scores_path.is_file():
         raise SystemExit(f"error: {scores_path} not found: `train cls` writes it beside the card")
-    examples = dataset_for(card)
+    use_real = card.get("recipe", {}).get("real", False) if real is None else real
+    examples = dataset_for({**card, "recipe": {**card.get("recipe", {}), "real": use_real}})
     held, scored = _held(examples, json.loads(scores_path.read_text()))
     policy = (policy or SafetyPolicy()).with_every(art.every)  # default: the cadence the card records, else 4
     groups = held_out_conversations(examples, "val", limit)
@@ -224,8 +242,8 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
                 rows = {k: split_max(observe(model, g, policy, tokens, progress and f"val {k}"))
                         for k, g in groups.items()}
     try:
-        best = best_pair(rows, budget, plain_budget)
-        never = best_pair(rows, budget, plain_budget, prompt_only=True)
+        best = best_pair(rows, budget, plain_budget, real_budget=real_budget)
+        never = best_pair(rows, budget, plain_budget, prompt_only=True, real_budget=real_budget)
     except ValueError as e:
         raise SystemExit(f"error: {art_dir}: {e}") from None
     (tp, ta), alt = (never, best) if prompt_only else (best, never)
@@ -240,8 +258,8 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
         "method": "val conversations: the (prompt, answer) threshold pair catching the most harmful ones (plain, "
                   "jailbreak-wrapped, prefilled) with at most `plain_budget` of the plain benign ones and at most "
                   "`budget` of the benign ones that look like attacks (look-dangerous, prefilled, jailbreak-wrapped) "
-                  "refused",
-        "budget": budget, "plain_budget": plain_budget,
+                  "and, with the real look-alike family, at most `real_budget` of those real questions refused",
+        "budget": budget, "plain_budget": plain_budget, **({"real_budget": real_budget} if "real" in rows else {}),
         "policy": {k: v for k, v in asdict(policy).items()
                    if k not in ("threshold", "answer_threshold", "refusal", "allow", "block", "controversial")},
         "max_tokens": tokens, **({"limit": limit} if limit else {}),
@@ -286,6 +304,11 @@ def add_parser(sub) -> None:
                         "(look-dangerous, prefilled, jailbreak-wrapped; default 5%%)")
     c.add_argument("--plain-budget", type=float, default=0.02,
                    help="at most this share of the val plain benign conversations refused (default 2%%)")
+    c.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate with the real look-alike family (train/real_lookalikes.py) as its own group "
+                        "(default: when the artifact was trained with it)")
+    c.add_argument("--real-budget", type=float, default=0.03,
+                   help="at most this share of the val real look-alikes refused (default 3%%)")
     c.add_argument("--base", type=Path, default=None, help="base GGUF (default: SmolLM2-135M-Instruct)")
     c.add_argument("--every", type=int, default=None,
                    help="calibrate for a check every k tokens, recorded in the card and the file (default: the "
@@ -311,6 +334,7 @@ def _run(args) -> int:
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,
                              command="python -m train " + shlex.join(args.argv), limit=args.limit, progress=True,
-                             prompt_only=args.prompt_only, weights=args.weights, traces=args.traces)
+                             prompt_only=args.prompt_only, weights=args.weights, traces=args.traces,
+                             real=args.real, real_budget=args.real_budget)
     print(json.dumps(out, indent=2))
     return 0

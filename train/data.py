@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .hardneg import hard_negatives
+from .real_lookalikes import AUGMENTATION as REAL, domain as real_domain, real_items
 
 from runtime.fetch import FetchError
 from runtime.fetch import fetch_wheel as _fetch
@@ -134,11 +135,14 @@ def _split_of(key: str) -> str:
     return "train" if bucket < 70 else "val" if bucket < 85 else "test"
 
 
-def _assign_groups(sizes: dict[str, int], fractions: dict[str, float]) -> dict[str, str]:
-    """Whole groups to splits: hashed order, each group to the split furthest below its target share."""
+def _assign_groups(sizes: dict[str, int], fractions: dict[str, float], every_split: bool = False) -> dict[str, str]:
+    """Whole groups to splits: hashed order, each group to the split furthest below its target share;
+    every_split: the first groups go one to each split that has none yet (smallest share first), so a
+    domain with as many groups as splits is in every split."""
     total, have, out = sum(sizes.values()), Counter(), {}
     for g in sorted(sizes, key=lambda g: hashlib.sha256(("group:" + g).encode()).hexdigest()):
-        split = max(fractions, key=lambda s: fractions[s] * total - have[s])
+        empty = sorted((s for s in fractions if not have[s]), key=lambda s: fractions[s]) if every_split else []
+        split = empty[0] if empty else max(fractions, key=lambda s: fractions[s] * total - have[s])
         out[g] = split
         have[split] += sizes[g]
     return out
@@ -284,12 +288,37 @@ def _suffixed(bases: list[dict], seed: int) -> list[dict]:
 def dataset_for(card: dict, cache_dir=None) -> list[dict]:
     """The data set an artifact was trained on, from its card's recipe (seed, suffixes)."""
     recipe = card.get("recipe", {})
-    return build_dataset(seed=recipe.get("seed", 0), cache_dir=cache_dir, suffixes=recipe.get("suffixes", False))
+    return build_dataset(seed=recipe.get("seed", 0), cache_dir=cache_dir, suffixes=recipe.get("suffixes", False),
+                         real=recipe.get("real", False))
 
 
-def build_dataset(seed: int = 0, cache_dir=None, suffixes: bool = False) -> list[dict]:
-    """Every example, deterministic in seed; suffixes=True adds the random-suffix augmentation (opt-in:
-    without it the data set, and its hash in the shipped card, are what they were)."""
+def _real(seed: int, cache_dir) -> list[dict]:
+    """The real look-alike family (`train/real_lookalikes.py`): benign questions split by whole group (a
+    source or its subject: test subjects are never trained on) within each domain that has three groups or
+    more (the others by text), harmful ones (BSS, screened) by text."""
+    items = real_items(seed, cache_dir)
+    sizes = defaultdict(Counter)  # domain -> group -> size
+    for i in items:
+        if i["label"] == 0:
+            sizes[real_domain(i["group"])][i["group"]] += 1
+    split = {}
+    for groups in sizes.values():
+        if len(groups) >= 3:
+            split.update(_assign_groups(groups, SPLIT_FRACTIONS, every_split=True))
+    out = []
+    for i in items:
+        prompt, key = truncate(i["prompt"]), base_key(i["prompt"])
+        if i["label"] == 0:
+            out.append(_example(prompt, 0, i["source"], i["group"], REAL, split.get(i["group"]) or _split_of(key), key))
+        else:  # a plain harmful request, as the other harmful sources are
+            out.append(_example(prompt, 1, i["source"], "plain", "none", _split_of(key), key))
+    return out
+
+
+def build_dataset(seed: int = 0, cache_dir=None, suffixes: bool = False, real: bool = False) -> list[dict]:
+    """Every example, deterministic in seed; suffixes=True adds the random-suffix augmentation, real=True the
+    real look-alike family and BSS (both opt-in and drawn after everything else: without them the data set,
+    and its hash in a shipped card, are what they were; with them every other example is the same)."""
     rng = random.Random(seed)
     raw = _harmful(cache_dir) + _airt(cache_dir) + _benign(cache_dir, rng)
     # Base prompts: truncate, drop empties, dedup by normalised text; drop texts seen with both labels.
@@ -339,6 +368,8 @@ def build_dataset(seed: int = 0, cache_dir=None, suffixes: bool = False) -> list
 
     if suffixes:
         examples += _suffixed(bases, seed)
+    if real:
+        examples += _real(seed, cache_dir)
 
     seen, out = set(), []
     for e in examples:  # exact normalised duplicates (prompt + prefill) appear once

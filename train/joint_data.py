@@ -10,9 +10,9 @@
    | example | response (LM loss) | [CLS] positions (label = the example's) |
    |---|---|---|
    | benign, with or without prefill | the base model's own answer | end of prompt/prefill, inside the answer |
-   | harmful, no prefill | the refusal text | end of prompt |
+   | harmful, no prefill | the refusal text (only with `refusal_lm`; else none) | end of prompt |
    | harmful (+ its own answer) | none (never trained to comply) | end of prompt/prefill, inside the answer |
-   | two turns: benign or a fiction/role-play framing, then a request | the refusal after a harmful second turn | turn 1 (benign), end of turn 2 (its label) |
+   | two turns: benign or a fiction/role-play framing, then a request | the refusal after a harmful second turn (only with `refusal_lm`) | turn 1 (benign), end of turn 2 (its label) |
    | comply: a request + a compliance opener (`OPENERS`) as prefill, the base model's continuation | none | end of the opener, inside the continuation (the request's label) |
 
    "Inside the answer" is every `cls_every` tokens and the answer's last token (the runtime checks
@@ -23,6 +23,12 @@
    with anything once it has begun to, so a harmful request continued after "Sure, here is how to do
    it:" is a harmful continuation, generated at training time and never stored outside the run's
    directory; the benign requests continued after the same openers keep the opener from being the cue.
+
+The LM loss falls only on the base model's own answers unless `refusal_lm` (the recipe's `lm_targets`
+"own+refusal", every joint run up to run7): the runtime writes the refusal, and a language model taught a
+refusal sentence says it after ordinary requests too (run6: "Give me a simple recipe for pancakes." ->
+"I can't help with that. I'm a bit of a foodie, ..." with the checks off). With own answers only, the LM
+loss is self-distillation: it holds the model where it was while the [CLS] loss moves the upper layers.
 """
 from __future__ import annotations
 
@@ -228,7 +234,8 @@ def _inside(start: int, response: list[int], eog: set[int], every: int | None = 
     return [start + k for k in points] + ([start + n] if n > 0 else [])
 
 
-def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[int], every, seed: int):
+def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[int], every, seed: int,
+              refusal_lm: bool = True):
     """Two-turn sequences: a first turn (prompt, own answer) from `firsts`, then each second turn of the prep."""
     rng = random.Random(seed * 104729 + 3)
     out = []
@@ -242,7 +249,7 @@ def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[in
         cls_at.append(len(toks))
         labels.append(t["label"])
         lm_from = None
-        if t["label"] == 1:
+        if t["label"] == 1 and refusal_lm:
             lm_from = len(toks)
             toks = toks + prep["refusal"]
         out.append(JointSeq(toks, cls_at, t["label"], lm_from=lm_from, cls_labels=labels,
@@ -251,8 +258,10 @@ def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[in
 
 
 def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, harmful_answers: bool = True,
-                    batch_size: int = 64, cls_every: int | None = None, log=print) -> list[JointSeq]:
-    """The training sequences (table in the module docstring); generation runs on the model's device."""
+                    batch_size: int = 64, cls_every: int | None = None, refusal_lm: bool = True,
+                    log=print) -> list[JointSeq]:
+    """The training sequences (table in the module docstring); generation runs on the model's device.
+    refusal_lm=False: no LM loss on a refusal (harmful requests keep their [CLS] positions only)."""
     eog = set(prep["eog"])
     seqs_comply: list[JointSeq] = []
     train = prep["train"]
@@ -278,13 +287,17 @@ def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, har
     framed = [(f["tokens"], a) for f, a in zip(framings, answers[len(want):])]
     if prep.get("turn2") and firsts:
         t2 = prep["turn2"]  # every other one after a framing, the rest after a plain benign exchange
-        seqs += _two_turn({**prep, "turn2": t2[0::2]}, framed or firsts, eog, cls_every, prep.get("seed", 0))
-        seqs += _two_turn({**prep, "turn2": t2[1::2]}, firsts, eog, cls_every, prep.get("seed", 0) + 1)
+        seqs += _two_turn({**prep, "turn2": t2[0::2]}, framed or firsts, eog, cls_every, prep.get("seed", 0),
+                          refusal_lm)
+        seqs += _two_turn({**prep, "turn2": t2[1::2]}, firsts, eog, cls_every, prep.get("seed", 0) + 1, refusal_lm)
     for e in train:
         if e["label"] == 1 and not e["prefill"]:
             n = len(e["tokens"])
-            seqs.append(JointSeq(e["tokens"] + prep["refusal"], [n], 1, lm_from=n,
-                                 meta={"id": e["id"], "kind": "refusal"}))
+            if refusal_lm:
+                seqs.append(JointSeq(e["tokens"] + prep["refusal"], [n], 1, lm_from=n,
+                                     meta={"id": e["id"], "kind": "refusal"}))
+            else:  # the request's [CLS] only: the language model is not taught to say anything after it
+                seqs.append(JointSeq(e["tokens"], [n], 1, lm_from=None, meta={"id": e["id"], "kind": "request"}))
     return seqs + seqs_comply
 
 

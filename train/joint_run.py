@@ -34,6 +34,7 @@ from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, loa
                          save_sequences)
 from convert.llama_torch import FrozenLlama
 from .lora import LoRA
+from .real_lookalikes import AUGMENTATION as REAL
 
 # what comply prompts may be drawn from (`--comply-kinds`): train/data.py's augmentations, prefills excepted
 # (a comply row's prefill is its compliance opener)
@@ -86,15 +87,16 @@ def _comply_kinds(args) -> tuple[str, ...]:
 
 
 def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: int = 0, comply: int = 0,
-              suffixes: bool = False, comply_kinds: tuple[str, ...] = COMPLY_KINDS) -> dict:
+              suffixes: bool = False, comply_kinds: tuple[str, ...] = COMPLY_KINDS, real: bool = False) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp); suffixes: with the
-    random-suffix copies `train cls --suffixes` trains on (`train.data.build_dataset`)."""
+    random-suffix copies `train cls --suffixes` trains on, real: with the real look-alike family and BSS
+    (`train.data.build_dataset`)."""
     from runtime.backends.llama import LlamaModelFile
 
     from . import data
     from .data_card import data_card
 
-    examples = data.build_dataset(seed=seed, suffixes=suffixes)
+    examples = data.build_dataset(seed=seed, suffixes=suffixes, real=real)
     card = data_card(examples)
     mf = LlamaModelFile(base, vocab_only=True)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
@@ -104,15 +106,28 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
     prep["data"] = {k: card[k] for k in card if k != "examples"}
     prep["seed"] = seed
     prep["suffixes"] = bool(suffixes)  # `train.data.dataset_for` rebuilds the same examples from the card's recipe
+    prep["real"] = bool(real)
     return prep
 
 
 def cmd_joint_prep(args) -> int:
     prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes,
-                     _comply_kinds(args))
+                     _comply_kinds(args), args.real)
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
+
+
+def train_sample(train: list[dict], max_train: int, real_train: int, seed: int) -> list[dict]:
+    """max_train of the training prompts (0: all; the same draw as before the real family existed) plus at most
+    real_train real look-alikes on top, so questions on sensitive topics are a share of their own, not ~10%."""
+    real = [e for e in train if e["augmentation"] == REAL]
+    rest = [e for e in train if e["augmentation"] != REAL]
+    if max_train and len(rest) > max_train:
+        rest = random.Random(seed).sample(rest, max_train)
+    if real_train and len(real) > real_train:
+        real = random.Random(seed + 1).sample(real, real_train)
+    return rest + real
 
 
 def _device(name: str) -> torch.device:
@@ -177,6 +192,8 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
               **({"comply": args.comply} if args.comply else {}),
               **({"comply_kinds": list(kinds)} if args.comply and kinds != COMPLY_KINDS else {}),
               **({"suffixes": True} if prep.get("suffixes") else {}),
+              **({"real": True} if prep.get("real") else {}),
+              "lm_targets": args.lm_targets, **({"real_train": args.real_train} if prep.get("real") else {}),
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
     what = json.dumps([data.get("examples_sha256"), recipe, res.info["config"]["data"]], sort_keys=True)
@@ -208,7 +225,7 @@ def cmd_joint(args) -> int:
         prep = load_prep(out / PREP)
     else:
         prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply, suffixes=args.suffixes,
-                         comply_kinds=_comply_kinds(args))
+                         comply_kinds=_comply_kinds(args), real=args.real)
         save_prep(prep, out / PREP)  # what `joint-eval --data` measures on; no generated text in it
     model = FrozenLlama(base)
     if model.cfg.n_vocab != prep["n_vocab"]:
@@ -218,10 +235,9 @@ def cmd_joint(args) -> int:
     if args.resume and seq_path.is_file():
         seqs = load_sequences(seq_path)
     else:
-        if args.max_train and len(prep["train"]) > args.max_train:
-            prep = {**prep, "train": random.Random(args.seed).sample(prep["train"], args.max_train)}
+        prep = {**prep, "train": train_sample(prep["train"], args.max_train, args.real_train, args.seed)}
         seqs = build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch,
-                               cls_every=args.cls_every)
+                               cls_every=args.cls_every, refusal_lm=args.lm_targets == "own+refusal")
         save_sequences(seqs, seq_path)
         print(f"sequences written to {seq_path} ({time.time() - t0:.0f}s)")
     n_cls = sum(len(s.cls_at) for s in seqs)
@@ -322,6 +338,14 @@ def add_parsers(sub) -> None:
                         "also jailbreak_template, hardneg_template, suffix (with --suffixes))")
     j.add_argument("--suffixes", action="store_true",
                    help="build the data with the random-suffix copies `train cls --suffixes` uses (train/data.py)")
+    j.add_argument("--real", action="store_true",
+                   help="with the real look-alike family and BSS (train/real_lookalikes.py): real benign questions "
+                        "on sensitive topics, their own answers labelled benign throughout")
+    j.add_argument("--real-train", type=int, default=300,
+                   help="with --real: at most this many real look-alikes trained on, on top of --max-train")
+    j.add_argument("--lm-targets", choices=("own", "own+refusal"), default="own",
+                   help="what the LM loss falls on: the base model's own answers only (default), or also the "
+                        "refusal sentence after harmful requests (every run up to run7; it taught a refusal tic)")
     j.add_argument("--rank", type=int, default=8)
     j.add_argument("--alpha", type=float, default=16.0)
     j.add_argument("--targets", default="all", help="LoRA targets: attn, mlp, all, or projections (attn_q,ffn_up,...)")
@@ -357,6 +381,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--comply-kinds", nargs="+", default=list(COMPLY_KINDS), choices=AUGMENTATIONS, metavar="KIND",
                    help="the augmentations the comply prompts are drawn from (default: none)")
     p.add_argument("--suffixes", action="store_true", help="with the random-suffix copies (train/data.py)")
+    p.add_argument("--real", action="store_true", help="with the real look-alike family and BSS")
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
     e.add_argument("artifact", type=Path)
