@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from collections import Counter, defaultdict
 
+from .real_lookalikes import AUGMENTATION as REAL, DECISIONS as REAL_DECISIONS, REAL_SOURCES
 from .data import (BENIGN_CAP, build_dataset, FAMILY_FRACTIONS, LABEL_DECISIONS, MAX_PROMPT_CHARS, MAX_WRAPPED_CHARS,
                    N_PREFILL_PER_LABEL, N_SUFFIXED_PER_LABEL, N_WRAPPED, SOURCES, SPLIT_FRACTIONS, UPSTREAM_LICENCES)
 
@@ -25,6 +26,8 @@ def data_card(examples: list[dict]) -> dict:
     for e in examples:
         fam[e["family"]][e["split"]] += 1
     suffixed = any(e["augmentation"] == "suffix" for e in examples)
+    real = any(e["augmentation"] == REAL for e in examples)
+    packages = {**SOURCES, **(REAL_SOURCES if real else {})}
     count = lambda f: dict(sorted(Counter(f(e) for e in examples).items()))
     return {
         "n_examples": len(examples),
@@ -36,10 +39,10 @@ def data_card(examples: list[dict]) -> dict:
         "by_source_label": count(lambda e: f"{e['source']}|{e['label']}"),
         "by_source_label_split": count(lambda e: f"{e['source']}|{e['label']}|{e['split']}"),
         "family_by_split": {f: dict(sorted(c.items())) for f, c in sorted(fam.items())},
-        "packages": {n: {k: s[k] for k in ("version", "licence", "sha256", "wheel")} for n, s in SOURCES.items()},
+        "packages": {n: {k: s[k] for k in ("version", "licence", "sha256", "wheel")} for n, s in packages.items()},
         "upstream_licences": UPSTREAM_LICENCES,
         "examples_sha256": examples_sha256(examples),
-        "label_decisions": LABEL_DECISIONS,
+        "label_decisions": {**LABEL_DECISIONS, **(REAL_DECISIONS if real else {})},
         "parameters": {"max_prompt_chars": MAX_PROMPT_CHARS, "max_wrapped_chars": MAX_WRAPPED_CHARS,
                        "benign_cap": BENIGN_CAP, "n_wrapped": N_WRAPPED, "n_prefill_per_label": N_PREFILL_PER_LABEL,
                        "n_suffixed_per_label": N_SUFFIXED_PER_LABEL if suffixed else 0,

