@@ -26,15 +26,9 @@ import gguf
 from runtime.files import temp_beside
 from runtime.gguf_io import ConvertError, read_gguf
 from runtime.contract import PREFIX, SPECIAL_TOKENS, STAMP_KEYS
+from runtime.quantize import QTYPES, llama_quantize
 from .stamp import stamp_of, write_stamped
 
-# name -> llama_ftype attribute of llama_cpp
-QTYPES = {
-    "F16": "LLAMA_FTYPE_MOSTLY_F16",
-    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
 _FLOAT = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 
 
@@ -63,22 +57,6 @@ def _types(reader: gguf.GGUFReader) -> Counter:
 def _safety_fields(reader: gguf.GGUFReader) -> dict:
     """The safety.* fields that must come through quantization unchanged (not the verification stamp)."""
     return {k: f.contents() for k, f in reader.fields.items() if k.startswith(PREFIX) and k not in STAMP_KEYS}
-
-
-def _llama_quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
-    import llama_cpp as ll
-
-    from runtime.backends.llama import init_llama, llama_errors  # quiet llama.cpp logging, keep errors
-
-    mark = init_llama()
-    params = ll.llama_model_quantize_default_params()
-    params.ftype = getattr(ll, QTYPES[qtype])
-    params.allow_requantize = True
-    params.nthread = int(threads)
-    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        detail = "; ".join(llama_errors(mark)[-2:]) or f"code {rc}"
-        raise ConvertError(f"llama.cpp could not quantize {src} to {qtype}: {detail}")
 
 
 def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0, verify: bool = True,
@@ -114,7 +92,7 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int = 0, 
 
     raw = temp_beside(dst, ".unstamped.tmp")
     try:
-        _llama_quantize(src, raw, qtype, threads)
+        llama_quantize(src, raw, qtype, threads)
         out = gguf.GGUFReader(str(raw))
         after = _safety_fields(out)
         if after != before:

