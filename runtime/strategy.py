@@ -288,29 +288,36 @@ class Generation:
     A stream holds its model until it ends: read it to the end, `close()` it, or use it as a
     context manager (`with m.chat(q, stream=True) as g: ...`), which closes it however the block
     ends. A closed stream releases the model at once and yields nothing more (`.reply` stays None
-    when it was closed before the end).
+    when it was closed before the end). Dropping the last reference to a stream closes it too, at
+    once: the Generation is its own iterator and nothing it holds refers back to it, so no
+    reference cycle waits for the garbage collector (an app's "stop" button that just forgets the
+    stream frees the model for the next chat).
     """
 
     def __init__(self, gen: Iterator[str]):
-        self._gen = gen
-        self._it: Iterator[str] | None = None
+        self._gen = gen  # never a generator that refers back to this object: that would be a cycle
+        self._done = False
         self.reply: Reply | None = None
 
-    def _iterate(self):
-        self.reply = yield from self._gen
-
-    def __iter__(self):
-        if self._it is None:
-            self._it = self._iterate()
-        return self._it
+    def __iter__(self) -> "Generation":
+        return self
 
     def __next__(self) -> str:
-        return next(iter(self))
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._gen)
+        except StopIteration as end:
+            self._done = True
+            self.reply = end.value
+            raise StopIteration from None
+        except BaseException:
+            self._done = True
+            raise
 
     def close(self) -> None:
         """Stop generating and release the model (idempotent)."""
-        if self._it is not None:
-            self._it.close()
+        self._done = True
         self._gen.close()
 
     def __enter__(self) -> "Generation":

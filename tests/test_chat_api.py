@@ -1,5 +1,6 @@
 """What a desktop app meets first: stream lifecycle, sampling defaults and checks, stop sequences,
 OpenAI-style messages and multi-turn prefix reuse (issue 21), on the tiny safe model."""
+import gc
 import math
 import threading
 import time
@@ -73,6 +74,49 @@ def test_another_thread_waits_then_times_out_or_proceeds(tiny_safe):
     th.join(10)
     assert result and result[0].usage.completion_tokens <= 3
     m.close()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_dropped_stream_frees_the_model_at_once(tiny_safe, native):
+    """Issue 34: a stream dropped mid-answer (an app's "stop" button forgets it) frees the model the moment its
+    last reference goes, with the cyclic garbage collector off: nothing in a stream refers back to it."""
+    m = runtime.load(tiny_safe, n_ctx=512, threads=1, native=native, busy_timeout=10)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        g = m.chat("Tell me a long story about a dragon.", stream=True, max_tokens=64)
+        it = iter(g)
+        next(it)
+        next(it)
+        assert m._lock.locked()
+        del it
+        del g
+        assert not m._lock.locked()
+        assert m.chat("What is 2+2?", max_tokens=4).usage.completion_tokens <= 4  # no ModelBusyError
+        # dropped again, then another thread chats: it gets the model at once, not after busy_timeout
+        g = m.chat("Tell me a long story about a dragon.", stream=True, max_tokens=64)
+        next(g)
+        next(g)
+        del g
+        result = []
+        t = time.perf_counter()
+        th = threading.Thread(target=lambda: result.append(m.chat("What is 2+2?", max_tokens=3)))
+        th.start()
+        th.join(10)
+        assert result and result[0].usage.completion_tokens <= 3 and time.perf_counter() - t < 3
+    finally:
+        if collecting:
+            gc.enable()
+        m.close()
+
+
+def test_a_finished_stream_keeps_its_reply_and_yields_nothing_more(model):
+    g = model.chat("hello", stream=True, max_tokens=8, temperature=0)
+    text = "".join(g)
+    assert g.reply is not None and g.reply.text == text
+    assert list(g) == [] and next(g, None) is None and g.reply.text == text  # iterating again keeps the reply
+    g.close()
+    assert g.reply.text == text
 
 
 # -- sampling: defaults, seeds, bad values ---------------------------------------------------------

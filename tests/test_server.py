@@ -1,6 +1,7 @@
 """The OpenAI-compatible server: a real uvicorn on a free port, driven by httpx and the `openai` client.
 
 Concurrency through the server lives in test_concurrency_and_plot.py, fuzzing in test_fuzz.py."""
+import gc
 import json
 import threading
 import time
@@ -277,6 +278,53 @@ def test_client_disconnect_releases_model(server, http, models):
         assert time.time() < deadline, "the model's lock was not released after a non-streaming client left"
         time.sleep(0.02)
     _wait_for(lambda: http.get("/health").json()["queues"]["tiny-slow"]["in_flight"] == 0, "the turn's release")
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_model_without_the_collector(server, models):
+    """Issue 34: the server closes the stream of a client that went away (httpx and the openai client, each
+    reading two pieces, then closing the connection), with the cyclic garbage collector off: the next
+    request is served at once, neither 503 nor after the model's busy_timeout."""
+    slow = models["tiny-slow"]
+    body = {"model": "tiny-slow", "messages": HELLO, "max_tokens": 480, "stream": True}
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def with_httpx():
+        with httpx.Client(base_url=server, headers=auth, timeout=30) as c:
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                pieces = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        pieces += 1
+                        if pieces == 2:
+                            break
+                assert slow._lock.locked()  # generating: a full answer would hold the model ~10 s
+
+    def with_openai():
+        client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=30)
+        stream = client.chat.completions.create(model="tiny-slow", messages=HELLO, max_tokens=480, stream=True)
+        pieces = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces += 1
+                if pieces == 2:
+                    break
+        assert slow._lock.locked()
+        stream.close()
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for hang_up in (with_httpx, with_openai):
+            hang_up()
+            t0 = time.time()
+            with httpx.Client(base_url=server, headers=auth, timeout=30) as c:
+                r = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, (hang_up.__name__, r.text)
+            assert time.time() - t0 < 3, f"{hang_up.__name__}: the next request waited for the model"
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _wait_for(cond, what, timeout=5.0):
