@@ -6,7 +6,9 @@ its figures, and the runtime refuses to load it unless told to (`metadata.verifi
 `safety.verification` (JSON) says against what and on which prompt set. Writing a stamp copies the
 file (GGUF: every tensor byte for byte; ONNX: the graph unchanged) with only these keys replaced,
 atomically. A stamp stays with the file it was measured on: `convert quantize` replaces it (or drops
-a stale one copied from its source) in every file it writes.
+a stale one copied from its source) in every file it writes; a forced re-conversion (`fold.py`) and a
+merge of weight deltas (`merge.py`) drop it. It records the thresholds and the cadence it was measured
+at, and the runtime refuses a file whose `safety.*` values no longer match them.
 """
 from __future__ import annotations
 
@@ -19,11 +21,15 @@ from runtime.contract import STAMP_KEYS, VERIFICATION, VERIFIED
 
 
 def stamp_of(result, prompt_set: dict, bar: dict) -> dict[str, str]:
-    """The two metadata values for a `verify.ModelResult` on `prompt_set` (the loaded JSON)."""
+    """The two metadata values for a `verify.ModelResult` on `prompt_set` (the loaded JSON).
+
+    The record names the thresholds and the cadence the figures were measured at (`every`: tokens between
+    the checks inside the answer, 0 when none could act): the runtime refuses a "pass" whose file now
+    carries other values (`runtime.contract.stamp_mismatches`)."""
     rec = {"prompt_set": f"{prompt_set.get('name')} v{prompt_set.get('version')}",
            "n_prompts": result.n_prompts, "tokens": result.n_tokens,
            "reference": Path(result.reference).name, "weights": result.weights, "head_rows": result.embedding,
-           "threshold": round(result.threshold, 6), "checks": result.n_checks,
+           "threshold": round(result.threshold, 6), "checks": result.n_checks, "every": result.every,
            **({} if result.answer_threshold is None else {"answer_threshold": round(result.answer_threshold, 6)}),
            "verdict_agreement": round(result.verdict_agreement, 6), "mean_abs_dp": round(result.mean_abs_dp, 6),
            "max_abs_dp": round(result.max_abs_dp, 6), "token_agreement": round(result.token_agreement, 6),

@@ -40,8 +40,9 @@ KEYS = ("format_version", "cls_token_id", "safe_token_id", "unsafe_token_id", "t
 # inf = no checks inside the answer (none could act)
 ANSWER_THRESHOLD = "answer_threshold"
 # optional: the cadence the thresholds were calibrated at, a check every k generated tokens; absent = the
-# runtime's default (`runtime.policy.DEFAULT_EVERY`). A policy's own `every` overrides it.
+# runtime's default (DEFAULT_EVERY). A policy's own `every` overrides it.
 EVERY = "every"
+DEFAULT_EVERY = 4  # the cadence of a file that does not carry its own (files calibrated before `safety.every`)
 
 
 def stored_threshold(x: float) -> float:
@@ -204,14 +205,23 @@ OVERRIDE_HINT = "load it with runtime.load(..., allow_unverified=True) to run it
 
 
 def verification_problem(kv: dict[str, str], where: str = "model") -> str | None:
-    """Why the file must not be called safe (its stamp says it failed, or is unreadable), else None."""
+    """Why the file must not be called safe (its stamp says it failed, is unreadable, or was measured at
+    other thresholds or another cadence than the file now carries), else None."""
     status = kv.get(VERIFIED)
-    if status is None or status == "pass":
+    if status is None:
         return None
     try:
         rec = json.loads(kv.get(VERIFICATION) or "{}")
     except ValueError:
         rec = {}
+    if not isinstance(rec, dict):
+        rec = {}
+    if status == "pass":
+        edits = stamp_mismatches(kv, rec)
+        return None if not edits else (
+            f"{where} was edited after its safety verification: {'; '.join(edits)}. Its stamp "
+            f"({VERIFIED}=pass) vouches for the values it was measured at, not for these: verify the file again "
+            f"(`python -m convert verify FILE --record`), or {OVERRIDE_HINT}")
     if status != "fail":
         return f"{where} has an unrecognised verification status {status!r}; {OVERRIDE_HINT}"
     bar = rec.get("bar", {})
@@ -227,3 +237,54 @@ def verification_problem(kv: dict[str, str], where: str = "model") -> str | None
     return (f"{where} failed safety verification{against}{prompts}: {', '.join(figures) or 'no figures recorded'}; "
             f"its safety verdicts differ from the reference model's beyond the bar. Re-quantize to a higher "
             f"precision, or {OVERRIDE_HINT}")
+
+
+# thresholds travel as text with 6 decimals (llama.cpp's metadata): a smaller difference is no edit
+STAMP_TOLERANCE = 5e-7
+
+
+def _number(text) -> float | None:
+    """A metadata value as a float (None: absent; NaN: unreadable, which matches nothing)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _same(stamped, value: float | None) -> bool:
+    if value is None or not isinstance(stamped, (int, float)):
+        return False
+    return stamped == value or abs(stamped - value) <= STAMP_TOLERANCE
+
+
+def stamp_mismatches(kv: dict[str, str], rec: dict) -> list[str]:
+    """The `safety.*` values the file carries that differ from those its stamp `rec` was measured at, one
+    "safety.KEY is X in the file, Y in its stamp" each. A verdict agreement measured at one threshold says nothing about another: a file
+    edited after verification (by hand, gguf-set-metadata, another tool) must not pass as verified.
+
+    Only what the stamp recorded is compared: `threshold` always; `answer_threshold` (recorded when the
+    checks inside the answer were compared, else absent) against the file's, or its `threshold` when it
+    has none; `every` (recorded since the stamp carries the cadence: 0 when no check inside the answer
+    could act) against the file's, or DEFAULT_EVERY. An older stamp without `every` leaves the cadence, and
+    an answer threshold it did not record, unchecked."""
+    out = []
+    threshold = _number(kv.get(PREFIX + "threshold"))
+    if "threshold" in rec and not _same(rec["threshold"], threshold):
+        out.append(f"{PREFIX}threshold is {threshold} in the file, {rec['threshold']} in its stamp")
+    answer = _number(kv.get(PREFIX + ANSWER_THRESHOLD))
+    effective = threshold if answer is None else answer
+    stamped = rec.get("answer_threshold")
+    if stamped is None and rec.get("every") == 0:
+        stamped = math.inf  # verified with no check inside the answer: none may act now either
+    if stamped is not None and not _same(stamped, effective):
+        value = f"{answer}" if answer is not None else f"absent (so {PREFIX}threshold, {threshold})"
+        out.append(f"{PREFIX}{ANSWER_THRESHOLD} is {value} in the file, {stamped} in its stamp")
+    if rec.get("every"):  # the checks inside the answer were compared at this cadence
+        text = kv.get(PREFIX + EVERY)
+        every = _number(text) if text is not None else DEFAULT_EVERY
+        if not _same(rec["every"], every):
+            value = text if text is not None else f"absent (so the default, {DEFAULT_EVERY})"
+            out.append(f"{PREFIX}{EVERY} is {value} in the file, {rec['every']} in its stamp")
+    return out

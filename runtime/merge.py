@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .contract import STAMP_KEYS
 from .gguf_io import ConvertError, Tensor, architecture, copied_fields, read_gguf, write_gguf
 
 DELTAS = "deltas.safetensors"
@@ -179,4 +180,5 @@ def merge_gguf(base: str | Path, deltas: Deltas, out: str | Path, *, mode: str =
     merged = merge_plan(reader, {}, deltas, str(base), mode)
     tensors: list[Tensor] = [(t.name, *merged[t.name]) if t.name in merged else (t.name, t.data, t.tensor_type)
                              for t in reader.tensors]
-    return write_gguf(out, arch, copied_fields(reader), tensors, progress=progress)
+    # the weights change: a verification stamp measured on the old ones no longer holds
+    return write_gguf(out, arch, copied_fields(reader, drop=lambda k: k in STAMP_KEYS), tensors, progress=progress)

@@ -1,6 +1,7 @@
 """`load()` and `Model.chat()`: the friendly layer over a backend and the decoding strategy."""
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from .stops import stop_list
 from .strategy import Generation, generate
 
 BACKENDS = ("llama", "onnx")
+log = logging.getLogger("safechat")
 
 
 def _policy(safety: Any) -> SafetyPolicy | None:
@@ -60,10 +62,13 @@ class Model:
         except MetadataError as e:
             if self.policy is not None:
                 raise ModelFileError(f"{e}. Load it with safety='off' to run it without checks.") from None
-        problem = verification_problem(self.file.metadata, str(self.file.path))  # stamped "fail" by convert
+        # stamped "fail" by convert, or its thresholds/cadence edited after a "pass"
+        problem = verification_problem(self.file.metadata, str(self.file.path))
         if problem and not allow_unverified:
             self.file.close()
             raise ModelFileError(problem)
+        if problem:
+            log.warning("loading it anyway (allow_unverified=True): %s", problem)
         self.backend = make(self.meta.token_ids if self.meta else None, self.meta.category_ids if self.meta else ())
         m = self.meta
         self.categories = (Categories(m.categories, m.category_thresholds, m.controversial_threshold)
@@ -210,7 +215,10 @@ def load(path: str | Path | None = None, backend: str = "llama", n_gpu_layers: i
     """Load a safe model file; with no path, the embedded default (built on first use).
 
     A file whose verification stamp says it failed (`convert quantize`/`verify --record`:
-    `safety.verified=fail`) is refused unless `allow_unverified=True`; an unstamped file loads.
+    `safety.verified=fail`), or whose `safety.threshold` / `answer_threshold` / `every` differ from
+    those its stamp was measured at (edited after verification), is refused (`ModelFileError` naming
+    the key and both values) unless `allow_unverified=True`, which loads it with a warning in the
+    "safechat" log; an unstamped file loads.
 
     `native`: run the token loop in C with the GIL released (llama backend; None = when available).
     `busy_timeout`: how long a chat waits for a generation of another thread to end (None: for ever).

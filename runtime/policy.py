@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from runtime.contract import valid_answer_threshold
+from runtime.contract import DEFAULT_EVERY, valid_answer_threshold
 
 ACTIONS = ("refuse", "stop")
 TIERS = ("strict", "loose")
@@ -45,9 +45,6 @@ class Categories:
             if probs[i] >= self.thresholds[i]:
                 return n
         return None
-
-
-DEFAULT_EVERY = 4  # the cadence of a file that does not carry its own (files calibrated before `safety.every`)
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,30 @@ def test_cli_refuses_a_failed_file_unless_allowed(q4_failed, capsys):
     assert main(["chat", "hello", "--model", str(q4_failed), "--max-tokens", "2", "--threads", "1", "--json",
                  "--allow-unverified"]) == 0
     assert json.loads(capsys.readouterr().out)["safety"]["checks"] >= 1
+
+
+def test_a_verified_file_edited_afterwards_is_refused(tiny_safe, tmp_path, capsys):
+    """Issue 34: `verify --record` stamps the thresholds and the cadence it measured at; a threshold written
+    into the file afterwards (here with gguf-py, as gguf-set-metadata would) is refused, naming the edit."""
+    from tests.test_stamp_check import edited
+
+    f = write_stamped(tiny_safe, tmp_path / "verified.gguf", None)
+    rc, out, _ = _run(capsys, "verify", f, "--tokens", "1", "--threads", "1", "--prompts", PROMPTS_V1, "--record")
+    assert rc == 0 and read_stamp(f)[VERIFIED] == "pass"
+    rec = json.loads(read_stamp(f)[VERIFICATION])
+    # tiny-safe: threshold 0.5 for every check (no answer threshold of its own), the default cadence
+    assert rec["threshold"] == rec["answer_threshold"] == 0.5 and rec["every"] == 4
+    runtime.load(f).close()
+    with pytest.raises(ModelFileError) as e:
+        runtime.load(edited(f, tmp_path / "loose.gguf", threshold=0.99))
+    assert "safety.threshold is 0.99 in the file, 0.5 in its stamp" in str(e.value)
+    with pytest.raises(ModelFileError, match="safety.every is 64 in the file, 4 in its stamp"):
+        runtime.load(edited(f, tmp_path / "sparse.gguf", every=64))
+    m = runtime.load(tmp_path / "sparse.gguf", allow_unverified=True)
+    assert m.chat("hello", max_tokens=2).safety.every == 64
+    m.close()
+    # verified again, the stamp describes the file as it is now
+    rc, *_ = _run(capsys, "verify", tmp_path / "sparse.gguf", "--tokens", "1", "--threads", "1",
+                  "--prompts", PROMPTS_V1, "--record")
+    assert rc == 0 and json.loads(read_stamp(tmp_path / "sparse.gguf")[VERIFICATION])["every"] == 64
+    runtime.load(tmp_path / "sparse.gguf").close()
