@@ -28,9 +28,6 @@ from .hf_tokenizer import tokenizer_kv
 
 _DTYPES = {"F32": (np.float32, gguf.GGMLQuantizationType.F32), "F16": (np.float16, gguf.GGMLQuantizationType.F16),
            "BF16": (np.uint16, gguf.GGMLQuantizationType.BF16)}
-_FILE_TYPE = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
-              gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
-              gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16}
 HF_ARCHITECTURES = tuple(FAMILIES)
 
 
@@ -116,8 +113,7 @@ def hf_to_gguf(d: str | Path, out: str | Path, *, progress: bool = False) -> Pat
     if emb[1].shape != (c["n_vocab"], c["hidden"]):
         raise ConvertError(f"{d}: embed_tokens is {tuple(emb[1].shape)}, config says ({c['n_vocab']}, {c['hidden']})")
     a, S = c["arch"], gguf.GGUFValueType
-    kv = [("general.name", str(c["name"]), S.STRING, None),
-          ("general.file_type", int(_FILE_TYPE[emb[2]]), S.UINT32, None)]
+    kv = [("general.name", str(c["name"]), S.STRING, None)]  # write_gguf adds general.file_type: its tensors'
     kv += [scalar_kv(k, v) for k, v in metadata(c)]
     kv += tokenizer_kv(d, c["n_vocab"])
     return write_gguf(out, a, kv, tensors, progress=progress)

@@ -122,7 +122,9 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
     safety tokens, rows and `safety.*` metadata (a verification stamp included) are replaced by this
     artifact's. `weights="F16"` stores every quantized tensor as F16 (the [CLS] and head rows too, unrounded):
     llama.cpp then computes in float, as the reference does, instead of quantizing activations to 8 bits
-    (the default model's precision was chosen so: docs/results/default.md, *Precision*).
+    (the default model's precision was chosen so: docs/results/default.md, *Precision*). The header's
+    `general.file_type` is that of the tensors written (`gguf_io.write_gguf`), not the base's: MOSTLY_F16
+    for a quantized base folded to F16.
     """
     if weights not in (None, "F16"):
         raise ConvertError(f"weights must be None (the base's own types) or 'F16', got {weights!r}")
