@@ -17,6 +17,7 @@ import numpy as np
 from . import data
 from .data_card import examples_sha256
 from .cls_recipe import auroc, calibrate
+from .real_lookalikes import AUGMENTATION as REAL
 
 
 def _text(e: dict) -> str:
@@ -184,14 +185,15 @@ def stacked(examples, s_cls: dict, s_base: dict, max_fpr: float, weights=np.lins
         thr = calibrate(mix["val"], cols["val"][2], max_fpr)
         val_tpr = float((mix["val"][cols["val"][2] == 1] >= thr).mean())
         x, (_, _, y, aug) = mix["test"], cols["test"]
-        rate = lambda m, lab: float((x[m & (y == lab)] >= thr).mean())  # noqa: E731
+        rate = lambda m, lab: float((x[m & (y == lab)] >= thr).mean()) if (m & (y == lab)).any() else float("nan")  # noqa: E731
         every = np.ones_like(y, bool)
         rows.append((w, val_tpr, rate(every, 1), rate(aug == "none", 1), rate(aug == "jailbreak_template", 1),
-                     rate(aug == "prefill", 1), rate(aug == "hardneg_template", 0), rate(every, 0)))
+                     rate(aug == "prefill", 1), rate(aug == "hardneg_template", 0), rate(aug == REAL, 0),
+                     rate(every, 0)))
         if val_tpr > best[0]:  # ties go to the smaller TF-IDF share
             best = (val_tpr, w)
-    out = ["| w (TF-IDF share) | val TPR | test TPR | plain | jailbreak | prefill | look-dangerous FPR | test FPR |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| w (TF-IDF share) | val TPR | test TPR | plain | jailbreak | prefill | look-dangerous FPR | "
+           "real look-alike FPR | test FPR |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " (chosen on val)" if r[0] == best[1] else ""
         out.append(f"| {r[0]:.1f}{mark} | " + " | ".join(f"{v:.3f}" for v in r[1:]) + " |")
