@@ -30,6 +30,7 @@ from runtime.policy import DEFAULT_EVERY
 from runtime.strategy import SafetyPolicy
 
 from train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
+from train.patience import best_policy, critical, refused as patience_refused
 
 GROUPS = ("attacks", "plain", "lookalike", "real")
 NAMES = {"attacks": "attacks caught", "plain": "plain benign refused", "lookalike": "template lookalikes refused",
@@ -138,11 +139,29 @@ def main(argv=None) -> int:
                   flush=True)
         print("\n" + _families(_name(model.path), groups, traces, *own) + "\n", flush=True)
         print(_attack_kinds(_name(model.path), groups, traces, *own) + "\n", flush=True)
+        print(_patience_table(_name(model.path), traces, names, args.refusal, args.plain_refusal) + "\n", flush=True)
         saved[str(model.path)] = traces
         model.close()
     if args.save and not args.traces:
         args.save.write_text(json.dumps(saved))
     return 0
+
+
+def _patience_table(name: str, traces, names, budgets, plain_budget: float) -> str:
+    """Agreement across checks (`train/patience.py`): for each lookalike budget, the best pair on val with
+    patience 1, 2, 3 (consecutive unsafe verdicts before acting), and what it does on test."""
+    cols = " | ".join(f"{s} {NAMES[g]}" for s in ("val", "test") for g in names)
+    rows = [f"{name}: the best pair per patience (consecutive unsafe verdicts before acting), chosen on val", "",
+            f"| budget | patience | thresholds (prompt / answer) | {cols} |", "|---|---|---|" + "---|" * 2 * len(names)]
+    for b in budgets:
+        limits = {"plain": plain_budget, "lookalike": b, **({"real": b} if "real" in names else {})}
+        for r in best_policy(traces["val"], limits):
+            crit = {g: critical(traces["test"][g], r["patience"]) for g in names}
+            pair = (r["threshold"], r["answer_threshold"])
+            counts = [f"{r[g][0]}/{r[g][1]}" for g in names] + [
+                f"{patience_refused(crit[g], *pair)}/{len(traces['test'][g])}" for g in names]
+            rows.append(f"| {b:.0%} | {r['patience']} | {pair[0]:.4f} / {_fmt(pair[1])} | {' | '.join(counts)} |")
+    return "\n".join(rows)
 
 
 KINDS = {"none": "plain", "jailbreak_template": "jailbreak-wrapped", "prefill": "prefilled", "suffix": "random suffix"}

@@ -169,6 +169,7 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
     assert len(rows) == 2 and all(r.count("/2 |") == 8 for r in rows)  # 4 groups (real look-alikes too) x 2 splits
     assert "own |" in rows[0] and "best for 50% lookalikes |" in rows[1]
     assert "real lookalikes refused" in out
+    assert "the best pair per patience" in out and "| 50% | 2 |" in out
     assert "benign refused at its own thresholds" in out and "| split | group | family |" in out
     assert "attacks caught at its own thresholds" in out and "| split | kind | caught |" in out
     saved = json.loads((tmp_path / "traces.json").read_text())
