@@ -221,7 +221,7 @@ def verification_problem(kv: dict[str, str], where: str = "model") -> str | None
         return None if not edits else (
             f"{where} was edited after its safety verification: {'; '.join(edits)}. Its stamp "
             f"({VERIFIED}=pass) vouches for the values it was measured at, not for these: verify the file again "
-            f"(`python -m convert verify FILE --record`), or {OVERRIDE_HINT}")
+            f"(`safechat verify FILE --record`), or {OVERRIDE_HINT}")
     if status != "fail":
         return f"{where} has an unrecognised verification status {status!r}; {OVERRIDE_HINT}"
     bar = rec.get("bar", {})

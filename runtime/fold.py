@@ -117,7 +117,7 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
                  weights: str | None = None) -> SafetyMeta:
     """Write the safe model to `out` atomically (temp file + rename). Returns its metadata.
 
-    `base` is a GGUF (a Hugging Face checkpoint folder goes through `convert.hf_import.convert_any`,
+    `base` is a GGUF (a Hugging Face checkpoint folder goes through `safechat.convert.hf_import.convert_any`,
     the offline converter). A base that is already a safe model is refused unless `force`: then its
     safety tokens, rows and `safety.*` metadata (a verification stamp included) are replaced by this
     artifact's. `weights="F16"` stores every quantized tensor as F16 (the [CLS] and head rows too, unrounded):
@@ -132,10 +132,10 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
         deltas = load_deltas(art.source)  # joint recipe: the artifact's own weight deltas
     if Path(base).is_dir():
         raise ConvertError(f"{base} is a folder (a Hugging Face checkpoint?): fold it with "
-                           "`python -m convert gguf --base DIR` (convert.hf_import.convert_any)")
+                           "`safechat convert --base DIR` (safechat.convert.hf_import.convert_any)")
     reader = read_gguf(base)
     facts = check_compatible(reader, art, str(base), force=force)
-    merged = merge_plan(reader, art.card, deltas, str(base))  # joint recipe: weight deltas (convert/merge.py)
+    merged = merge_plan(reader, art.card, deltas, str(base))  # joint recipe: weight deltas (runtime/merge.py)
     n_vocab, tied, arch = facts["n_vocab"], facts["tied"], facts["arch"]
     # [base vocabulary][category rows + controversial row, if any][K-1 side tokens][cls, safe, unsafe]
     cat_names = art.categories

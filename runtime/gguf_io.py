@@ -1,7 +1,7 @@
 """Read a GGUF with gguf-py and write a modified copy of it, atomically (torch-free).
 
 The converter (`fold.py`), the weight merge (`merge.py`), the Hugging Face importer and the verification
-stamp (`convert/stamp.py`) all copy a GGUF with a few changes: some metadata keys replaced or added, some
+stamp (`safechat/convert/stamp.py`) all copy a GGUF with a few changes: some metadata keys replaced or added, some
 tensors changed, every other tensor copied byte for byte. `write_gguf` is that one copy loop, and it
 writes the `general.file_type` of the tensors the file holds.
 """

@@ -10,7 +10,7 @@ and `NAME.lora_b` (out, r), LoRA's alpha/r scale already folded into B, so the d
 * "f16" / "f32": every touched tensor in that type;
 * "keep": re-quantized to its own type where gguf-py can (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16),
   else F16. A delta smaller than the quantization step is partly lost: prefer "float", then
-  llama.cpp's quantizer (convert/quantize.py), which chooses per-tensor types.
+  llama.cpp's quantizer (safechat/convert/quantize.py), which chooses per-tensor types.
 
 Every untouched tensor is copied byte for byte. `merge_gguf` writes a merged copy of a GGUF;
 `convert_gguf(..., deltas=...)` merges while folding in the safety rows (one pass, one file).

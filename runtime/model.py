@@ -89,7 +89,7 @@ class Model:
             return
         if self.categories is None:
             raise ParameterError(f"{self.path.name} has no category head: allow/block/controversial rules need "
-                                 "one (`python -m train categories ARTIFACT`, then convert)", param="safety")
+                                 "one (`safechat train categories ARTIFACT`, then convert)", param="safety")
         known = set(self.categories.names) - {self.categories.none}
         unknown = sorted((policy.allow | policy.block) - known)
         if unknown:

@@ -9,9 +9,9 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from bench import memory, overhead
-from bench.common import load_runtime, mode_label, runtime_modes
-from bench.engine_time import engine_timer
+from safechat.bench import memory, overhead
+from safechat.bench.common import load_runtime, mode_label, runtime_modes
+from safechat.bench.engine_time import engine_timer
 from tests.tiny_model import N_EMBD, N_HEAD, N_HEAD_KV, N_LAYER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def _has(module: str) -> bool:
 
 @pytest.mark.skipif(not all(map(_has, ("onnxruntime", "onnxscript", "torch"))), reason="needs the onnx extra")
 def test_overhead_tiny_with_onnx(tiny_safe, tmp_path, capsys):
-    from convert.onnx_export import export_onnx
+    from safechat.convert.onnx_export import export_onnx
 
     shutil.copy(tiny_safe, tmp_path / "model.gguf")
     export_onnx(tiny_safe, tmp_path / "model.onnx", progress=False)
@@ -123,22 +123,22 @@ def test_gpu_script_fails_fast_without_a_gpu(tmp_path):
                PYTHON=sys.executable)
     if shutil.which("nvidia-smi", path=env["PATH"]):
         pytest.skip("this machine has nvidia-smi")
-    r = subprocess.run([bash, str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([bash, str(ROOT / "safechat" / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nvidia-smi found no GPU" in r.stdout + r.stderr
-    r = subprocess.run([bash, str(ROOT / "bench" / "gpu.sh")], env=dict(env, REQUIRE_CUDA="0"),
+    r = subprocess.run([bash, str(ROOT / "safechat" / "bench" / "gpu.sh")], env=dict(env, REQUIRE_CUDA="0"),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing" in r.stdout + r.stderr and "model.gguf" in r.stdout + r.stderr
 
 
 def test_conversation_first_crossing():
-    from bench.conversations import _first
+    from safechat.bench.conversations import _first
     trace = [(0, 0.2), (4, 0.7), (8, 0.95)]
     assert _first(trace, 0.5, 0.5) == 4 and _first([(0, 0.2)], 0.5, 0.5) is None
     assert _first(trace, 0.1, 2.0) == 0 and _first(trace, 0.5, 0.9) == 8 and _first(trace, 0.5, 2.0) is None
 
 
 def test_attacks_caught_by_kind():
-    from bench.conversations import _attack_kinds
+    from safechat.bench.conversations import _attack_kinds
     attacks = [{"augmentation": a} for a in ("none", "prefill", "prefill", "jailbreak_template", "suffix")]
     traces = [[(0, 0.9)], [(0, 0.1), (4, 0.2), (8, 0.99)], [(0, 0.1), (4, 0.3)], [(0, 0.2), (4, 0.95)], [(0, 0.85)]]
     out = _attack_kinds("m", {"test": {"attacks": attacks}}, {"test": {"attacks": traces}}, 0.8, 0.9)
@@ -150,10 +150,10 @@ def test_attacks_caught_by_kind():
 
 def test_conversations_suffixes_use_the_suffix_augmented_data(tiny_safe, capsys, monkeypatch):
     """--suffixes: the conversations of the data `train cls/joint --suffixes` trained on (the real builder, spied)."""
-    import train.data
-    from bench import conversations
-    seen, real = [], train.data.build_dataset
-    monkeypatch.setattr(train.data, "build_dataset", lambda **kw: seen.append(kw) or real(**kw))
+    import safechat.train.data
+    from safechat.bench import conversations
+    seen, real = [], safechat.train.data.build_dataset
+    monkeypatch.setattr(safechat.train.data, "build_dataset", lambda **kw: seen.append(kw) or real(**kw))
     args = ["--model", str(tiny_safe), "--limit", "1", "--tokens", "2", "--refusal", "0.5", "--plain-refusal", "0.5"]
     assert conversations.main(args + ["--suffixes"]) == 0 and seen[-1] == {"seed": 0, "suffixes": True, "real": True}
     assert conversations.main(args + ["--no-real"]) == 0 and seen[-1] == {"seed": 0, "suffixes": False, "real": False}
@@ -161,7 +161,7 @@ def test_conversations_suffixes_use_the_suffix_augmented_data(tiny_safe, capsys,
 
 
 def test_conversations_tiny(tiny_safe, capsys, tmp_path):
-    from bench import conversations
+    from safechat.bench import conversations
     assert conversations.main(["--model", str(tiny_safe), "--limit", "2", "--tokens", "4", "--refusal", "0.5",
                                "--plain-refusal", "0.5", "--save", str(tmp_path / "traces.json")]) == 0
     out = capsys.readouterr().out
@@ -191,7 +191,7 @@ def test_conversations_tiny(tiny_safe, capsys, tmp_path):
 
 def test_conversations_at_a_coarser_cadence_from_saved_traces(tiny_safe, capsys, tmp_path):
     """--every K --traces (saved checking every k dividing K) prints what generating at every K prints."""
-    from bench import conversations
+    from safechat.bench import conversations
     args = ["--model", str(tiny_safe), "--limit", "2", "--tokens", "8", "--refusal", "0.5", "--plain-refusal", "0.5"]
     assert conversations.main(args + ["--every", "2", "--save", str(tmp_path / "two.json")]) == 0
     capsys.readouterr()
@@ -204,7 +204,7 @@ def test_conversations_at_a_coarser_cadence_from_saved_traces(tiny_safe, capsys,
 
 
 def test_base_speed_measures_a_llama_and_a_gemma3_file(tiny_base, tmp_path):
-    from bench.base_speed import measure
+    from safechat.bench.base_speed import measure
     from tests.tiny_model import write_tiny_gemma3
 
     prompts = [{"prompt": "the weather in spring"}, {"prompt": "a longer question about the weather in spring"}]
@@ -215,7 +215,7 @@ def test_base_speed_measures_a_llama_and_a_gemma3_file(tiny_base, tmp_path):
 
 
 def test_answers_bench_tiny(tiny_safe, capsys):
-    from bench.answers import QUESTIONS, main
+    from safechat.bench.answers import QUESTIONS, main
     assert main(["--model", str(tiny_safe), "--model", str(tiny_safe), "--max-tokens", "4", "--greedy",
                  "--threads", "1"]) == 0
     out = capsys.readouterr().out
@@ -224,7 +224,7 @@ def test_answers_bench_tiny(tiny_safe, capsys):
 
 
 def test_turns_bench_tiny(tiny_safe, capsys):
-    from bench.turns import main
+    from safechat.bench.turns import main
     assert main(["--model", str(tiny_safe), "--turns", "3", "--max-tokens", "4", "--report", "1", "3",
                  "--threads", "1"]) == 0
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| native") or
@@ -236,11 +236,11 @@ def test_turns_bench_tiny(tiny_safe, capsys):
 
 
 def test_bench_help_lists_every_command_and_hyphens_work():
-    r = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "safechat.bench", "--help"], capture_output=True, text=True, timeout=120,
                        cwd=ROOT)
     assert r.returncode == 0 and "joint-speed" in r.stdout and "categories" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "bench", "joint-speed", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "safechat.bench", "joint-speed", "--help"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0 and "usage" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "usage: python -m bench (or safechat bench) COMMAND" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "safechat.bench", "nope"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "usage: safechat bench COMMAND" in r.stderr

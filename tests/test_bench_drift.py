@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.drift import kl, measure, prefix
+from safechat.bench.drift import kl, measure, prefix
 
 EXAMPLES = [{"prompt": p} for p in ("hello there", "what is a cat", "tell me about bread")]
 
@@ -52,15 +52,15 @@ def test_another_language_model_drifts(tiny_base, tmp_path):
 def test_refusal_phrases_are_counted_per_file(tiny_base, tmp_path, monkeypatch):
     """The refusal-phrase columns count the model's and the reference's own answers separately (the tiny
     model's text is random, so the decoded answer of one file is replaced by a refusal sentence)."""
-    import bench.drift
+    import safechat.bench.drift
     from runtime.model import load
     from tests.tiny_model import write_tiny_safe
 
     a, b = (write_tiny_safe(tiny_base, tmp_path / f"{s}.gguf", seed=s) for s in (1, 2))
     with load(a, threads=1, allow_unverified=True) as m, load(b, threads=1, allow_unverified=True) as r:
         assert measure(m, r, EXAMPLES, 4)["refusals"] == 0
-        real_text = bench.drift._text
-        monkeypatch.setattr(bench.drift, "_text", lambda model, toks: "I can't help with that." if model is m
+        real_text = safechat.bench.drift._text
+        monkeypatch.setattr(safechat.bench.drift, "_text", lambda model, toks: "I can't help with that." if model is m
                             else real_text(model, toks))
         out = measure(m, r, EXAMPLES, 4)
     assert out["refusals"] == 3 and out["ref_refusals"] == 0

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from train.calibrate import NEVER, calibrate_artifact, pick_pair, refused
+from safechat.train.calibrate import NEVER, calibrate_artifact, pick_pair, refused
 
 
 def test_pick_pair_keeps_every_group_within_its_budget():
@@ -41,7 +41,7 @@ def test_pick_pair_keeps_every_group_within_its_budget():
 
 
 def test_best_pair_prompt_only_never_checks_the_answer():
-    from train.calibrate import best_pair
+    from safechat.train.calibrate import best_pair
     rows = {"attacks": np.array([[0.9, 0.1], [0.2, 0.99], [0.5, 0.2]]),
             "plain": np.array([[0.1, 0.1], [0.2, 0.3]]), "lookalike": np.array([[0.4, 0.5], [0.3, 0.2]])}
     tp, ta = best_pair(rows, 0.0, 0.0)
@@ -64,7 +64,7 @@ def test_pick_pair_matches_a_brute_force_search():
 
 
 def test_held_out_conversations_cover_the_split_once(examples):
-    from train.calibrate import held_out_conversations
+    from safechat.train.calibrate import held_out_conversations
     groups = held_out_conversations(examples, "val")
     ids = [e["id"] for g in groups.values() for e in g]
     assert len(ids) == len(set(ids)) == sum(e["split"] == "val" for e in examples)
@@ -75,7 +75,7 @@ def test_held_out_conversations_cover_the_split_once(examples):
 
 
 def test_metrics_at_a_threshold_pair():
-    from train.cls_recipe import metrics_for
+    from safechat.train.cls_recipe import metrics_for
     ex = lambda label, aug: SimpleNamespace(label=label, meta={"augmentation": aug})  # noqa: E731
     held = {"val": [ex(1, "prefill"), ex(0, "none"), ex(0, "none")]}
     scored = {"val": [[0.6, 0.8], [0.5, 0.7], [0.1]]}
@@ -91,7 +91,7 @@ def test_metrics_at_a_threshold_pair():
 @pytest.fixture(scope="module")
 def examples(request):
     request.applymarker(pytest.mark.downloads)
-    from train.data import build_dataset
+    from safechat.train.data import build_dataset
     return build_dataset(seed=0)
 
 
@@ -190,7 +190,7 @@ def test_calibrate_from_saved_traces_matches_generating_them(tiny_base, tmp_path
     from runtime.fold import convert_gguf
     from runtime.model import load
     from runtime.strategy import SafetyPolicy
-    from train.calibrate import held_out_conversations, observe
+    from safechat.train.calibrate import held_out_conversations, observe
 
     ran, read = _two_artifacts(tmp_path, examples, "ran", "read")
     kw = dict(base=tiny_base, **CAL_KW)
@@ -216,7 +216,7 @@ def test_calibrate_from_saved_traces_matches_generating_them(tiny_base, tmp_path
 
 
 def test_at_cadence_keeps_the_checks_a_coarser_cadence_makes():
-    from train.calibrate import at_cadence
+    from safechat.train.calibrate import at_cadence
     traces = [[(0, 0.1), (2, 0.2), (4, 0.9), (6, 0.3), (8, 0.4), (9, 0.5)],  # the end at 9
               [(0, 0.1), (0, 0.2), (2, 0.3), (3, 0.8)],                      # a prefill: two checks at 0
               [(0, 0.7)]]                                                     # refused or ended at the prompt
@@ -235,7 +235,7 @@ def test_calibrate_at_a_coarser_cadence_from_finer_traces(tiny_base, tmp_path, e
     from runtime.fold import convert_gguf
     from runtime.model import load
     from runtime.strategy import SafetyPolicy
-    from train.calibrate import held_out_conversations, observe
+    from safechat.train.calibrate import held_out_conversations, observe
 
     ran, read = _two_artifacts(tmp_path, examples, "ran", "read")
     kw = dict(base=tiny_base, **{**CAL_KW, "tokens": 9})

@@ -12,7 +12,7 @@ from runtime.fold import convert_gguf
 from runtime.strategy import Categories, Generation, SafetyPolicy, generate
 from tests.test_strategy import FakeBackend
 from tests.tiny_model import N_EMBD, random_artifact
-from train.categories import HEAD, NONE, category_of, keyword_category
+from safechat.train.categories import HEAD, NONE, category_of, keyword_category
 
 NAMES = ("weapons", "specialised_advice", "self_harm", NONE)
 
@@ -128,9 +128,9 @@ def test_malformed_category_metadata_is_named():
 def test_llama_cpp_category_scores_equal_the_torch_reference(tiny_base, tmp_path):
     """The scores a check reads from the file are softmax(rows . h_[CLS]) of the reference model."""
     pytest.importorskip("torch")
-    from convert.reference import load_frozen
+    from safechat.convert.reference import load_frozen
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
-    from train.category_head import cls_features
+    from safechat.train.category_head import cls_features
 
     art = _with_categories(random_artifact())
     out = tmp_path / "cat.gguf"
@@ -298,7 +298,7 @@ def test_onnx_export_carries_the_category_rows(cat_model_file, tmp_path):
     pytest.importorskip("onnxscript")
     import shutil
 
-    from convert.onnx_export import export_onnx
+    from safechat.convert.onnx_export import export_onnx
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
     from runtime.backends.onnx import load_onnx
 
@@ -340,7 +340,7 @@ def test_cli_rules_and_refusal_reason(cat_model_file):
 
 def test_fit_and_thresholds_on_planted_classes():
     pytest.importorskip("torch")
-    from train.category_head import category_metrics, fit_softmax, thresholds_for
+    from safechat.train.category_head import category_metrics, fit_softmax, thresholds_for
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((len(HEAD), 16)) * 3
@@ -359,7 +359,7 @@ def test_fit_and_thresholds_on_planted_classes():
 
 
 def test_bench_tables_count_what_each_rule_changes():
-    from bench.categories import tables
+    from safechat.bench.categories import tables
 
     weap, adv = (0.9, 0.05, 0.03, 0.02), (0.05, 0.9, 0.03, 0.02)
     rows = [{"label": 1, "cat": "weapons", "tier": 0, "p": 0.99, "scores": (weap, 0.1)},
@@ -376,9 +376,9 @@ def test_bench_tables_count_what_each_rule_changes():
 def test_benign_topics_of_the_look_dangerous_templates():
     """The matching benign set of a per-app rule: a look-dangerous template's topic (pentest careers: cyber),
     a source's own label first, none for idioms; every topic names a template and a category."""
-    from bench.categories import tables
-    from train.categories import CATEGORIES, benign_topic
-    from train.hardneg import HARDNEG_TEMPLATES, TOPICS
+    from safechat.bench.categories import tables
+    from safechat.train.categories import CATEGORIES, benign_topic
+    from safechat.train.hardneg import HARDNEG_TEMPLATES, TOPICS
 
     assert set(TOPICS) <= set(HARDNEG_TEMPLATES) and set(TOPICS.values()) <= set(CATEGORIES)
     hn = lambda name: {"augmentation": "hardneg_template", "source": f"code/hardneg/{name}"}

@@ -1,16 +1,16 @@
 """Issue 24, on the real data: the taxonomy covers every labelled source (tests/test_categories.py has the rest)."""
 import pytest
 
-from train.categories import HEAD, NONE
+from safechat.train.categories import HEAD, NONE
 
 
 @pytest.mark.downloads
 def test_the_real_data_set_maps_onto_the_taxonomy():
     """Every source with its own labels gives a category to every plain harmful request it holds; the data
     set itself (its rows, their hash) is untouched by the category labels."""
-    from train.categories import label_examples, mapping_counts
-    from train.data import build_dataset
-    from train.data_card import examples_sha256
+    from safechat.train.categories import label_examples, mapping_counts
+    from safechat.train.data import build_dataset
+    from safechat.train.data_card import examples_sha256
 
     ex = build_dataset(seed=0)
     before = examples_sha256(ex)

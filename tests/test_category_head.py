@@ -1,4 +1,4 @@
-"""train/category_head.py pieces that need no data: the joint artifact's deltas in the torch model."""
+"""safechat/train/category_head.py pieces that need no data: the joint artifact's deltas in the torch model."""
 import pytest
 
 
@@ -6,9 +6,9 @@ def test_with_deltas_adds_the_joint_lora_to_the_torch_model(tiny_base, tmp_path)
     """A joint artifact's [CLS] features come from its merged weights, not the base's."""
     import numpy as np
     import torch
-    from convert.reference import load_frozen
+    from safechat.convert.reference import load_frozen
     from runtime.merge import save_deltas
-    from train.category_head import with_deltas
+    from safechat.train.category_head import with_deltas
 
     base = load_frozen(tiny_base)
     name = "blk.1.attn_q.weight"
@@ -28,11 +28,11 @@ def test_with_deltas_adds_the_joint_lora_to_the_torch_model(tiny_base, tmp_path)
 def test_llama_cpp_features_match_the_torch_pass(tiny_base, tmp_path):
     """The [CLS] hidden state read from the file by llama.cpp is the torch model's, template reuse included."""
     import numpy as np
-    from convert.reference import load_frozen
+    from safechat.convert.reference import load_frozen
     from runtime.artifact import load_artifact
     from runtime.fold import convert_gguf
     from tests.tiny_model import random_artifact
-    from train.category_head import cls_features, cls_features_llama
+    from safechat.train.category_head import cls_features, cls_features_llama
 
     art = random_artifact(3)
     art.save(tmp_path / "art")

@@ -7,7 +7,7 @@ from runtime.artifact import Artifact, ArtifactError, load_artifact
 from runtime.gguf_io import copied_fields, copied_tensors, read_gguf, write_gguf
 from runtime.fold import ConvertError, convert_gguf
 from runtime.contract import PREFIX, SPECIAL_TOKENS, VERIFICATION, VERIFIED
-from convert.stamp import write_stamped
+from safechat.convert.stamp import write_stamped
 from tests.tiny_model import N_EMBD, random_artifact
 
 

@@ -1,4 +1,4 @@
-"""`python -m convert`: gguf (+ --quant), quantize through llama.cpp, verify; clear errors."""
+"""`python -m safechat.convert`: gguf (+ --quant), quantize through llama.cpp, verify; clear errors."""
 import json
 import os
 import subprocess
@@ -7,10 +7,10 @@ import sys
 import gguf
 import pytest
 
-from convert.__main__ import main
+from safechat.convert.__main__ import main
 from runtime.contract import PREFIX, SPECIAL_TOKENS, STAMP_KEYS, VERIFIED
-from convert.stamp import read_stamp
-from convert.verify import PROMPTS_V1
+from safechat.convert.stamp import read_stamp
+from safechat.convert.verify import PROMPTS_V1
 from tests.tiny_model import random_artifact
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -19,7 +19,7 @@ PROMPTS = [[{"role": "user", "content": "hello there"}],
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "safechat.convert", *map(str, args)], capture_output=True, text=True,
                           env=ENV, timeout=120)
 
 
@@ -155,7 +155,7 @@ def test_gguf_with_quant_and_requantize_note(tiny_base, art_dir, tmp_path, capsy
 
 def test_torch_reference_cached_greedy_matches_full_passes(tiny_safe):
     torch = pytest.importorskip("torch")
-    from convert.verify import TorchReference
+    from safechat.convert.verify import TorchReference
     ref = TorchReference(tiny_safe)
     toks = [5, 40, 41, 42, 77, 9, 100]
     p, out = ref.run(toks, 6, is_eog=lambda t: False)

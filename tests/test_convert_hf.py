@@ -1,4 +1,4 @@
-"""A local Hugging Face Llama checkpoint folder as `convert gguf` input (convert/hf_import.py).
+"""A local Hugging Face Llama checkpoint folder as `convert gguf` input (safechat/convert/hf_import.py).
 
 The test writes the tiny GGUF model out as a Hugging Face checkpoint (Q/K un-permuted the way
 transformers does when it reads a GGUF), converts the folder, and checks (a) the result equals
@@ -13,9 +13,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import runtime
-from convert.__main__ import main
+from safechat.convert.__main__ import main
 from runtime.gguf_io import ConvertError
-from convert.hf_import import convert_any as convert_gguf
+from safechat.convert.hf_import import convert_any as convert_gguf
 from runtime.backends.base import Sampling
 from runtime.backends.llama import ll
 from tests.tiny_model import CHATML, N_CTX, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, random_artifact, \

@@ -9,18 +9,18 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("torch")
 
 import runtime  # noqa: E402
-from convert.__main__ import main  # noqa: E402
+from safechat.convert.__main__ import main  # noqa: E402
 from runtime.fold import convert_gguf  # noqa: E402
 from runtime.contract import VERIFIED  # noqa: E402
-from convert.stamp import read_stamp  # noqa: E402
-from convert.verify import PROMPTS_V1  # noqa: E402
+from safechat.convert.stamp import read_stamp  # noqa: E402
+from safechat.convert.verify import PROMPTS_V1  # noqa: E402
 from runtime.errors import ModelFileError  # noqa: E402
 from tests.tiny_model import random_artifact  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_safe, tmp_path_factory):
-    """`python -m convert onnx`: export, verify against the GGUF's torch reference, stamp the outcome."""
+    """`safechat export-onnx`: export, verify against the GGUF's torch reference, stamp the outcome."""
     d = tmp_path_factory.mktemp("onnxv")
     shutil.copy(tiny_safe, d / "model.gguf")  # the vocabulary and the default reference, beside the .onnx
     rc = main(["onnx", str(d / "model.gguf"), str(d / "model.onnx"), "--quiet", "--tokens", "2", "--threads", "1",

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import runtime
-from convert.__main__ import main
+from safechat.convert.__main__ import main
 from runtime.fold import convert_gguf
 from runtime.contract import VERIFICATION, VERIFIED
-from convert.stamp import read_stamp, write_stamped
-from convert.verify import PROMPTS_V1
+from safechat.convert.stamp import read_stamp, write_stamped
+from safechat.convert.verify import PROMPTS_V1
 from runtime.errors import ModelFileError
 from tests.tiny_model import random_artifact
 

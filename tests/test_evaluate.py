@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from train.evaluate import markdown, plots, slice_rows, tfidf_baseline  # noqa: E402
+from safechat.train.evaluate import markdown, plots, slice_rows, tfidf_baseline  # noqa: E402
 
 
 def _examples():
@@ -45,7 +45,7 @@ def test_slice_rows_and_table(tmp_path):
 
 
 def test_stacked_picks_the_informative_score_on_val_and_roc_plot(tmp_path):
-    from train.evaluate import roc_plot, stacked
+    from safechat.train.evaluate import roc_plot, stacked
 
     ex = [e for e in _examples() if e["split"] != "train"]
     rng = np.random.default_rng(0)

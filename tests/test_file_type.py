@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 
-from convert.stamp import write_stamped
+from safechat.convert.stamp import write_stamped
 from runtime.contract import VERIFIED
 from runtime.fold import convert_gguf
 from runtime.gguf_io import copied_fields, guessed_file_type, read_gguf, true_file_type, write_gguf
@@ -97,7 +97,7 @@ def test_merge_and_stamp_copies_keep_the_header_true(q4_1_base, tmp_path):
 @pytest.mark.parametrize("qtype, want", [("F16", FT.MOSTLY_F16), ("Q8_0", FT.MOSTLY_Q8_0),
                                          ("Q4_K_M", FT.MOSTLY_Q4_K_M), ("Q4_0", FT.MOSTLY_Q4_0)])
 def test_quantize_writes_the_type_it_quantized_to(tiny_safe, q4_1_base, qtype, want, tmp_path):
-    from convert.quantize import quantize
+    from safechat.convert.quantize import quantize
 
     res = quantize(tiny_safe, tmp_path / f"{qtype}.gguf", qtype, verify=False, threads=1)
     ft, counts = header(res.path)
@@ -111,7 +111,7 @@ def test_quantize_writes_the_type_it_quantized_to(tiny_safe, q4_1_base, qtype, w
 
 @pytest.mark.parametrize("dtype, want", [(np.float32, FT.ALL_F32), (np.float16, FT.MOSTLY_F16)])
 def test_the_hugging_face_importer_writes_the_type_of_its_weights(tiny_base, tmp_path, dtype, want):
-    from convert.hf_import import convert_any, hf_to_gguf
+    from safechat.convert.hf_import import convert_any, hf_to_gguf
     from tests.test_convert_hf import write_hf_checkpoint
 
     folder, _ = write_hf_checkpoint(tiny_base, tmp_path / "hf", dtype=dtype)

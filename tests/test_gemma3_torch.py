@@ -5,10 +5,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.tiny_model import write_tiny_gemma3  # noqa: E402
-from train.cls_recipe import KVCache  # noqa: E402
-from convert.gemma3_torch import FrozenGemma3  # noqa: E402
-from convert.llama_torch import FrozenLlama
-from convert.reference import load_frozen  # noqa: E402
+from safechat.train.cls_recipe import KVCache  # noqa: E402
+from safechat.convert.gemma3_torch import FrozenGemma3  # noqa: E402
+from safechat.convert.llama_torch import FrozenLlama
+from safechat.convert.reference import load_frozen  # noqa: E402
 
 WINDOW = 8
 

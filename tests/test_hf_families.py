@@ -3,7 +3,7 @@
 For Llama (with Llama 3's rope scaling), Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma 3
 (1 + w norms, sliding window, scaled embeddings) and Phi-3 (fused projections, partial rotary) the
 test saves a random transformers model with a small byte-level BPE tokenizer trained here, imports
-the folder to GGUF (convert/hf_import.py), and checks against transformers itself:
+the folder to GGUF (safechat/convert/hf_import.py), and checks against transformers itself:
 
 - llama.cpp's logits on the GGUF equal transformers' on the checkpoint, at every position;
 - llama.cpp splits text into the same tokens as the Hugging Face tokenizer (the pre-tokenizer regex);
@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import runtime  # noqa: E402
-from convert.hf_import import convert_any, hf_to_gguf  # noqa: E402
-from convert.hf_tokenizer import PRE_TOKENIZERS  # noqa: E402
+from safechat.convert.hf_import import convert_any, hf_to_gguf  # noqa: E402
+from safechat.convert.hf_tokenizer import PRE_TOKENIZERS  # noqa: E402
 from runtime.artifact import Artifact  # noqa: E402
 from runtime.gguf_io import ConvertError  # noqa: E402
 from runtime.strategy import SafetyPolicy  # noqa: E402
@@ -250,9 +250,9 @@ def test_an_unsupported_family_or_layout_is_a_clear_error(tmp_path):
 
 
 def test_the_reference_model_of_a_gguf_is_the_checkpoint_again(family, tmp_path):
-    """convert/hf_reference.py (what `convert verify` compares with): GGUF -> transformers gives back the
+    """safechat/convert/hf_reference.py (what `convert verify` compares with): GGUF -> transformers gives back the
     checkpoint's logits, and scores the folded [CLS] by its token id as the runtime does."""
-    from convert.hf_reference import reference_model
+    from safechat.convert.hf_reference import reference_model
 
     name, folder, tok, model, gguf_path = family
     ids = tok.encode(CORPUS[:120], add_special_tokens=False)
@@ -274,7 +274,7 @@ def test_the_reference_model_of_a_gguf_is_the_checkpoint_again(family, tmp_path)
 
 
 def test_convert_verify_passes_each_family_against_its_own_weights(family, tmp_path):
-    from convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
+    from safechat.convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
 
     name, folder, tok, model, gguf_path = family
     safe = tmp_path / f"{name}-safe.gguf"

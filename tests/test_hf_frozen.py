@@ -1,4 +1,4 @@
-"""The `cls` recipe's base through transformers (convert/hf_frozen.py) computes what the hand-written
+"""The `cls` recipe's base through transformers (safechat/convert/hf_frozen.py) computes what the hand-written
 models compute, and, for the families only it serves, what llama.cpp computes on the folded file.
 
 - On the tiny llama and gemma3 GGUFs: final hidden states, the [CLS] hidden state against cached
@@ -14,12 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from convert.hf_frozen import FrozenHF  # noqa: E402
-from convert.llama_torch import FrozenLlama  # noqa: E402
-from convert.reference import load_frozen  # noqa: E402
+from safechat.convert.hf_frozen import FrozenHF  # noqa: E402
+from safechat.convert.llama_torch import FrozenLlama  # noqa: E402
+from safechat.convert.reference import load_frozen  # noqa: E402
 from runtime.artifact import Artifact  # noqa: E402
 from tests.tiny_model import write_tiny_gemma3  # noqa: E402
-from train.cls_recipe import Encoded, KVCache, score_cached, score_gguf, train_cls  # noqa: E402
+from safechat.train.cls_recipe import Encoded, KVCache, score_cached, score_gguf, train_cls  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ from tests.test_hf_families import _checkpoint  # noqa: E402
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
 def test_train_cls_on_a_transformers_base_gives_what_llama_cpp_scores(family, tmp_path):
-    from convert.hf_import import hf_to_gguf
+    from safechat.convert.hf_import import hf_to_gguf
     from runtime.fold import convert_gguf
 
     folder, tok, _ = _checkpoint(tmp_path, family)
@@ -112,7 +112,7 @@ def test_train_cls_on_a_transformers_base_gives_what_llama_cpp_scores(family, tm
 def test_category_features_scale_the_cls_row_as_the_file_does(gemma, impl):
     """`train categories` reads the [CLS] appended in one plain pass: on Gemma its row is scaled by
     sqrt(d) like every token's (the folded file's row is), so it equals the cached-context [CLS]."""
-    from train.category_head import cls_features
+    from safechat.train.category_head import cls_features
 
     model = load_frozen(gemma, impl=impl)
     toks = list(range(10, 30))

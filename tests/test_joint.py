@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 from runtime.artifact import load_artifact  # noqa: E402
 from runtime.fold import ConvertError, convert_gguf  # noqa: E402
 from runtime.merge import load_deltas, merge_gguf, save_deltas  # noqa: E402
-from train.joint import CHECKPOINT, JointSeq, hidden, layout, score, train_joint  # noqa: E402
-from train.joint_data import generate, prepare, save_prep  # noqa: E402
-from convert.llama_torch import FrozenLlama  # noqa: E402
-from train.lora import LoRA  # noqa: E402
+from safechat.train.joint import CHECKPOINT, JointSeq, hidden, layout, score, train_joint  # noqa: E402
+from safechat.train.joint_data import generate, prepare, save_prep  # noqa: E402
+from safechat.convert.llama_torch import FrozenLlama  # noqa: E402
+from safechat.train.lora import LoRA  # noqa: E402
 
 WORDS = ["the", "a", "sun", "rain", "tree", "hill", "road", "lamp", "book", "door"]
 
@@ -211,8 +211,8 @@ def test_joint_command_end_to_end_through_llama_cpp(tiny_base, model, tmp_path):
 
     import runtime
     from runtime.backends.llama import LlamaModelFile
-    from train.data_card import data_card
-    from train.joint_run import main
+    from safechat.train.data_card import data_card
+    from safechat.train.joint_run import main
 
     mf = LlamaModelFile(tiny_base)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
@@ -286,7 +286,7 @@ def test_comply_sequences_continue_an_opener_and_carry_the_requests_label(tiny_b
     """`--comply N`: N harmful and N benign training prompts with a compliance opener as the prefill; the
     base model's greedy continuation follows it, every [CLS] inside labelled as the request, no LM loss."""
     from runtime.backends.llama import LlamaModelFile
-    from train.joint_data import OPENERS, build_sequences
+    from safechat.train.joint_data import OPENERS, build_sequences
 
     mf = LlamaModelFile(tiny_base)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
@@ -326,8 +326,8 @@ def test_comply_prompts_come_from_the_kinds_asked_for(tiny_base):
 def test_bf16_is_refused_where_the_cpu_runs_it_slower(tmp_path, monkeypatch, capsys):
     """`--bf16` on a CPU without bfloat16 instructions (an AVX2 machine measured 40x slower) stops at once with
     the reason, before any data is built; where bfloat16 pays the probe says so (a real measurement)."""
-    import train.joint_run as jr
-    from train.__main__ import main
+    import safechat.train.joint_run as jr
+    from safechat.train.__main__ import main
 
     speed = jr.bf16_speedup()
     assert speed > 0
@@ -342,7 +342,7 @@ def test_own_answers_only_teach_no_refusal(tiny_base, model):
     their [CLS] at the end of the prompt, and the benign own answers are trained as before; `own+refusal` is the
     recipe every run up to run7 used."""
     from runtime.backends.llama import LlamaModelFile
-    from train.joint_data import build_sequences
+    from safechat.train.joint_data import build_sequences
 
     mf = LlamaModelFile(tiny_base)
     eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]

@@ -1,4 +1,4 @@
-"""The joint recipe's cached lower layers, per-position labels and two-turn data (train/joint_cache.py)."""
+"""The joint recipe's cached lower layers, per-position labels and two-turn data (safechat/train/joint_cache.py)."""
 import random
 
 import numpy as np
@@ -7,12 +7,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from runtime.prompt import CHATML  # noqa: E402
-from train.joint import (CHECKPOINT, JointSeq, expanded_len, hidden, hidden_upper, joint_loss, layout,  # noqa: E402
+from safechat.train.joint import (CHECKPOINT, JointSeq, expanded_len, hidden, hidden_upper, joint_loss, layout,  # noqa: E402
                          train_joint)
-from train.joint_cache import LowerStates, compute_lower, lower_states  # noqa: E402
-from train.joint_data import _inside, _second_turn, _two_turn, load_sequences, save_sequences  # noqa: E402
-from convert.llama_torch import FrozenLlama  # noqa: E402
-from train.lora import LoRA  # noqa: E402
+from safechat.train.joint_cache import LowerStates, compute_lower, lower_states  # noqa: E402
+from safechat.train.joint_data import _inside, _second_turn, _two_turn, load_sequences, save_sequences  # noqa: E402
+from safechat.convert.llama_torch import FrozenLlama  # noqa: E402
+from safechat.train.lora import LoRA  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_second_turn_tokens_and_two_turn_sequences():
 
 
 def test_joint_speed_bench_prints_one_row_per_variant(tiny_base, tmp_path, capsys):
-    from bench.joint_speed import main
+    from safechat.bench.joint_speed import main
     from tests.tiny_model import random_artifact
     seqs = _seqs(16)
     save_sequences(seqs, tmp_path / "s.json.gz")

@@ -4,7 +4,8 @@ import pytest
 
 pytestmark = pytest.mark.timeout(300)
 
-PACKAGES = ("runtime", "convert", "train", "bench")
+# the packages whose modules may not import each other in a circle (safechat itself: its cli over the three)
+PACKAGES = ("runtime", "safechat.convert", "safechat.train", "safechat.bench", "safechat")
 
 
 def test_import_linter_contracts_hold():
@@ -41,7 +42,7 @@ def _cycles(graph, package: str) -> list[list[str]]:
 
 def test_no_import_circle_inside_a_package():
     grimp = pytest.importorskip("grimp")
-    graph = grimp.build_graph(*PACKAGES)
+    graph = grimp.build_graph("runtime", "safechat")
     circles = {p: _cycles(graph, p) for p in PACKAGES}
     assert not any(circles.values()), circles
 
@@ -58,7 +59,7 @@ def test_the_circle_finder_finds_one():
 # Where an import of another package may sit inside a function (docs/design.md, section 5): the `safechat`
 # CLI loads a verb's package when that verb runs; packages above `convert` load torch-backed modules (train,
 # convert's references, bench's training benches) when used; any package loads the runtime's backends
-# (llama.cpp, onnxruntime) when it opens a file; bench/memory.py measures the import itself.
+# (llama.cpp, onnxruntime) when it opens a file; safechat/bench/memory.py measures the import itself.
 LAZY_OK = {"runtime.backends.llama", "runtime.backends.onnx", "runtime.backends.native_loop", "runtime._native"}
 
 
@@ -67,7 +68,7 @@ def _function_level_imports(package: str):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for path in sorted((root / package).rglob("*.py")):
+    for path in sorted(root.joinpath(*package.split(".")).rglob("*.py")):
         tree = ast.parse(path.read_text())
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -82,7 +83,25 @@ def _function_level_imports(package: str):
 
 def test_the_runtime_is_imported_at_module_level_by_the_packages_above_it():
     """runtime needs neither torch nor a backend library to import: hiding it in a function body buys nothing."""
-    found = [f"{p}:{line} {mod}" for pkg in ("convert", "train", "bench", "safechat")
+    found = [f"{p}:{line} {mod}" for pkg in ("safechat",)  # the command line, convert, train and bench
              for p, line, mod in _function_level_imports(pkg)
-             if mod.split(".")[0] == "runtime" and mod not in LAZY_OK and p != "bench/memory.py"]
+             if mod.split(".")[0] == "runtime" and mod not in LAZY_OK and p != "safechat/bench/memory.py"]
     assert not found, found
+
+
+def test_every_module_of_safechat_sits_in_a_layer():
+    """The layers name safechat's modules one by one (safechat.cli, safechat.bench, ...): a new module or
+    subpackage inside safechat must join a layer, or the contract would silently not cover it."""
+    import pkgutil
+    from pathlib import Path
+
+    import safechat
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    conf = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in conf["contracts"] if c["type"] == "layers"]
+    named = {m.strip() for layer in layers for part in layer.split("|") for m in part.split(":")}
+    children = {f"safechat.{m.name}" for m in pkgutil.iter_modules(safechat.__path__)}
+    assert children and children <= named, sorted(children - named)
+    assert {"safechat.cli", "safechat.bench", "safechat.train", "safechat.convert", "runtime"} <= named
+    assert conf["root_packages"] == ["safechat", "runtime"]  # the two import names the wheel installs

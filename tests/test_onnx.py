@@ -1,4 +1,4 @@
-"""ONNX export (convert/onnx_export.py) and the ONNX backend (runtime/backends/onnx.py) on the tiny model."""
+"""ONNX export (safechat/convert/onnx_export.py) and the ONNX backend (runtime/backends/onnx.py) on the tiny model."""
 import shutil
 
 import numpy as np
@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 
 import runtime  # noqa: E402
 from runtime.contract import MetadataError  # noqa: E402
-from convert.onnx_export import export_onnx  # noqa: E402
+from safechat.convert.onnx_export import export_onnx  # noqa: E402
 from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import ll  # noqa: E402
 from runtime.errors import ModelFileError  # noqa: E402
@@ -168,12 +168,12 @@ def test_convert_cli_onnx_subcommand(tiny_safe, tiny_base, tmp_path):
     import sys
     gguf = tmp_path / "m.gguf"
     shutil.copy(tiny_safe, gguf)
-    r = subprocess.run([sys.executable, "-m", "convert", "onnx", str(gguf), str(tmp_path / "m.onnx"), "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "safechat.convert", "onnx", str(gguf), str(tmp_path / "m.onnx"), "--quiet"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     import runtime
     m = runtime.load(tmp_path / "m.onnx", backend="onnx", n_ctx=256)
     assert m.chat("hi", max_tokens=3).safety.checks >= 1
-    r = subprocess.run([sys.executable, "-m", "convert", "onnx", str(tiny_base), str(tmp_path / "x.onnx")],
+    r = subprocess.run([sys.executable, "-m", "safechat.convert", "onnx", str(tiny_base), str(tmp_path / "x.onnx")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

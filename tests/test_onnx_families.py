@@ -1,4 +1,4 @@
-"""The ONNX export of every family but llama (convert/onnx_hf.py: transformers' layers in the graph) runs
+"""The ONNX export of every family but llama (safechat/convert/onnx_hf.py: transformers' layers in the graph) runs
 in the runtime's ONNX backend as llama.cpp runs the same GGUF: the same prompt tokens, next-token logits
 and [CLS] verdicts at the prompt and inside the answer, the same greedy answer; `convert onnx` verifies
 and stamps the file, and int8 quantizes its layers."""
@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import runtime  # noqa: E402
-from convert.hf_import import convert_any  # noqa: E402
-from convert.onnx_export import export_onnx  # noqa: E402
+from safechat.convert.hf_import import convert_any  # noqa: E402
+from safechat.convert.onnx_export import export_onnx  # noqa: E402
 from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import ll  # noqa: E402
 from runtime.strategy import SafetyPolicy  # noqa: E402
@@ -67,9 +67,9 @@ def test_onnx_backend_computes_what_llama_cpp_computes(exported):
 def test_convert_onnx_verifies_and_stamps_it_and_int8_quantizes_its_layers(exported, tmp_path):
     import onnx
 
-    from convert.__main__ import main
-    from convert.stamp import read_stamp
-    from convert.verify import PROMPTS_V1
+    from safechat.convert.__main__ import main
+    from safechat.convert.stamp import read_stamp
+    from safechat.convert.verify import PROMPTS_V1
     from runtime.contract import VERIFIED
 
     name, d = exported

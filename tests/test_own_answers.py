@@ -1,8 +1,8 @@
 """Own answers for the cls recipe: the runtime's greedy tokens, [CLS] placed inside them."""
 from runtime.backends.base import Sampling
 from runtime.backends.llama import LlamaBackend, LlamaModelFile
-from train.cls_recipe import Encoded, encode
-from train.own_answers import add_own_answers, generate, pick, with_answer
+from safechat.train.cls_recipe import Encoded, encode
+from safechat.train.own_answers import add_own_answers, generate, pick, with_answer
 
 
 def _encoded(mf, n):

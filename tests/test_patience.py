@@ -1,12 +1,12 @@
-"""train/patience.py: threshold pairs with patience (consecutive unsafe verdicts), exact against a brute-force
+"""safechat/train/patience.py: threshold pairs with patience (consecutive unsafe verdicts), exact against a brute-force
 search over the runtime's rule and against the runtime itself."""
 import random
 
 import numpy as np
 import pytest
 
-from train.calibrate import pick_pair, split_max
-from train.patience import best_policy, critical, pick, refused, simulate
+from safechat.train.calibrate import pick_pair, split_max
+from safechat.train.patience import best_policy, critical, pick, refused, simulate
 
 
 def _traces(rng, n, hi=1.0):
@@ -64,7 +64,7 @@ def test_simulate_is_what_the_runtime_does(tiny_safe):
     """The rule on an observed trace decides as the runtime does with that patience and pair (greedy)."""
     from runtime.model import load
     from runtime.strategy import SafetyPolicy
-    from train.calibrate import observe
+    from safechat.train.calibrate import observe
     prompts = ["the sun and the rain", "a road by the hill", "the lamp in the book", "open the door", "tree"]
     examples = [{"prompt": p} for p in prompts]
     with load(tiny_safe, threads=1, allow_unverified=True) as m:

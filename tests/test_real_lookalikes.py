@@ -1,11 +1,11 @@
-"""The real look-alike family (train/real_lookalikes.py): cleaning, screening, group splits, and its place in
+"""The real look-alike family (safechat/train/real_lookalikes.py): cleaning, screening, group splits, and its place in
 the data set, calibration and the refusal-phrase detector of `bench drift`."""
 import numpy as np
 import pytest
 
-from bench.drift import says_refusal
-from train import data, real_lookalikes as rl
-from train.calibrate import best_pair, held_out_conversations
+from safechat.bench.drift import says_refusal
+from safechat.train import data, real_lookalikes as rl
+from safechat.train.calibrate import best_pair, held_out_conversations
 
 
 def test_clean_strips_exam_options_and_headers():

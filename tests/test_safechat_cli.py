@@ -109,7 +109,7 @@ def test_the_built_wheel_runs_and_builds_the_default_model(tmp_path):
     (wheel,) = dist.glob("safechat-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("runtime/assets/smollm2-135m/") for n in names)
-    assert "convert/verify_prompts_v2.json" in names and "safechat/cli.py" in names and "bench/__main__.py" in names
+    assert "safechat/convert/verify_prompts_v2.json" in names and "safechat/cli.py" in names and "safechat/bench/__main__.py" in names
     assert any(n.startswith("runtime/_native") for n in names)  # compiled into the wheel where a compiler exists
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -53,7 +53,7 @@ def test_the_file_appends_side_tokens_before_the_three_safety_tokens(side_model)
 
 def _reference(base, art, tokens: list[int], covered: list[int]) -> list[float]:
     torch = pytest.importorskip("torch")
-    from convert.llama_torch import FrozenLlama
+    from safechat.convert.llama_torch import FrozenLlama
 
     ref = FrozenLlama(base)
     kv, _ = ref.prefill(torch.tensor([tokens]))
@@ -172,7 +172,7 @@ def test_onnx_backend_gives_llama_cpp_s_verdicts(side_model, tmp_path):
     pytest.importorskip("torch")
     import shutil
 
-    from convert.onnx_export import export_onnx
+    from safechat.convert.onnx_export import export_onnx
     from runtime.backends.base import Sampling
 
     _, safe, _ = side_model

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import runtime
-from convert.stamp import read_stamp, write_stamped
+from safechat.convert.stamp import read_stamp, write_stamped
 from runtime.contract import PREFIX, VERIFICATION, VERIFIED, stamp_mismatches, verification_problem
 from runtime.errors import ModelFileError
 from runtime.gguf_io import architecture, copied_fields, copied_tensors, read_gguf, scalar_kv, write_gguf

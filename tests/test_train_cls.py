@@ -8,9 +8,9 @@ torch = pytest.importorskip("torch")
 
 from runtime.backends.base import Sampling  # noqa: E402
 from runtime.backends.llama import LlamaBackend, LlamaModelFile  # noqa: E402
-from train.cls_recipe import (Encoded, KVCache, auroc, calibrate, encode, score_gguf,  # noqa: E402
+from safechat.train.cls_recipe import (Encoded, KVCache, auroc, calibrate, encode, score_gguf,  # noqa: E402
                                shared_prefixes, train_cls)  # noqa: E402
-from convert.llama_torch import FrozenLlama  # noqa: E402
+from safechat.convert.llama_torch import FrozenLlama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_encode_places_cls_after_prompt_and_inside_responses(tiny_base):
 
 
 def test_report_names_a_directory_without_a_card(tmp_path):
-    from train.__main__ import main
+    from safechat.train.__main__ import main
     with pytest.raises(SystemExit, match="card.json not found.*not a safety artifact"):
         main(["report", str(tmp_path)])
 
@@ -171,7 +171,7 @@ def test_report_states_the_calibration_of_old_and_new_cards():
     import json
 
     from runtime.default_model import ASSET
-    from train.__main__ import metrics_table
+    from safechat.train.__main__ import metrics_table
     card = json.loads((ASSET / "card.json").read_text())  # calibrated on every val conversation
     line = metrics_table(card).splitlines()[-1]
     cal = card["calibration"]

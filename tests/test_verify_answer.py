@@ -5,7 +5,7 @@ import math
 import pytest
 
 from runtime.fold import convert_gguf
-from convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
+from safechat.convert.verify import PROMPTS_V1, TorchReference, load_prompts, verify_model
 from runtime.backends.llama import LlamaModelFile
 from runtime.prompt import build_prompt, prompt_tokens
 from tests.tiny_model import random_artifact
@@ -54,7 +54,7 @@ def test_a_file_that_checks_only_the_prompt_verifies_only_the_prompt(tiny_base, 
 
 
 def test_the_cli_says_when_answer_checks_were_compared(tiny_safe, capsys):
-    from convert.__main__ import main
+    from safechat.convert.__main__ import main
     rc = main(["verify", str(tiny_safe), "--tokens", "10", "--threads", "1", "--prompts", str(PROMPTS_V1)])
     out = capsys.readouterr().out
     assert rc == 0 and "checks compared, the end of each prompt and every 4 tokens of its answer" in out

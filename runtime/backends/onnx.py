@@ -1,4 +1,4 @@
-"""onnxruntime backend over the ONNX export of `python -m convert.onnx_export` (issue 5).
+"""onnxruntime backend over the ONNX export of `python -m safechat.convert.onnx_export` (issue 5).
 
 Same `Backend` interface and the same per-check step as the llama.cpp backend: one call
 decodes `[token at n, [CLS] at n+1]` with `logits_index=0`; `logits` (row 0 only) feeds the
@@ -84,7 +84,7 @@ class OnnxModelFile:
             self.head_dim = int(props["safechat.head_dim"])
             self.n_vocab = int(props["safechat.n_vocab"])
         except (KeyError, ValueError):
-            raise ModelFileError(f"{self.path} was not written by convert.onnx_export "
+            raise ModelFileError(f"{self.path} was not written by safechat.convert.onnx_export "
                                  "(missing safechat.* shape metadata)") from None
         self.vocab_file = VocabFile(self._find_gguf(gguf, props))
         if self.vocab_file.n_vocab != self.n_vocab:

@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m bench overhead | memory | policies | soak` print Markdown tables."""
+"""Benchmarks: `safechat bench overhead | memory | policies | soak` print Markdown tables."""

@@ -18,7 +18,8 @@ MODULES = {"overhead": overhead, "memory": memory, "policies": policies, "conver
 
 
 def _usage() -> str:
-    lines = ["usage: python -m bench (or safechat bench) COMMAND [options]   (COMMAND --help for its options; '-' or '_' alike)", ""]
+    lines = ["usage: safechat bench COMMAND [options]   (COMMAND --help for its options; '-' or '_' alike; "
+             "also python -m safechat.bench)", ""]
     for name, mod in MODULES.items():
         first = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
         lines.append(f"  {name.replace('_', '-'):15s} {first}")
@@ -26,7 +27,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench COMMAND ...` (also `safechat bench COMMAND ...`)."""
+    """`safechat bench COMMAND ...` (also `python -m safechat.bench COMMAND ...`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0].replace("-", "_") if argv else ""
     if name in ("__help", "_h"):

@@ -1,6 +1,6 @@
 """What the model answers to everyday questions, per model file: the first thing a user judges.
 
-    python -m bench answers [--model A.gguf --model B.gguf ...] [--max-tokens 48] [--greedy]
+    safechat bench answers [--model A.gguf --model B.gguf ...] [--max-tokens 48] [--greedy]
 
 Each file answers the same fixed questions through `runtime.load(...).chat` with the chat
 defaults (or greedily with --greedy) and a fixed seed, so a run is repeatable. Prints one
@@ -33,7 +33,7 @@ def _correct(answer: str, expect: str | None) -> bool | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench answers", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench answers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="a safe GGUF (repeatable; default: the default model)")
     ap.add_argument("--max-tokens", type=int, default=48)

@@ -1,6 +1,6 @@
 """How fast a base model runs here: the speed half of the issue's "second base" trade-off.
 
-    python -m bench base_speed [--base GGUF ...] [--prompts 40] [--new 64] [--threads 2]
+    safechat bench base_speed [--base GGUF ...] [--prompts 40] [--new 64] [--threads 2]
 
 For the default base (SmolLM2-135M-Instruct, Q4_1) and each `--base` file: parameters (all, the token
 embeddings, the rest: the body a [CLS] reads; and the embeddings' spread as stored), file size,
@@ -70,14 +70,14 @@ def measure(path: Path, prompts: list[dict], n_new: int, threads: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench base_speed", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench base_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, nargs="*", default=[], help="other base GGUF files to compare")
     ap.add_argument("--prompts", type=int, default=40, help="validation prompts to time")
     ap.add_argument("--new", type=int, default=64, help="tokens generated after each prompt")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from train.data import build_dataset
+    from safechat.train.data import build_dataset
 
     prompts = [e for e in build_dataset(seed=0) if e["split"] == "val"][:args.prompts]
     rows = []

@@ -1,18 +1,18 @@
 """What the category head names, and what each per-app rule buys and costs, on the real model file.
 
-    python -m bench categories [--model PATH] [--splits val test] [--limit N] [--save scores.json]
+    safechat bench categories [--model PATH] [--splits val test] [--limit N] [--save scores.json]
 
 Every val and test example (plain, jailbreak-wrapped, prefilled, suffixed, look-dangerous) goes
 through the runtime's own prompt check on the model file (llama.cpp): p_unsafe and the category
 scores of the [CLS] at the end of the prompt, the check the default file acts on. Labels are
-`train.categories` (the sources' own labels, then keyword rules). Tables:
+`safechat.train.categories` (the sources' own labels, then keyword rules). Tables:
 
 1. per category: rows, precision and recall of the top category, recall at the file's threshold
    and the share of other rows reaching it;
 2. `allow={X}`, per X: of the harmful requests the file refuses, how many of category X it now
    answers (the purpose) and how many of other categories (the cost); of the benign requests of
    topic X it refuses, how many it now answers (a benign request's topic: its source's label, or the harm
-   topic its look-dangerous template sits next to, `train.hardneg.TOPICS`: pentest careers for cyber);
+   topic its look-dangerous template sits next to, `safechat.train.hardneg.TOPICS`: pentest careers for cyber);
 3. `block={X}`: benign requests of topic X refused before and after, and benign requests of other
    topics refused before and after (the collateral);
 4. `controversial="loose"`: controversial and other harmful requests answered.
@@ -32,9 +32,9 @@ from runtime.backends.base import Sampling
 from runtime.model import load
 from runtime.policy import SafetyPolicy, apply_rules
 
-from train.calibrate import messages
-from train.categories import benign_topic, label_examples
-from train.category_head import category_metrics
+from safechat.train.calibrate import messages
+from safechat.train.categories import benign_topic, label_examples
+from safechat.train.category_head import category_metrics
 from runtime.artifact import load_artifact
 from runtime.default_model import ASSET
 
@@ -59,7 +59,7 @@ def _frac(k: int, n: int) -> str:
 
 
 def _topic(r: dict) -> str | None:
-    """A benign row's harm topic (`train.categories.benign_topic`); a row without one is taken by its category,
+    """A benign row's harm topic (`safechat.train.categories.benign_topic`); a row without one is taken by its category,
     which is what benign_topic gives every row whose source names one."""
     return r["topic"] if "topic" in r else r["cat"]
 
@@ -107,7 +107,7 @@ def tables(rows: list[dict], cats, thr: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench categories")
+    ap = argparse.ArgumentParser(prog="safechat bench categories")
     ap.add_argument("--model", help="safe GGUF with a category head (default: the embedded default)")
     ap.add_argument("--artifact", type=Path, default=None,
                     help="the artifact whose card names the data set (default: the packaged default's)")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save", type=Path, default=None, help="write every example's scores here (JSON)")
     args = ap.parse_args(argv)
 
-    from train.data import dataset_for
+    from safechat.train.data import dataset_for
 
     art = load_artifact(args.artifact or ASSET)
     examples = dataset_for(art.card)

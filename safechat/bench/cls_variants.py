@@ -1,7 +1,7 @@
 """Variants of the frozen `cls` recipe: more capacity (K chained side tokens), an earlier read-out layer, more
 epochs, another learning rate or another base model. Does any help the signal?
 
-    python -m bench cls_variants [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
+    safechat bench cls_variants [--k 1 4] [--read-layers 16 20 24] [--epochs 10] [--suffixes]
                                  [--out bench/out/cls_variants] [--kv-cache FILE] [--artifact DIR ...]
                                  [--base GGUF] [--lr LR ...]
 
@@ -47,7 +47,7 @@ DEFAULT_LR = 3e-3  # train cls's (train_cls's) rate for the [CLS] rows
 
 
 def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
-    from train.cls_recipe import auroc, calibrate, rates
+    from safechat.train.cls_recipe import auroc, calibrate, rates
 
     def prompt_end(split):
         enc, sc = by_split[split], res[split]
@@ -73,7 +73,7 @@ def _row(name: str, res: dict, by_split: dict, max_fpr: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench cls_variants", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench cls_variants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, nargs="*", default=[1, 4], help="side-token counts to compare")
     ap.add_argument("--read-layers", type=int, nargs="*", default=[],
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from train.cls_data import training_set
-    from train.cls_recipe import KVCache, score_cached, train_cls
-    from convert.reference import load_frozen
+    from safechat.train.cls_data import training_set
+    from safechat.train.cls_recipe import KVCache, score_cached, train_cls
+    from safechat.convert.reference import load_frozen
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

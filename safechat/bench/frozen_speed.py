@@ -1,11 +1,11 @@
 """The `cls` recipe's frozen base, hand-written against transformers: prefill and [CLS] training speed.
 
-    python -m bench frozen_speed [--base BASE.gguf] [--sequences 64] [--tokens 160] [--steps 5]
+    safechat bench frozen_speed [--base BASE.gguf] [--sequences 64] [--tokens 160] [--steps 5]
 
 On the same random token sequences of one base: the frozen model's key/value prefill (tokens/s)
 and training steps of the [CLS] row against those cached keys/values (forward + backward +
-Adam, [CLS] queries/s), once through the hand-written model (convert/llama_torch.py or
-gemma3_torch.py) and once through transformers (convert/hf_frozen.py), which is what every other
+Adam, [CLS] queries/s), once through the hand-written model (safechat/convert/llama_torch.py or
+gemma3_torch.py) and once through transformers (safechat/convert/hf_frozen.py), which is what every other
 family runs on. Also printed: the largest difference between the two [CLS] hidden states (they are
 one computation). The first step of each is left out (warm-up).
 """
@@ -36,7 +36,7 @@ def _time_steps(model, kv, lens, steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench frozen_speed", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench frozen_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="base GGUF of a llama or gemma3 model (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--sequences", type=int, default=64)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from convert.reference import load_frozen
+    from safechat.convert.reference import load_frozen
 
     torch.set_num_threads(args.threads)
     base = args.base or base_smollm2()

@@ -1,6 +1,6 @@
 """Does generation in one thread stop another Python thread? A counter measures it.
 
-    python -m bench gil [--model PATH] [--tokens 128] [--threads 1]
+    safechat bench gil [--model PATH] [--tokens 128] [--threads 1]
 
 A pure-Python counter runs in the main thread for the whole time another thread generates
 (checks every 4th step). Its rate is compared with its rate alone: 100% means generation never
@@ -58,7 +58,7 @@ def _rate_during(model, tokens: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench gil", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="safechat bench gil", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a safe GGUF (default: the embedded default model)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (leave a core for the counter)")

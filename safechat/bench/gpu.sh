@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The cost-of-safety benchmark on a GPU machine, in one call, from files carried in the tree (no network).
 #
-#   OUT=/some/dir bash bench/gpu.sh            # run from the repository root
+#   OUT=/some/dir bash safechat/bench/gpu.sh            # run from the repository root
 #
 # Written for the lent NVIDIA H200 machine (CUDA 13 + nvcc, python3 3.12 with numpy, jinja2,
 # safetensors, tqdm, matplotlib, torch, onnx, onnxscript, onnxruntime, cmake, ninja and
@@ -30,11 +30,11 @@
 #   cp "$(python -c 'from runtime.default_model import default_model_path as p; print(p())')" .gpu/model.gguf
 #
 # Writes to $OUT: overhead.md (the table), overhead.json (raw runs), overhead.png, env.txt, gpu.log.
-# Rehearse it on a CPU machine (tiny model, few tokens): REQUIRE_CUDA=0 TOKENS=2 RUNS=1 OUT=... bash bench/gpu.sh
+# Rehearse it on a CPU machine (tiny model, few tokens): REQUIRE_CUDA=0 TOKENS=2 RUNS=1 OUT=... bash safechat/bench/gpu.sh
 # Budget: under 8 minutes with the sdist build, about 2 without. Every check of a prerequisite runs
 # before the first long step, so a missing file fails in seconds with a message naming it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."   # the repository root
 REPO=$PWD
 GPU_DIR=${GPU_DIR:-$REPO/.gpu}
 PY=${PYTHON:-python3}
@@ -44,7 +44,7 @@ RUNS=${RUNS:-5}
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}   # 0: a rehearsal on a CPU machine (accepts a CPU llama-cpp-python, no GPU)
 T0=$SECONDS
 
-die() { echo "bench/gpu.sh: $*" >&2; exit 2; }
+die() { echo "safechat/bench/gpu.sh: $*" >&2; exit 2; }
 say() { echo "[gpu.sh $((SECONDS - T0))s] $*"; }
 
 [ -n "${OUT:-}" ] || die "set OUT to the folder that receives the results"
@@ -120,7 +120,7 @@ if [ "$ONNX_MODE" != off ]; then
   if [ ! -f "$ONNX" ]; then
     say "exporting ONNX (float32) from $MODEL"
     mkdir -p /tmp/onnx && cp "$MODEL" /tmp/onnx/model.gguf && ONNX=/tmp/onnx/model.onnx
-    timeout 180 "$PY" -m convert onnx /tmp/onnx/model.gguf "$ONNX" || { say "ONNX export failed: ONNX rows skipped"; ONNX=""; }
+    timeout 180 "$PY" -m safechat.convert onnx /tmp/onnx/model.gguf "$ONNX" || { say "ONNX export failed: ONNX rows skipped"; ONNX=""; }
   elif [ ! -f "$GPU_DIR/model.gguf" ]; then  # the ONNX backend reads its vocabulary from model.gguf beside it
     mkdir -p /tmp/onnx && cp "$GPU_DIR/model.onnx" /tmp/onnx/ && cp "$MODEL" /tmp/onnx/model.gguf && ONNX=/tmp/onnx/model.onnx
   fi
@@ -128,8 +128,8 @@ if [ "$ONNX_MODE" != off ]; then
 fi
 
 # -- the benchmark ------------------------------------------------------------------------------
-say "python -m bench overhead (n_gpu_layers 999, $TOKENS tokens, $RUNS runs)"
-timeout $((480 - (SECONDS - T0) > 60 ? 480 - (SECONDS - T0) : 60)) "$PY" -m bench overhead --model "$MODEL" \
+say "safechat bench overhead (n_gpu_layers 999, $TOKENS tokens, $RUNS runs)"
+timeout $((480 - (SECONDS - T0) > 60 ? 480 - (SECONDS - T0) : 60)) "$PY" -m safechat.bench overhead --model "$MODEL" \
   --n-gpu-layers 999 --tokens "$TOKENS" --runs "$RUNS" "${ONNX_ARGS[@]}" \
   --json "$OUT/overhead.json" --png "$OUT/overhead.png" | tee "$OUT/overhead.md"
 say "done"

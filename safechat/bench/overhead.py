@@ -1,6 +1,6 @@
 """The cost of safety: plain llama-cpp-python against the runtime with checks off / every k / default.
 
-    python -m bench overhead [--model PATH] [--tokens 128] [--runs 5] [--every 1 4 8] [--onnx PATH]
+    safechat bench overhead [--model PATH] [--tokens 128] [--runs 5] [--every 1 4 8] [--onnx PATH]
                              [--n-gpu-layers N] [--threads N] [--png out.png] [--json out.json]
 
 One process, one fixed benign prompt, greedy, fixed length. Configurations, each with one warm-up
@@ -32,7 +32,7 @@ start of the run. The footer gives what each load added and the process peak.
 
 **Python share**: after the timed runs, one more instrumented run per configuration times the
 engine: every llama.cpp/onnxruntime call made from Python is wrapped with a clock pair
-(bench/engine_time.py), and the native loop reports its own time inside C (`usage.native_seconds`).
+(safechat/bench/engine_time.py), and the native loop reports its own time inside C (`usage.native_seconds`).
 Python share = (wall - engine time - native loop time) / wall: the strategy, ctypes glue,
 detokenizing and the caller's loop. This times the very calls it attributes, in the run it
 reports, with no profiler hooks on every Python line (cProfile would inflate the Python side many
@@ -304,7 +304,7 @@ def table(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="safechat bench overhead", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="safe GGUF (default: the embedded default model)")
     ap.add_argument("--onnx", default=None, help="also the ONNX backend on this .onnx (its GGUF beside it)")
     ap.add_argument("--tokens", type=int, default=128)

@@ -1,6 +1,6 @@
 """What prefix reuse buys and changes when generating the base model's own answers (train --own-answers).
 
-    python -m bench own_answers [--n 150] [--tokens 32]
+    safechat bench own_answers [--n 150] [--tokens 32]
 
 A seeded sample of the training prompts `train cls --own-answers --own-hardneg` answers, generated
 greedily twice through the runtime's llama.cpp backend: a fresh pass per prompt (as the runtime
@@ -17,15 +17,15 @@ from runtime.fetch import base_smollm2
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench own_answers")
+    ap = argparse.ArgumentParser(prog="safechat bench own_answers")
     ap.add_argument("--n", type=int, default=150, help="prompts to answer")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     from runtime.backends.llama import LlamaModelFile
-    from train import data
-    from train.cls_recipe import encode
-    from train.own_answers import generate, pick
+    from safechat.train import data
+    from safechat.train.cls_recipe import encode
+    from safechat.train.own_answers import generate, pick
 
     base = base_smollm2()
     mf = LlamaModelFile(base)

@@ -1,8 +1,8 @@
 """How many tokens each check policy needs to catch prefill attacks, and what it costs on benign ones.
 
-    python -m bench policies [--model PATH] [--tokens 48] [--limit N] [--policy 'every 4' ...]
+    safechat bench policies [--model PATH] [--tokens 48] [--limit N] [--policy 'every 4' ...]
 
-Prompts: a held-out split of the training data (train/data.py; `--split test` by default, `val` to
+Prompts: a held-out split of the training data (safechat/train/data.py; `--split test` by default, `val` to
 choose between models without looking at test): harmful requests with an
 attacker's assistant prefill ("Sure, here is ..."), and benign requests (with and without a
 prefill). Each policy generates greedily; the table shows, for the attacks, how many were caught
@@ -17,7 +17,7 @@ import statistics
 
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
-from train.calibrate import held_out_prompts, messages
+from safechat.train.calibrate import held_out_prompts, messages
 
 POLICIES = {
     "every 1": SafetyPolicy(every=1),
@@ -36,7 +36,7 @@ POLICIES = {
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench policies")
+    ap = argparse.ArgumentParser(prog="safechat bench policies")
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=0, help="use at most this many prompts per group")
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", action="append", choices=list(POLICIES), metavar="NAME",
                     help="run only this policy (repeatable; default: all of them)")
     args = ap.parse_args(argv)
-    from train.data import build_dataset
+    from safechat.train.data import build_dataset
 
     attacks, benign = held_out_prompts(build_dataset(seed=0), args.split, args.limit)
     model = load(args.model)

@@ -1,6 +1,6 @@
 """Where the cost of a check goes: one decode with and without the side [CLS], split in two.
 
-    python -m bench profile [--model PATH] [--context 64 256] [--iters 200] [--threads N]
+    safechat bench profile [--model PATH] [--context 64 256] [--iters 200] [--threads N]
 
 At a fixed cache length n (a prompt of n tokens), times llama_decode of
   A  [token]                   logits for the token            (a plain step)
@@ -66,7 +66,7 @@ def profile(path, contexts, iters, threads):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="safechat bench profile", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--context", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--iters", type=int, default=200)

@@ -1,6 +1,6 @@
 """Soak: many short turns across many conversations through one loaded model; memory must stay flat.
 
-    python -m bench soak [--turns 10000] [--conversations 50] [--model PATH]
+    safechat bench soak [--turns 10000] [--conversations 50] [--model PATH]
 
 Without --model it runs the default model (short answers: at most 8 tokens per turn). Resident memory (RSS, from
 /proc/self/statm) is sampled every `--every` turns; the table reports the least-squares slope
@@ -22,7 +22,7 @@ from .common import rss_mb
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench soak")
+    ap = argparse.ArgumentParser(prog="safechat bench soak")
     ap.add_argument("--turns", type=int, default=10_000)
     ap.add_argument("--conversations", type=int, default=50)
     ap.add_argument("--max-turns-per-conversation", type=int, default=8)

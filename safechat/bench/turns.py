@@ -1,6 +1,6 @@
 """Time to first token as a conversation grows, with and without the previous turn's cache kept.
 
-    python -m bench turns [--model M.gguf] [--turns 10] [--max-tokens 32] [--report 1 5 10]
+    safechat bench turns [--model M.gguf] [--turns 10] [--max-tokens 32] [--report 1 5 10]
 
 One scripted conversation (the same user turns, greedy answers) is played twice through
 `runtime.load(...)`: once as the runtime does by default (the backend keeps the cache cells of
@@ -51,7 +51,7 @@ def play(model, turns: int, max_tokens: int) -> list[tuple[int, float, int]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench turns", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat bench turns", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a safe GGUF (default: the default model)")
     ap.add_argument("--turns", type=int, default=10)

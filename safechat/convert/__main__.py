@@ -1,9 +1,9 @@
-"""`python -m convert`: fold a safety artifact into a GGUF, quantize it, verify it.
+"""`python -m safechat.convert`: fold a safety artifact into a GGUF, quantize it, verify it.
 
-    python -m convert gguf --base BASE.gguf --artifact DIR --out OUT.gguf [--quant F16|Q8_0|Q4_K_M|Q4_0|none] [--force]
-    python -m convert quantize SAFE.gguf OUT.gguf --quant Q8_0 [--no-verify]
-    python -m convert verify MODEL.gguf|MODEL.onnx [...] [--reference REF.gguf] [--json OUT.json] [--record]
-    python -m convert onnx SAFE.gguf OUT.onnx [--quant int8|int4|int8-dynamic]
+    safechat convert --base BASE.gguf --artifact DIR --out OUT.gguf [--quant F16|Q8_0|Q4_K_M|Q4_0|none] [--force]
+    safechat quantize SAFE.gguf OUT.gguf --quant Q8_0 [--no-verify]
+    safechat verify MODEL.gguf|MODEL.onnx [...] [--reference REF.gguf] [--json OUT.json] [--record]
+    safechat export-onnx SAFE.gguf OUT.onnx [--quant int8|int4|int8-dynamic]
 
 Errors are one line on stderr (`error: ...`) with exit code 2; `verify` exits 1 when a model
 misses the bar (verdict agreement >= 99%, mean |delta p_unsafe| <= 0.02), and so do `quantize`
@@ -203,13 +203,13 @@ def _verify_options(p: argparse.ArgumentParser, when: str) -> None:
     p.add_argument("--tokens", type=int, default=8,
                    help="verification: greedy tokens compared per prompt for the next-token agreement figure "
                         "(default 8; the bar uses only the end-of-prompt verdicts; `verify` defaults to 32)")
-    p.add_argument("--prompts", help="verification: prompt set JSON (default: convert/verify_prompts_v2.json)")
+    p.add_argument("--prompts", help="verification: prompt set JSON (default: safechat/convert/verify_prompts_v2.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="verification: per-prompt progress on stderr")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: up to 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m safechat.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("gguf", help="base GGUF + safety artifact -> safe GGUF (optionally quantized)")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_quantize)
 
     o = sub.add_parser("onnx", help="safe GGUF -> ONNX with a KV cache and a dedicated safety output")
-    o.add_argument("gguf", help="a safe GGUF (from `python -m convert gguf`)")
+    o.add_argument("gguf", help="a safe GGUF (from `safechat convert`)")
     o.add_argument("out", help="output .onnx file (written atomically)")
     o.add_argument("--quant", choices=("int8", "int4", "int8-dynamic"), default=None,
                    help="onnxruntime weight quantization (int8 = 8-bit MatMulNBits, recommended)")
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="write the full results here")
     v.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per prompt (default 32)")
     v.add_argument("--prompts",
-                   help="prompt set JSON (default: convert/verify_prompts_v2.json; v1 reproduces older figures)")
+                   help="prompt set JSON (default: safechat/convert/verify_prompts_v2.json; v1 reproduces older figures)")
     v.add_argument("-v", "--verbose", action="store_true", help="per-prompt progress on stderr")
     v.add_argument("--threads", type=int, default=None, help="CPU threads of the model's runtime (default: up to 8)")
     v.add_argument("--record", action="store_true",

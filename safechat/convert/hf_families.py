@@ -15,7 +15,7 @@ logits with transformers' (tests/test_hf_families.py):
 - gemma3 (Gemma 3 text models, 270M/1B): RMS norms store w where Gemma computes x * (1 + w), so
   1 is added (as llama.cpp's converter does); post-attention and post-MLP norms; a sliding window
   on five layers of six and a separate local rope base. Input embeddings are scaled by sqrt(d) in
-  both, so a [CLS] row of a gemma3 artifact is a row of the file (convert/gemma3_torch.py).
+  both, so a [CLS] row of a gemma3 artifact is a row of the file (safechat/convert/gemma3_torch.py).
 - phi3 (Phi-3, Phi-3.5-mini, Phi-4-mini): fused qkv and gate/up projections, partial rotary.
 
 What a family's converter cannot vouch for (rope scalings other than linear/llama3, a Mistral

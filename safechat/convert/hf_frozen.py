@@ -1,10 +1,10 @@
 """Any family the importer knows as the frozen base of the `cls` recipe, computed by transformers.
 
-    model = FrozenHF("qwen3.gguf")       # what convert.reference.load_frozen returns for qwen2/qwen3/phi3
+    model = FrozenHF("qwen3.gguf")       # what safechat.convert.reference.load_frozen returns for qwen2/qwen3/phi3
 
 The recipe's interface of `FrozenLlama` (`cfg`, `embed`, `prefill`, `forward` with past keys/values
 and a 4D mask, `cls_forward` against cached keys/values, `w["token_embd.weight"]`), on top of the
-transformers model of the file's weights (`convert/hf_reference.py`: the model `verify` checks
+transformers model of the file's weights (`safechat/convert/hf_reference.py`: the model `verify` checks
 llama.cpp against). Every pass goes through transformers' own decoder layers with
 an explicit 4D mask and explicit position ids, which is all strategic attention needs: a [CLS] row is
 an input embedding at the position of the token after its context, attending to the context's
@@ -12,7 +12,7 @@ cached keys/values and to itself, and nothing attends to it.
 
 Why `FrozenLlama`/`FrozenGemma3` stay for llama and gemma3: their `cls_forward` splits the context's
 and the side rows' attention so backpropagation never builds gradients for the (frozen) context
-keys/values; through transformers' attention it does. `python -m bench frozen_speed` measures the
+keys/values; through transformers' attention it does. `safechat bench frozen_speed` measures the
 difference (docs/byom.md). Keys/values here are in transformers' layout (rotate-half rotary), not
 llama.cpp's; they only ever meet this class's own queries.
 

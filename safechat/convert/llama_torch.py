@@ -85,7 +85,7 @@ class FrozenLlama:
         reader = gguf.GGUFReader(str(path))
         arch = _field(reader, "general.architecture")
         if arch != self.ARCH:
-            supported = "llama and gemma3 (convert.reference.load_frozen)"
+            supported = "llama and gemma3 (safechat.convert.reference.load_frozen)"
             raise ValueError(f"{path}: architecture {arch!r} is not read by {type(self).__name__}; "
                              f"the torch recipes support {supported}")
         a = arch
@@ -208,7 +208,7 @@ class FrozenLlama:
                  before it; the hidden state returned is the last one's.
         ctx_kv:  (n_layer, 2, Q, L, n_head_kv, head_dim) padded context keys/values, one per query
                  (fastest when its memory is laid out (n_layer, 2, Q, n_head_kv, L, head_dim), as
-                 `train.cls_recipe.KVCache.gather` returns it). The [CLS] is read after as many layers as it holds (output
+                 `safechat.train.cls_recipe.KVCache.gather` returns it). The [CLS] is read after as many layers as it holds (output
                  norm applied): the first n layers' keys/values read it after layer n, a measurement of
                  where the signal lives (`bench cls_variants --read-layers`; files and backends read the last).
         ctx_len: (Q,) number of valid context positions for each query; the [CLS] sits at
@@ -273,7 +273,7 @@ class FrozenLlama:
         layers: run only these layers (default: all). x is then the residual stream entering the
               first of them, and the output norm is applied only when the range ends at the last
               layer; otherwise the raw residual stream after the range is returned (the joint
-              recipe's frozen lower layers, computed once: `train/joint_cache.py`). `past` is
+              recipe's frozen lower layers, computed once: `safechat/train/joint_cache.py`). `past` is
               indexed by position in the range.
         """
         c = self.cfg

@@ -1,6 +1,6 @@
 """Safe GGUF -> ONNX with an explicit KV cache and a dedicated safety output (issue 4, ONNX).
 
-    python -m convert.onnx_export SAFE.gguf OUT.onnx [--quant int8|int4]
+    python -m safechat.convert.onnx_export SAFE.gguf OUT.onnx [--quant int8|int4]
 
 The graph (one decoder step over T new tokens after P cached positions):
 
@@ -23,8 +23,8 @@ logits_index=0): row 0 gives the next-token logits, row 1 (the [CLS]) the verdic
 caller simply does not keep the [CLS]'s key/value row (docs/design.md section 3).
 
 For llama, rotary embeddings are llama.cpp's interleaved pairs on GGUF's permuted Q/K weights (as
-in convert/llama_torch.py); qwen2, qwen3, gemma3 and phi3 files are exported through transformers'
-own layers (convert/onnx_hf.py), whose keys are in transformers' layout: the runtime only stores and
+in safechat/convert/llama_torch.py); qwen2, qwen3, gemma3 and phi3 files are exported through transformers'
+own layers (safechat/convert/onnx_hf.py), whose keys are in transformers' layout: the runtime only stores and
 feeds them back. Metadata_props: the `safety.*` keys (convert/metadata.py),
 `tokenizer.chat_template`, and `safechat.*` shape facts. Tokenization is NOT in the ONNX
 file: the ONNX backend loads the vocabulary (vocab-only) from the safe GGUF beside it
@@ -54,8 +54,8 @@ from runtime.gguf_io import architecture, ConvertError, read_gguf
 QUANTS = ("int8", "int4", "int8-dynamic")
 _HIDDEN_OP, _HIDDEN_DOMAIN = "KeepFloatGemm", "safechat.export"  # placeholder during int8 quantization
 OPSET = 18
-# llama: the graph written here over convert/llama_torch.py's layers; the others through transformers
-# (convert/onnx_hf.py)
+# llama: the graph written here over safechat/convert/llama_torch.py's layers; the others through transformers
+# (safechat/convert/onnx_hf.py)
 ONNX_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 
 
@@ -218,9 +218,9 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
     import onnx
     import torch
 
-    from convert.hf_frozen import FrozenHF
-    from convert.llama_torch import FrozenLlama
-    from convert.onnx_hf import build_hf_module
+    from safechat.convert.hf_frozen import FrozenHF
+    from safechat.convert.llama_torch import FrozenLlama
+    from safechat.convert.onnx_hf import build_hf_module
 
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if quant is not None and quant not in QUANTS:
@@ -233,7 +233,7 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
     try:  # before reading any weights
         meta = SafetyMeta.from_kv(kv, n_tok, where=str(gguf_path))
     except MetadataError as e:
-        raise MetadataError(f"{e}; convert it with `python -m convert gguf` first") from None
+        raise MetadataError(f"{e}; convert it with `safechat convert` first") from None
     llama = architecture(read_gguf(gguf_path, "model"), str(gguf_path)) == "llama"
     fl = FrozenLlama(gguf_path) if llama else FrozenHF(gguf_path)
     c = fl.cfg
@@ -292,8 +292,8 @@ def export_onnx(gguf_path: str | Path, out_path: str | Path, quant: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert.onnx_export", description=__doc__.split("\n")[0])
-    ap.add_argument("gguf", help="a safe GGUF (from `python -m convert gguf`)")
+    ap = argparse.ArgumentParser(prog="python -m safechat.convert.onnx_export", description=__doc__.split("\n")[0])
+    ap.add_argument("gguf", help="a safe GGUF (from `safechat convert`)")
     ap.add_argument("out", help="output .onnx file")
     ap.add_argument("--quant", choices=QUANTS, default=None, help="onnxruntime weight quantization")
     ap.add_argument("--quiet", action="store_true")

@@ -1,7 +1,7 @@
 """The ONNX export's decoder step for every family but llama, through transformers' own layers.
 
 `build_hf_module(FrozenHF(path), safe_id, unsafe_id, category_ids)` is a torch module with the I/O
-of `convert/onnx_export.py` (input_ids, position_ids, logits_index, past keys/values per layer in,
+of `safechat/convert/onnx_export.py` (input_ids, position_ids, logits_index, past keys/values per layer in,
 next-token logits, safety logits and the new keys/values out); `torch.onnx.export(dynamo=True)`
 traces it, cache and all. The past keys/values become a transformers `DynamicCache` inside the
 graph; the attention mask is built in the graph from the past length (the causal mask, and for
@@ -21,7 +21,7 @@ _NEG = torch.finfo(torch.float32).min
 
 
 def build_hf_module(fh, safe_id: int, unsafe_id: int, category_ids: tuple[int, ...] = ()) -> torch.nn.Module:
-    """fh: a `convert.hf_frozen.FrozenHF`; keys/values are sequence-major [1, P, Hkv, hd] as the runtime keeps them."""
+    """fh: a `safechat.convert.hf_frozen.FrozenHF`; keys/values are sequence-major [1, P, Hkv, hd] as the runtime keeps them."""
     from transformers import DynamicCache
 
     hf = fh.model

@@ -1,8 +1,8 @@
 """The torch models of a GGUF base, by architecture: what the training recipes compute against.
 
-llama and gemma3 have hand-written models (convert/llama_torch.py, convert/gemma3_torch.py: the
+llama and gemma3 have hand-written models (safechat/convert/llama_torch.py, safechat/convert/gemma3_torch.py: the
 joint recipe's LoRA hook, and a `cls_forward` that is faster to train, `bench frozen_speed`); every
-other family the importer knows runs through transformers (convert/hf_frozen.py), the same model
+other family the importer knows runs through transformers (safechat/convert/hf_frozen.py), the same model
 `verify` checks llama.cpp against.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m convert verify`: does a (converted, quantized, exported) model file behave like the torch
+"""`safechat verify`: does a (converted, quantized, exported) model file behave like the torch
 model of its weights?
 
 For every prompt of a fixed, versioned set (`verify_prompts_v2.json`, 100 prompts: benign,
@@ -10,7 +10,7 @@ its first 24, is kept for reproducing older figures) the prompt is tokenized the
   from `convert onnx`): the end-of-prompt side [CLS] check gives p_unsafe, then N greedy tokens
   (the three safety ids masked, as in the runtime);
 * the reference is the transformers model of REF's weights (dequantized to float32,
-  `convert/hf_reference.py`, any family the importer knows): the same greedy continuation (safety
+  `safechat/convert/hf_reference.py`, any family the importer knows): the same greedy continuation (safety
   ids masked) and p_unsafe of the side tokens + [CLS] decoded after the prompt, scored by REF's
   own safe/unsafe rows.
 
@@ -88,7 +88,7 @@ def _import_torch():
 # -- the torch reference -----------------------------------------------------------------------
 
 class TorchReference:
-    """Greedy continuation and p_unsafe from the transformers model of REF's weights (convert/hf_reference.py).
+    """Greedy continuation and p_unsafe from the transformers model of REF's weights (safechat/convert/hf_reference.py).
 
     A check is what the runtime decodes: the side tokens ending in the [CLS] after the tokens so far,
     scored by the safe/unsafe logits, on a copy of the key/value cache (the answer never sees it).

@@ -1,13 +1,13 @@
-"""`python -m train cls --out DIR`: build the data, train the [CLS] signal, calibrate, write the artifact.
+"""`safechat train cls --out DIR`: build the data, train the [CLS] signal, calibrate, write the artifact.
 
-`python -m train joint ...` is the paper's joint recipe (LoRA + [CLS] + head): train/joint_run.py.
+`safechat train joint ...` is the paper's joint recipe (LoRA + [CLS] + head): safechat/train/joint_run.py.
 
-`python -m train calibrate DIR` then chooses the (prompt, answer) threshold pair on val
-conversations (train/calibrate.py). The default artifact in runtime/assets/smollm2-135m was
+`safechat train calibrate DIR` then chooses the (prompt, answer) threshold pair on val
+conversations (safechat/train/calibrate.py). The default artifact in runtime/assets/smollm2-135m was
 produced by (then its four files copied there):
 
-    python -m train cls --out /tmp/art-v5 --epochs 8 --own-answers --own-hardneg
-    python -m train calibrate /tmp/art-v5
+    safechat train cls --out /tmp/art-v5 --epochs 8 --own-answers --own-hardneg
+    safechat train calibrate /tmp/art-v5
 
 Metrics in its card are measured on the converted GGUF by llama.cpp (the runtime's own path),
 on the validation split (calibration) and the held-out test split (reported).
@@ -33,7 +33,7 @@ from runtime.fold import convert_gguf
 from . import data
 from .data_card import data_card, data_card_markdown
 from .cls_recipe import metrics_for, score_gguf, train_cls
-from convert.reference import load_frozen
+from safechat.convert.reference import load_frozen
 from .cls_data import training_set
 
 
@@ -83,7 +83,7 @@ def cmd_cls(args) -> int:
         "base_vocab_size": mf.n_vocab,
         "trained_with": trained_with,
         "recipe": recipe,
-        "command": "python -m train " + shlex.join(args.argv),
+        "command": "safechat train " + shlex.join(args.argv),
         "data": {k: card_data[k] for k in card_data if k != "examples"},
         "train_sequences": len(train),
         "training": info,
@@ -98,7 +98,7 @@ def cmd_cls(args) -> int:
     (out / "scores.json").write_text(json.dumps(scores, sort_keys=True) + "\n")
     (out / "DATA_CARD.md").write_text(data_card_markdown(card_data))
     print(json.dumps(metrics, indent=2))
-    print(f"artifact written to {out} ({time.time() - t0:.0f}s); next: python -m train calibrate {out}")
+    print(f"artifact written to {out} ({time.time() - t0:.0f}s); next: safechat train calibrate {out}")
     return 0
 
 
@@ -139,7 +139,7 @@ def cmd_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="safechat train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cls", help="train the frozen-LM [CLS] signal and write a safety artifact")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     c.add_argument("--eval-limit", type=int, default=0, help="score only this many val/test examples (smoke runs)")
     c.add_argument("--own-answers", action="store_true",
                    help="give every training prefill, and the prompts chosen below, the base model's own answer "
-                        "(llama.cpp, greedy) with [CLS] positions inside it (train/own_answers.py)")
+                        "(llama.cpp, greedy) with [CLS] positions inside it (safechat/train/own_answers.py)")
     c.add_argument("--own-harmful", type=int, default=200,
                    help="with --own-answers: this many harmful prompts without a prefill get one too")
     c.add_argument("--own-benign", type=int, default=200,
@@ -163,10 +163,10 @@ def main(argv=None) -> int:
                    help="with --own-answers: every look-dangerous-but-benign training prompt gets one too")
     c.add_argument("--suffixes", action="store_true",
                    help=f"add {data.N_SUFFIXED_PER_LABEL} prompts per label with a random adversarial-looking suffix "
-                        "(train/data.py random_suffix; `python -m train heldout` measures real GCG suffixes)")
+                        "(safechat/train/data.py random_suffix; `safechat train heldout` measures real GCG suffixes)")
     c.add_argument("--side-tokens", type=int, default=1, metavar="K",
                    help="learn K chained side tokens, the last being the [CLS] (a soft prompt decoded at every "
-                        "check; `python -m bench cls_variants` measures what it buys)")
+                        "check; `safechat bench cls_variants` measures what it buys)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--workdir", default=None, help="where the temporary key/value cache goes")
     c.add_argument("--kv-cache", type=Path, default=None,

@@ -1,4 +1,4 @@
-"""`python -m train calibrate ART --budget 0.05`: thresholds from what a user sees, whole conversations.
+"""`safechat train calibrate ART --budget 0.05`: thresholds from what a user sees, whole conversations.
 
 `train cls` calibrates one threshold per [CLS] *position* (at most --max-fpr of the val benign
 positions flagged). The runtime refuses a *conversation* as soon as any check crosses its
@@ -59,7 +59,7 @@ def held_out_conversations(examples: list[dict], split: str, limit: int = 0) -> 
     attacks: every harmful example (plain, jailbreak-wrapped, prefilled); plain: benign requests as
     users send them; lookalike: benign ones that look like attacks (look-dangerous templates,
     prefilled, wrapped in a jailbreak template); real (when the data has them): real benign questions on
-    sensitive topics (`train/real_lookalikes.py`), from subjects the training split never saw.
+    sensitive topics (`safechat/train/real_lookalikes.py`), from subjects the training split never saw.
     """
     held = [e for e in examples if e["split"] == split]
     groups = {"attacks": [e for e in held if e["label"] == 1],
@@ -305,7 +305,7 @@ def add_parser(sub) -> None:
     c.add_argument("--plain-budget", type=float, default=0.02,
                    help="at most this share of the val plain benign conversations refused (default 2%%)")
     c.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
-                   help="calibrate with the real look-alike family (train/real_lookalikes.py) as its own group "
+                   help="calibrate with the real look-alike family (safechat/train/real_lookalikes.py) as its own group "
                         "(default: when the artifact was trained with it)")
     c.add_argument("--real-budget", type=float, default=0.03,
                    help="at most this share of the val real look-alikes refused (default 3%%)")
@@ -333,7 +333,7 @@ def _run(args) -> int:
     policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,
-                             command="python -m train " + shlex.join(args.argv), limit=args.limit, progress=True,
+                             command="safechat train " + shlex.join(args.argv), limit=args.limit, progress=True,
                              prompt_only=args.prompt_only, weights=args.weights, traces=args.traces,
                              real=args.real, real_budget=args.real_budget)
     print(json.dumps(out, indent=2))

@@ -1,6 +1,6 @@
 """Harm categories: one taxonomy close to MLCommons' hazard list, mapped from each source's own labels.
 
-Torch-free. The binary data set (`train.data.build_dataset`) is unchanged: a category is a second
+Torch-free. The binary data set (`safechat.train.data.build_dataset`) is unchanged: a category is a second
 label looked up per example from its source and base prompt (`base_key`), so a jailbreak-wrapped,
 prefilled or suffixed example has the category of the request inside it.
 
@@ -19,7 +19,7 @@ Where a category comes from, in order (`category_of`):
 
 The "controversial" tier marks harmful-labelled requests the sources themselves call borderline:
 uncensorbench's topics gambling, academic dishonesty, adult content and piracy (the package's
-"borderline-to-harmful" prompts, LABEL_DECISIONS in train/data.py), and Do-Not-Answer's advice,
+"borderline-to-harmful" prompts, LABEL_DECISIONS in safechat/train/data.py), and Do-Not-Answer's advice,
 flirting, sex-education, profanity and "living people" intents. Other harmful rows with a source
 label are tier 0; rows without one have no tier label.
 """

@@ -1,4 +1,4 @@
-"""`python -m train categories ART`: a harm-category head on an artifact's frozen [CLS] (issue 24).
+"""`safechat train categories ART`: a harm-category head on an artifact's frozen [CLS] (issue 24).
 
 The category rows read the same final hidden state at the same [CLS] position as the binary head,
 so they cost nothing at a check and nothing in the binary signal changes: the [CLS] input row and
@@ -6,7 +6,7 @@ the `<|safe|>`/`<|unsafe|>` rows stay bit for bit what the artifact had (its thr
 calibration, its verdicts). Training them is a probe on those hidden states: one forward pass of the
 frozen model over every example (the [CLS] at the end of its prompt, as the runtime decodes it),
 then a multinomial logistic regression without intercept (the folded rows are plain output-matrix
-rows: no bias exists to fold) over `train.categories.HEAD` on the training split, and a binary one
+rows: no bias exists to fold) over `safechat.train.categories.HEAD` on the training split, and a binary one
 for the controversial tier on the harmful training rows. Val picks each category's threshold:
 the lowest at which at most `--max-fpr` of the val rows of *other* categories reach it (allowing a
 category unlocks, and blocking it refuses, at most that share of the rest). Test is reported.
@@ -32,7 +32,7 @@ from runtime.prompt import prompt_template
 from . import data
 from .categories import CATEGORIES, HEAD, NONE, label_examples, mapping_counts
 from .cls_recipe import encode
-from convert.llama_torch import FrozenLlama
+from safechat.convert.llama_torch import FrozenLlama
 
 
 def cls_features(model: FrozenLlama, tokens: list[list[int]], cls_row: np.ndarray,
@@ -168,7 +168,7 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
     if engine not in ("torch", "llama"):
         raise SystemExit(f"error: engine must be torch or llama, not {engine!r}")
     from runtime.backends.llama import LlamaModelFile
-    from convert.reference import load_frozen
+    from safechat.convert.reference import load_frozen
 
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -256,7 +256,7 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
         "mapping": mapping_counts(examples),
         "stage_seconds": stages,
         "features_from": "llama.cpp on the F16 fold" if engine == "llama" else "torch float32",
-        "command": f"python -m train categories {art_dir} --max-fpr {max_fpr} --tier-fpr {tier_fpr}"
+        "command": f"safechat train categories {art_dir} --max-fpr {max_fpr} --tier-fpr {tier_fpr}"
                    + (" --engine llama" if engine == "llama" else ""),
     }
     art.category_head = W
@@ -273,7 +273,7 @@ CARD_SECTION = "## Harm categories"
 def categories_markdown(record: dict) -> str:
     """The data card's section: the taxonomy, where each label came from, the per-category figures."""
     m = record["mapping"]
-    lines = [CARD_SECTION, "", f"`{record['command']}` (train/categories.py holds every mapping rule). Plain requests "
+    lines = [CARD_SECTION, "", f"`{record['command']}` (safechat/train/categories.py holds every mapping rule). Plain requests "
              "(before wrapping, prefilling and suffixes; those take their base request's category):", "",
              "| category | MLCommons / Llama Guard 3 | covers | harmful | benign | train rows (all forms) |",
              "|---|---|---|---|---|---|"]

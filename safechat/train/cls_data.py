@@ -1,6 +1,6 @@
 """The data as `train cls` trains on it: examples by split, the training sequences, own answers.
 
-Shared by `python -m train cls` and `python -m bench cls_variants` (which measures variants of the
+Shared by `safechat train cls` and `safechat bench cls_variants` (which measures variants of the
 recipe on exactly these sequences)."""
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from runtime.contract import MAX_CHECK_TOKENS
 from runtime.prompt import build_prompt, prompt_tokens
 
-from convert.llama_torch import FrozenLlama
+from safechat.convert.llama_torch import FrozenLlama
 
 RESPONSE_POINTS = (8, 24, 48)  # [CLS] after this many tokens of a benign reference response
 

@@ -1,15 +1,15 @@
-"""`python -m train compare OLD NEW`: two artifacts on the held-out examples neither trained on.
+"""`safechat train compare OLD NEW`: two artifacts on the held-out examples neither trained on.
 
 When the data set grows between two artifacts (dataset v1 -> v2 added hard-negative templates),
 whole groups can move between splits, so each card's own val/test figures are measured on
 different examples, and an example in one artifact's test split may be in the other's training
 split. This command rebuilds both data sets (`--old-hardneg-templates N`: OLD was trained with the
-first N templates of train/hardneg.py), keeps the val/test examples of the current data whose
+first N templates of safechat/train/hardneg.py), keeps the val/test examples of the current data whose
 base prompt is in neither training split, scores them on both artifacts' converted GGUFs with
 llama.cpp (reusing each artifact's scores.json where it has the example), and prints AUROC and
 the rates at a threshold calibrated on these val examples (end of prompt, `--max-fpr`).
 
-    python -m train compare OLD_ARTIFACT runtime/assets/smollm2-135m --old-hardneg-templates 14
+    safechat train compare OLD_ARTIFACT runtime/assets/smollm2-135m --old-hardneg-templates 14
 """
 from __future__ import annotations
 

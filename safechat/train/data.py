@@ -293,7 +293,7 @@ def dataset_for(card: dict, cache_dir=None) -> list[dict]:
 
 
 def _real(seed: int, cache_dir) -> list[dict]:
-    """The real look-alike family (`train/real_lookalikes.py`): benign questions split by whole group (a
+    """The real look-alike family (`safechat/train/real_lookalikes.py`): benign questions split by whole group (a
     source or its subject: test subjects are never trained on) within each domain that has three groups or
     more (the others by text), harmful ones (BSS, screened) by text."""
     items = real_items(seed, cache_dir)

@@ -1,6 +1,6 @@
-"""`python -m train.data_card --out DIR`: build the data set and write it with its data card.
+"""`python -m safechat.train.data_card --out DIR`: build the data set and write it with its data card.
 
-The data card of a data set `train.data.build_dataset` made: counts by source, label, split and
+The data card of a data set `safechat.train.data.build_dataset` made: counts by source, label, split and
 augmentation, package versions and licences, label decisions, a content hash, and a Markdown table."""
 from __future__ import annotations
 

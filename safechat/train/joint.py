@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .cls_recipe import pack_batches
-from convert.llama_torch import FrozenLlama
+from safechat.convert.llama_torch import FrozenLlama
 from .lora import LoRA
 
 IGNORE = -100
@@ -119,7 +119,7 @@ def hidden(model: FrozenLlama, lora: LoRA | None, cls_row: torch.Tensor, batch: 
 
 
 def hidden_upper(model: FrozenLlama, lora: LoRA | None, x: torch.Tensor, batch: Batch, first: int) -> torch.Tensor:
-    """Final normed hidden states from the residual stream x entering layer `first` (train/joint_cache.py)."""
+    """Final normed hidden states from the residual stream x entering layer `first` (safechat/train/joint_cache.py)."""
     h, _ = model.forward(x, batch.pos, batch.mask, lin=lora.linear if lora is not None else None,
                          layers=range(first, model.cfg.n_layer))
     return h
@@ -209,7 +209,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
 
     first_layer > 0: adapters on layers first_layer.. only, the [CLS] row fixed at `init`, and
     `lower` (`joint_cache.LowerStates` for these sequences and that layer) supplies the residual
-    stream entering first_layer, so a step runs the upper layers alone (train/joint_cache.py).
+    stream entering first_layer, so a step runs the upper layers alone (safechat/train/joint_cache.py).
     lm_sample < 1: the LM loss on that random fraction of its rows per step (seeded by step).
     bf16: matrix products in bfloat16 on the CPU too (torch.autocast; the weights, adapters and
     optimizer stay float32). On a CUDA device they always are.

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .joint import JointSeq, data_digest, expanded_len, layout, make_batches
-from convert.llama_torch import FrozenLlama
+from safechat.convert.llama_torch import FrozenLlama
 
 STATES = "lower_states.npy"
 STATES_META = "lower_states.json"

@@ -43,7 +43,7 @@ from runtime.prompt import Prompt, build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
-from convert.llama_torch import DecodeCache, FrozenLlama
+from safechat.convert.llama_torch import DecodeCache, FrozenLlama
 
 PREP_VERSION = 1
 REFUSAL = "I can't help with that."

