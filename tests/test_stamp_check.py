@@ -49,7 +49,7 @@ def test_an_edited_threshold_is_refused_naming_the_edit(tiny_safe, tmp_path, cap
     assert "safety.threshold is 0.9 in the file, 0.5 in its stamp" in msg
     # the file has no answer threshold of its own: the edit moved the checks inside the answer too
     assert "safety.answer_threshold is absent (so safety.threshold, 0.9) in the file, 0.5 in its stamp" in msg
-    assert "convert verify FILE --record" in msg and "allow_unverified=True" in msg
+    assert "safechat verify FILE --record" in msg and "allow_unverified=True" in msg
     with pytest.raises(ModelFileError, match="edited after"):
         runtime.load(f, safety="off")  # the stamp is about the file, whatever the policy
     with caplog.at_level(logging.WARNING, logger="safechat"):
