@@ -114,8 +114,7 @@ def prefix(a: list[int], b: list[int]) -> int:
 
 
 def _text(model, tokens: list[int]) -> str:
-    mf = model.backend.mf
-    return b"".join(mf.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+    return b"".join(model.backend.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
 
 def measure(model, ref, examples: list[dict], n_tokens: int) -> dict:

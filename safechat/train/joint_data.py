@@ -43,6 +43,7 @@ from runtime.prompt import Prompt, build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
+from .real_lookalikes import AUGMENTATION as REAL
 from safechat.convert.llama_torch import DecodeCache, FrozenLlama
 
 PREP_VERSION = 1
@@ -155,6 +156,18 @@ def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, 
                                   seed, max_prompt_tokens, tuple(comply_kinds))
     return {"version": PREP_VERSION, "base_sha256": base_sha256, "n_vocab": n_vocab, "eog": sorted(eog),
             "refusal": vocab.tokenize(REFUSAL, False) + eot, "train": train, **held, **extra}
+
+
+def train_sample(train: list[dict], max_train: int, real_train: int, seed: int) -> list[dict]:
+    """max_train of the training prompts (0: all; the same draw as before the real family existed) plus at most
+    real_train real look-alikes on top, so questions on sensitive topics are a share of their own, not ~10%."""
+    real = [e for e in train if e["augmentation"] == REAL]
+    rest = [e for e in train if e["augmentation"] != REAL]
+    if max_train and len(rest) > max_train:
+        rest = random.Random(seed).sample(rest, max_train)
+    if real_train and len(real) > real_train:
+        real = random.Random(seed + 1).sample(real, real_train)
+    return rest + real
 
 
 def save_prep(prep: dict, path: str | Path) -> Path:

@@ -31,10 +31,9 @@ from .cls_recipe import metrics_for
 from .data_card import data_card_markdown
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, load_sequences, prepare, save_prep,
-                         save_sequences)
+                         save_sequences, train_sample)
 from safechat.convert.llama_torch import FrozenLlama
 from .lora import LoRA
-from .real_lookalikes import AUGMENTATION as REAL
 
 # what comply prompts may be drawn from (`--comply-kinds`): safechat/train/data.py's augmentations, prefills excepted
 # (a comply row's prefill is its compliance opener)
@@ -116,18 +115,6 @@ def cmd_joint_prep(args) -> int:
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
-
-
-def train_sample(train: list[dict], max_train: int, real_train: int, seed: int) -> list[dict]:
-    """max_train of the training prompts (0: all; the same draw as before the real family existed) plus at most
-    real_train real look-alikes on top, so questions on sensitive topics are a share of their own, not ~10%."""
-    real = [e for e in train if e["augmentation"] == REAL]
-    rest = [e for e in train if e["augmentation"] != REAL]
-    if max_train and len(rest) > max_train:
-        rest = random.Random(seed).sample(rest, max_train)
-    if real_train and len(real) > real_train:
-        real = random.Random(seed + 1).sample(real, real_train)
-    return rest + real
 
 
 def _device(name: str) -> torch.device:
