@@ -16,7 +16,9 @@ keys/values; through transformers' attention it does. `safechat bench frozen_spe
 difference (docs/byom.md). Keys/values here are in transformers' layout (rotate-half rotary), not
 llama.cpp's; they only ever meet this class's own queries.
 
-The joint recipe's LoRA hook (`lin`) and layer ranges are the hand-written models' only.
+The joint recipe runs here too: PEFT's LoRA layers go into transformers' projections in place
+(safechat/train/hf_lora.py), so `forward` needs no hook; the `lin` hook and layer ranges (the cached
+lower layers of safechat/train/joint_cache.py) are the hand-written models' only.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class FrozenHF:
         self._cache_cls = DynamicCache
         model, facts = reference_model(path)
         self.model = model.requires_grad_(False)
-        self.arch = facts["arch"]
+        self.path, self.facts, self.arch = Path(path), facts, facts["arch"]
         c = model.config
         emb = model.get_input_embeddings()
         scale = getattr(emb, "embed_scale", 1.0)  # Gemma 3: sqrt(hidden), applied inside embed_tokens
@@ -112,8 +114,8 @@ class FrozenHF:
         """`FrozenLlama.forward` for the `cls` recipe: past per-layer (k, v) in (B, P, H_kv, hd), a bool
         mask (B, 1, S, P + S) (None: causal); returns (final normed hidden, per-layer (k, v) with past)."""
         if lin is not None or layers is not None:
-            raise ValueError(f"the joint recipe (LoRA, layer ranges) runs on llama and gemma3 bases only; this base "
-                             f"is {self.arch}")
+            raise ValueError(f"a LoRA hook or a layer range needs the hand-written llama model; this base is "
+                             f"{self.arch} through transformers (LoRA: safechat/train/hf_lora.py)")
         B, S = pos.shape
         if mask is None:
             if past is not None:
@@ -123,6 +125,36 @@ class FrozenHF:
         hid, cache = self._run(x, pos, mask, hf_past)
         kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in self._layers(cache)] if keep_kv else None
         return hid, kv
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new: int, eog: set[int], batch_size: int = 64,
+               n_vocab: int | None = None) -> list[list[int]]:
+        """Greedy continuations by transformers' `generate` (left-padded batches; each ends with the
+        end-of-generation token when one was produced), as `joint_data.generate` gives for the hand-written
+        models."""
+        dev = self.w["token_embd.weight"].device
+        out: list[list[int]] = [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        bad = None
+        if n_vocab is not None and n_vocab < self.cfg.n_vocab:  # never predict rows past the base vocabulary
+            bad = [[t] for t in range(n_vocab, self.cfg.n_vocab)]
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            L = max(len(prompts[i]) for i in idx)
+            ids = torch.zeros(len(idx), L, dtype=torch.long)
+            att = torch.zeros(len(idx), L, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, L - len(prompts[i]):] = torch.tensor(prompts[i])
+                att[r, L - len(prompts[i]):] = 1
+            gen = self.model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new,
+                                      do_sample=False, eos_token_id=sorted(eog), pad_token_id=0,
+                                      bad_words_ids=bad, temperature=None, top_p=None, top_k=None)
+            for r, i in enumerate(idx):
+                for t in gen[r, L:].tolist():
+                    out[i].append(t)
+                    if t in eog:
+                        break
+        return out
 
     def cls_forward(self, cls_row: torch.Tensor, ctx_kv: torch.Tensor, ctx_len: torch.Tensor) -> torch.Tensor:
         """`FrozenLlama.cls_forward`: final hidden state of [CLS] (or K chained side rows) after each

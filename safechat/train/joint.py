@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
+from .joint_dist import Dist, TrainStep
 from .lora import LoRA
 
 IGNORE = -100
@@ -110,10 +111,23 @@ def layout(seqs: list[JointSeq]) -> Batch:
     return Batch(ids, is_cls, pos, mask, lm_t, lab_t)
 
 
+def adapters(model, targets: str | list[str] = "all", rank: int = 16, alpha: float = 32.0, seed: int = 0,
+             first_layer: int = 0):
+    """LoRA adapters for the model: the hand-written hook on `FrozenLlama`, PEFT's layers inside a
+    transformers base (`FrozenHF`, any family: safechat/train/hf_lora.py)."""
+    if isinstance(model, FrozenLlama):
+        return LoRA(model, targets, rank, alpha, seed, first_layer=first_layer)
+    from .hf_lora import PeftLoRA
+    if first_layer:
+        raise ValueError("--first-layer (cached lower layers) needs the hand-written llama model (--engine llama)")
+    return PeftLoRA(model, targets, rank, alpha, seed)
+
+
 def hidden(model: FrozenLlama, lora: LoRA | None, cls_row: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Final normed hidden states of every row of a laid-out batch."""
+    """Final normed hidden states of every row of a laid-out batch. The [CLS] input is its row times the
+    model's embedding scale (Gemma's sqrt(d)), as the runtime feeds the row of the file."""
     x = model.embed(batch.ids)
-    x = torch.where(batch.is_cls[..., None], cls_row.to(x.dtype), x)
+    x = torch.where(batch.is_cls[..., None], (cls_row * getattr(model, "embed_scale", 1.0)).to(x.dtype), x)
     h, _ = model.forward(x, batch.pos, batch.mask, lin=lora.linear if lora is not None else None)
     return h
 
@@ -126,31 +140,42 @@ def hidden_upper(model: FrozenLlama, lora: LoRA | None, x: torch.Tensor, batch: 
 
 
 def joint_loss(model, lora, cls_row, head, batch: Batch, lam: float, class_w: torch.Tensor,
-               h: torch.Tensor | None = None, lm_keep: torch.Tensor | None = None):
+               h: torch.Tensor | None = None, lm_keep: torch.Tensor | None = None,
+               norms: tuple[float, float] | None = None):
     """(total, lm, cls) losses of one batch; lm/cls are plain floats for logging.
 
     h: the batch's final hidden states when computed by the caller (the cached-lower-layers path);
     lm_keep: (B, S) bool, the LM-target rows to use (a sample of them: the 49k-wide output matrix
-    costs about as much per row as ten upper layers), None = all.
+    costs about as much per row as ten upper layers), None = all;
+    norms: (LM rows, [CLS] rows) of the whole global batch when this is a part of it (a rank's share, a
+    micro-batch): the losses are then sums over this part divided by those counts, so the parts add up
+    to the whole batch's means. None: means over this batch.
     """
     h = hidden(model, lora, cls_row, batch) if h is None else h
     sel = batch.lm_target != IGNORE
     if lm_keep is not None:
         sel = sel & lm_keep
-    zero = h.sum() * 0.0
+    zero = h.sum() * 0.0 + head.sum() * 0.0  # every trainable tensor in the graph (DDP expects each one's gradient)
+    red = "mean" if norms is None else "sum"
     if sel.any():
         logits = h[sel].float() @ model.output_matrix().T
-        lm = F.cross_entropy(logits, batch.lm_target[sel])
+        lm = F.cross_entropy(logits, batch.lm_target[sel], reduction=red) / (1.0 if norms is None else norms[0])
     else:
         lm = zero
     csel = batch.cls_label != IGNORE
     if csel.any():
         y = batch.cls_label[csel]
         ce = F.cross_entropy(h[csel].float() @ head.T, y, reduction="none")
-        cls = (ce * class_w[y]).mean()
+        cls = (ce * class_w[y]).mean() if norms is None else (ce * class_w[y]).sum() / norms[1]
     else:
         cls = zero
     return lm + lam * cls, float(lm.detach()), float(cls.detach())
+
+
+def row_counts(seqs: list[JointSeq]) -> tuple[float, float]:
+    """(LM target rows, [CLS] rows) that `layout` gives these sequences."""
+    lm = sum(max(0, len(s.tokens) - max(s.lm_from, 1)) for s in seqs if s.lm_from is not None)
+    return float(lm), float(sum(len(s.cls_at) for s in seqs))
 
 
 def make_batches(seqs: list[JointSeq], max_tokens: int) -> list[list[int]]:
@@ -199,7 +224,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 lam: float = 1.0, batch_tokens: int = 8192, warmup: int | None = None, ckpt_every: int = 100,
                 resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
-                lower=None, lm_sample: float = 1.0, bf16: bool = False) -> JointResult:
+                lower=None, lm_sample: float = 1.0, bf16: bool = False, dist: Dist | None = None,
+                accum: int = 1) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -213,7 +239,11 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     lm_sample < 1: the LM loss on that random fraction of its rows per step (seeded by step).
     bf16: matrix products in bfloat16 on the CPU too (torch.autocast; the weights, adapters and
     optimizer stay float32). On a CUDA device they always are.
+    dist: this process's place under torchrun (safechat/train/joint_dist.py): the same global batches,
+    each rank computing its share in `accum` micro-batches, DDP averaging the gradients, rank 0 writing
+    the checkpoint. accum > 1 in one process splits each batch the same way (less memory, same step).
     """
+    dist = dist or Dist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = model.w["token_embd.weight"].device
@@ -223,6 +253,9 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         raise ValueError("first_layer > 0 needs init (the fixed [CLS] row) and the lower-layer states for that layer")
     if not 0 < lm_sample <= 1:
         raise ValueError(f"lm_sample {lm_sample} outside (0, 1]")
+    split = dist.active or accum > 1
+    if split and lm_sample < 1:
+        raise ValueError("lm_sample < 1 samples rows of the whole padded batch: one process, accum 1")
     config = {"rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "cls_lr": cls_lr, "lam": lam,
               "batch_tokens": batch_tokens, "warmup": warmup, "steps": steps, "seed": seed,
               "data": data_digest(seqs), "n_seqs": len(seqs)}
@@ -240,7 +273,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
             raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
                              "use another --out or drop --resume")
         warmup = config["warmup"] = old["warmup"]  # extending the step count keeps the warm-up it had
-    lora = LoRA(model, targets, rank, alpha, seed, first_layer=first_layer)
+    lora = adapters(model, targets, rank, alpha, seed, first_layer=first_layer)
     emb = model.w["token_embd.weight"]
     if init is not None:
         cls_row = torch.tensor(init[0], dtype=torch.float32, device=dev)
@@ -249,8 +282,9 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         g = torch.Generator().manual_seed(seed)
         cls_row = (emb.mean(0).cpu() + 0.01 * torch.randn(emb.shape[1], generator=g)).to(dev)
         head = torch.zeros(2, emb.shape[1], device=dev)
-    cls_row.requires_grad_(not first_layer)
-    head.requires_grad_(True)
+    cls_row = torch.nn.Parameter(cls_row, requires_grad=not first_layer)
+    head = torch.nn.Parameter(head)
+    step_mod = dist.wrap(TrainStep(model, lora, cls_row, head, joint_loss))
     opt = torch.optim.AdamW([{"params": lora.parameters(), "lr": lr, "weight_decay": 0.0},
                              {"params": [head] if first_layer else [cls_row, head], "lr": cls_lr,
                               "weight_decay": 0.0}])
@@ -275,6 +309,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     params = lora.parameters() + ([head] if first_layer else [cls_row, head])
 
     def save(step):
+        if not dist.main:  # rank 0 writes; every rank holds the same tensors
+            return
         _save_atomic({"config": config, "step": step, "lora": lora.state(), "cls_row": cls_row.detach().cpu(),
                       "head": head.detach().cpu(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "history": history}, ckpt)
@@ -283,18 +319,28 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     t_win = t0
     while step < steps:
         idx = batch_for_step(batches, step, seed)
-        batch = layout([seqs[i] for i in idx]).to(dev)
-        keep = None
-        if lm_sample < 1:
-            g = torch.Generator().manual_seed(seed * 1000003 + step)
-            keep = (torch.rand(batch.ids.shape, generator=g) < lm_sample).to(dev)
-        with amp:
-            h = None
-            if first_layer:
-                h = hidden_upper(model, lora, lower.batch(idx, batch.ids.shape[1]).to(dev), batch, first_layer)
-            loss, lm, cl = joint_loss(model, lora, cls_row, head, batch, lam, class_w, h=h, lm_keep=keep)
+        mine, weight = dist.shard(idx), 1.0
+        if not mine:  # fewer sequences than ranks: this rank runs one at weight 0 (DDP needs every rank's pass)
+            mine, weight = idx[:1], 0.0
+        norms = row_counts([seqs[i] for i in idx]) if split else None
+        parts = [p for p in (mine[k::accum] for k in range(accum)) if p]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lm = cl = 0.0
+        for k, part in enumerate(parts):
+            batch = layout([seqs[i] for i in part]).to(dev)
+            keep = None
+            if lm_sample < 1:
+                g = torch.Generator().manual_seed(seed * 1000003 + step)
+                keep = (torch.rand(batch.ids.shape, generator=g) < lm_sample).to(dev)
+            with dist.no_sync(step_mod, k == len(parts) - 1), amp:
+                h = None
+                if first_layer:
+                    h = hidden_upper(model, lora, lower.batch(part, batch.ids.shape[1]).to(dev), batch, first_layer)
+                loss, lm_k, cl_k = step_mod(batch, lam=lam, class_w=class_w, h=h, lm_keep=keep, norms=norms)
+                (loss * (weight * dist.world)).backward()  # DDP averages over ranks: the world factor undoes it
+            lm, cl = lm + weight * lm_k, cl + weight * cl_k
+        if dist.active:
+            lm, cl = dist.sum([lm, cl])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -305,15 +351,18 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
             rate = sum(w[2] for w in window) / max(time.time() - t_win, 1e-9)
             history.append({"step": step, "lm": round(float(m[0]), 4), "cls": round(float(m[1]), 4),
                             "seconds": round(time.time() - t0, 1), "rows_per_s": round(rate, 1)})
-            log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s, "
-                f"{rate:.0f} rows/s)")
+            if dist.main:
+                log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s, "
+                    f"{rate:.0f} rows/s)")
             window, t_win = [], time.time()
         if step % ckpt_every == 0 or step == steps:
             save(step)
-        if max_seconds is not None and time.time() - t0 > max_seconds and step < steps:
+        if max_seconds is not None and step < steps and dist.any(time.time() - t0 > max_seconds):
             save(step)
-            log(f"time budget reached at step {step}/{steps}: checkpoint saved, continue with --resume")
+            if dist.main:
+                log(f"time budget reached at step {step}/{steps}: checkpoint saved, continue with --resume")
             break
+    dist.barrier()  # the checkpoint is on disk before any rank goes on
     info = {"steps_done": step, "steps": steps, "finished": step >= steps, "config": config,
             "history": history, "seconds": round(time.time() - t0, 1)}
     return JointResult(cls_row.detach().float().cpu().numpy(), head.detach().float().cpu().numpy(), lora, info)

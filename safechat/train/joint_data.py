@@ -200,6 +200,8 @@ def generate(model: FrozenLlama, prompts: list[list[int]], max_new: int, eog: se
     Batched with a key/value cache: prompts are left-padded, positions count real tokens only,
     padding is masked out of every row's keys.
     """
+    if hasattr(model, "greedy"):  # a transformers base (safechat/convert/hf_frozen.py): its own `generate`
+        return model.greedy(prompts, max_new, eog, batch_size=batch_size, n_vocab=n_vocab)
     dev = model.w["token_embd.weight"].device
     out_mat = model.output_matrix()[:n_vocab] if n_vocab else model.output_matrix()
     result: list[list[int]] = [[] for _ in prompts]

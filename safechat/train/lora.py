@@ -57,8 +57,9 @@ class LoRA:
             out_f, in_f = model.w[name].shape
             bound = 1.0 / math.sqrt(in_f)  # kaiming-uniform(a=sqrt(5)) as in nn.Linear / peft
             dev = model.w[name].device
-            self.a[name] = ((torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound).to(dev).requires_grad_(True)
-            self.b[name] = torch.zeros(out_f, rank, device=dev, requires_grad=True)
+            # Parameters, so that the module DDP wraps (safechat/train/joint_dist.py) holds these very tensors
+            self.a[name] = torch.nn.Parameter(((torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound).to(dev))
+            self.b[name] = torch.nn.Parameter(torch.zeros(out_f, rank, device=dev))
 
     @property
     def names(self) -> list[str]:

@@ -1,0 +1,114 @@
+"""torch.distributed for the training recipes: one process, or N under `torchrun` (DDP).
+
+    torchrun --nproc-per-node 2 -m safechat.train joint --base B.gguf --data PREP --out DIR ...
+
+`Dist.from_env()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and
+joins the process group: gloo on the CPU, nccl on CUDA (each process on the GPU of its LOCAL_RANK).
+Without torchrun it is one process and every call below is a no-op, so the one-process run is the
+same code.
+
+How the joint recipe uses it (safechat/train/joint.py `train_joint`):
+
+- the global batch of a step is what one process would take (`batch_for_step`, seeded by step), so it
+  does not change with N; rank r takes its sequences r, r + N, ... (`shard`), in `accum` micro-batches;
+- the losses of a micro-batch are sums divided by the *global batch's* row counts, times N: DDP averages
+  the gradients over the N ranks, so the step's gradient is the one-process gradient of the whole batch
+  (up to float summation order), whatever N and `accum` are;
+- the trainable tensors (adapters, [CLS] row, head) are one module (`TrainStep`) that DDP wraps; the
+  frozen base is a replica on every rank (no FSDP yet: a base must fit one device);
+- rank 0 writes checkpoints and the artifact; every rank reads the checkpoint to resume; a time budget
+  stops every rank at the same step (`any`).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+class Dist:
+    """This process's place in the run (world 1 without torchrun)."""
+
+    def __init__(self, world: int = 1, rank: int = 0, local_rank: int = 0):
+        self.world, self.rank, self.local_rank = world, rank, local_rank
+
+    @classmethod
+    def from_env(cls, device_type: str = "cpu") -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            if device_type == "cuda":
+                torch.cuda.set_device(local)
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return cls(world, rank, local)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def device(self, dev: torch.device) -> torch.device:
+        return torch.device("cuda", self.local_rank) if dev.type == "cuda" and self.active else dev
+
+    def shard(self, idx: list[int]) -> list[int]:
+        """This rank's share of a global batch (never empty: a rank short of sequences repeats the first one
+        with weight 0, see `train_joint`)."""
+        return idx[self.rank::self.world]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on one (a time budget that stops all ranks together)."""
+        return self.sum([float(flag)])[0] > 0 if self.active else flag
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP around the trainable module (gradients averaged over the ranks in backward)."""
+        if not self.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = next(module.parameters()).device
+        return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+
+    def no_sync(self, module: torch.nn.Module, last: bool):
+        """Gradient accumulation: DDP reduces only at the last micro-batch of a step."""
+        return module.no_sync() if self.active and not last and hasattr(module, "no_sync") else nullcontext()
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainStep(torch.nn.Module):
+    """The trainable tensors of the joint recipe as one module (what DDP wraps); forward = the losses.
+
+    The frozen model and the adapters' bookkeeping are held outside the module's registry (the adapters'
+    tensors are registered, the base weights are not), so DDP broadcasts and reduces the trainable
+    tensors only."""
+
+    def __init__(self, model, lora, cls_row: torch.nn.Parameter, head: torch.nn.Parameter, loss_fn):
+        super().__init__()
+        self.adapters = torch.nn.ParameterList(lora.parameters())
+        self.head = head
+        self.cls_row = cls_row  # requires_grad False when fixed (first_layer > 0): DDP leaves it alone
+        self._ctx = (model, lora, loss_fn)
+
+    def forward(self, batch, **kw):
+        model, lora, loss_fn = self._ctx
+        return loss_fn(model, lora, self.cls_row, self.head, batch, **kw)
