@@ -104,7 +104,7 @@ def reference_model(path: str | Path):
         if name not in tensors:
             raise ConvertError(f"{path}: no {name} tensor (for {hf})")
         a = _dequantized(tensors[name])
-        a = _to_hf(facts, name, a)
+        a = to_hf(facts, name, a)
         state[hf] = torch.from_numpy(np.ascontiguousarray(a)).reshape(model.get_parameter(hf).shape)
     if facts["tied"] and "lm_head.weight" in model.state_dict():
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -122,7 +122,7 @@ def reference_model(path: str | Path):
     return model.float().eval(), facts
 
 
-def _to_hf(c: dict, name: str, a: np.ndarray) -> np.ndarray:
+def to_hf(c: dict, name: str, a: np.ndarray) -> np.ndarray:
     """`hf_families.transform` undone."""
     fam = c["family"]
     if fam.permute_qk and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):

