@@ -153,3 +153,38 @@ def write_tiny_gemma3(path: Path, seed: int = 0, window: int = 8, n_layer: int =
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+TOY_WORDS = ["the", "a", "sun", "rain", "tree", "hill", "road", "lamp", "book", "door"]
+
+
+def toy_examples(n: int = 96, seed: int = 0) -> list[dict]:
+    """A toy data set whose harmful prompts end in "qz qz qz" (a planted, learnable signal)."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        text = " ".join(rng.choice(TOY_WORDS) for _ in range(rng.randint(3, 8))) + (" qz qz qz" if label else "")
+        split = "train" if i < 2 * n // 3 else ("val" if i < 5 * n // 6 else "test")
+        out.append({"id": f"t{i}", "prompt": text, "label": label, "split": split, "augmentation": "none",
+                    "source": "toy", "family": f"toy{i % 4}",
+                    "prefill": "Sure, here is" if i % 6 == 0 else None,
+                    "response": None if label else "the sun and the rain " * 4})
+    return out
+
+
+def write_toy_prep(base: Path, path: Path, n: int = 96) -> Path:
+    """`safechat train joint-prep` of the toy data for a base GGUF: tokenized by llama.cpp with the file's template."""
+    from runtime.backends.llama import LlamaModelFile
+    from runtime.fetch import sha256_file
+    from safechat.train.data_card import data_card
+    from safechat.train.joint_data import prepare, save_prep
+
+    mf = LlamaModelFile(base, vocab_only=True)
+    eog = [t for t in range(mf.n_vocab) if mf.is_eog(t)]
+    ex = toy_examples(n)
+    prep = prepare(ex, mf, mf.chat_template, mf.bos if mf.add_bos else None, eog, mf.n_vocab,
+                   base_sha256=sha256_file(base))
+    prep["data"] = data_card(ex)
+    return save_prep(prep, path)

@@ -25,7 +25,7 @@ from safechat.convert.hf_reference import to_hf
 
 from .lora import TARGET_GROUPS
 
-_ALWAYS = ["model.embed_tokens.weight", "model.norm.weight"]  # what gguf_names wants to see in any checkpoint
+_ALWAYS = ["model.embed_tokens.weight", "model.norm.weight"]  # what gguf_names wants to see in every checkpoint
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up")}  # Phi-3's fused tensors
 
 
@@ -50,7 +50,8 @@ def target_modules(model, targets: str | list[str], first_layer: int = 0) -> dic
         raise ValueError(f"first LoRA layer {first_layer} outside 0..{n_layer - 1}")
     want = _wanted(targets)
     linears = [n for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    names = gguf_names(model.facts, [n + ".weight" for n in linears] + _ALWAYS, model.path)
+    always = _ALWAYS + ([] if model.facts["tied"] else ["lm_head.weight"])
+    names = gguf_names(model.facts, [n + ".weight" for n in linears] + always, model.path)
     out = {}
     for mod in linears:
         g = names[mod + ".weight"]               # blk.{i}.{part}.weight

@@ -84,7 +84,7 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = next(module.parameters()).device
-        return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def no_sync(self, module: torch.nn.Module, last: bool):
         """Gradient accumulation: DDP reduces only at the last micro-batch of a step."""

@@ -200,7 +200,7 @@ def cmd_joint(args) -> int:
                       lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
                       max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample,
-                      bf16=args.bf16, dist=dist, accum=args.accum, log=say)
+                      bf16=args.bf16, dist=dist, accum=args.accum, log=say, log_every=args.log_every)
     if not dist.main:  # rank 0 writes the artifact and measures it
         dist.close()
         return 0 if res.info["finished"] else 3
@@ -302,6 +302,7 @@ def add_parsers(sub) -> None:
     j.add_argument("--gen-batch", type=int, default=64)
     j.add_argument("--max-train", type=int, default=0, help="subsample training prompts to this many (0: all)")
     j.add_argument("--ckpt-every", type=int, default=50)
+    j.add_argument("--log-every", type=int, default=25, help="log (and record in the card) the mean losses every N steps")
     j.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings)")
     j.add_argument("--max-seconds", type=float, default=None,
                    help="stop training once the command has run this long (checkpointed; the data stages "
