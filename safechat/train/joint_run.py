@@ -22,12 +22,14 @@ import torch
 
 from runtime.artifact import Artifact, load_artifact
 from runtime.fetch import sha256_file
+from runtime.gguf_io import architecture, read_gguf
 from runtime.merge import DELTAS, file_sha256, save_deltas
 
 from .data_card import data_card_markdown
 from .joint import CHECKPOINT, make_batches, train_joint
 from .joint_data import (COMPLY_KINDS, build_sequences, load_prep, load_sequences, prepare, save_prep, save_sequences,
                          train_sample)
+from .joint_dist import Dist
 from .joint_measure import held_sets, measure
 from .joint_setup import base_name, base_path, device, hf_base, load_engine
 
@@ -132,10 +134,6 @@ def _card(args, base: Path, prep: dict, res, n_seqs: int) -> dict:
 
 # -- the command -----------------------------------------------------------------------------
 def cmd_joint(args) -> int:
-    from runtime.gguf_io import architecture, read_gguf
-
-    from .joint_dist import Dist
-
     t0 = time.time()
     dev = device(args.device)
     dist = Dist.from_env(dev.type)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from runtime.fetch import PINNED, base_smollm2
+from runtime.gguf_io import architecture, read_gguf
 from safechat.convert.llama_torch import FrozenLlama
 
 
@@ -35,7 +36,6 @@ def load_engine(base: Path, engine: str, first_layer: int = 0):
     """The torch model the recipe trains on: transformers' model of the file (any family; PEFT LoRA) or, with
     --engine llama, the hand-written Llama (the --first-layer cache needs it). auto: transformers, except
     --first-layer on a llama file."""
-    from runtime.gguf_io import architecture, read_gguf
     from safechat.convert.hf_frozen import FrozenHF
 
     arch = architecture(read_gguf(base), str(base))
