@@ -169,3 +169,21 @@ def test_torchrun_two_processes_give_the_one_process_run_and_resume(tmp_path):
     assert want.card["recipe"]["processes"] == 1 and load_artifact(two).card["recipe"]["processes"] == 2
     assert h1[-1]["cls"] < h1[0]["cls"]
     _convert_verify_chat(folder, two, tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_gpu_joint_script_runs_torchrun_end_to_end_on_two_cpu_processes(tiny_base, tmp_path):
+    """safechat/train/gpu_joint.sh, the documented multi-GPU command, in its CPU dry run (DEVICE=cpu NPROC=2):
+    torchrun, the artifact with its deltas, measured by the torch model, and the report."""
+    prep = write_toy_prep(tiny_base, tmp_path / "prep.json.gz")
+    out = tmp_path / "gpu-out"
+    env = {**os.environ, "DEVICE": "cpu", "NPROC": "2", "PY": sys.executable, "BASE": str(tiny_base),
+           "PREP": str(prep), "OUT": str(out), "WORK": str(tmp_path / "work"), "STEPS": "6", "BATCH_TOKENS": "2048",
+           "TIMEOUT": "120"}
+    r = subprocess.run(["bash", str(ROOT / "safechat/train/gpu_joint.sh")], env=env, capture_output=True, text=True,
+                       timeout=140)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "gpu_joint: 2 process(es) on cpu" in r.stdout and "2 processes" in (out / "train.log").read_text()
+    card = load_artifact(tmp_path / "work").card
+    assert card["recipe"]["processes"] == 2 and card["training"]["finished"] and card["deltas"]["tensors"] == 14
+    assert "torch" in card["metrics"]["measured_on"] and "| all |" in (out / "report.md").read_text()
