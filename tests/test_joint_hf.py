@@ -6,7 +6,7 @@
   builder) is trained with `safechat train joint --base FOLDER`, folded with `safechat convert`, passes
   `safechat verify`, and `runtime.load(...).chat(...)` checks inside the answer; the runtime's p_unsafe at
   the prompt is the torch model's with the trained adapters, and the planted signal was learned;
-- Qwen2 trains under `torchrun --nproc-per-node 2` (gloo, 2 CPU processes), stopped after one step and
+- Qwen2 trains under `torchrun --nproc-per-node 2` (gloo, 2 CPU processes), is SIGKILLed mid-run and
   resumed, and gives the one-process loss curve and artifact (tolerances below) on the same global batch,
   as does one process with --accum 3.
 """
@@ -129,36 +129,59 @@ def test_bring_your_own_joint_end_to_end(family, tmp_path):
     _convert_verify_chat(folder, art, tmp_path)
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def _torchrun_cmd(*args: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "safechat", "train", "joint", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=150)
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "safechat", "train", "joint", *args], env
+
+
+def _torchrun_killed(after: str, *args: str) -> str:
+    """Start torchrun, SIGKILL its whole process group once a log line contains `after`; its output so far."""
+    import signal
+    cmd, env = _torchrun_cmd(*args)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if after in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return "".join(seen)
 
 
 @pytest.mark.timeout(240)
-def test_torchrun_two_processes_give_the_one_process_run_and_resume(tmp_path):
-    """Tolerances: per-step mean losses (the card's history, 4 decimals) within 2e-3; the [CLS] row and head
-    rows within 1e-5; every merged LoRA delta within 2e-5 (its entries are ~1e-2). Float sums in another order
-    are the only difference."""
+def test_torchrun_two_processes_killed_and_resumed_give_the_one_process_run(tmp_path):
+    """2 gloo processes, SIGKILLed mid-run (the whole torchrun process group) and resumed from the last
+    checkpoint, against one process on the same global batches. Tolerances: per-step mean losses (the card's
+    history, 4 decimals) within 2e-3; the [CLS] row and head rows within 1e-5; every merged LoRA delta within
+    2e-5 (its entries are ~1e-2). Float sums in another order are the only difference."""
     folder, prep = _folder(tmp_path, "qwen2")
-    common = ["--base", str(folder), "--data", str(prep), "--steps", "12", "--ckpt-every", "4", *TRAIN]
+    steps = 40
+    common = ["--base", str(folder), "--data", str(prep), "--steps", str(steps), "--ckpt-every", "2", *TRAIN]
     one, accum, two = tmp_path / "one", tmp_path / "accum", tmp_path / "two"
     assert main(["train", "joint", "--out", str(one), *common]) == 0
     assert main(["train", "joint", "--out", str(accum), "--accum", "3", *common]) == 0
-    stopped = _torchrun("--out", str(two), "--max-seconds", "0", *common)  # the time budget stops it after a step
-    assert load_artifact(two).card["training"]["finished"] is False, stopped.stderr[-3000:]
-    assert torch.load(two / CHECKPOINT, weights_only=False)["step"] == 1
-    resumed = _torchrun("--out", str(two), "--resume", *common)
+    log = _torchrun_killed(f"step 4/{steps}", "--out", str(two), *common)
+    assert "2 processes" in log and not (two / "card.json").exists(), log[-3000:]  # killed before the end
+    killed_at = torch.load(two / CHECKPOINT, weights_only=False)["step"]
+    assert 4 <= killed_at < steps
+    cmd, env = _torchrun_cmd("--out", str(two), "--resume", *common)
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "2 processes" in resumed.stdout and "resumed from" in resumed.stdout
+    assert f"resumed from {two / CHECKPOINT} at step {killed_at}/{steps}" in resumed.stdout
     want = load_artifact(one)
     for other in (accum, two):
         got = load_artifact(other)
         h1, h2 = want.card["training"]["history"], got.card["training"]["history"]
-        assert [h["step"] for h in h2][-11:] == list(range(2, 13))
-        for a, b in zip(h1[-11:], h2[-11:]):
+        assert [h["step"] for h in h2] == [h["step"] for h in h1] == list(range(1, steps + 1))
+        for a, b in zip(h1, h2):
             assert abs(a["lm"] - b["lm"]) <= 2e-3 and abs(a["cls"] - b["cls"]) <= 2e-3, (a, b)
         np.testing.assert_allclose(got.cls_embedding, want.cls_embedding, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got.head, want.head, atol=1e-5, rtol=0)
