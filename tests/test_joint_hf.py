@@ -8,7 +8,7 @@
   the prompt is the torch model's with the trained adapters, and the planted signal was learned;
 - Qwen2 trains under `torchrun --nproc-per-node 2` (gloo, 2 CPU processes), is SIGKILLed mid-run and
   resumed, and gives the one-process loss curve and artifact (tolerances below) on the same global batch,
-  as does one process with --accum 3.
+  as do one process with --accum 3 and 2 processes with --fsdp (the decoder layers sharded).
 """
 import json
 import os
@@ -163,7 +163,7 @@ def test_torchrun_two_processes_killed_and_resumed_give_the_one_process_run(tmp_
     history, 4 decimals) within 2e-3; the [CLS] row and head rows within 1e-5; every merged LoRA delta within
     2e-5 (its entries are ~1e-2). Float sums in another order are the only difference."""
     folder, prep = _folder(tmp_path, "qwen2")
-    steps = 40
+    steps = 24
     common = ["--base", str(folder), "--data", str(prep), "--steps", str(steps), "--ckpt-every", "2", *TRAIN]
     one, accum, two = tmp_path / "one", tmp_path / "accum", tmp_path / "two"
     assert main(["train", "joint", "--out", str(one), *common]) == 0
@@ -176,8 +176,12 @@ def test_torchrun_two_processes_killed_and_resumed_give_the_one_process_run(tmp_
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {two / CHECKPOINT} at step {killed_at}/{steps}" in resumed.stdout
+    sharded = tmp_path / "fsdp"  # FSDP2: the decoder layers (and their adapters) sharded over the 2 processes
+    cmd, env = _torchrun_cmd("--out", str(sharded), "--fsdp", *common)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0 and load_artifact(sharded).card["recipe"]["fsdp"] is True, r.stderr[-3000:]
     want = load_artifact(one)
-    for other in (accum, two):
+    for other in (accum, two, sharded):
         got = load_artifact(other)
         h1, h2 = want.card["training"]["history"], got.card["training"]["history"]
         assert [h["step"] for h in h2] == [h["step"] for h in h1] == list(range(1, steps + 1))

@@ -24,7 +24,8 @@
 #
 # Settings (environment): DEVICE (cuda), NPROC (processes: every visible GPU; 1 on the CPU), ENGINE (transformers:
 # any family, needs transformers + peft; llama: the hand-written Llama, llama files only), BASE (a GGUF or a
-# Hugging Face checkpoint folder), JOINT_DIR (.carry/joint), PREP, STEPS (300), RANK (8),
+# Hugging Face checkpoint folder), FSDP (1: shard the base's decoder layers over the processes, for a base
+# that does not fit one GPU), JOINT_DIR (.carry/joint), PREP, STEPS (300), RANK (8),
 # BATCH_TOKENS (16384), MAX_TRAIN (0 = all), TRAIN_SECONDS (150: training stops there, checkpointed,
 # and the artifact is still written, its card saying finished: false), TIMEOUT (390 s for everything; give the
 # device call about 480 s).
@@ -94,7 +95,7 @@ fi
 echo "gpu_joint: $NPROC process(es) on $DEVICE, engine ${ENGINE:-transformers}"
 set +e
 timeout "${TIMEOUT:-390}" "${LAUNCH[@]}" -m safechat train joint --out "$WORK" --base "$BASE" --data "$PREP" \
-    --device "$DEVICE" --engine "${ENGINE:-transformers}" --eval torch --threads "$THREADS" \
+    --device "$DEVICE" --engine "${ENGINE:-transformers}" --eval torch --threads "$THREADS" ${FSDP:+--fsdp} \
     --steps "${STEPS:-300}" --rank "${RANK:-8}" --alpha "$((2 * ${RANK:-8}))" \
     --batch-tokens "${BATCH_TOKENS:-16384}" --gen-batch 256 --max-train "${MAX_TRAIN:-0}" \
     --ckpt-every 100 --max-seconds "${TRAIN_SECONDS:-150}" 2>&1 | tee "$OUT/train.log"

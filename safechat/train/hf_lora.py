@@ -23,6 +23,7 @@ import torch
 from safechat.convert.hf_families import gguf_names, transform
 from safechat.convert.hf_reference import to_hf
 
+from .joint_dist import assign, full
 from .lora import TARGET_GROUPS
 
 _ALWAYS = ["model.embed_tokens.weight", "model.norm.weight"]  # what gguf_names wants to see in every checkpoint
@@ -117,26 +118,24 @@ class PeftLoRA:
         checkpoint reads the same whichever engine wrote it."""
         s = {}
         for n in self._layers:
-            a, b = self.pair(n)
-            s[n + ".lora_a"] = a.detach().cpu()
-            s[n + ".lora_b"] = torch.from_numpy(np.ascontiguousarray(transform(self._family, n, b.detach().cpu().numpy())))
+            a, b = (full(t.detach()).cpu() for t in self.pair(n))  # whole tensors under FSDP (every rank calls)
+            s[n + ".lora_a"] = a
+            s[n + ".lora_b"] = torch.from_numpy(np.ascontiguousarray(transform(self._family, n, b.numpy())))
         return s
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self._layers if n + ".lora_a" not in state or n + ".lora_b" not in state]
         if missing or len(state) != 2 * len(self._layers):
             raise ValueError(f"LoRA state does not match the adapters ({len(missing)} tensors missing)")
-        with torch.no_grad():
-            for n in self._layers:
-                a, b = self.pair(n)
-                a.copy_(state[n + ".lora_a"])
-                b.copy_(torch.from_numpy(np.ascontiguousarray(to_hf(self._family, n, state[n + ".lora_b"].numpy()))))
+        for n in self._layers:
+            a, b = self.pair(n)
+            assign(a, state[n + ".lora_a"])
+            assign(b, torch.from_numpy(np.ascontiguousarray(to_hf(self._family, n, state[n + ".lora_b"].numpy()))))
 
     def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """GGUF name -> (A (r, in), scale * B (out, r)) in the file's layout: delta = second @ first."""
         out = {}
         for n in self._layers:
-            a, b = self.pair(n)
-            sb = (b.detach().float() * self.scale).cpu().numpy()
-            out[n] = (a.detach().float().cpu().numpy(), np.ascontiguousarray(transform(self._family, n, sb)))
+            a, b = (full(t.detach()).float().cpu() for t in self.pair(n))
+            out[n] = (a.numpy(), np.ascontiguousarray(transform(self._family, n, (b * self.scale).numpy())))
         return out

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
-from .joint_dist import Dist, TrainStep
+from .joint_dist import Dist, TrainStep, clip_grad_norm, optimizer_state, shard_layers
 from .lora import LoRA
 
 IGNORE = -100
@@ -217,6 +217,7 @@ class JointResult:
     head: np.ndarray
     lora: LoRA
     info: dict
+    factors: dict | None = None  # lora.factors(), gathered on every rank (FSDP needs all of them to take part)
 
 
 def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *, steps: int, rank: int = 16,
@@ -225,7 +226,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
                 lower=None, lm_sample: float = 1.0, bf16: bool = False, dist: Dist | None = None,
-                accum: int = 1) -> JointResult:
+                accum: int = 1, fsdp: bool = False) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -242,6 +243,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     dist: this process's place under torchrun (safechat/train/joint_dist.py): the same global batches,
     each rank computing its share in `accum` micro-batches, DDP averaging the gradients, rank 0 writing
     the checkpoint. accum > 1 in one process splits each batch the same way (less memory, same step).
+    fsdp: shard the transformers base's decoder layers over the ranks instead of replicating it (DDP).
     """
     dist = dist or Dist()
     out_dir = Path(out_dir)
@@ -256,6 +258,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     split = dist.active or accum > 1
     if split and lm_sample < 1:
         raise ValueError("lm_sample < 1 samples rows of the whole padded batch: one process, accum 1")
+    if fsdp and (not dist.active or isinstance(model, FrozenLlama)):
+        raise ValueError("--fsdp shards a transformers base (--engine transformers) over 2 or more torchrun processes")
     config = {"rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "cls_lr": cls_lr, "lam": lam,
               "batch_tokens": batch_tokens, "warmup": warmup, "steps": steps, "seed": seed,
               "data": data_digest(seqs), "n_seqs": len(seqs)}
@@ -263,6 +267,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         config.update(first_layer=first_layer, lm_sample=lm_sample)
     if bf16:
         config["bf16"] = True
+    if fsdp:  # its checkpoints hold the optimizer state by parameter name
+        config["fsdp"] = True
     ckpt = out_dir / CHECKPOINT
     st = torch.load(ckpt, map_location="cpu", weights_only=False) if resume and ckpt.is_file() else None
     if st is not None:
@@ -274,6 +280,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                              "use another --out or drop --resume")
         warmup = config["warmup"] = old["warmup"]  # extending the step count keeps the warm-up it had
     lora = adapters(model, targets, rank, alpha, seed, first_layer=first_layer)
+    if fsdp:
+        shard_layers(model)
     emb = model.w["token_embd.weight"]
     if init is not None:
         cls_row = torch.tensor(init[0], dtype=torch.float32, device=dev)
@@ -284,7 +292,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         head = torch.zeros(2, emb.shape[1], device=dev)
     cls_row = torch.nn.Parameter(cls_row, requires_grad=not first_layer)
     head = torch.nn.Parameter(head)
-    step_mod = dist.wrap(TrainStep(model, lora, cls_row, head, joint_loss))
+    step_mod = TrainStep(model, lora, cls_row, head, joint_loss)
+    step_mod = step_mod if fsdp else dist.wrap(step_mod)
     opt = torch.optim.AdamW([{"params": lora.parameters(), "lr": lr, "weight_decay": 0.0},
                              {"params": [head] if first_layer else [cls_row, head], "lr": cls_lr,
                               "weight_decay": 0.0}])
@@ -295,7 +304,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         with torch.no_grad():
             cls_row.copy_(st["cls_row"])
             head.copy_(st["head"])
-        opt.load_state_dict(st["opt"])
+        optimizer_state(step_mod, opt, st["opt"]) if fsdp else opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         start, history = st["step"], st["history"]
         log(f"resumed from {ckpt} at step {start}/{steps}" + (
@@ -309,10 +318,12 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     params = lora.parameters() + ([head] if first_layer else [cls_row, head])
 
     def save(step):
-        if not dist.main:  # rank 0 writes; every rank holds the same tensors
+        state = lora.state()  # gathered from the shards under FSDP: every rank takes part
+        opt_state = optimizer_state(step_mod, opt) if fsdp else opt.state_dict()
+        if not dist.main:  # rank 0 writes
             return
-        _save_atomic({"config": config, "step": step, "lora": lora.state(), "cls_row": cls_row.detach().cpu(),
-                      "head": head.detach().cpu(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        _save_atomic({"config": config, "step": step, "lora": state, "cls_row": cls_row.detach().cpu(),
+                      "head": head.detach().cpu(), "opt": opt_state, "sched": sched.state_dict(),
                       "history": history}, ckpt)
 
     t0, step, window = time.time(), start, []
@@ -341,7 +352,11 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
             lm, cl = lm + weight * lm_k, cl + weight * cl_k
         if dist.active:
             lm, cl = dist.sum([lm, cl])
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if fsdp:  # FSDP averaged the adapters' gradients; the replicated [CLS] row and head are averaged here
+            dist.average_grads([head] if first_layer else [cls_row, head])
+            clip_grad_norm(params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         step += 1
@@ -365,7 +380,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     dist.barrier()  # the checkpoint is on disk before any rank goes on
     info = {"steps_done": step, "steps": steps, "finished": step >= steps, "config": config,
             "history": history, "seconds": round(time.time() - t0, 1)}
-    return JointResult(cls_row.detach().float().cpu().numpy(), head.detach().float().cpu().numpy(), lora, info)
+    return JointResult(cls_row.detach().float().cpu().numpy(), head.detach().float().cpu().numpy(), lora, info,
+                       factors=lora.factors())
 
 
 @torch.no_grad()

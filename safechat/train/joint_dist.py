@@ -1,4 +1,4 @@
-"""torch.distributed for the training recipes: one process, or N under `torchrun` (DDP).
+"""torch.distributed for the training recipes: one process, or N under `torchrun` (DDP, or FSDP with --fsdp).
 
     torchrun --nproc-per-node 2 -m safechat.train joint --base B.gguf --data PREP --out DIR ...
 
@@ -14,8 +14,12 @@ How the joint recipe uses it (safechat/train/joint.py `train_joint`):
 - the losses of a micro-batch are sums divided by the *global batch's* row counts, times N: DDP averages
   the gradients over the N ranks, so the step's gradient is the one-process gradient of the whole batch
   (up to float summation order), whatever N and `accum` are;
-- the trainable tensors (adapters, [CLS] row, head) are one module (`TrainStep`) that DDP wraps; the
-  frozen base is a replica on every rank (no FSDP yet: a base must fit one device);
+- the trainable tensors (adapters, [CLS] row, head) are one module (`TrainStep`) that DDP wraps, the frozen
+  base a replica on every rank; or, with `fsdp` (a base that does not fit one device), FSDP2 (`fully_shard`)
+  shards each decoder layer of the transformers model, its frozen weights and the adapters inside it, over
+  the ranks (each rank holds 1/N and gathers a layer while it runs); the embedding and output matrices, the
+  [CLS] row and the head stay replicated (their gradients averaged with all_reduce), and checkpoints gather
+  the full adapters and optimizer state (torch.distributed.checkpoint's full state dicts);
 - rank 0 writes checkpoints and the artifact; every rank reads the checkpoint to resume; a time budget
   stops every rank at the same step (`any`).
 """
@@ -90,9 +94,72 @@ class Dist:
         """Gradient accumulation: DDP reduces only at the last micro-batch of a step."""
         return module.no_sync() if self.active and not last and hasattr(module, "no_sync") else nullcontext()
 
+    def average_grads(self, params: list[torch.Tensor]) -> None:
+        """Average replicated parameters' gradients over the ranks (what DDP does, for the tensors FSDP leaves
+        replicated)."""
+        if self.active:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard_layers(model) -> None:
+    """FSDP2 over each decoder layer of a transformers base (`FrozenHF`), with the adapters already inside."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("--fsdp needs torchrun (a process group of 2 or more processes)")
+    for layer in model.model.model.layers:
+        fully_shard(layer)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded parameter (a collective: every rank calls it), or t itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param <- value (the whole tensor), into the local shard when param is FSDP-sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            param.copy_(distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements))
+        else:
+            param.copy_(value)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
+    """`torch.nn.utils.clip_grad_norm_` over parameters of which some are FSDP-sharded (torch's refuses the mix):
+    one global norm, the same coefficient max_norm / (norm + 1e-6), at most 1."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import get_total_norm
+
+    groups = [[p.grad for p in params if p.grad is not None and isinstance(p, DTensor) == d] for d in (True, False)]
+    norms = [full(get_total_norm(g)).reshape(()) for g in groups if g]
+    total = float(torch.linalg.vector_norm(torch.stack(norms)))
+    coef = min(1.0, max_norm / (total + 1e-6))
+    for g in groups:
+        for t in g:
+            t.mul_(coef)
+
+
+def optimizer_state(module: torch.nn.Module, opt, state: dict | None = None) -> dict | None:
+    """The optimizer's full state (FQN-keyed, gathered to rank 0; a collective) or, given `state`, load it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if state is not None:
+        set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True))
+        return None
+    return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class TrainStep(torch.nn.Module):

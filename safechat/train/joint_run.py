@@ -204,19 +204,26 @@ def cmd_joint(args) -> int:
                       lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
                       max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample,
-                      bf16=args.bf16, dist=dist, accum=args.accum, log=say, log_every=args.log_every)
-    if not dist.main:  # rank 0 writes the artifact and measures it
+                      bf16=args.bf16, dist=dist, accum=args.accum, log=say, log_every=args.log_every, fsdp=args.fsdp)
+    sharded_eval = args.fsdp and how == "torch"  # the sharded model's passes need every rank
+    if not dist.main and not sharded_eval:  # rank 0 writes the artifact and measures it
         dist.close()
         return 0 if res.info["finished"] else 3
     card = _card(args, base, prep, res, len(seqs))
     card["architecture"] = architecture(read_gguf(base), str(base))
-    card["recipe"].update(engine=type(model).__name__, processes=dist.world, accum=args.accum)
-    card["deltas"] = deltas_card(save_deltas(out, factors=res.lora.factors()), res.lora)  # llama eval merges them
+    card["recipe"].update(engine=type(model).__name__, processes=dist.world, accum=args.accum,
+                          **({"fsdp": True} if args.fsdp else {}))
+    if dist.main:
+        card["deltas"] = deltas_card(save_deltas(out, factors=res.factors), res.lora)  # llama eval merges them
     scores = None
     if how != "none":
         held = held_sets(prep, args.eval_limit, args.seed)
         thr, metrics, scores = measure(how, base, model, res.lora, res.cls_row, res.head, out, held,
                                        args.max_fpr, args.threads)
+    if not dist.main:
+        dist.close()
+        return 0 if res.info["finished"] else 3
+    if how != "none":
         card.update(threshold=thr, metrics=metrics)
         print(json.dumps(metrics, indent=2))
     card["seconds"] = round(time.time() - t0, 1)
@@ -319,6 +326,9 @@ def add_parsers(sub) -> None:
     j.add_argument("--accum", type=int, default=1,
                    help="split each rank's share of a step's batch into this many micro-batches (same step, "
                         "less memory); under torchrun each of N processes takes 1/N of every batch")
+    j.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the base's decoder layers over the processes (FSDP2) instead of a "
+                        "replica per process, for a base that does not fit one device (--engine transformers)")
     j.add_argument("--eval", default="auto", choices=("auto", "llama", "torch", "none"),
                    help="measure on the converted GGUF with llama.cpp, or with the torch model "
                         "(auto: llama.cpp when installed)")
