@@ -95,7 +95,7 @@ fi
 echo "gpu_joint: $NPROC process(es) on $DEVICE, engine ${ENGINE:-transformers}"
 set +e
 timeout "${TIMEOUT:-390}" "${LAUNCH[@]}" -m safechat train joint --out "$WORK" --base "$BASE" --data "$PREP" \
-    --device "$DEVICE" --engine "${ENGINE:-transformers}" --eval torch --threads "$THREADS" ${FSDP:+--fsdp} \
+    --device "$DEVICE" --engine "${ENGINE:-transformers}" --eval torch --threads "$THREADS" $([ "${FSDP:-0}" = 1 ] && echo --fsdp) \
     --steps "${STEPS:-300}" --rank "${RANK:-8}" --alpha "$((2 * ${RANK:-8}))" \
     --batch-tokens "${BATCH_TOKENS:-16384}" --gen-batch 256 --max-train "${MAX_TRAIN:-0}" \
     --ckpt-every 100 --max-seconds "${TRAIN_SECONDS:-150}" 2>&1 | tee "$OUT/train.log"
