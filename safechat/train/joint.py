@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
 from .lora import LoRA
+from .run_state import has_state, load_state, save_state
 
 IGNORE = -100
 CHECKPOINT = "checkpoint.pt"
@@ -199,7 +200,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 lam: float = 1.0, batch_tokens: int = 8192, warmup: int | None = None, ckpt_every: int = 100,
                 resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
-                lower=None, lm_sample: float = 1.0, bf16: bool = False) -> JointResult:
+                lower=None, lm_sample: float = 1.0, bf16: bool = False, state_dir: Path | None = None,
+                state_command: str | None = None) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -213,6 +215,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     lm_sample < 1: the LM loss on that random fraction of its rows per step (seeded by step).
     bf16: matrix products in bfloat16 on the CPU too (torch.autocast; the weights, adapters and
     optimizer stay float32). On a CUDA device they always are.
+    state_dir: also keep the run's small state there at every checkpoint (run_state.py: to commit, so that a
+    later sitting resumes without this out_dir); `resume` falls back to it when out_dir has no checkpoint.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +235,12 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     if bf16:
         config["bf16"] = True
     ckpt = out_dir / CHECKPOINT
-    st = torch.load(ckpt, map_location="cpu", weights_only=False) if resume and ckpt.is_file() else None
+    st = None
+    if resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    elif resume and has_state(state_dir):
+        st = load_state(state_dir)
+        ckpt = Path(state_dir)  # what the messages below name
     if st is not None:
         old = st["config"]
         diff = {k: (old.get(k), v) for k, v in config.items() if k not in ("steps", "warmup") and old.get(k) != v}
@@ -261,8 +270,13 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         with torch.no_grad():
             cls_row.copy_(st["cls_row"])
             head.copy_(st["head"])
-        opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
+        if st["opt"] is not None:
+            opt.load_state_dict(st["opt"])
+        else:  # a small state kept without the moments: Adam starts its averages again, at the schedule's rate
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * _schedule(st["step"], steps, warmup)
+            log("the state has no optimizer moments (too large to commit): Adam's averages restart")
         start, history = st["step"], st["history"]
         log(f"resumed from {ckpt} at step {start}/{steps}" + (
             f" (the run had planned {st['config']['steps']})" if st["config"]["steps"] != steps else ""))
@@ -275,9 +289,11 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     params = lora.parameters() + ([head] if first_layer else [cls_row, head])
 
     def save(step):
-        _save_atomic({"config": config, "step": step, "lora": lora.state(), "cls_row": cls_row.detach().cpu(),
-                      "head": head.detach().cpu(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "history": history}, ckpt)
+        obj = {"config": config, "step": step, "lora": lora.state(), "cls_row": cls_row.detach().cpu(),
+               "head": head.detach().cpu(), "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history}
+        _save_atomic(obj, out_dir / CHECKPOINT)
+        if state_dir is not None:
+            save_state(state_dir, obj, state_command)
 
     t0, step, window = time.time(), start, []
     t_win = t0

@@ -29,6 +29,7 @@ from runtime.fold import convert_gguf
 
 from .cls_recipe import metrics_for
 from .data_card import data_card_markdown
+from .run_state import resume_command
 from .joint import CHECKPOINT, JointSeq, make_batches, score, train_joint
 from .joint_data import (COMPLY_KINDS, build_sequences, held_out, load_prep, load_sequences, prepare, save_prep,
                          save_sequences, train_sample)
@@ -250,7 +251,7 @@ def cmd_joint(args) -> int:
                       lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
                       max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample,
-                      bf16=args.bf16)
+                      bf16=args.bf16, state_dir=args.state, state_command=resume_command(getattr(args, "argv", None)))
     card = _card(args, base, prep, res, len(seqs))
     card["deltas"] = deltas_card(save_deltas(out, factors=res.lora.factors()), res.lora)  # llama eval merges them
     scores = None
@@ -348,6 +349,10 @@ def add_parsers(sub) -> None:
     j.add_argument("--max-seconds", type=float, default=None,
                    help="stop training once the command has run this long (checkpointed; the data stages "
                         "are saved as they finish)")
+    j.add_argument("--state", type=Path, default=None,
+                   help="also keep the run's small state here at every checkpoint (LoRA in float16, [CLS] row, head, "
+                        "step, seeds; safechat/train/run_state.py): commit it under safechat/train/candidates/ and "
+                        "a later sitting resumes with the same command plus --resume, the data regenerated")
     j.add_argument("--init-from", type=Path, help="start the [CLS] row and head from this artifact (e.g. a cls one)")
     j.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     j.add_argument("--eval", default="auto", choices=("auto", "llama", "torch", "none"),
