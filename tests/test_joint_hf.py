@@ -79,6 +79,24 @@ def test_transformers_path_equals_the_hand_written_llama(tiny_base):
     assert max(float(g[1].abs().max()) for g in g_a.values()) > 1e-2  # the gradients compared are not all zero
 
 
+@pytest.mark.timeout(60)
+def test_own_answers_through_transformers_generate_equal_the_hand_written_ones(tiny_base):
+    """`joint_data.generate` on a transformers base is transformers' greedy `generate` (left-padded batches), and
+    gives the hand-written Llama's tokens, also when the answers are kept inside the first n_vocab rows."""
+    from safechat.train.joint_data import generate
+
+    torch.set_num_threads(1)
+    hf, hand = FrozenHF(tiny_base), FrozenLlama(tiny_base)
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate((3, 9, 5, 14))]
+    answers = []
+    for n_vocab in (None, 30):
+        got = generate(hf, prompts, 12, {2}, batch_size=4, n_vocab=n_vocab)
+        assert got == generate(hand, prompts, 12, {2}, batch_size=4, n_vocab=n_vocab)
+        assert all(len(g) >= 1 for g in got) and (n_vocab is None or max(max(g) for g in got) < n_vocab)
+        answers.append(got)
+    assert answers[0] != answers[1]  # the restriction changed some answer
+
+
 def _folder(tmp: Path, family: str):
     folder, tok, model = _checkpoint(tmp, family)
     prep = write_toy_prep(hf_to_gguf(folder, tmp / "imported.gguf"), tmp / "prep.json.gz")
