@@ -233,3 +233,21 @@ def test_gpu_joint_script_runs_torchrun_end_to_end_on_two_cpu_processes(tiny_bas
     card = load_artifact(tmp_path / "work").card
     assert card["recipe"]["processes"] == 2 and card["training"]["finished"] and card["deltas"]["tensors"] == 14
     assert "torch" in card["metrics"]["measured_on"] and "| all |" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_the_documented_qwen_commands_at_tiny_scale(tmp_path):
+    """docs/byom.md's one-machine commands on a tiny Qwen2 folder: `safechat train joint-prep --base FOLDER` (the
+    packaged data, tokenized on the folder's import), then `safechat train joint --base FOLDER --data PREP` (a few
+    prompts, a few steps): the same import twice (the prepared data name the GGUF the run trains on)."""
+    from runtime.fetch import sha256_file
+
+    folder, _, _ = _checkpoint(tmp_path, "qwen2")
+    prep, art = tmp_path / "prep.json.gz", tmp_path / "art"
+    assert main(["train", "joint-prep", "--base", str(folder), "--out", str(prep)]) == 0
+    assert main(["train", "joint", "--base", str(folder), "--data", str(prep), "--out", str(art), "--steps", "4",
+                 "--max-train", "16", *TRAIN]) == 0
+    card = load_artifact(art).card
+    assert card["base_model_sha256"] == sha256_file(art / "base.gguf") and card["architecture"] == "qwen2"
+    assert card["train_sequences"] >= 16 and card["training"]["finished"] and card["data"]["examples_sha256"]
+    assert load_deltas(art).names and len(load_deltas(art).names) == 14
