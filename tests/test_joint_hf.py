@@ -27,7 +27,6 @@ import runtime  # noqa: E402
 from runtime.artifact import load_artifact  # noqa: E402
 from runtime.merge import load_deltas  # noqa: E402
 from runtime.strategy import SafetyPolicy  # noqa: E402
-from safechat.cli import main  # noqa: E402
 from safechat.convert.hf_frozen import FrozenHF  # noqa: E402
 from safechat.convert.hf_import import hf_to_gguf  # noqa: E402
 from safechat.convert.hf_reference import to_hf  # noqa: E402
@@ -38,6 +37,14 @@ from tests.test_hf_families import _checkpoint  # noqa: E402
 from tests.tiny_model import write_toy_prep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> int:
+    """`safechat ARGV` in this process. Imported when called, not at collection: runtime/cli.py binds sys.stdout as a
+    default argument when first imported, so importing it at collection would send other tests' output past capsys."""
+    from safechat.cli import main as safechat_main
+    return safechat_main(argv)
+
 TRAIN = ["--rank", "4", "--alpha", "8", "--lr", "1e-2", "--cls-lr", "3e-2", "--batch-tokens", "2048",
          "--gen-tokens", "8", "--device", "cpu", "--threads", "1", "--eval", "none", "--log-every", "1"]
 PAIRS = [("the rain on the hill", "the rain on the hill qz qz qz"), ("a lamp and a book", "a lamp and a book qz qz qz")]
