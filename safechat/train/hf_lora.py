@@ -24,32 +24,15 @@ from safechat.convert.hf_families import gguf_names, transform
 from safechat.convert.hf_reference import to_hf
 
 from .joint_dist import assign, full
-from .lora import TARGET_GROUPS
+from .lora import target_names
 
 _ALWAYS = ["model.embed_tokens.weight", "model.norm.weight"]  # what gguf_names wants to see in every checkpoint
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up")}  # Phi-3's fused tensors
 
 
-def _wanted(targets: str | list[str]) -> set[str]:
-    parts = set()
-    for t in ([targets] if isinstance(targets, str) else targets):
-        for piece in (p.strip() for p in t.split(",")):
-            if piece in TARGET_GROUPS:
-                parts |= set(TARGET_GROUPS[piece])
-            elif piece in TARGET_GROUPS["all"]:
-                parts.add(piece)
-            else:
-                raise ValueError(f"unknown LoRA target {piece!r}: use attn, mlp, all or "
-                                 f"{', '.join(TARGET_GROUPS['all'])}")
-    return parts
-
-
 def target_modules(model, targets: str | list[str], first_layer: int = 0) -> dict[str, str]:
     """{transformers module name: GGUF tensor name} of the Linear layers the adapters go on."""
-    n_layer = model.cfg.n_layer
-    if not 0 <= first_layer < n_layer:
-        raise ValueError(f"first LoRA layer {first_layer} outside 0..{n_layer - 1}")
-    want = _wanted(targets)
+    want = {n.split(".")[2] for n in target_names(model, targets, first_layer)}  # the hand-written path's parsing
     linears = [n for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     always = _ALWAYS + ([] if model.facts["tied"] else ["lm_head.weight"])
     names = gguf_names(model.facts, [n + ".weight" for n in linears] + always, model.path)
