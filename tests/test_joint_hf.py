@@ -190,7 +190,8 @@ def test_torchrun_two_processes_killed_and_resumed_give_the_one_process_run(tmp_
     2e-5 (its entries are ~1e-2). Float sums in another order are the only difference."""
     folder, prep = _folder(tmp_path, "qwen2")
     steps = 24
-    common = ["--base", str(folder), "--data", str(prep), "--steps", str(steps), "--ckpt-every", "2", *TRAIN]
+    common = ["--base", str(folder), "--data", str(prep), "--steps", str(steps), "--ckpt-every", "2",
+              "--gen-batch", "16", *TRAIN]  # 4+ generation batches: each rank generates its own
     one, accum, two = tmp_path / "one", tmp_path / "accum", tmp_path / "two"
     assert main(["train", "joint", "--out", str(one), *common]) == 0
     assert main(["train", "joint", "--out", str(accum), "--accum", "3", *common]) == 0
@@ -206,6 +207,9 @@ def test_torchrun_two_processes_killed_and_resumed_give_the_one_process_run(tmp_
     cmd, env = _torchrun_cmd("--out", str(sharded), "--fsdp", *common)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     assert r.returncode == 0 and load_artifact(sharded).card["recipe"]["fsdp"] is True, r.stderr[-3000:]
+    from safechat.train.joint_data import load_sequences
+    seqs = [load_sequences(d / "sequences.json.gz") for d in (one, two)]  # the own answers, generated in shares
+    assert [(s.tokens, s.cls_at) for s in seqs[0]] == [(s.tokens, s.cls_at) for s in seqs[1]]
     want = load_artifact(one)
     for other in (accum, two, sharded):
         got = load_artifact(other)

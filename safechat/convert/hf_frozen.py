@@ -128,17 +128,19 @@ class FrozenHF:
 
     @torch.no_grad()
     def greedy(self, prompts: list[list[int]], max_new: int, eog: set[int], batch_size: int = 64,
-               n_vocab: int | None = None) -> list[list[int]]:
+               n_vocab: int | None = None, part: tuple[int, int] = (0, 1)) -> list[list[int]]:
         """Greedy continuations by transformers' `generate` (left-padded batches; each ends with the
         end-of-generation token when one was produced), as `joint_data.generate` gives for the hand-written
-        models."""
+        models. part=(k, n): only the batches k, k + n, ... (the others' answers are left empty)."""
         dev = self.w["token_embd.weight"].device
         out: list[list[int]] = [[] for _ in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         bad = None
         if n_vocab is not None and n_vocab < self.cfg.n_vocab:  # never predict rows past the base vocabulary
             bad = [[t] for t in range(n_vocab, self.cfg.n_vocab)]
-        for s in range(0, len(order), batch_size):
+        for b, s in enumerate(range(0, len(order), batch_size)):
+            if b % part[1] != part[0]:
+                continue
             idx = order[s:s + batch_size]
             L = max(len(prompts[i]) for i in idx)
             ids = torch.zeros(len(idx), L, dtype=torch.long)

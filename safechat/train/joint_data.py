@@ -43,6 +43,7 @@ from runtime.prompt import Prompt, build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
+from .joint_dist import Dist
 from .real_lookalikes import AUGMENTATION as REAL
 from safechat.convert.llama_torch import DecodeCache, FrozenLlama
 
@@ -194,19 +195,29 @@ def held_out(prep: dict, split: str) -> list[Encoded]:
 
 @torch.no_grad()
 def generate(model: FrozenLlama, prompts: list[list[int]], max_new: int, eog: set[int], *,
-             batch_size: int = 64, n_vocab: int | None = None) -> list[list[int]]:
+             batch_size: int = 64, n_vocab: int | None = None, dist: Dist | None = None) -> list[list[int]]:
     """Greedy continuations (ending with the end-of-generation token when one was produced).
 
     Batched with a key/value cache: prompts are left-padded, positions count real tokens only,
-    padding is masked out of every row's keys.
+    padding is masked out of every row's keys. Under torchrun (`dist`), rank r generates the batches r,
+    r + N, ... (the very batches one process makes, so the same tokens) and the ranks exchange them.
     """
+    dist = dist or Dist()
+    part = (dist.rank, dist.world)
     if hasattr(model, "greedy"):  # a transformers base (safechat/convert/hf_frozen.py): its own `generate`
-        return model.greedy(prompts, max_new, eog, batch_size=batch_size, n_vocab=n_vocab)
+        return dist.merge(model.greedy(prompts, max_new, eog, batch_size=batch_size, n_vocab=n_vocab, part=part))
+    return dist.merge(_generate(model, prompts, max_new, eog, batch_size, n_vocab, part))
+
+
+def _generate(model: FrozenLlama, prompts: list[list[int]], max_new: int, eog: set[int], batch_size: int,
+              n_vocab: int | None, part: tuple[int, int]) -> list[list[int]]:
     dev = model.w["token_embd.weight"].device
     out_mat = model.output_matrix()[:n_vocab] if n_vocab else model.output_matrix()
     result: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for s in range(0, len(order), batch_size):
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        if b % part[1] != part[0]:
+            continue
         idx = order[s:s + batch_size]
         B, L = len(idx), max(len(prompts[i]) for i in idx)
         ids = torch.zeros(B, L, dtype=torch.long)
@@ -274,7 +285,7 @@ def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[in
 
 def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, harmful_answers: bool = True,
                     batch_size: int = 64, cls_every: int | None = None, refusal_lm: bool = True,
-                    log=print) -> list[JointSeq]:
+                    log=print, dist: Dist | None = None) -> list[JointSeq]:
     """The training sequences (table in the module docstring); generation runs on the model's device.
     refusal_lm=False: no LM loss on a refusal (harmful requests keep their [CLS] positions only)."""
     eog = set(prep["eog"])
@@ -285,7 +296,8 @@ def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, har
     log(f"generating the base model's own answers for {len(want) + len(framings) + len(comply)} prompts "
         f"({gen_tokens} tokens max)")
     answers = generate(model, [e["tokens"] for e in want] + [f["tokens"] for f in framings]
-                       + [c["tokens"] for c in comply], gen_tokens, eog, batch_size=batch_size, n_vocab=prep["n_vocab"])
+                       + [c["tokens"] for c in comply], gen_tokens, eog, batch_size=batch_size, n_vocab=prep["n_vocab"],
+                       dist=dist)
     for c, ans in zip(comply, answers[len(want) + len(framings):]):
         n = len(c["tokens"])
         seqs_comply.append(JointSeq(c["tokens"] + ans, [n] + _inside(n, ans, eog, cls_every), c["label"], lm_from=None,

@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+CLOSE_HOURS = 6  # the process group's timeout: how long ranks 1.. may wait for rank 0's measurement
 
 
 class Dist:
@@ -47,7 +51,8 @@ class Dist:
         if not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(local)
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            # a long timeout: at the end the other ranks wait in `close` while rank 0 measures the artifact
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=CLOSE_HOURS))
         return cls(world, rank, local)
 
     @property
@@ -77,6 +82,14 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def merge(self, parts: list[list]) -> list[list]:
+        """Every rank's share of a list, each entry filled by one rank (the others leave it empty), as one list."""
+        if not self.active:
+            return parts
+        every = [None] * self.world
+        dist.all_gather_object(every, parts)
+        return [next((p[i] for p in every if p[i]), []) for i in range(len(parts))]
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on one (a time budget that stops all ranks together)."""
         return self.sum([float(flag)])[0] > 0 if self.active else flag
@@ -104,7 +117,11 @@ class Dist:
                     p.grad /= self.world
 
     def close(self) -> None:
+        """Leave the group together: every rank waits here for the others (rank 0 writes and measures the artifact
+        first), then the group is destroyed. A rank that tore its group down while another still held it was
+        seen to abort at interpreter exit (once in many runs, after --fsdp)."""
         if self.active and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -172,12 +172,12 @@ def cmd_joint(args) -> int:
         raise SystemExit(f"error: {base} has {model.cfg.n_vocab} tokens, the prepared data {prep['n_vocab']}")
     model.to(dev)
     seq_path = out / SEQUENCES
-    if not (args.resume and seq_path.is_file()):
-        if dist.main:  # the base model's own answers, generated once
-            prep = {**prep, "train": train_sample(prep["train"], args.max_train, args.real_train, args.seed)}
-            save_sequences(build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch,
-                                           cls_every=args.cls_every, refusal_lm=args.lm_targets == "own+refusal"),
-                           seq_path)
+    if not (args.resume and seq_path.is_file()):  # the base model's own answers: each rank generates its batches
+        prep = {**prep, "train": train_sample(prep["train"], args.max_train, args.real_train, args.seed)}
+        seqs = build_sequences(model, prep, gen_tokens=args.gen_tokens, batch_size=args.gen_batch, log=say,
+                               cls_every=args.cls_every, refusal_lm=args.lm_targets == "own+refusal", dist=dist)
+        if dist.main:
+            save_sequences(seqs, seq_path)
             print(f"sequences written to {seq_path} ({time.time() - t0:.0f}s)")
         dist.barrier()
     seqs = load_sequences(seq_path)
