@@ -90,9 +90,11 @@ def _parse_models(specs) -> dict:
     return out
 
 
-def cmd_models(args, out=sys.stdout) -> int:
+def cmd_models(args, out=None) -> int:
     """The built models in `$SAFECHAT_CACHE/models`: list them, build the default (pull), print its path,
-    remove some (rm), or every older default (prune)."""
+    remove some (rm), or every older default (prune). `out` defaults to sys.stdout as it is at the call (a
+    default bound at import would keep whatever stream was current then)."""
+    out = sys.stdout if out is None else out
     from .default_model import PREFIX, default_model_file, default_model_path
 
     if args.names and args.action != "rm":
@@ -198,8 +200,10 @@ def _turn(model, messages, args, out) -> str:
     return gen.reply.text
 
 
-def cmd_chat(args, out=sys.stdout, inp=sys.stdin) -> int:
+def cmd_chat(args, out=None, inp=None) -> int:
     from .model import load
+
+    out, inp = (sys.stdout if out is None else out), (sys.stdin if inp is None else inp)
 
     model = load(args.model, safety=policy_of(args), **load_kwargs(args))
     history = [{"role": "system", "content": args.system}] if args.system else []

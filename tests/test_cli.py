@@ -75,3 +75,17 @@ def test_version_and_built_models(tmp_path):
     assert r.returncode == 0 and not (models / "mine.gguf").exists()
     r = run("rm", "nope.gguf")
     assert r.returncode == 2 and "no built model named 'nope.gguf'" in r.stderr
+
+
+def test_output_goes_to_the_stream_current_at_the_call(tmp_path, monkeypatch, capsys):
+    """`cmd_models`/`cmd_chat` write to sys.stdout as it is when called, not as it was when runtime.cli was first
+    imported (a default argument bound at import sent a later caller's output past its capture)."""
+    import io
+
+    import runtime.cli as cli
+
+    monkeypatch.setenv("SAFECHAT_CACHE", str(tmp_path))
+    swapped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", swapped)
+    assert cli.main(["models"]) == 0
+    assert swapped.getvalue().strip()
