@@ -114,15 +114,17 @@ def markdown(rows: list[dict], budget: float, model: str) -> str:
 
 
 def sample(examples: list[dict], caps: dict[str, int], seed: int) -> list[dict]:
-    """At most caps[split] rows of each group in each split (a seeded draw): the features cost about a second a
-    prompt on 2 cores, and a group's rate needs tens of rows, not hundreds."""
+    """At most caps[split] rows of each group in each split: the first of a shuffle seeded by (seed, group,
+    split), so a smaller cap draws a subset of a larger one's rows (and reuses their cached features). The
+    features cost up to a second a prompt on 2 cores; a group's rate needs tens of rows, not hundreds."""
     by: dict[tuple, list[dict]] = {}
     for e in sorted(examples, key=lambda e: e["id"]):
         by.setdefault((group_of(e), e["split"]), []).append(e)
-    rng = random.Random(seed)
     out = []
     for (g, split), rows in sorted(by.items()):
-        out += rng.sample(rows, min(len(rows), caps[split]))
+        rows = list(rows)
+        random.Random(f"{seed}/{g}/{split}").shuffle(rows)
+        out += rows[:caps[split]]
     return out
 
 
@@ -174,7 +176,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="a safe GGUF file (its [CLS] hidden states are the features)")
     p.add_argument("--budget", type=float, default=0.03, help="share of val benign prompts refused")
     p.add_argument("--seed", type=int, default=0, help="the data split's seed (and the draw below)")
-    p.add_argument("--cap", type=int, nargs=3, default=[80, 40, 60], metavar=("TRAIN", "VAL", "TEST"),
+    p.add_argument("--cap", type=int, nargs=3, default=[60, 30, 40], metavar=("TRAIN", "VAL", "TEST"),
                    help="at most this many rows of each group from each split")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="~/.cache/safechat/loso", help="where the features are kept")
