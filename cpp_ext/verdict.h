@@ -37,4 +37,30 @@ static inline void row_stats_from(const float *row, long n, const long *ex, int 
     *margin = (1.0 - exp(m2 - m1)) / z;      /* p1 - p2 */
 }
 
+/* log softmax(row)[token] without the excluded ids (-inf when token is excluded; NaN in, NaN out): the
+   log-probability of a prompt token, for the prompt surprisal rule (runtime/surprisal.py). */
+static inline double logprob_from(const float *row, long n, const long *ex, int n_ex, long token) {
+    for (int j = 0; j < n_ex; j++)
+        if (ex[j] == token) return -INFINITY;
+    double m = -INFINITY;
+    int nan = 0;
+    for (long i = 0; i < n; i++) {
+        int skip = 0;
+        for (int j = 0; j < n_ex; j++) skip |= (ex[j] == i);
+        if (skip) continue;
+        double v = row[i];
+        if (isnan(v)) nan = 1;
+        if (v > m) m = v;
+    }
+    if (nan || !isfinite(m)) return NAN;
+    double z = 0.0;
+    for (long i = 0; i < n; i++) {
+        int skip = 0;
+        for (int j = 0; j < n_ex; j++) skip |= (ex[j] == i);
+        if (skip) continue;
+        z += exp((double)row[i] - m);
+    }
+    return (double)row[token] - m - log(z);
+}
+
 #endif
