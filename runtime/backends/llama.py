@@ -176,7 +176,9 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         todo = [p for p in score if not (p < shared and p in self._lp)]  # the kept prefix's scores are known
         if todo:
             limit = min(limit, todo[0] - 1)  # the row before the first unknown one is decoded again
+        known = {p: v for p, v in self._lp.items() if p < shared}  # true for these tokens, though cells may go
         done = self._keep_prefix(tokens, limit)
+        self._lp = known
         self.reused = done  # prompt tokens whose cache cells were kept (not decoded again)
         self._score = list(score)
         rows = [p - 1 for p in todo]
