@@ -92,7 +92,19 @@ def _run(args) -> int:
     if path is None:
         from runtime.default_model import default_model_path
         path = default_model_path()
-    items = surprisal_val(seed=args.seed, split=args.split)
+    if args.window < 1:
+        raise SystemExit("--window must be >= 1")
+    rows, cls_thr = [], None
+    for f in args.scores:  # kinds scored by earlier runs (their --save), merged
+        saved = json.loads(Path(f).read_text())
+        if saved["window"] != args.window or (cls_thr is not None and saved["cls_threshold"] != cls_thr):
+            raise SystemExit(f"{f} was scored with window {saved['window']} and [CLS] threshold "
+                             f"{saved['cls_threshold']}; this run uses window {args.window}")
+        rows += saved["rows"]
+        cls_thr = saved["cls_threshold"]
+    kinds = set(args.kinds.split(",")) if args.kinds else None
+    items = [] if args.scores and kinds is None else surprisal_val(seed=args.seed, split=args.split)
+    items = [e for e in items if kinds is None or e["kind"] in kinds]
     if args.limit:  # a seeded sample of at most `limit` prompts per kind
         import random
         by = defaultdict(list)
@@ -100,10 +112,17 @@ def _run(args) -> int:
             by[e["kind"]].append(e)
         rng = random.Random(args.seed)
         items = [e for k in sorted(by) for e in (by[k] if len(by[k]) <= args.limit else rng.sample(by[k], args.limit))]
-    print(f"{len(items)} {args.split} prompts; scoring with {Path(path).name} (window {args.window})")
-    with runtime.load(path, n_ctx=args.n_ctx, threads=args.threads) as m:
-        rows = score(m, items, args.window)
-        cls_thr = m.meta.threshold
+    if items:
+        print(f"{len(items)} {args.split} prompts; scoring with {Path(path).name} (window {args.window})")
+        with runtime.load(path, n_ctx=args.n_ctx, threads=args.threads) as m:
+            scored = score(m, items, args.window)
+            if cls_thr is not None and m.meta.threshold != cls_thr:
+                raise SystemExit("the saved scores come from a file with another [CLS] threshold")
+            cls_thr = m.meta.threshold
+        if args.save:
+            args.save.write_text(json.dumps({"window": args.window, "cls_threshold": cls_thr, "model": str(path),
+                                             "split": args.split, "rows": scored}) + "\n")
+        rows += scored
     thr, decided = choose_threshold(rows, args.budget)
     attacks = [r for r in rows if r["label"] == 1]
     added = sum(r["surprisal"] >= thr and r["p_unsafe"] < cls_thr for r in attacks)
@@ -113,9 +132,6 @@ def _run(args) -> int:
     print(f"\nattacks caught at the prompt: [CLS] {sum(r['p_unsafe'] >= cls_thr for r in attacks)}/{len(attacks)}, "
           f"with the surprisal rule {sum(r['p_unsafe'] >= cls_thr or r['surprisal'] >= thr for r in attacks)}"
           f"/{len(attacks)} ({added:+d}); {time.time() - t0:.0f}s")
-    if args.save:
-        args.save.write_text(json.dumps({"threshold": thr, "window": args.window, "budget": args.budget,
-                                         "cls_threshold": cls_thr, "model": str(path), "rows": rows}) + "\n")
     if args.write:
         from runtime.artifact import CARD, load_artifact
         if added <= 0:
@@ -144,7 +160,12 @@ def add_parser(sub) -> None:
     c.add_argument("--limit", type=int, default=0, help="at most this many prompts per kind (a seeded sample)")
     c.add_argument("--n-ctx", type=int, default=2048)
     c.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: measured fastest beside a busy job)")
-    c.add_argument("--save", type=Path, default=None, help="write every prompt's scores as JSON")
+    c.add_argument("--save", type=Path, default=None, help="write the prompts scored by this run, with their scores, "
+                   "as JSON (before the table: a long measurement can be split into runs by --kinds)")
+    c.add_argument("--scores", action="append", default=[], metavar="JSON",
+                   help="merge prompts scored by an earlier run's --save (repeatable); with no --kinds nothing "
+                        "new is scored")
+    c.add_argument("--kinds", default=None, help="score only these kinds (comma-separated; see surprisal_data.py)")
     c.add_argument("--write", type=Path, default=None, metavar="ARTIFACT",
                    help="record the threshold and window in this artifact's card (only if the rule adds catches)")
     c.set_defaults(fn=_run)
