@@ -6,8 +6,11 @@ from the prompt's prefill, the log-probability of each *user-text* token given e
 
 * `evidence(logprobs, window)`: the maximum, over runs of `window` consecutive user-text tokens, of the
   mean surprisal (-log p, nats). The user-text tokens of every user turn are taken in order, as one
-  sequence (a window may span the end of one turn and the start of the next); fewer tokens than `window`
-  make one window of all of them; no user-text token gives 0.0 (nothing was typed that could surprise).
+  sequence (a window may span the end of one turn and the start of the next). A text shorter than
+  `window` is one window whose missing tokens count as unsurprising (its surprisal sum / `window`): the
+  first words of a message have little context, and on the default model 3-token prompts ("flu baby
+  feed") averaged 13 nats, above most optimised suffixes, which are 20 tokens or more. No user-text
+  token gives 0.0 (nothing was typed that could surprise).
 * `flags(value, threshold)`: the rule at the prompt check. It is an OR with the [CLS] verdict: the prompt
   is refused when p_unsafe reaches its threshold *or* the evidence reaches `surprisal_threshold`, at
   once (patience does not apply: the evidence is computed once per prompt, not re-checked).
@@ -34,7 +37,8 @@ class SurprisalError(ValueError):
 
 
 def evidence(logprobs: Sequence[float], window: int = DEFAULT_WINDOW) -> float:
-    """Max over `window`-token runs of the mean surprisal -log p (nats) of the user-text tokens, in order."""
+    """Max over `window`-token runs of the mean surprisal -log p (nats) of the user-text tokens, in order (a
+    text shorter than `window`: its surprisal sum / `window`)."""
     if not valid_surprisal_window(window):
         raise ValueError(f"the surprisal window must be an integer 1..{MAX_WINDOW}, got {window!r}")
     s = []
@@ -45,7 +49,7 @@ def evidence(logprobs: Sequence[float], window: int = DEFAULT_WINDOW) -> float:
     if not s:
         return 0.0
     w = min(window, len(s))
-    return max(math.fsum(s[i:i + w]) for i in range(len(s) - w + 1)) / w
+    return max(math.fsum(s[i:i + w]) for i in range(len(s) - w + 1)) / window
 
 
 def flags(value: float, threshold: float | None) -> bool:

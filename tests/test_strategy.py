@@ -302,7 +302,8 @@ def surprisal_run(be, policy, file_rule=(None, None), users=USERS, threshold=0.5
 def test_surprisal_evidence_is_the_max_window_mean():
     from runtime.surprisal import evidence
     assert evidence([-1.0, -1.0, -9.0, -9.0, -1.0], 2) == 9.0
-    assert evidence([-1.0, -3.0], 8) == 2.0  # fewer tokens than the window: one window of all
+    assert evidence([-1.0, -3.0], 8) == 0.5  # fewer tokens than the window: the rest count as unsurprising
+    assert evidence([-1.0, -3.0], 2) == 2.0
     assert evidence([], 8) == 0.0
     assert evidence([-1.0, -math.inf], 1) == math.inf
     for bad in ([float("nan")], [0.5], [None]):
@@ -327,13 +328,13 @@ def test_gibberish_prompt_refused_by_surprisal_though_cls_clears_it():
 
 
 def test_surprisal_rule_from_the_model_file_and_policy_overrides():
-    lp = {101: -1.0, 102: -6.0, 103: -6.0, 104: -1.0}.get  # window 8 (default): mean 3.5; window 2: 6.0
+    lp = {101: -1.0, 102: -6.0, 103: -6.0, 104: -1.0}.get  # window 8 (default): 14 / 8; window 2: 6.0
     mk = lambda: FakeBackend([5], logprob=lp)  # noqa: E731
-    _, r = surprisal_run(mk(), SafetyPolicy(every=1), file_rule=(3.0, None))
-    assert r.refused and r.safety.surprisal == 3.5 and r.safety.surprisal_window == 8
+    _, r = surprisal_run(mk(), SafetyPolicy(every=1), file_rule=(1.7, None))
+    assert r.refused and r.safety.surprisal == 1.75 and r.safety.surprisal_window == 8
     _, r = surprisal_run(mk(), SafetyPolicy(every=1), file_rule=(5.0, 2))
     assert r.refused and r.safety.surprisal == 6.0
-    _, r = surprisal_run(mk(), SafetyPolicy(every=1, surprisal_threshold=math.inf), file_rule=(3.0, None))
+    _, r = surprisal_run(mk(), SafetyPolicy(every=1, surprisal_threshold=math.inf), file_rule=(1.7, None))
     assert not r.refused and r.safety.surprisal is None  # inf: off for this call
 
 
@@ -367,7 +368,7 @@ def test_surprisal_that_cannot_be_computed_fails_closed(case, caplog):
 def test_cls_refusal_comes_first_and_surprisal_is_recorded():
     be = FakeBackend([5], verdict=lambda c: 0.9, logprob=lambda t: -2.0)
     _, r = surprisal_run(be, SafetyPolicy(every=1, surprisal_threshold=50.0))
-    assert r.refused and "p_unsafe=0.900" in r.safety.reason and r.safety.surprisal == 2.0
+    assert r.refused and "p_unsafe=0.900" in r.safety.reason and r.safety.surprisal == 1.0  # 4 x 2 nats / 8
 
 
 def test_surprisal_policy_validation():
