@@ -29,8 +29,9 @@ from runtime.surprisal import DEFAULT_WINDOW, evidence
 from .surprisal_data import BUDGETED, surprisal_val
 
 
-def score(model, items: list[dict], window: int, log=print) -> list[dict]:
-    """Each item with p_unsafe (the [CLS] at the prompt) and surprisal (the evidence), by the file's own path."""
+def score(model, items: list[dict], window: int, log=print, keep=None) -> list[dict]:
+    """Each item with p_unsafe (the [CLS] at the prompt) and surprisal (the evidence), by the file's own path.
+    `keep(rows so far)` is called every 25 prompts (a long run killed midway keeps what it scored)."""
     be, out, t0 = model.backend, [], time.time()
     order = sorted(range(len(items)), key=lambda i: (items[i]["kind"], items[i]["prompt"]))  # shared prefixes
     for n, i in enumerate(order):
@@ -47,6 +48,8 @@ def score(model, items: list[dict], window: int, log=print) -> list[dict]:
                     "n_user_tokens": len(users)})
         if log and (n + 1) % 200 == 0:
             log(f"  {n + 1}/{len(items)} prompts scored ({time.time() - t0:.0f}s)")
+        if keep and (n + 1) % 25 == 0:
+            keep(out)
     return out
 
 
@@ -114,14 +117,16 @@ def _run(args) -> int:
         items = [e for k in sorted(by) for e in (by[k] if len(by[k]) <= args.limit else rng.sample(by[k], args.limit))]
     if items:
         print(f"{len(items)} {args.split} prompts; scoring with {Path(path).name} (window {args.window})")
+        def keep(scored):
+            if args.save:
+                args.save.write_text(json.dumps({"window": args.window, "cls_threshold": m.meta.threshold,
+                                                 "model": str(path), "split": args.split, "rows": scored}) + "\n")
         with runtime.load(path, n_ctx=args.n_ctx, threads=args.threads) as m:
-            scored = score(m, items, args.window)
             if cls_thr is not None and m.meta.threshold != cls_thr:
                 raise SystemExit("the saved scores come from a file with another [CLS] threshold")
+            scored = score(m, items, args.window, keep=keep)
+            keep(scored)
             cls_thr = m.meta.threshold
-        if args.save:
-            args.save.write_text(json.dumps({"window": args.window, "cls_threshold": cls_thr, "model": str(path),
-                                             "split": args.split, "rows": scored}) + "\n")
         rows += scored
     thr, decided = choose_threshold(rows, args.budget)
     attacks = [r for r in rows if r["label"] == 1]
