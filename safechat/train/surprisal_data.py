@@ -86,10 +86,12 @@ KINDS = {(0, "none"): "everyday", (0, "hardneg_template"): "lookalike_template",
          (0, "prefill"): "benign_prefilled", (0, "suffix"): "benign_random_suffix",
          (1, "suffix"): "attack_random_suffix", (1, "none"): "attack_plain", (1, "prefill"): "attack_prefilled",
          (1, "jailbreak_template"): "attack_jailbreak_template"}
-# benign kinds the budget holds for (real traffic: what users type); benign_random_suffix is a benign request
-# with gibberish appended, no user's message: reported, not budgeted
+# benign kinds the budget holds for (what users type). Reported, not budgeted: benign_random_suffix (a benign
+# request with gibberish appended: nobody's message) and benign_jailbreak_wrapped (a benign request inside a
+# published jailbreak template: the template is the attack; `train calibrate` counts these as look-alikes, and
+# the table shows what the rule adds on them)
 BUDGETED = ("everyday", "code_math", "non_english", "base64_url", "lookalike_template", "real_lookalike",
-            "benign_jailbreak_wrapped", "benign_prefilled")
+            "benign_prefilled")
 
 
 def surprisal_val(seed: int = 0, split: str = "val", cache_dir=None) -> list[dict]:
