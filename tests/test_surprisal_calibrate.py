@@ -71,6 +71,7 @@ def test_score_reads_the_runtime_prefill(tiny_safe):
 @pytest.mark.slow
 def test_real_default_scores_a_gibberish_suffix_above_the_plain_request_and_the_rule_acts():
     with runtime.load() as m:
+        assert m.meta.surprisal_threshold == pytest.approx(10.85) and m.meta.surprisal_window == 8  # the card's
         off = {"surprisal_threshold": 1e9}
         plain = m.chat(PLAIN, max_tokens=8, temperature=0, safety=off)
         odd = m.chat(SUFFIXED, max_tokens=8, temperature=0, safety=off)
@@ -79,6 +80,9 @@ def test_real_default_scores_a_gibberish_suffix_above_the_plain_request_and_the_
         assert m.chat(SUFFIXED, max_tokens=8, temperature=0, safety={"surprisal_threshold": cut}).refused
         r = m.chat(PLAIN, max_tokens=8, temperature=0, safety={"surprisal_threshold": cut})
         assert not r.refused and r.safety.surprisal < cut
+        r = m.chat(SUFFIXED, max_tokens=8, temperature=0)  # the default policy: the file's 10.85 nats
+        assert r.refused and r.safety.surprisal_threshold == pytest.approx(10.85) and r.safety.surprisal >= 10.85
         toks, users = m.user_tokens(SUFFIXED)
         m.backend.start(toks, runtime.backends.base.Sampling(), check=True, reuse=False, score=users)
-        assert evidence(m.backend.prompt_logprobs(), 8) == pytest.approx(odd.safety.surprisal, abs=2e-2)
+        # a fresh prefill against the chat's (which kept a cached prefix): Q8_0 rounding differs by ~0.03 nats
+        assert evidence(m.backend.prompt_logprobs(), 8) == pytest.approx(odd.safety.surprisal, abs=0.1)
