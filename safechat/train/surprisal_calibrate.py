@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shlex
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from runtime.artifact import CARD, load_artifact
 from runtime.backends.base import Sampling
+from runtime.default_model import default_model_path
+from runtime.model import load
 from runtime.surprisal import DEFAULT_WINDOW, evidence
 
 from .surprisal_data import BUDGETED, surprisal_val
@@ -89,11 +93,9 @@ def table(rows: list[dict], cls_thr: float, s_thr: float) -> str:
 
 
 def _run(args) -> int:
-    import runtime
     t0 = time.time()
     path = args.model
     if path is None:
-        from runtime.default_model import default_model_path
         path = default_model_path()
     if args.window < 1:
         raise SystemExit("--window must be >= 1")
@@ -109,7 +111,6 @@ def _run(args) -> int:
     items = [] if args.scores and kinds is None else surprisal_val(seed=args.seed, split=args.split)
     items = [e for e in items if kinds is None or e["kind"] in kinds]
     if args.limit:  # a seeded sample of at most `limit` prompts per kind
-        import random
         by = defaultdict(list)
         for e in items:
             by[e["kind"]].append(e)
@@ -121,7 +122,7 @@ def _run(args) -> int:
             if args.save:
                 args.save.write_text(json.dumps({"window": args.window, "cls_threshold": m.meta.threshold,
                                                  "model": str(path), "split": args.split, "rows": scored}) + "\n")
-        with runtime.load(path, n_ctx=args.n_ctx, threads=args.threads) as m:
+        with load(path, n_ctx=args.n_ctx, threads=args.threads) as m:
             if cls_thr is not None and m.meta.threshold != cls_thr:
                 raise SystemExit("the saved scores come from a file with another [CLS] threshold")
             scored = score(m, items, args.window, keep=keep)
@@ -138,7 +139,6 @@ def _run(args) -> int:
           f"with the surprisal rule {sum(r['p_unsafe'] >= cls_thr or r['surprisal'] >= thr for r in attacks)}"
           f"/{len(attacks)} ({added:+d}); {time.time() - t0:.0f}s")
     if args.write:
-        from runtime.artifact import CARD, load_artifact
         if added <= 0:
             print(f"not written to {args.write}: the rule adds no catch on {args.split}", file=sys.stderr)
             return 1
