@@ -7,6 +7,8 @@
  * `row_stats(address, n_vocab, excluded)` returns (entropy, top-2 margin) of the softmax of a
  * logits row, skipping the excluded ids (the ids the sampler never picks): the "hesitation" signals that
  * trigger an extra check in the adaptive policy, in one pass over 49k floats without copies.
+ * `logprob(address, n_vocab, excluded, token)`: log softmax of a row at one token, the excluded ids left out: the
+ * prompt surprisal rule's per-token evidence (runtime/surprisal.py), read from the prefill's logits rows in place.
  * The native decode loop (`Loop`, `batch_layout`) lives in loop.c and loop_py.c.
  */
 #include "loop.h"  /* Python.h, verdict.h, MAX_EXCLUDED, read_token_ids */
@@ -50,11 +52,37 @@ static PyObject *py_row_stats(PyObject *self, PyObject *args) {
     return Py_BuildValue("dd", entropy, margin);
 }
 
+static PyObject *py_logprob(PyObject *self, PyObject *args) {
+    unsigned long long addr;
+    long n, token;
+    PyObject *excluded;
+    if (!PyArg_ParseTuple(args, "KlOl", &addr, &n, &excluded, &token)) return NULL;
+    if (addr == 0 || n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "null logits pointer or empty row");
+        return NULL;
+    }
+    if (token < 0 || token >= n) {
+        PyErr_SetString(PyExc_ValueError, "token id outside the row");
+        return NULL;
+    }
+    long ex[MAX_EXCLUDED];
+    int n_ex = read_token_ids(excluded, "excluded", ex, MAX_EXCLUDED, n);
+    if (n_ex < 0) return NULL;
+    const float *row = (const float *)(uintptr_t)addr;
+    double lp;
+    Py_BEGIN_ALLOW_THREADS
+    lp = logprob_from(row, n, ex, n_ex, token);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(lp);
+}
+
 static PyMethodDef methods[] = {
     {"p_unsafe", py_p_unsafe, METH_VARARGS,
      "p_unsafe(address, safe_id, unsafe_id) -> float: softmax([row[safe], row[unsafe]])[1]"},
     {"row_stats", py_row_stats, METH_VARARGS,
      "row_stats(address, n_vocab, excluded) -> (entropy, top-2 probability margin) of softmax(row)"},
+    {"logprob", py_logprob, METH_VARARGS,
+     "logprob(address, n_vocab, excluded, token) -> float: log softmax(row)[token] without the excluded ids"},
     {"batch_layout", native_batch_layout, METH_NOARGS,
      "batch_layout() -> dict: sizeof and field offsets of llama_batch as this module was compiled"},
     {NULL, NULL, 0, NULL},

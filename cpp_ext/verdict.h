@@ -2,6 +2,7 @@
 #ifndef SAFECHAT_VERDICT_H
 #define SAFECHAT_VERDICT_H
 #include <math.h>
+#include <string.h>
 
 /* softmax([row[safe], row[unsafe]])[1], computed stably; NaN in, NaN out. */
 static inline double p_unsafe_from(const float *row, long safe_id, long unsafe_id) {
@@ -35,6 +36,39 @@ static inline void row_stats_from(const float *row, long n, const long *ex, int 
     }
     *entropy = log(z) - ez / z;              /* log z - E[d] */
     *margin = (1.0 - exp(m2 - m1)) / z;      /* p1 - p2 */
+}
+
+/* log softmax(row)[token] without the excluded ids (-inf when token is excluded; NaN in, NaN out): the
+   log-probability of a prompt token, for the prompt surprisal rule (runtime/surprisal.py). One pass for the
+   maximum, one for the sum; the excluded ids (at most 64) are sorted once so each pass skips them in step. */
+static inline double logprob_from(const float *row, long n, const long *ex, int n_ex, long token) {
+    long sx[64];
+    int k = 0;
+    for (int j = 0; j < n_ex && k < 64; j++) {  /* insertion sort, duplicates dropped */
+        long v = ex[j];
+        if (v == token) return -INFINITY;
+        int at = k;
+        while (at > 0 && sx[at - 1] > v) at--;
+        if (at > 0 && sx[at - 1] == v) continue;
+        memmove(sx + at + 1, sx + at, (size_t)(k - at) * sizeof(long));
+        sx[at] = v;
+        k++;
+    }
+    double m = -INFINITY;
+    int nan = 0;
+    for (long i = 0, j = 0; i < n; i++) {
+        if (j < k && sx[j] == i) { j++; continue; }
+        double v = row[i];
+        if (isnan(v)) nan = 1;
+        if (v > m) m = v;
+    }
+    if (nan || !isfinite(m)) return NAN;
+    double z = 0.0;
+    for (long i = 0, j = 0; i < n; i++) {
+        if (j < k && sx[j] == i) { j++; continue; }
+        z += exp((double)row[i] - m);
+    }
+    return (double)row[token] - m - log(z);
 }
 
 #endif

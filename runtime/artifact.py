@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .contract import MAX_EVERY, valid_answer_threshold, valid_every
+from .contract import MAX_EVERY, valid_answer_threshold, valid_every, valid_surprisal_threshold, valid_surprisal_window
 
 TENSORS = "safety.safetensors"
 CARD = "card.json"
@@ -66,6 +66,17 @@ class Artifact:
         k = self.card.get("every")
         return None if k is None else int(k)
 
+    @property
+    def surprisal_threshold(self) -> float | None:
+        """The prompt surprisal rule's threshold in nats (runtime/surprisal.py), when the card calibrated one."""
+        t = self.card.get("surprisal_threshold")
+        return None if t is None else float(t)
+
+    @property
+    def surprisal_window(self) -> int | None:
+        w = self.card.get("surprisal_window")
+        return None if w is None else int(w)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.cls_embedding, np.float32).tobytes())
@@ -107,6 +118,10 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{d}: card.json's answer_threshold must be in (0, 1) or inf")
     if card.get("every") is not None and not valid_every(card["every"]):
         raise ArtifactError(f"{d}: card.json's every must be a whole number of tokens, 1..{MAX_EVERY}")
+    if card.get("surprisal_threshold") is not None and not valid_surprisal_threshold(card["surprisal_threshold"]):
+        raise ArtifactError(f"{d}: card.json's surprisal_threshold must be nats > 0 (or null: off)")
+    if card.get("surprisal_window") is not None and not valid_surprisal_window(card["surprisal_window"]):
+        raise ArtifactError(f"{d}: card.json's surprisal_window must be a whole number of tokens, 1..{MAX_EVERY}")
     if not all(np.isfinite(v).all() for v in t.values()):
         raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
     cats, tier = t.get("category_head"), t.get("controversial_head")

@@ -81,6 +81,11 @@ def add_policy_flags(p) -> None:
     p.add_argument("--answer-threshold", type=_answer_threshold, default=None, metavar="P|never",
                    help="a separate threshold for the checks inside the answer; 'never': check only the prompt "
                         "(default: the model file's, else --threshold)")
+    p.add_argument("--surprisal-threshold", type=_answer_threshold, default=None, metavar="NATS|never",
+                   help="also refuse a prompt whose user text reaches this gibberish evidence (runtime/surprisal.py; "
+                        "'never': off; default: the model file's, else off)")
+    p.add_argument("--surprisal-window", type=int, default=None, metavar="W",
+                   help="tokens per surprisal window (default: the model file's, else 8)")
     p.add_argument("--max-gap", type=int, default=None, help="adaptive: never more tokens than this between checks")
     p.add_argument("--entropy-trigger", type=float, default=None, help="adaptive: check after a token sampled "
                    "at this next-token entropy (nats) or more")
@@ -107,4 +112,5 @@ def policy_of(args):
                         threshold=args.threshold, answer_threshold=args.answer_threshold,
                         entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger,
                         sentence_ends=args.sentence_ends, allow=args.allow, block=args.block,
-                        controversial=args.controversial)
+                        controversial=args.controversial, surprisal_threshold=args.surprisal_threshold,
+                        surprisal_window=args.surprisal_window)

@@ -43,6 +43,11 @@ ANSWER_THRESHOLD = "answer_threshold"
 # runtime's default (DEFAULT_EVERY). A policy's own `every` overrides it.
 EVERY = "every"
 DEFAULT_EVERY = 4  # the cadence of a file that does not carry its own (files calibrated before `safety.every`)
+# optional (issue 35): the prompt surprisal rule (runtime/surprisal.py), refuse a prompt whose user text's
+# evidence reaches `surprisal_threshold` (nats; absent = off), over windows of `surprisal_window` tokens
+# (absent = surprisal.DEFAULT_WINDOW)
+SURPRISAL_THRESHOLD, SURPRISAL_WINDOW = "surprisal_threshold", "surprisal_window"
+DEFAULT_SURPRISAL_WINDOW = 8  # tokens (issue 35's measurement used 8)
 
 
 def stored_threshold(x: float) -> float:
@@ -77,6 +82,15 @@ def valid_every(k) -> bool:
     return isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_EVERY
 
 
+def valid_surprisal_threshold(t) -> bool:
+    """Nats, finite and > 0, or inf (the rule off)."""
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and (t == math.inf or 0.0 < t < math.inf)
+
+
+def valid_surprisal_window(w) -> bool:
+    return valid_every(w)
+
+
 class MetadataError(ValueError):
     pass
 
@@ -99,6 +113,8 @@ class SafetyMeta:
     controversial_token_id: int | None = None
     controversial_threshold: float | None = None
     every: int | None = None
+    surprisal_threshold: float | None = None  # None: no surprisal rule in this file
+    surprisal_window: int | None = None       # None: surprisal.DEFAULT_WINDOW
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -125,7 +141,10 @@ class SafetyMeta:
         } | ({} if self.answer_threshold is None else {PREFIX + ANSWER_THRESHOLD: stored_threshold(self.answer_threshold)}) \
           | ({PREFIX + SIDE_TOKEN_IDS: json.dumps(list(self.side_token_ids))} if self.side_token_ids else {}) \
           | (self._category_kv() if self.categories else {}) \
-          | ({} if self.every is None else {PREFIX + EVERY: int(self.every)})
+          | ({} if self.every is None else {PREFIX + EVERY: int(self.every)}) \
+          | ({} if self.surprisal_threshold is None
+             else {PREFIX + SURPRISAL_THRESHOLD: stored_threshold(self.surprisal_threshold)}) \
+          | ({} if self.surprisal_window is None else {PREFIX + SURPRISAL_WINDOW: int(self.surprisal_window)})
 
     def _category_kv(self) -> dict[str, object]:
         return {PREFIX + CATEGORIES: json.dumps(list(self.categories)),
@@ -151,6 +170,9 @@ class SafetyMeta:
             cadence = kv.get(PREFIX + EVERY)
             cadence = None if cadence is None else int(cadence)
             side = tuple(int(i) for i in json.loads(kv.get(PREFIX + SIDE_TOKEN_IDS) or "[]"))
+            s_thr, s_win = kv.get(PREFIX + SURPRISAL_THRESHOLD), kv.get(PREFIX + SURPRISAL_WINDOW)
+            s_thr = None if s_thr is None else float(s_thr)
+            s_win = None if s_win is None else int(s_win)
             cats = _categories_from_kv(kv)
         except (ValueError, TypeError, KeyError) as e:
             raise MetadataError(f"{where} has malformed safety metadata: {e}") from None
@@ -181,8 +203,13 @@ class SafetyMeta:
             raise MetadataError(f"{where} has an invalid answer threshold {answer} (needs (0, 1) or inf)")
         if cadence is not None and not valid_every(cadence):
             raise MetadataError(f"{where} has an invalid check cadence {cadence} (needs an integer 1..{MAX_EVERY})")
+        if s_thr is not None and not valid_surprisal_threshold(s_thr):
+            raise MetadataError(f"{where} has an invalid surprisal threshold {s_thr} (needs nats > 0, or inf)")
+        if s_win is not None and not valid_surprisal_window(s_win):
+            raise MetadataError(f"{where} has an invalid surprisal window {s_win} (needs an integer 1..{MAX_EVERY})")
         return cls(version, *ids[len(side):], threshold, kv.get(PREFIX + "base_model", ""),
-                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side, *(cats or ()), every=cadence)
+                   kv.get(PREFIX + "trained_with", ""), metrics, answer, side, *(cats or ()), every=cadence,
+                   surprisal_threshold=s_thr, surprisal_window=s_win)
 
 
 def _categories_from_kv(kv: dict[str, str]):
@@ -281,6 +308,19 @@ def stamp_mismatches(kv: dict[str, str], rec: dict) -> list[str]:
     if stamped is not None and not _same(stamped, effective):
         value = f"{answer}" if answer is not None else f"absent (so {PREFIX}threshold, {threshold})"
         out.append(f"{PREFIX}{ANSWER_THRESHOLD} is {value} in the file, {stamped} in its stamp")
+    if SURPRISAL_THRESHOLD in rec:  # stamps since issue 35 record the surprisal rule (None: off)
+        text = kv.get(PREFIX + SURPRISAL_THRESHOLD)
+        value = _number(text)
+        stamped = rec[SURPRISAL_THRESHOLD]
+        off = value is None or value == math.inf
+        if (stamped is None) != off or (stamped is not None and not off and not _same(stamped, value)):
+            out.append(f"{PREFIX}{SURPRISAL_THRESHOLD} is {text if text is not None else 'absent (off)'} in the "
+                       f"file, {stamped if stamped is not None else 'off'} in its stamp")
+        text = kv.get(PREFIX + SURPRISAL_WINDOW)
+        window = _number(text) if text is not None else DEFAULT_SURPRISAL_WINDOW
+        if stamped is not None and not _same(rec.get(SURPRISAL_WINDOW), window):
+            value = text if text is not None else f"absent (so the default, {DEFAULT_SURPRISAL_WINDOW})"
+            out.append(f"{PREFIX}{SURPRISAL_WINDOW} is {value} in the file, {rec.get(SURPRISAL_WINDOW)} in its stamp")
     if rec.get("every"):  # the checks inside the answer were compared at this cadence
         text = kv.get(PREFIX + EVERY)
         every = _number(text) if text is not None else DEFAULT_EVERY

@@ -157,7 +157,8 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
                       base_model=str(art.card.get("base_model", base_name or Path(base).name)),
                       trained_with=str(art.card.get("trained_with", art.digest()[:16])),
                       metrics=art.card.get("metrics", {}), answer_threshold=art.answer_threshold,
-                      side_token_ids=side_ids, every=art.every, **cat_meta)
+                      side_token_ids=side_ids, every=art.every, surprisal_threshold=art.surprisal_threshold,
+                      surprisal_window=art.surprisal_window, **cat_meta)
     if tied:
         emb_rows = np.concatenate([read_rows, rows, art.head])
         out_rows = None

@@ -13,10 +13,11 @@ from .backends.base import CHAT_SAMPLING, Sampling
 from .errors import ContextOverflowError, ModelBusyError, ModelFileError, ParameterError
 from .formats import grammar_for
 from .policy import Categories, SafetyPolicy
-from .prompt import build_prompt, prompt_template, prompt_tokens
+from .prompt import build_prompt, prompt_template, prompt_tokens, user_token_positions
 from .reply import Reply
 from .stops import stop_list
 from .strategy import Generation, generate
+from .surprisal import SurprisalError
 
 BACKENDS = ("llama", "onnx")
 log = logging.getLogger("safechat")
@@ -119,6 +120,25 @@ class Model:
         bos = self.file.bos if self.file.add_bos else None
         return prompt_tokens(prompt, self.backend, bos)
 
+    def user_tokens(self, messages: Any) -> tuple[list[int], list[int] | None]:
+        """(the prompt's tokens, the positions of those carrying user text that the prompt surprisal rule
+        scores: the first token has no context and is left out). None when the user text cannot be located
+        (the rule then fails closed)."""
+        prompt = build_prompt(prompt_template(self.file), messages)
+        bos = self.file.bos if self.file.add_bos else None
+        try:
+            tokens, users = user_token_positions(prompt, self.backend, bos)
+        except SurprisalError as e:
+            log.warning("prompt surprisal: %s", e)
+            return prompt_tokens(prompt, self.backend, bos), None
+        return tokens, [p for p in users if p >= 1]
+
+    @property
+    def surprisal_rule(self) -> tuple[float | None, int | None]:
+        """The file's (surprisal threshold, window), each None when absent (a policy's own values override)."""
+        m = self.meta
+        return (m.surprisal_threshold, m.surprisal_window) if m is not None else (None, None)
+
     def chat(self, messages: Any, max_tokens: int = 256, temperature: float = CHAT_SAMPLING["temperature"],
              seed: int | None = None, stream: bool = False, top_k: int = CHAT_SAMPLING["top_k"],
              top_p: float = CHAT_SAMPLING["top_p"], min_p: float = CHAT_SAMPLING["min_p"],
@@ -161,7 +181,14 @@ class Model:
         if policy is not None and self.meta is None:
             raise ModelFileError(f"{self.path} has no safety metadata; only safety='off' can run it")
         self._check_rules(policy)
-        tokens = self.tokenize_messages(messages)
+        rule = self.surprisal_rule
+        s_thr = None if policy is None else (policy.surprisal_threshold if policy.surprisal_threshold is not None
+                                             else rule[0])
+        users = None
+        if s_thr is not None and s_thr != float("inf"):  # the rule is on: locate the user's text
+            tokens, users = self.user_tokens(messages)
+        else:
+            tokens = self.tokenize_messages(messages)
         if len(tokens) + 2 > self.backend.n_ctx:
             raise ContextOverflowError(f"the conversation is {len(tokens)} tokens; the context window holds "
                                        f"{self.backend.n_ctx}: shorten the history or load with a larger n_ctx")
@@ -170,7 +197,7 @@ class Model:
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
                        answer_threshold=self.meta.answer_threshold if self.meta else None,
                        sampling=sampling, max_tokens=max_tokens, native=self.native, stop=stops,
-                       categories=self.categories)
+                       categories=self.categories, surprisal=rule, user_positions=users)
         g = Generation(self._locked(gen))
         return g if stream else g.run()
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from runtime.contract import DEFAULT_EVERY, valid_answer_threshold
+from runtime.contract import DEFAULT_EVERY, valid_answer_threshold, valid_surprisal_threshold, valid_surprisal_window
 
 ACTIONS = ("refuse", "stop")
 TIERS = ("strict", "loose")
@@ -73,6 +73,10 @@ class SafetyPolicy:
     allow: frozenset = frozenset()  # answer a flagged request when one of these categories reaches its threshold
     block: frozenset = frozenset()  # refuse a request the binary verdict clears when one of these reaches its
     controversial: str = "strict"   # "loose": answer a flagged request the controversial tier reaches
+    # the prompt surprisal rule (runtime/surprisal.py): refuse a prompt whose user text reaches this evidence
+    # (nats); None: the model file's `safety.surprisal_threshold` (absent: off); inf: off
+    surprisal_threshold: float | None = None
+    surprisal_window: int | None = None  # tokens per window; None: the file's, else surprisal.DEFAULT_WINDOW
 
     @property
     def has_category_rules(self) -> bool:
@@ -107,6 +111,10 @@ class SafetyPolicy:
             raise ValueError(f"SafetyPolicy.action must be one of {ACTIONS}, got {self.action!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError("SafetyPolicy.threshold must be in (0, 1)")
+        if self.surprisal_threshold is not None and not valid_surprisal_threshold(self.surprisal_threshold):
+            raise ValueError("SafetyPolicy.surprisal_threshold must be nats > 0, or math.inf for off")
+        if self.surprisal_window is not None and not valid_surprisal_window(self.surprisal_window):
+            raise ValueError("SafetyPolicy.surprisal_window must be an integer number of tokens >= 1")
         if self.answer_threshold is not None and not valid_answer_threshold(self.answer_threshold):
             raise ValueError("SafetyPolicy.answer_threshold must be in (0, 1), or math.inf to never act inside the answer")
 

@@ -18,6 +18,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import MessagesError
+from .surprisal import user_positions
 
 ROLES = ("system", "user", "assistant")
 
@@ -46,6 +47,7 @@ def prompt_template(mf) -> str | None:
 class Segment:
     text: str
     special: bool  # True: template text (parse control tokens); False: user-supplied text
+    role: str | None = None  # the message's role for a message's content (None: template text)
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def build_prompt(template: str | None, messages: Any, bos: str = "", eos: str = 
         if head:
             segments.append(Segment(head, True))
         if msgs[i]["content"]:
-            segments.append(Segment(msgs[i]["content"], False))
+            segments.append(Segment(msgs[i]["content"], False, msgs[i]["role"]))
     if rest:
         segments.append(Segment(rest, True))
     return Prompt(tuple(segments), prefill)
@@ -175,32 +177,72 @@ def prompt_tokens(prompt: Prompt, vocab, bos: int | None = None) -> list[int]:
     is one `tokenize(run, special=False)`. `bos` is prepended when the model asks for it. A vocabulary
     without `special_texts` (or a bare tokenize function) gets each segment tokenized on its own.
     """
+    return _tokens(prompt, vocab, bos, locate=False)[0]
+
+
+def user_token_positions(prompt: Prompt, vocab, bos: int | None = None) -> tuple[list[int], list[int]]:
+    """(the ids `prompt_tokens` gives, the indices of those that carry text of a `user` message).
+
+    A token merged across user and template text counts as user text (runtime/surprisal.py); needs
+    `vocab.token_bytes`. Raises `SurprisalError` when the tokens do not spell the text they came from."""
+    return _tokens(prompt, vocab, bos, locate=True)
+
+
+def _tokens(prompt: Prompt, vocab, bos, locate: bool) -> tuple[list[int], list[int]]:
     ids = [bos] if bos is not None else []
+    users: list[int] = []
     specials = getattr(vocab, "special_texts", None)
     tokenize = getattr(vocab, "tokenize", vocab)
-    parts = list(prompt.segments) + ([Segment(prompt.prefill, False)] if prompt.prefill else [])
+    parts = list(prompt.segments) + ([Segment(prompt.prefill, False, "assistant")] if prompt.prefill else [])
+
+    def emit(pieces: list[tuple[str, bool]]) -> None:  # one tokenize call over a run of (text, is user text)
+        toks = tokenize("".join(t for t, _ in pieces), False)
+        if locate:
+            users.extend(user_positions([(t.encode(), u) for t, u in pieces], [vocab.token_bytes(t) for t in toks],
+                                        offset=len(ids)))
+        ids.extend(toks)
+
     if specials is None:
         for seg in parts:
-            ids += tokenize(seg.text, seg.special)
-        return ids
-    run, eat = "", False  # eat: the last control token strips the whitespace after it
+            if seg.special:
+                ids.extend(tokenize(seg.text, True))
+            else:
+                emit([(seg.text, seg.role == "user")])
+        return ids, users
+    run: list[tuple[str, bool]] = []
+    eat = False  # eat: the last control token strips the whitespace after it
     for seg in parts:
+        user = seg.role == "user"
         for piece in _split(seg.text, specials()) if seg.special else [seg.text]:
             if isinstance(piece, str):
                 if eat:
                     piece = piece.lstrip()
                     eat = not piece
-                run += piece
+                if piece:
+                    run.append((piece, user))
                 continue
             if piece.lstrip:
-                run = run.rstrip()
+                run = _rstrip(run)
             if run:
-                ids += tokenize(run, False)
-            ids += tokenize(piece.text, True)
-            run, eat = "", piece.rstrip
+                emit(run)
+            ids.extend(tokenize(piece.text, True))
+            run, eat = [], piece.rstrip
     if run:
-        ids += tokenize(run, False)
-    return ids
+        emit(run)
+    return ids, users
+
+
+def _rstrip(run: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The run without its trailing whitespace (which may end several pieces)."""
+    run = list(run)
+    while run:
+        text, user = run[-1]
+        text = text.rstrip()
+        if text:
+            run[-1] = (text, user)
+            break
+        run.pop()
+    return run
 
 
 def _split(text: str, specials: tuple[Special, ...]) -> list:

@@ -32,6 +32,11 @@ class Safety:
     controversial: float | None = None
     allowed: list[tuple[int, str]] = field(default_factory=list)  # (tokens covered, allowed category)
     category_trace: list[str | None] = field(default_factory=list)  # per check: its top harm category
+    # the prompt surprisal rule (runtime/surprisal.py), when on: its evidence on this prompt's user text
+    # (nats; None when not computed), its threshold and window
+    surprisal: float | None = None
+    surprisal_threshold: float | None = None
+    surprisal_window: int | None = None
 
     @property
     def max_p_unsafe(self) -> float | None:
@@ -65,5 +70,7 @@ class Reply:
         d["safety"]["max_p_unsafe"] = self.safety.max_p_unsafe
         if self.safety.answer_threshold is not None and math.isinf(self.safety.answer_threshold):
             d["safety"]["answer_threshold"] = "inf"  # strict JSON has no Infinity: no checks inside the answer
+        if self.safety.surprisal is not None and math.isinf(self.safety.surprisal):
+            d["safety"]["surprisal"] = "inf"  # a user-text token the model ruled out
         d["usage"]["tokens_per_second"] = round(self.usage.tokens_per_second, 2)
         return d

@@ -8,6 +8,12 @@ refusal (`refuse`) or just ends (`stop`). A verdict that cannot be computed (an 
 NaN) is treated as unsafe at once: fail closed. With an answer threshold of inf (never act
 inside the answer) only the prompt is checked: a check that cannot act is not computed, and
 the answer is shown as it is generated.
+
+With a surprisal threshold (the policy's, else the model file's), the prompt check also weighs the
+prompt surprisal evidence of the user's text (runtime/surprisal.py): the backend scores the user-text
+tokens during the prefill it runs anyway, and the prompt is refused when the [CLS] verdict *or* the
+evidence reaches its threshold. Evidence that cannot be computed refuses (fail closed). Without a
+threshold nothing is scored: no extra cost.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from .policy import (ACTIONS, DEFAULT_REFUSAL, TIERS, Categories, SafetyPolicy, 
                      loop_spec)
 from .reply import Reply, Safety, Usage
 from .stops import StopMatcher
+from .surprisal import DEFAULT_WINDOW, SurprisalError, evidence, flags
 
 
 log = logging.getLogger("safechat")  # refusals at INFO; fail-closed refusals (no verdict) at WARNING
@@ -192,10 +199,26 @@ def _fused_loop(run: _Run, loop) -> Iterator[str]:
             return info
 
 
+def _evidence(backend: Backend, safety: Safety, positions: list[int] | None, window: int) -> str | None:
+    """Record the prompt surprisal evidence of the last `start` on `safety`; why it cannot be, or None."""
+    if positions is None:
+        return "the user text's tokens could not be located in the prompt"
+    try:
+        lps = backend.prompt_logprobs()
+        if lps is None or len(lps) != len(positions):
+            return (f"the backend scored {'no' if lps is None else len(lps)} of the {len(positions)} "
+                    "user-text tokens")
+        safety.surprisal = evidence(lps, window)
+    except SurprisalError as e:
+        return str(e)
+    return None
+
+
 def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy | None,
              threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False,
              answer_threshold: float | None = None, stop: list[str] | None = None,
-             categories: Categories | None = None) -> Iterator[str]:
+             categories: Categories | None = None, surprisal: tuple[float | None, int | None] = (None, None),
+             user_positions: list[int] | None = None) -> Iterator[str]:
     """Yield text pieces as they are cleared for display; return the final `Reply`.
 
     `policy=None` runs without checks (an explicit caller choice). `native=True` runs the token
@@ -223,16 +246,30 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         raise ValueError("the policy's allow/block/controversial rules need a model with a category head")
     if enabled and categories is not None and policy.has_category_rules:
         native = False  # the C loop does not apply the category rules
+    s_thr = None
+    if enabled:
+        s_thr = policy.surprisal_threshold if policy.surprisal_threshold is not None else surprisal[0]
+        s_thr = s_thr if s_thr is not None and math.isfinite(s_thr) else None
+    window = (policy.surprisal_window or surprisal[1] or DEFAULT_WINDOW) if s_thr is not None else None
     run = _Run(backend, policy, thr, answer_thr, stop, categories)
     safety = run.safety
+    safety.surprisal_threshold, safety.surprisal_window = s_thr, window
     shown = run.shown
     loop = None
     finish = "length"
     t_loop = t_end = None
     try:
-        p = backend.start(prompt_tokens, sampling, check=enabled)
+        score = {} if s_thr is None or user_positions is None else {"score": list(user_positions)}
+        p = backend.start(prompt_tokens, sampling, check=enabled, **score)  # scores only when the rule is on
+        problem = _evidence(backend, safety, score.get("score"), window) if s_thr is not None else None
         if enabled:
             run.verdict(p, 0, "prompt")
+        if problem is not None:
+            raise _Intervene(0, f"prompt surprisal could not be computed: {problem}", failed=True)
+        if s_thr is not None and flags(safety.surprisal, s_thr):
+            raise _Intervene(0, f"gibberish in the prompt: surprisal {safety.surprisal:.2f} >= {s_thr:.2f} nats "
+                                f"over {window} user-text tokens")
+        if enabled:
             run.enabled = math.isfinite(answer_thr)  # inf: no check inside the answer could act
         if native:
             loop = backend.fused_loop(policy if run.enabled else None, run.answer_thr, max_tokens,

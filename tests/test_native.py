@@ -63,3 +63,26 @@ def test_backend_hesitation_uses_the_sampled_row(tiny_safe):
     assert (ent, margin) == pytest.approx(row_stats_py(row, mf.n_vocab, mf.safety_meta().token_ids))
     assert 0 < ent < np.log(mf.n_vocab) and 0 <= margin <= 1
     be.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_native_logprob_matches_numpy(seed):
+    import numpy as np
+
+    from runtime import _native
+    from runtime.backends.base import logprob_py
+    rng = np.random.default_rng(seed)
+    row = (rng.standard_normal(5000) * (1 + 5 * seed)).astype(np.float32)
+    excluded = ((7, 4999), (), tuple(range(4980, 4997)))[seed]
+    for token in (0, 123, 4998):
+        got = _native.logprob(row.ctypes.data, len(row), excluded, token)
+        assert got == pytest.approx(logprob_py(row, len(row), excluded, token), rel=1e-9, abs=1e-9) and got <= 0
+    assert np.exp([_native.logprob(row.ctypes.data, len(row), excluded, t) for t in range(5000)]).sum() == \
+        pytest.approx(1.0)
+    if excluded:
+        assert _native.logprob(row.ctypes.data, len(row), excluded, excluded[0]) == -math.inf
+    bad = row.copy()
+    bad[3] = np.nan
+    assert math.isnan(_native.logprob(bad.ctypes.data, len(bad), (), 0))
+    with pytest.raises(ValueError, match="token id outside"):
+        _native.logprob(row.ctypes.data, len(row), (), 5000)

@@ -177,3 +177,20 @@ def test_convert_cli_onnx_subcommand(tiny_safe, tiny_base, tmp_path):
     r = subprocess.run([sys.executable, "-m", "safechat.convert", "onnx", str(tiny_base), str(tmp_path / "x.onnx")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_prompt_logprobs_match_llama_and_the_rule_runs_on_onnx(models):
+    """The surprisal rule's input (runtime/surprisal.py) from the ONNX prefill, cut after each scored row."""
+    ml, mo = models
+    msgs = PROMPT + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "}}]( zx == --!! 743"}]
+    toks, users = ml.user_tokens(msgs)
+    assert (toks, users) == mo.user_tokens(msgs)
+    pl = ml.backend.start(toks, Sampling(), check=True, reuse=False, score=users)
+    po = mo.backend.start(toks, Sampling(), check=True, score=users)
+    assert po == pytest.approx(pl, abs=5e-3)  # the verdict is unchanged by the cut prefill
+    assert mo.backend.prompt_logprobs() == pytest.approx(ml.backend.prompt_logprobs(), abs=2e-2)
+    assert _llama_row(ml.backend) == pytest.approx(mo.backend._logits, abs=2e-2)  # sampling continues alike
+    off = mo.chat(msgs, max_tokens=3, temperature=0, safety={"threshold": 0.99, "surprisal_threshold": 1e6})
+    on = mo.chat(msgs, max_tokens=3, temperature=0, safety={"threshold": 0.99,
+                                                            "surprisal_threshold": off.safety.surprisal - 0.01})
+    assert not off.refused and on.refused and "gibberish" in on.safety.reason

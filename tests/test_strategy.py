@@ -14,7 +14,9 @@ class FakeBackend:
 
     n_ctx = 10_000
 
-    def __init__(self, tokens, verdict=lambda covered: 0.0, fail_at=None):
+    def __init__(self, tokens, verdict=lambda covered: 0.0, fail_at=None, logprob=None):
+        self.logprob = logprob  # token -> its log-probability in the prompt (the surprisal rule's input)
+        self.scored = None     # the positions the last start was asked to score (None: not asked)
         self.script = list(tokens)
         self.verdict = verdict
         self.fail_at = fail_at
@@ -38,10 +40,15 @@ class FakeBackend:
         self.checks_at.append(covered)
         return self.verdict(covered)
 
-    def start(self, tokens, sampling, check):
+    def start(self, tokens, sampling, check, **kw):
         self.decoded = list(tokens)
         self.prompt_len = len(tokens)
+        if "score" in kw:
+            self.scored = list(kw["score"])
         return self._p() if check else None
+
+    def prompt_logprobs(self):
+        return [self.logprob(self.decoded[i]) for i in self.scored]
 
     def sample(self):
         return self.script.pop(0) if self.script else EOG
@@ -278,3 +285,94 @@ def test_adaptive_policy_never_shows_unchecked_text(seed):
     last_safe = max(c for c, p in r.safety.trace if p < 0.5)
     assert shown == text_of(range(100, 100 + last_safe)) and last_safe < turn
     assert r.safety.intervened_at - last_safe <= pol.max_gap
+
+
+# -- the prompt surprisal rule (runtime/surprisal.py) at the prompt check ------------------------------------
+PROMPT = [100, 101, 102, 103, 104, 105]  # 100: template, 101..104: user text, 105: template
+USERS = [1, 2, 3, 4]
+
+
+def surprisal_run(be, policy, file_rule=(None, None), users=USERS, threshold=0.5):
+    g = Generation(generate(be, PROMPT, policy=policy, threshold=threshold, sampling=Sampling(), max_tokens=10,
+                            surprisal=file_rule, user_positions=users))
+    pieces = list(g)
+    return pieces, g.reply
+
+
+def test_surprisal_evidence_is_the_max_window_mean():
+    from runtime.surprisal import evidence
+    assert evidence([-1.0, -1.0, -9.0, -9.0, -1.0], 2) == 9.0
+    assert evidence([-1.0, -3.0], 8) == 0.5  # fewer tokens than the window: the rest count as unsurprising
+    assert evidence([-1.0, -3.0], 2) == 2.0
+    assert evidence([], 8) == 0.0
+    assert evidence([-1.0, -math.inf], 1) == math.inf
+    for bad in ([float("nan")], [0.5], [None]):
+        with pytest.raises(ValueError, match="not a log-probability"):
+            evidence(bad, 8)
+    with pytest.raises(ValueError, match="window"):
+        evidence([-1.0], 0)
+
+
+def test_gibberish_prompt_refused_by_surprisal_though_cls_clears_it():
+    lp = {101: -1.0, 102: -12.0, 103: -13.0, 104: -1.0}.get
+    be = FakeBackend([5, 6, 7], verdict=lambda c: 0.1, logprob=lp)
+    pieces, r = surprisal_run(be, SafetyPolicy(every=1, surprisal_window=2, surprisal_threshold=10.0))
+    assert be.scored == USERS  # only the user's tokens were asked for
+    assert r.refused and r.safety.intervened_at == 0 and pieces == [DEFAULT_REFUSAL]
+    assert r.safety.surprisal == 12.5 and "surprisal 12.50 >= 10.00" in r.safety.reason
+    assert r.safety.trace == [(0, 0.1)]  # the [CLS] verdict was computed and cleared the prompt
+    # a higher threshold lets it through; the evidence is still recorded
+    be = FakeBackend([5, 6, 7], verdict=lambda c: 0.1, logprob=lp)
+    _, r = surprisal_run(be, SafetyPolicy(every=1, surprisal_window=2, surprisal_threshold=12.6))
+    assert not r.refused and r.text == text_of([5, 6, 7]) and r.safety.surprisal == 12.5
+
+
+def test_surprisal_rule_from_the_model_file_and_policy_overrides():
+    lp = {101: -1.0, 102: -6.0, 103: -6.0, 104: -1.0}.get  # window 8 (default): 14 / 8; window 2: 6.0
+    mk = lambda: FakeBackend([5], logprob=lp)  # noqa: E731
+    _, r = surprisal_run(mk(), SafetyPolicy(every=1), file_rule=(1.7, None))
+    assert r.refused and r.safety.surprisal == 1.75 and r.safety.surprisal_window == 8
+    _, r = surprisal_run(mk(), SafetyPolicy(every=1), file_rule=(5.0, 2))
+    assert r.refused and r.safety.surprisal == 6.0
+    _, r = surprisal_run(mk(), SafetyPolicy(every=1, surprisal_threshold=math.inf), file_rule=(1.7, None))
+    assert not r.refused and r.safety.surprisal is None  # inf: off for this call
+
+
+def test_surprisal_off_asks_the_backend_for_nothing():
+    be = FakeBackend([5, 6], logprob=lambda t: -20.0)
+    _, r = surprisal_run(be, SafetyPolicy(every=1))
+    assert be.scored is None and not r.refused and r.safety.surprisal is None
+    be = FakeBackend([5, 6], logprob=lambda t: -20.0)
+    _, r = surprisal_run(be, None)  # safety off: no rule either, even with a threshold in the file
+    assert be.scored is None and not r.refused
+
+
+@pytest.mark.parametrize("case", ["nan", "short", "unlocated", "raises"])
+def test_surprisal_that_cannot_be_computed_fails_closed(case, caplog):
+    lp = (lambda t: float("nan")) if case == "nan" else (lambda t: -1.0)
+    be = FakeBackend([5, 6], logprob=lp)
+    if case == "short":
+        be.prompt_logprobs = lambda: [-1.0]
+    if case == "raises":
+        def boom():
+            raise RuntimeError("no logits")
+        be.prompt_logprobs = boom
+    with caplog.at_level("WARNING", logger="safechat"):
+        pieces, r = surprisal_run(be, SafetyPolicy(every=1, surprisal_threshold=50.0),
+                                  users=None if case == "unlocated" else USERS)
+    assert r.refused and pieces == [DEFAULT_REFUSAL] and r.safety.intervened_at == 0
+    assert "could not be computed" in r.safety.reason or "failed" in r.safety.reason
+    assert "fail closed" in caplog.text
+
+
+def test_cls_refusal_comes_first_and_surprisal_is_recorded():
+    be = FakeBackend([5], verdict=lambda c: 0.9, logprob=lambda t: -2.0)
+    _, r = surprisal_run(be, SafetyPolicy(every=1, surprisal_threshold=50.0))
+    assert r.refused and "p_unsafe=0.900" in r.safety.reason and r.safety.surprisal == 1.0  # 4 x 2 nats / 8
+
+
+def test_surprisal_policy_validation():
+    for bad in ({"surprisal_threshold": 0.0}, {"surprisal_threshold": -1.0}, {"surprisal_threshold": math.nan},
+                {"surprisal_window": 0}, {"surprisal_window": 2.5}):
+        with pytest.raises(ValueError, match="surprisal"):
+            SafetyPolicy(**bad)

@@ -10,6 +10,13 @@ A backend owns one KV cache and one sampler. The strategy drives it:
 `start`, `advance` and `check` return p_unsafe in [0, 1] for a check (the verdict on
 everything in the cache), or None when no check was asked for. A side [CLS] never stays in
 the cache: the next token takes its position.
+
+    p = backend.start(prompt_tokens, sampling, check=True, score=positions)
+    lps = backend.prompt_logprobs()                          # log p(tokens[i] | tokens[:i]), i in positions
+
+`score` (the prompt surprisal rule, runtime/surprisal.py) asks the prefill for the log-probabilities of
+those prompt tokens (the user's text); the strategy passes it only when the rule is on, so a backend
+computes no extra logits otherwise.
 """
 from __future__ import annotations
 
@@ -78,6 +85,20 @@ def category_probs(row, ids) -> tuple[tuple[float, ...], float] | None:
     return tuple(v / total for v in e), tier
 
 
+def logprob_py(row, n_vocab: int, excluded, token: int) -> float:
+    """log softmax(row)[token] over the vocabulary without the excluded ids (reference of the native one)."""
+    import numpy as np
+
+    x = np.ctypeslib.as_array(row, shape=(n_vocab,)) if not isinstance(row, np.ndarray) else row
+    x = x.astype(np.float64)
+    keep = np.ones(n_vocab, bool)
+    keep[[i for i in excluded if 0 <= i < n_vocab]] = False
+    if not keep[token]:
+        return float("-inf")
+    m = x[keep].max()
+    return float(x[token] - m - np.log(np.exp(x[keep] - m).sum()))
+
+
 def side_tokens(safety_ids) -> list[int]:
     """What a check decodes after the context: the side tokens, if any, then the [CLS].
 
@@ -85,10 +106,13 @@ def side_tokens(safety_ids) -> list[int]:
     return list(safety_ids[:-2])
 
 
-def check_prompt(tokens: list[int], n_ctx: int, check: bool, safety_ids) -> None:
-    """What every backend's `start` refuses: an empty prompt, one that leaves no room, a check without ids."""
+def check_prompt(tokens: list[int], n_ctx: int, check: bool, safety_ids, score=()) -> None:
+    """What every backend's `start` refuses: an empty prompt, one that leaves no room, a check without ids,
+    scored positions outside 1..len(tokens)-1 (the first token has no context) or not increasing."""
     if not tokens:
         raise ValueError("empty prompt")
+    if score and (score[0] < 1 or score[-1] >= len(tokens) or any(b <= a for a, b in zip(score, score[1:]))):
+        raise ValueError(f"scored positions must increase within 1..{len(tokens) - 1}")
     if len(tokens) + 1 + (len(side_tokens(safety_ids)) if safety_ids else 1) > n_ctx:
         raise ContextOverflowError(f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}")
     if check and safety_ids is None:
@@ -124,7 +148,12 @@ class Backend(Protocol):
 
     def is_eog(self, token: int) -> bool: ...
 
-    def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None: ...
+    def start(self, tokens: list[int], sampling: Sampling, check: bool, score: list[int] = ()) -> float | None: ...
+
+    def prompt_logprobs(self) -> list[float]:
+        """log p(tokens[i] | tokens[:i]) for each i of the last `start`'s `score`, in order (natural log, over
+        the vocabulary without the ids never sampled: the safety and category rows)."""
+        ...
 
     def sample(self) -> int: ...
 

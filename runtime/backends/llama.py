@@ -13,7 +13,7 @@ import os
 import llama_cpp as ll
 
 from ..errors import ModelFileError
-from .base import Sampling, TokensFromFile, category_probs, check_prompt, side_tokens
+from .base import Sampling, TokensFromFile, category_probs, check_prompt, logprob_py, side_tokens
 from .llama_file import LlamaModelFile, _FreedOnDelete, init_llama, llama_errors  # noqa: F401 (the module's API)
 from .llama_sampler import grammar_sampler, sampler_chain
 
@@ -21,6 +21,8 @@ try:  # the native module built from cpp_ext/ by pip install
     import runtime._native as _native  # the compiled module itself, not the package API
 except ImportError:  # pragma: no cover - only when the package was not installed with pip
     _native = None
+
+MAX_SCORED_ROWS = 64  # logits rows one decode asks for when scoring a prompt (each row is n_vocab floats)
 
 
 def p_unsafe_from_logits(row, safe_id: int, unsafe_id: int) -> float:
@@ -78,11 +80,13 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self.n_past = 0
         self._row = -1  # batch row holding the logits of the last real token
         self._cells: list[int] | None = None  # the tokens in cache cells 0..n-1 (None: unknown)
+        self._lp: dict[int, float] = {}  # position -> log p of the token there, for the cells in `_cells`
+        self._score: list[int] = []  # the positions the last `start` scored
 
     # -- decoding --------------------------------------------------------------------
-    def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool) -> None:
+    def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool, rows=()) -> None:
         """Decode tokens at start_pos.. (+ the side tokens ending in [CLS] right after them); logits for
-        the last token (and the [CLS])."""
+        the last token (and the [CLS]), and for the tokens at the indices `rows` (batch rows = indices)."""
         b = self.batch
         items = list(tokens) + (self.side if cls else [])
         for i, t in enumerate(items):
@@ -91,6 +95,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
             b.logits[i] = 0
+        for r in rows:
+            b.logits[r] = 1
         if want_last and tokens:
             b.logits[len(tokens) - 1] = 1
         if cls:
@@ -124,7 +130,20 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._drop_cls(start + len(tokens))
         return p
 
-    def start(self, tokens: list[int], sampling: Sampling, check: bool, reuse: bool | None = None) -> float | None:
+    def _logprob(self, row: int, token: int) -> float:
+        """log p(token) from the logits of batch row `row` (the ids never sampled left out); NaN without logits."""
+        logits = ll.llama_get_logits_ith(self.ctx, row)
+        if not logits:
+            return float("nan")
+        if _native is not None and hasattr(_native, "logprob"):
+            return _native.logprob(ctypes.addressof(logits.contents), self.mf.n_vocab, self.masked_ids, token)
+        return logprob_py(logits, self.mf.n_vocab, self.masked_ids, token)
+
+    def prompt_logprobs(self) -> list[float]:
+        return [self._lp.get(p, float("nan")) for p in self._score]
+
+    def start(self, tokens: list[int], sampling: Sampling, check: bool, reuse: bool | None = None,
+              score: list[int] = ()) -> float | None:
         """Decode a prompt (with the side [CLS] after it when check); the next `sample` continues it.
 
         reuse=True keeps the cache cells of the longest prefix shared with what the previous
@@ -132,10 +151,12 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         many prompts sharing a chat or jailbreak template skip it. The kept cells were computed
         in other batches, so logits may differ from a fresh start in the last bits of rounding.
         reuse=None: the backend's `reuse_prefix` (a chat's next turn re-decodes only what is new).
+        score: positions whose token's log-probability `prompt_logprobs` then gives (the logits rows before
+        them are requested in the prefill; a kept prefix's are remembered from the pass that computed them).
         """
         reuse = self.reuse_prefix if reuse is None else reuse
         self._make_sampler(sampling)
-        row = self._prefill(tokens, reuse, check)
+        row = self._prefill(tokens, reuse, check, score)
         p = None
         if check:
             p = self._verdict(row)
@@ -144,26 +165,51 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._cells = list(tokens)
         return p
 
-    def _prefill(self, tokens: list[int], reuse: bool, check: bool) -> int:
+    def _prefill(self, tokens: list[int], reuse: bool, check: bool, score=()) -> int:
         """Decode tokens in chunks (keeping the cells of the prefix shared with the previous pass when
         reuse), the side tokens ending in [CLS] after the last chunk when check (their cells stay for the
-        caller to read and drop). Returns the batch row of that [CLS] (check) or of the last token."""
-        check_prompt(tokens, self.n_ctx, check, self.safety_ids)
-        done = self._keep_prefix(tokens, len(tokens) - 1 if reuse else 0)
+        caller to read and drop). Returns the batch row of that [CLS] (check) or of the last token.
+        `score`: positions whose token's log-probability to keep (at most MAX_SCORED_ROWS rows per decode)."""
+        check_prompt(tokens, self.n_ctx, check, self.safety_ids, score)
+        limit = len(tokens) - 1 if reuse else 0
+        shared = self._shared(tokens, limit)
+        todo = [p for p in score if not (p < shared and p in self._lp)]  # the kept prefix's scores are known
+        if todo:
+            limit = min(limit, todo[0] - 1)  # the row before the first unknown one is decoded again
+        known = {p: v for p, v in self._lp.items() if p < shared}  # true for these tokens, though cells may go
+        done = self._keep_prefix(tokens, limit)
+        self._lp = known
         self.reused = done  # prompt tokens whose cache cells were kept (not decoded again)
+        self._score = list(score)
+        rows = [p - 1 for p in todo]
         chunk = self.n_batch - max(1, len(self.side))  # room for the side tokens in the last chunk
-        for s in range(done, len(tokens), chunk):
-            part = tokens[s:s + chunk]
-            final = s + chunk >= len(tokens)
-            self._decode(part, s, want_last=final, cls=final and check)
+        s, k = done, 0
+        while s < len(tokens):
+            e = min(s + chunk, len(tokens))
+            while k < len(rows) and rows[k] < s:
+                k += 1
+            mine = [r for r in rows[k:k + MAX_SCORED_ROWS] if r < e]
+            if len(mine) == MAX_SCORED_ROWS:
+                e = mine[-1] + 1
+            part, final = tokens[s:e], e == len(tokens)
+            self._decode(part, s, want_last=final, cls=final and check, rows=[r - s for r in mine])
+            for r in mine:
+                self._lp[r + 1] = self._logprob(r - s, tokens[r + 1])
+            s = e
         return len(part) - 1 + (len(self.side) if check else 0)
 
-    def _keep_prefix(self, tokens: list[int], limit: int) -> int:
-        """Keep the cells of the prefix (at most `limit` long) shared with `_cells`; drop the rest."""
+    def _shared(self, tokens: list[int], limit: int) -> int:
+        """The length of the prefix (at most `limit`) shared with the tokens in the cache cells."""
         done, cells = 0, self._cells or []
         limit = min(limit, len(cells))
         while done < limit and cells[done] == tokens[done]:
             done += 1
+        return done
+
+    def _keep_prefix(self, tokens: list[int], limit: int) -> int:
+        """Keep the cells of the prefix (at most `limit` long) shared with `_cells`; drop the rest."""
+        done = self._shared(tokens, limit)
+        self._lp = {p: v for p, v in self._lp.items() if p < done}  # scores of kept cells stay true
         if done:
             if not ll.llama_memory_seq_rm(self.mem, 0, done, -1):
                 raise RuntimeError(f"could not cut the KV cache back to {done} shared tokens")

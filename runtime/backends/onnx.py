@@ -26,7 +26,7 @@ import numpy as np
 from runtime.contract import PREFIX, SIDE_TOKEN_IDS, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
-from .base import Sampling, TokensFromFile, category_probs, check_prompt, side_tokens
+from .base import Sampling, TokensFromFile, category_probs, check_prompt, logprob_py, side_tokens
 from .llama import LlamaModelFile, p_unsafe_from_logits, row_stats_py
 
 try:  # the native module built from cpp_ext/ by pip install
@@ -153,6 +153,7 @@ class OnnxBackend(TokensFromFile):
         self._sampling = Sampling()
         self._rng = np.random.default_rng(0)
         self._history: list[int] = []
+        self._lps: list[float] = []  # log p of the tokens the last `start` scored
         self.category_ids = tuple(category_ids)  # (*categories, controversial): safety_logits[2:], or ()
         self._categories = None
         self._mask = np.array(sorted(set(safety_ids or ()) | set(self.category_ids)), dtype=np.int64)
@@ -179,16 +180,32 @@ class OnnxBackend(TokensFromFile):
                 buf[:, start:start + keep] = new[:, :keep]
         return outs[0][0], outs[1][0]
 
-    def start(self, tokens: list[int], sampling: Sampling, check: bool) -> float | None:
-        check_prompt(tokens, self.n_ctx, check, self.safety_ids)
+    def start(self, tokens: list[int], sampling: Sampling, check: bool, score: list[int] = ()) -> float | None:
+        """Prefill (+ the side [CLS] when check). `score`: the graph returns one logits row per run, so the
+        prefill is cut after each row a scored token needs (the cache carries over: no token is decoded twice)."""
+        check_prompt(tokens, self.n_ctx, check, self.safety_ids, score)
         self._sampling = sampling
         self._rng = np.random.default_rng(sampling.seed & 0xFFFFFFFF)
         self._history = []
-        items = list(tokens) + (self.side if check else [])
-        logits, safety = self._run(items, 0, keep=len(tokens), logits_row=len(tokens) - 1)
+        self._lps, s = [], 0
+        for p in score:  # tokens[s:p] with the logits of row p-1: log p(tokens[p] | tokens[:p])
+            logits, _ = self._run(list(tokens[s:p]), s, keep=p - s, logits_row=p - 1 - s)
+            self._lps.append(self._logprob(logits, tokens[p]))
+            s = p
+        items = list(tokens[s:]) + (self.side if check else [])
+        logits, safety = self._run(items, s, keep=len(tokens) - s, logits_row=len(tokens) - 1 - s)
         self._logits = logits
         self.n_past = len(tokens)
         return self._verdict(safety) if check else None
+
+    def _logprob(self, row: np.ndarray, token: int) -> float:
+        excluded = tuple(int(i) for i in self._mask)
+        if _native is not None and hasattr(_native, "logprob") and row.dtype == np.float32 and row.flags.c_contiguous:
+            return _native.logprob(row.ctypes.data, row.shape[0], excluded, token)
+        return logprob_py(row, row.shape[0], excluded, token)
+
+    def prompt_logprobs(self) -> list[float]:
+        return list(self._lps)
 
     def _verdict(self, safety: np.ndarray) -> float:
         """p_unsafe from safety_logits (and the category scores from its other rows, kept for `categories`)."""

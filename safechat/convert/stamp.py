@@ -31,6 +31,8 @@ def stamp_of(result, prompt_set: dict, bar: dict) -> dict[str, str]:
            "reference": Path(result.reference).name, "weights": result.weights, "head_rows": result.embedding,
            "threshold": round(result.threshold, 6), "checks": result.n_checks, "every": result.every,
            **({} if result.answer_threshold is None else {"answer_threshold": round(result.answer_threshold, 6)}),
+           "surprisal_threshold": None if result.surprisal[0] is None else round(result.surprisal[0], 6),
+           "surprisal_window": result.surprisal[1],
            "verdict_agreement": round(result.verdict_agreement, 6), "mean_abs_dp": round(result.mean_abs_dp, 6),
            "max_abs_dp": round(result.max_abs_dp, 6), "token_agreement": round(result.token_agreement, 6),
            "bar": bar}

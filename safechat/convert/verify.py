@@ -40,7 +40,7 @@ from pathlib import Path
 
 import gguf
 
-from runtime.contract import PREFIX, MetadataError, SafetyMeta
+from runtime.contract import DEFAULT_SURPRISAL_WINDOW, PREFIX, MetadataError, SafetyMeta
 from runtime.backends.base import Sampling
 from runtime.errors import ModelFileError
 from runtime.gguf_io import ConvertError
@@ -220,6 +220,8 @@ class ModelResult:
     n_checks: int = 0                        # checks compared: one per prompt plus those inside answers
     near_threshold: int = 0                  # of those, reference p_unsafe within NEAR of the check's threshold
     every: int = 0                           # tokens between the answer checks compared (0: none compared)
+    surprisal: tuple[float | None, int] = (None, 8)  # the file's surprisal rule (threshold, None: off; window):
+                                                     # recorded in the stamp so that an edit is caught
 
 
 def _open(model: Path, threads: int | None):
@@ -307,7 +309,14 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
                        a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
                        a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
                        round(time.perf_counter() - t0, 1), answer_thr if every else None, a["n_checks"],
-                       a["near_threshold"], every)
+                       a["near_threshold"], every, surprisal_rule(meta))
+
+
+def surprisal_rule(meta) -> tuple[float | None, int]:
+    """(the file's surprisal threshold, None when off; its window, the default when absent)."""
+    thr = meta.surprisal_threshold
+    window = meta.surprisal_window or DEFAULT_SURPRISAL_WINDOW
+    return (None if thr is None or math.isinf(thr) else thr), window
 
 
 def markdown(results: list[ModelResult]) -> str:

@@ -184,15 +184,17 @@ def main(argv=None) -> int:
     from .heldout import add_parser as add_heldout
     from .joint_run import add_parsers
     from .loso import add_parser as add_loso
+    from .surprisal_calibrate import add_parser as add_surprisal
     add_parsers(sub)  # joint, joint-prep, joint-eval
     add_compare(sub)
     add_calibrate(sub)
     add_heldout(sub)
     add_categories(sub)
     add_loso(sub)
+    add_surprisal(sub)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.cmd.startswith("joint") or args.cmd in ("compare", "calibrate", "heldout", "loso"):
+    if args.cmd.startswith("joint") or args.cmd in ("compare", "calibrate", "heldout", "loso", "surprisal"):
         return args.fn(args)
     if args.cmd == "categories":
         return args.func(args)
