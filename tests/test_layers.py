@@ -11,7 +11,20 @@ PACKAGES = ("runtime", "safechat.convert", "safechat.train", "safechat.bench", "
 def test_import_linter_contracts_hold():
     importlinter = pytest.importorskip("importlinter")
     from importlinter.cli import lint_imports
-    assert importlinter and lint_imports(config_filename="pyproject.toml") == 0  # 0: every contract kept
+    # lint_imports configures logging (disabling the loggers that exist): keep the logging state of the
+    # process as it was, so tests that read the runtime's log records still see them afterwards
+    import logging
+
+    loggers = {name: (lg.disabled, lg.level, list(lg.handlers)) for name, lg in logging.Logger.manager.loggerDict.items()
+               if isinstance(lg, logging.Logger)}
+    root = (logging.root.level, list(logging.root.handlers))
+    try:
+        assert importlinter and lint_imports(config_filename="pyproject.toml") == 0  # 0: every contract kept
+    finally:
+        for name, (disabled, level, handlers) in loggers.items():
+            lg = logging.getLogger(name)
+            lg.disabled, lg.level, lg.handlers = disabled, level, handlers
+        logging.root.level, logging.root.handlers = root
 
 
 def _cycles(graph, package: str) -> list[list[str]]:
