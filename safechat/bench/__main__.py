@@ -1,7 +1,7 @@
 import sys
 
 from . import (answers, base_speed, categories, cls_variants, conversations, drift, frozen_speed, gil, joint_speed,
-               memory, overhead, own_answers, policies, profile, soak, turns)
+               memory, overhead, own_answers, policies, profile, soak, tradeoff, turns)
 
 # "throughput" and "side_tokens" are kept as aliases: overhead and cls_variants measure what they did (and more)
 # with the same options
@@ -10,11 +10,12 @@ COMMANDS = {"overhead": overhead.main, "throughput": overhead.main, "memory": me
             "profile": profile.main, "own_answers": own_answers.main,
             "cls_variants": cls_variants.main, "side_tokens": cls_variants.main, "base_speed": base_speed.main,
             "joint_speed": joint_speed.main, "answers": answers.main,
-            "turns": turns.main, "categories": categories.main, "frozen_speed": frozen_speed.main, "drift": drift.main}
+            "turns": turns.main, "categories": categories.main, "frozen_speed": frozen_speed.main, "drift": drift.main,
+            "tradeoff": tradeoff.main}
 MODULES = {"overhead": overhead, "memory": memory, "policies": policies, "conversations": conversations,
            "soak": soak, "gil": gil, "profile": profile, "own_answers": own_answers, "cls_variants": cls_variants,
            "base_speed": base_speed, "joint_speed": joint_speed, "answers": answers, "turns": turns,
-           "categories": categories, "frozen_speed": frozen_speed, "drift": drift}
+           "categories": categories, "frozen_speed": frozen_speed, "drift": drift, "tradeoff": tradeoff}
 
 
 def _usage() -> str:
