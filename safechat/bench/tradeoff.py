@@ -12,8 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from safechat.train.calibrate import at_cadence, best_pair, refused, split_max
 
 BUDGETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.10, 0.15)

@@ -93,14 +93,16 @@ def fit_softmax(x: np.ndarray, y: np.ndarray, n_class: int, l2: float = 1e-3, st
     return W.detach().numpy().astype(np.float32)
 
 
+def threshold_at(scores: np.ndarray, share: float) -> float:
+    """The lowest threshold that at most `share` of these scores reach (0.0 when all of them may)."""
+    s = np.sort(np.asarray(scores))[::-1]
+    k = int(math.floor(share * len(s)))
+    return float(np.nextafter(s[k], 2.0)) if k < len(s) else 0.0
+
+
 def thresholds_for(q: np.ndarray, y: np.ndarray, max_fpr: float) -> np.ndarray:
     """Per class c: the lowest threshold that at most max_fpr of the rows of other classes reach."""
-    out = np.ones(q.shape[1])
-    for c in range(q.shape[1]):
-        other = np.sort(q[y != c, c])[::-1]
-        k = int(math.floor(max_fpr * len(other)))
-        out[c] = float(np.nextafter(other[k], 2.0)) if k < len(other) else 0.0
-    return out
+    return np.array([threshold_at(q[y != c, c], max_fpr) for c in range(q.shape[1])])
 
 
 def category_metrics(q: np.ndarray, y: np.ndarray, thr: np.ndarray, names=HEAD) -> dict:
@@ -232,9 +234,7 @@ def train_categories(art_dir: Path, base: Path, *, max_fpr: float = 0.02, tier_f
     thr = thresholds_for(q_of(va), cat[va], max_fpr)
     sig = lambda mask: 1.0 / (1.0 + np.exp(-(feats[mask] @ tier_row)))
     vt, tt = (split == "val") & (tier >= 0), (split == "test") & (tier >= 0)
-    neg = np.sort(sig(vt & (tier == 0)))[::-1]
-    k = int(math.floor(tier_fpr * len(neg)))
-    tier_thr = float(np.nextafter(neg[k], 2.0)) if k < len(neg) else 0.0
+    tier_thr = threshold_at(sig(vt & (tier == 0)), tier_fpr)
 
     def tier_metrics(mask):
         s, t = sig(mask), tier[mask]

@@ -31,7 +31,7 @@ from runtime.backends.llama import LlamaModelFile
 from runtime.prompt import prompt_template
 
 from . import data
-from .category_head import cls_features_llama, fit_softmax
+from .category_head import cls_features_llama, fit_softmax, threshold_at
 from .cls_recipe import auroc, encode
 from .real_lookalikes import domain
 
@@ -60,13 +60,6 @@ def _head_scores(x_tr, y_tr, x):
     W = fit_softmax(x_tr, y_tr, 2, weight=w)
     z = x @ W.T
     return 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))  # softmax p_unsafe
-
-
-def threshold_at(benign_scores: np.ndarray, budget: float) -> float:
-    """The lowest threshold that at most `budget` of these benign scores reach."""
-    s = np.sort(benign_scores)[::-1]
-    k = int(np.floor(budget * len(s)))
-    return float(np.nextafter(s[k], 2.0)) if k < len(s) else 0.0
 
 
 def measure(x: np.ndarray, y: np.ndarray, split: np.ndarray, group: np.ndarray, held: str | None,
