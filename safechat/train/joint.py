@@ -34,7 +34,7 @@ from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
 from .joint_dist import Dist, TrainStep, clip_grad_norm, optimizer_state, shard_layers
 from .lora import LoRA
-from .run_state import has_state, load_state, save_state
+from .run_state import resume_from, save_state
 
 IGNORE = -100
 CHECKPOINT = "checkpoint.pt"
@@ -275,12 +275,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     if fsdp:  # its checkpoints hold the optimizer state by parameter name
         config["fsdp"] = True
     ckpt = out_dir / CHECKPOINT
-    st = None
-    if resume and ckpt.is_file():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-    elif resume and has_state(state_dir):
-        st = load_state(state_dir)
-        ckpt = Path(state_dir)  # what the messages below name
+    st, ckpt = resume_from(ckpt, state_dir) if resume else (None, ckpt)
     if st is not None:
         old = st["config"]
         diff = {k: (old.get(k), v) for k, v in config.items() if k not in ("steps", "warmup") and old.get(k) != v}

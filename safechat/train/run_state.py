@@ -75,6 +75,16 @@ def save_state(state_dir: Path, ckpt: dict, command: str | None = None,
         tmp.replace(state_dir / name)
 
 
+def resume_from(ckpt: Path, state_dir: Path | None) -> tuple[dict | None, Path]:
+    """What a resumed run continues from, and its path: the out dir's checkpoint.pt when there is one, else the
+    small state in state_dir, else nothing (a fresh start)."""
+    if ckpt.is_file():
+        return torch.load(ckpt, map_location="cpu", weights_only=False), ckpt
+    if has_state(state_dir):
+        return load_state(state_dir), Path(state_dir)
+    return None, ckpt
+
+
 def load_state(state_dir: Path) -> dict:
     """The checkpoint dict (joint.py's layout) of a state written by save_state; "opt" is None without moments."""
     state_dir = Path(state_dir)
