@@ -9,22 +9,18 @@ target (e.g. <= 3% real refused) is out of reach, this is the trade-off the issu
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from safechat.train.calibrate import at_cadence, best_pair, refused, split_max
+from safechat.train.calibrate import at_cadence, best_pair, refused, saved_traces, split_max
 
 BUDGETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.10, 0.15)
 
 
 def rows_of(traces_file: Path, every: int) -> dict:
-    """{split: {group: rows}} from a `bench conversations --save` file (its first model)."""
-    saved = json.loads(Path(traces_file).read_text())
-    if not isinstance(saved, dict) or not saved:
-        raise SystemExit(f"error: {traces_file} is not a `bench conversations --save` file")
-    by_split = next(iter(saved.values()))
-    if "real" not in by_split.get("val", {}):
-        raise SystemExit(f"error: {traces_file} has no real look-alike traces (run `bench conversations --real`)")
+    """{split: {group: rows}} from a `bench conversations --save` file of one model."""
+    _, by_split = saved_traces(traces_file)
+    if "real" not in by_split.get("val", {}) or "test" not in by_split:
+        raise SystemExit(f"error: {traces_file} has no real look-alike traces (run `bench conversations --real`, val and test)")
     return {split: {g: split_max(at_cadence(t, every)) for g, t in groups.items()} for split, groups in by_split.items()}
 
 

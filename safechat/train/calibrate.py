@@ -257,8 +257,8 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     return card["calibration"] | {"threshold": tp, "answer_threshold": card["answer_threshold"]}
 
 
-def saved_val_traces(path: Path, groups: dict[str, list]) -> dict[str, list]:
-    """The val traces of the one model a `bench conversations --save` file holds, checked against `groups`."""
+def saved_traces(path: Path) -> tuple[str, dict]:
+    """(model, {split: {group: traces}}) of the one model a `bench conversations --save` file holds."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -267,7 +267,13 @@ def saved_val_traces(path: Path, groups: dict[str, list]) -> dict[str, list]:
         raise SystemExit(f"error: {path}: expected the traces of exactly one model file "
                          f"(a `bench conversations --save` run with one --model), found {len(saved)}")
     (model, splits), = saved.items()
-    val = splits.get("val", {}) if isinstance(splits, dict) else {}
+    return model, (splits if isinstance(splits, dict) else {})
+
+
+def saved_val_traces(path: Path, groups: dict[str, list]) -> dict[str, list]:
+    """The val traces of the one model a `bench conversations --save` file holds, checked against `groups`."""
+    model, splits = saved_traces(path)
+    val = splits.get("val", {})
     for k, g in groups.items():
         if len(val.get(k, ())) != len(g):
             raise SystemExit(f"error: {path}: {model} has {len(val.get(k, ()))} val {k} traces, the data has "
