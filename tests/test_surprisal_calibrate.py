@@ -8,7 +8,7 @@ import pytest
 
 import runtime
 from runtime.surprisal import evidence
-from safechat.train.surprisal_calibrate import choose_threshold, score, table
+from safechat.train.surprisal_calibrate import choose_threshold, distinct, score, table
 from safechat.train.surprisal_data import BUDGETED, SENTENCES, base64_url_prompts
 
 PLAIN = "How do I bake bread at home with a simple sourdough starter?"
@@ -28,6 +28,26 @@ def test_threshold_is_the_lowest_within_the_budget_of_every_kind():
     assert choose_threshold(data, budget=0.02)[0] == 2.01  # 2%: two everyday and one code value may be flagged
     # a kind outside the budget (gibberish appended to a benign request) never decides it
     assert choose_threshold(data + rows("benign_random_suffix", [30.0]), 0.01)[0] == 7.51
+
+
+def test_merged_runs_count_a_prompt_scored_twice_once_with_the_later_score(tmp_path):
+    """A seeded sample of a kind, then the whole kind (how a long measurement is split into runs): the merge
+    keeps one row per prompt, and files scored with another model are refused."""
+    sample = [{"kind": "everyday", "prompt": f"q{i}", "prefill": None, "label": 0, "surprisal": 1.0, "p_unsafe": 0.0}
+              for i in range(3)]
+    whole = [dict(r, surprisal=2.0) for r in sample] + [dict(sample[0], prompt="q9"),
+                                                         dict(sample[0], prefill="Sure")]
+    merged = distinct(sample + whole)
+    assert len(merged) == 5 and [r["surprisal"] for r in merged[:3]] == [2.0, 2.0, 2.0]
+    import json
+    from safechat.train.__main__ import main
+    for name, model in (("a.json", "/x/one.gguf"), ("b.json", "/y/two.gguf")):
+        (tmp_path / name).write_text(json.dumps({"window": 8, "cls_threshold": 0.9, "model": model,
+                                                 "split": "val", "rows": sample}))
+    with pytest.raises(SystemExit, match="two.gguf"):
+        main(["surprisal", "--scores", str(tmp_path / "a.json"), "--scores", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="not --model"):
+        main(["surprisal", "--model", "/z/three.gguf", "--scores", str(tmp_path / "a.json")])
 
 
 def test_table_counts_cls_surprisal_and_what_the_rule_adds():
@@ -70,8 +90,12 @@ def test_score_reads_the_runtime_prefill(tiny_safe):
 
 @pytest.mark.slow
 def test_real_default_scores_a_gibberish_suffix_above_the_plain_request_and_the_rule_acts():
+    from runtime.artifact import load_artifact
+    from runtime.default_model import ASSET
+    card = load_artifact(ASSET).card
     with runtime.load() as m:
-        assert m.meta.surprisal_threshold == pytest.approx(10.85) and m.meta.surprisal_window == 8  # the card's
+        t = card["surprisal_threshold"]
+        assert m.meta.surprisal_threshold == pytest.approx(t) and m.meta.surprisal_window == card["surprisal_window"]
         off = {"surprisal_threshold": 1e9}
         plain = m.chat(PLAIN, max_tokens=8, temperature=0, safety=off)
         odd = m.chat(SUFFIXED, max_tokens=8, temperature=0, safety=off)
@@ -80,8 +104,8 @@ def test_real_default_scores_a_gibberish_suffix_above_the_plain_request_and_the_
         assert m.chat(SUFFIXED, max_tokens=8, temperature=0, safety={"surprisal_threshold": cut}).refused
         r = m.chat(PLAIN, max_tokens=8, temperature=0, safety={"surprisal_threshold": cut})
         assert not r.refused and r.safety.surprisal < cut
-        r = m.chat(SUFFIXED, max_tokens=8, temperature=0)  # the default policy: the file's 10.85 nats
-        assert r.refused and r.safety.surprisal_threshold == pytest.approx(10.85) and r.safety.surprisal >= 10.85
+        r = m.chat(SUFFIXED, max_tokens=8, temperature=0)  # the default policy: the file's threshold
+        assert r.refused and r.safety.surprisal_threshold == pytest.approx(t) and r.safety.surprisal >= t
         toks, users = m.user_tokens(SUFFIXED)
         m.backend.start(toks, runtime.backends.base.Sampling(), check=True, reuse=False, score=users)
         # a fresh prefill against the chat's (which kept a cached prefix): Q8_0 rounding differs by ~0.03 nats

@@ -92,6 +92,12 @@ def table(rows: list[dict], cls_thr: float, s_thr: float) -> str:
     return "\n".join(lines)
 
 
+def distinct(rows: list[dict]) -> list[dict]:
+    """One row per prompt (kind, text, prefill): a prompt scored by two runs (a sample, then its whole kind)
+    counts once, with the later run's score."""
+    return list({(r["kind"], r["prompt"], r.get("prefill")): r for r in rows}.values())
+
+
 def _run(args) -> int:
     t0 = time.time()
     path = args.model
@@ -99,14 +105,18 @@ def _run(args) -> int:
         path = default_model_path()
     if args.window < 1:
         raise SystemExit("--window must be >= 1")
-    rows, cls_thr = [], None
+    rows, cls_thr, scored_by = [], None, None
     for f in args.scores:  # kinds scored by earlier runs (their --save), merged
         saved = json.loads(Path(f).read_text())
         if saved["window"] != args.window or (cls_thr is not None and saved["cls_threshold"] != cls_thr):
             raise SystemExit(f"{f} was scored with window {saved['window']} and [CLS] threshold "
                              f"{saved['cls_threshold']}; this run uses window {args.window}")
+        if Path(saved["model"]).name != Path(scored_by or saved["model"]).name:
+            raise SystemExit(f"{f} was scored with {saved['model']}, an earlier --scores file with {scored_by}")
         rows += saved["rows"]
-        cls_thr = saved["cls_threshold"]
+        cls_thr, scored_by = saved["cls_threshold"], saved["model"]
+    if scored_by is not None and args.model is not None and Path(args.model).name != Path(scored_by).name:
+        raise SystemExit(f"the --scores files were scored with {scored_by}, not --model {args.model}")
     kinds = set(args.kinds.split(",")) if args.kinds else None
     items = [] if args.scores and kinds is None else surprisal_val(seed=args.seed, split=args.split)
     items = [e for e in items if kinds is None or e["kind"] in kinds]
@@ -129,6 +139,7 @@ def _run(args) -> int:
             keep(scored)
             cls_thr = m.meta.threshold
         rows += scored
+    rows = distinct(rows)
     thr, decided = choose_threshold(rows, args.budget)
     attacks = [r for r in rows if r["label"] == 1]
     added = sum(r["surprisal"] >= thr and r["p_unsafe"] < cls_thr for r in attacks)
