@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
 from .joint_dist import Dist, TrainStep, clip_grad_norm, optimizer_state, shard_layers
+from .joint_window import apply_windows
 from .lora import LoRA
 from .run_state import resume_from, save_state
 
@@ -81,8 +82,9 @@ def expanded_len(s: JointSeq) -> int:
     return len(s.tokens) + len(s.cls_at)
 
 
-def layout(seqs: list[JointSeq]) -> Batch:
-    """Insert the [CLS] positions, build positions, the strategic-attention mask and targets."""
+def layout(seqs: list[JointSeq], window=None) -> Batch:
+    """Insert the [CLS] positions, build positions, the strategic-attention mask and targets; `window`
+    (r1, r2, r3): the [CLS] inside answers attend to their windows (safechat/train/joint_window.py)."""
     rows = []
     for s in seqs:
         T, at, row = len(s.tokens), dict(zip(s.cls_at, s.labels())), []  # row: (id, is_cls, pos, lm, label)
@@ -109,6 +111,8 @@ def layout(seqs: list[JointSeq]) -> Batch:
     eye = torch.eye(S, dtype=torch.bool)
     key_ok = valid[:, None, :] & (~is_cls[:, None, :] | eye[None])   # nobody else sees a [CLS]
     mask = (causal[None] & key_ok)[:, None]
+    if window is not None:
+        apply_windows(seqs, window, pos, mask)
     return Batch(ids, is_cls, pos, mask, lm_t, lab_t)
 
 
@@ -228,7 +232,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
                 lower=None, lm_sample: float = 1.0, bf16: bool = False, state_dir: Path | None = None,
                 state_command: str | None = None, dist: Dist | None = None, accum: int = 1,
-                fsdp: bool = False) -> JointResult:
+                fsdp: bool = False, window=None) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -248,6 +252,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     each rank computing its share in `accum` micro-batches, DDP averaging the gradients, rank 0 writing
     the checkpoint. accum > 1 in one process splits each batch the same way (less memory, same step).
     fsdp: shard the transformers base's decoder layers over the ranks instead of replicating it (DDP).
+    window: (r1, r2, r3), the [CLS] inside answers attend to the runtime's windows (joint_window.py).
     """
     dist = dist or Dist()
     out_dir = Path(out_dir)
@@ -270,10 +275,9 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
               "data": data_digest(seqs), "n_seqs": len(seqs)}
     if first_layer or lm_sample < 1:  # absent from older checkpoints' configs, which stay loadable
         config.update(first_layer=first_layer, lm_sample=lm_sample)
-    if bf16:
-        config["bf16"] = True
-    if fsdp:  # its checkpoints hold the optimizer state by parameter name
-        config["fsdp"] = True
+    if bf16 or fsdp or window:  # absent from older configs (fsdp: its checkpoints keep the optimizer by name)
+        config.update({"bf16": True} if bf16 else {}, **({"fsdp": True} if fsdp else {}),
+                      **({"window": list(window)} if window else {}))
     ckpt = out_dir / CHECKPOINT
     st, ckpt = resume_from(ckpt, state_dir) if resume else (None, ckpt)
     if st is not None:
@@ -350,7 +354,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         opt.zero_grad(set_to_none=True)
         lm = cl = 0.0
         for k, part in enumerate(parts):
-            batch = layout([seqs[i] for i in part]).to(dev)
+            batch = layout([seqs[i] for i in part], window).to(dev)
             keep = None
             if lm_sample < 1:
                 g = torch.Generator().manual_seed(seed * 1000003 + step)
