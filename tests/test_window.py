@@ -219,3 +219,20 @@ def test_a_windowed_policy_runs_the_python_loop():
     g = Generation(generate(be, [100, 101], policy=SafetyPolicy(every=1, window=PAPER), threshold=0.5,
                             sampling=Sampling(), max_tokens=10, native=True))
     assert not g.run().refused and be.windows[1:] == [((2, 3),), ((2, 4),)]
+
+
+def test_train_joint_and_calibrate_take_the_window_flag():
+    pytest.importorskip("torch")
+    from safechat.train.calibrate import add_parser
+    from safechat.train.joint_run import add_parsers
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers()
+    add_parsers(sub)
+    add_parser(sub)
+    assert ap.parse_args(["calibrate", "ART", "--window", "all"]).window == "all"
+    assert ap.parse_args(["calibrate", "ART", "--window", "1,2,3"]).window == (1, 2, 3)
+    args = ap.parse_args(["joint", "--out", "x", "--window", "5,15,10"])
+    assert args.window == (5, 15, 10)
+    assert ap.parse_args(["joint", "--out", "x"]).window is None
+    with pytest.raises(SystemExit):
+        ap.parse_args(["joint", "--out", "x", "--window", "all"])  # training needs the windows themselves

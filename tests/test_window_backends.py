@@ -165,6 +165,20 @@ def test_onnx_windowed_verdicts_equal_llama(mf, onnx_model):
     assert abs(bl.check(window=((0, 3),)) - bo.check(window=((0, 3),))) < 5e-3
     assert abs(bl.check() - bo.check()) < 5e-3                           # and the cache is intact
     bl.close()
+    # a family with sliding-window layers: the graph masks by index in its past, so windows are refused
+    from runtime.errors import ModelFileError
+    vf = bo.mf.vocab_file
+    assert vf.architecture == "llama" and vf.meta_value("llama.attention.sliding_window") is None
+    assert vf.meta_value("general.architecture") == "llama"
+    vf.meta_value = lambda key: "8" if key == "llama.attention.sliding_window" else None  # as gemma3's file says
+    try:
+        with pytest.raises(ModelFileError, match="sliding-window"):
+            bo.check(window=((0, 3),))
+        r = onnx_model.chat(PROMPT, max_tokens=4, temperature=0, safety=SafetyPolicy(every=1, window=W,
+                                                                                     threshold=0.999999))
+        assert r.refused and "sliding-window" in r.safety.reason                # fail closed
+    finally:
+        del vf.meta_value
 
 
 def test_the_training_mask_is_the_specification():
@@ -199,3 +213,17 @@ def test_the_training_mask_is_the_specification():
                                    check_ranges(10, 20, W, flip_at=10)]
     seq = JointSeq(list(range(40)), [10, 20], 1)
     assert cls_windows(seq, W) == [None, check_ranges(10, 10, W, prompt_flagged=True)]
+
+
+def test_train_joint_with_windows_records_them_and_resume_refuses_others(tiny_base, tmp_path):
+    from safechat.train.joint import CHECKPOINT, train_joint
+    model = FrozenLlama(tiny_base)
+    rng = random.Random(1)
+    seqs = [JointSeq([rng.randrange(10, 200) for _ in range(30)], [10, 20, 30], i % 2, lm_from=10) for i in range(4)]
+    quiet = lambda *a, **k: None  # noqa: E731
+    res = train_joint(model, seqs, tmp_path, steps=2, rank=2, window=W, log=quiet, ckpt_every=1)
+    assert res.info["finished"]
+    st = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert st["config"]["window"] == list(W)
+    with pytest.raises(ValueError, match="different run"):  # the same data without windows is another run
+        train_joint(model, seqs, tmp_path, steps=3, rank=2, resume=True, log=quiet)

@@ -230,9 +230,9 @@ class OnnxBackend(TokensFromFile):
         window = [(int(a), int(b)) for a, b in window]
         if not window or any(a < 0 or b < a or b > n for a, b in window):
             raise ValueError(f"a check window must be ranges within 0..{n}, got {window}")
-        meta = self.mf.vocab_file.metadata
-        arch = meta.get("general.architecture", "")
-        if meta.get(f"{arch}.attention.sliding_window"):
+        vf = self.mf.vocab_file
+        arch = vf.architecture or ""
+        if vf.meta_value(f"{arch}.attention.sliding_window"):
             raise ModelFileError(f"windowed checks on ONNX need a family without sliding-window layers ({arch} has "
                                  "them): use the llama backend")
         idx = np.concatenate([np.arange(a, b) for a, b in window])

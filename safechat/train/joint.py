@@ -282,7 +282,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     st, ckpt = resume_from(ckpt, state_dir) if resume else (None, ckpt)
     if st is not None:
         old = st["config"]
-        diff = {k: (old.get(k), v) for k, v in config.items() if k not in ("steps", "warmup") and old.get(k) != v}
+        diff = {k: (old.get(k), config.get(k)) for k in [*config, *(["window"] if "window" in old else [])]
+                if k not in ("steps", "warmup") and old.get(k) != config.get(k)}  # a window is never dropped silently
         if diff or steps < st["step"]:
             diff.update({"steps": (old["steps"], steps)} if steps < st["step"] else {})
             raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
@@ -342,7 +343,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         if state_dir is not None:
             save_state(state_dir, obj, state_command)
 
-    t0, step, window = time.time(), start, []
+    t0, step, recent = time.time(), start, []  # recent: the losses since the last log line
     t_win = t0
     while step < steps:
         idx = batch_for_step(batches, step, seed)
@@ -376,16 +377,16 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         opt.step()
         sched.step()
         step += 1
-        window.append((lm, cl, sum(expanded_len(seqs[i]) for i in idx)))
+        recent.append((lm, cl, sum(expanded_len(seqs[i]) for i in idx)))
         if step % log_every == 0 or step == steps:
-            m = np.mean(window, axis=0)
-            rate = sum(w[2] for w in window) / max(time.time() - t_win, 1e-9)
+            m = np.mean(recent, axis=0)
+            rate = sum(w[2] for w in recent) / max(time.time() - t_win, 1e-9)
             history.append({"step": step, "lm": round(float(m[0]), 4), "cls": round(float(m[1]), 4),
                             "seconds": round(time.time() - t0, 1), "rows_per_s": round(rate, 1)})
             if dist.main:
                 log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s, "
                     f"{rate:.0f} rows/s)")
-            window, t_win = [], time.time()
+            recent, t_win = [], time.time()
         if step % ckpt_every == 0 or step == steps:
             save(step)
         if max_seconds is not None and step < steps and dist.any(time.time() - t0 > max_seconds):
