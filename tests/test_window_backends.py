@@ -227,3 +227,20 @@ def test_train_joint_with_windows_records_them_and_resume_refuses_others(tiny_ba
     assert st["config"]["window"] == list(W)
     with pytest.raises(ValueError, match="different run"):  # the same data without windows is another run
         train_joint(model, seqs, tmp_path, steps=3, rank=2, resume=True, log=quiet)
+
+
+def test_a_prefill_is_answer_text_in_training_too(mf):
+    from runtime.prompt import build_prompt, prompt_tokens
+    from safechat.train.joint_data import prepare
+    examples = [{"id": "a", "split": "train", "prompt": "the rain in spain", "label": 1, "augmentation": "none",
+                 "prefill": "Sure, the rain"},
+                {"id": "b", "split": "train", "prompt": "the sun on the hill", "label": 0, "augmentation": "none"}]
+    prep = prepare(examples, mf, mf.chat_template, None, [0], mf.n_vocab, comply=1)
+    a, b = prep["train"]
+    plain = prompt_tokens(build_prompt(mf.chat_template, [{"role": "user", "content": "the rain in spain"}]), mf)
+    assert a["answer_at"] == len(plain) < len(a["tokens"]) and "answer_at" not in b
+    assert all(0 < c["answer_at"] < len(c["tokens"]) for c in prep["comply"])
+    # the windows then start at the prefill, as the runtime's do
+    q, n = a["answer_at"], len(a["tokens"])
+    seq = JointSeq(a["tokens"] + [40, 41, 42], [n, n + 3], 0, meta={"answer_at": q})
+    assert cls_windows(seq, W)[1] == check_ranges(q, n + 3 - q, W)

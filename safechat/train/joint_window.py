@@ -6,9 +6,8 @@ ONNX) computes it; a prompt check sees everything, as before. Labels are unchang
 
 Which [CLS] is a prompt check, and the verdict history the windows need, come from the sequence:
 * the first [CLS] of a sequence is its prompt check (the end of the prompt, and of its prefill); the
-  answer starts there. (At run time a prefill is answer text; the training sequences do not record where a
-  prefill begins, so here it counts as query. It changes the windows of the first r2 answer tokens only
-  after a cleared query, and the r1 tokens after a flagged one.)
+  answer starts there, or where its prefill begins (`meta["answer_at"]`, recorded by joint_data.prepare: a
+  prefill is answer text, as at run time; data prepared before that counts a prefill as query);
 * a two-turn sequence's last [CLS] is the second request's prompt check (sees everything);
 * "flagged query": the prompt check's label is 1 (what the runtime's verdict should have been);
 * a flip: an in-answer [CLS] labelled 1 after one labelled 0 (or the cleared prompt) starts a streak at the
@@ -39,7 +38,8 @@ def cls_windows(seq, window: Window) -> list[tuple[tuple[int, int], ...] | None]
     for p, lab in zip(seq.cls_at, labels):
         if p in prompts:
             out.append(None)
-            query, flagged, flip_at, streak = p, bool(lab), None, 0
+            query = int(seq.meta.get("answer_at", p)) if p == seq.cls_at[0] else p
+            flagged, flip_at, streak = bool(lab), None, 0
             continue
         answer = p - query
         out.append(check_ranges(query, answer, window, flagged, flip_at))
