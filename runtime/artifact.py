@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .contract import MAX_EVERY, valid_answer_threshold, valid_every, valid_surprisal_threshold, valid_surprisal_window
+from .contract import (MAX_EVERY, parse_window, valid_answer_threshold, valid_every, valid_surprisal_threshold,
+                       valid_surprisal_window)
 
 TENSORS = "safety.safetensors"
 CARD = "card.json"
@@ -77,6 +78,12 @@ class Artifact:
         w = self.card.get("surprisal_window")
         return None if w is None else int(w)
 
+    @property
+    def window(self) -> tuple[int, int, int] | None:
+        """The windows (r1, r2, r3) the checks inside the answer were trained with (runtime/window.py), if any."""
+        w = self.card.get("window")
+        return None if w is None else parse_window(w)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.cls_embedding, np.float32).tobytes())
@@ -122,6 +129,11 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{d}: card.json's surprisal_threshold must be nats > 0 (or null: off)")
     if card.get("surprisal_window") is not None and not valid_surprisal_window(card["surprisal_window"]):
         raise ArtifactError(f"{d}: card.json's surprisal_window must be a whole number of tokens, 1..{MAX_EVERY}")
+    if card.get("window") is not None:
+        try:
+            parse_window(card["window"])
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{d}: card.json's window: {e}") from None
     if not all(np.isfinite(v).all() for v in t.values()):
         raise ArtifactError(f"{d}: artifact tensors contain NaN or inf")
     cats, tier = t.get("category_head"), t.get("controversial_head")

@@ -6,15 +6,27 @@ One definition per flag: `safechat chat --n-ctx 2048 --temperature 0 --every 2` 
 """
 from __future__ import annotations
 
+import argparse
 import math
 
 from .backends.base import CHAT_SAMPLING
+from .contract import parse_window
 from .model import BACKENDS
 from .policy import SafetyPolicy
 
 
 def _answer_threshold(text: str) -> float:
     return math.inf if text.lower() in ("never", "inf") else float(text)
+
+
+def window_arg(text: str, allow_all: bool = True):
+    """--window R1,R2,R3 (or "all": every check sees everything, whatever the model file says)."""
+    if allow_all and text.strip().lower() == "all":
+        return "all"
+    try:
+        return parse_window(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_model_flags(p, many: bool = False, serve_name: str = "") -> None:
@@ -86,6 +98,10 @@ def add_policy_flags(p) -> None:
                         "'never': off; default: the model file's, else off)")
     p.add_argument("--surprisal-window", type=int, default=None, metavar="W",
                    help="tokens per surprisal window (default: the model file's, else 8)")
+    p.add_argument("--window", type=window_arg, default=None, metavar="R1,R2,R3|all",
+                   help="windowed checks inside the answer (runtime/window.py): the last R2 answer tokens after a "
+                        "cleared prompt, the prompt and the first R1 after a flagged one, R2 before and R3 after a "
+                        "flip; 'all': every check sees everything (default: the model file's, else all)")
     p.add_argument("--max-gap", type=int, default=None, help="adaptive: never more tokens than this between checks")
     p.add_argument("--entropy-trigger", type=float, default=None, help="adaptive: check after a token sampled "
                    "at this next-token entropy (nats) or more")
@@ -113,4 +129,4 @@ def policy_of(args):
                         entropy_trigger=args.entropy_trigger, margin_trigger=args.margin_trigger,
                         sentence_ends=args.sentence_ends, allow=args.allow, block=args.block,
                         controversial=args.controversial, surprisal_threshold=args.surprisal_threshold,
-                        surprisal_window=args.surprisal_window)
+                        surprisal_window=args.surprisal_window, window=args.window)

@@ -48,6 +48,9 @@ DEFAULT_EVERY = 4  # the cadence of a file that does not carry its own (files ca
 # (absent = surprisal.DEFAULT_WINDOW)
 SURPRISAL_THRESHOLD, SURPRISAL_WINDOW = "surprisal_threshold", "surprisal_window"
 DEFAULT_SURPRISAL_WINDOW = 8  # tokens (issue 35's measurement used 8)
+# optional (issue 35): windowed strategic attention inside the answer (runtime/window.py), "r1,r2,r3" as text;
+# absent = a check inside the answer sees everything before it
+WINDOW = "window"
 
 
 def stored_threshold(x: float) -> float:
@@ -91,6 +94,29 @@ def valid_surprisal_window(w) -> bool:
     return valid_every(w)
 
 
+def valid_window(w) -> bool:
+    """(r1, r2, r3) tokens: r1 >= 0 (after a flagged query), r2 >= 1 (after a cleared one), r3 >= 0 (after a flip)."""
+    ok = isinstance(w, tuple) and len(w) == 3 and all(isinstance(r, int) and not isinstance(r, bool) for r in w)
+    return ok and 0 <= w[0] <= MAX_EVERY and 1 <= w[1] <= MAX_EVERY and 0 <= w[2] <= MAX_EVERY
+
+
+def window_text(w: tuple[int, int, int]) -> str:
+    return ",".join(str(int(r)) for r in w)
+
+
+def parse_window(text) -> tuple[int, int, int]:
+    """(r1, r2, r3) from "R1,R2,R3" (or a list of three ints, as a card holds it); ValueError otherwise."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        w = tuple(int(str(r).strip()) for r in parts)
+    except ValueError:
+        raise ValueError(f"a window is three whole numbers R1,R2,R3, got {text!r}") from None
+    if not valid_window(w):
+        raise ValueError(f"a window is R1,R2,R3 tokens with R1 >= 0, R2 >= 1, R3 >= 0 (at most {MAX_EVERY}), "
+                         f"got {text!r}")
+    return w
+
+
 class MetadataError(ValueError):
     pass
 
@@ -115,6 +141,7 @@ class SafetyMeta:
     every: int | None = None
     surprisal_threshold: float | None = None  # None: no surprisal rule in this file
     surprisal_window: int | None = None       # None: surprisal.DEFAULT_WINDOW
+    window: tuple[int, int, int] | None = None  # None: a check inside the answer sees everything
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -144,7 +171,8 @@ class SafetyMeta:
           | ({} if self.every is None else {PREFIX + EVERY: int(self.every)}) \
           | ({} if self.surprisal_threshold is None
              else {PREFIX + SURPRISAL_THRESHOLD: stored_threshold(self.surprisal_threshold)}) \
-          | ({} if self.surprisal_window is None else {PREFIX + SURPRISAL_WINDOW: int(self.surprisal_window)})
+          | ({} if self.surprisal_window is None else {PREFIX + SURPRISAL_WINDOW: int(self.surprisal_window)}) \
+          | ({} if self.window is None else {PREFIX + WINDOW: window_text(self.window)})
 
     def _category_kv(self) -> dict[str, object]:
         return {PREFIX + CATEGORIES: json.dumps(list(self.categories)),
@@ -174,6 +202,8 @@ class SafetyMeta:
             s_thr = None if s_thr is None else float(s_thr)
             s_win = None if s_win is None else int(s_win)
             cats = _categories_from_kv(kv)
+            window = kv.get(PREFIX + WINDOW)
+            window = None if window is None else parse_window(window)
         except (ValueError, TypeError, KeyError) as e:
             raise MetadataError(f"{where} has malformed safety metadata: {e}") from None
         if version > FORMAT_VERSION:
@@ -209,7 +239,7 @@ class SafetyMeta:
             raise MetadataError(f"{where} has an invalid surprisal window {s_win} (needs an integer 1..{MAX_EVERY})")
         return cls(version, *ids[len(side):], threshold, kv.get(PREFIX + "base_model", ""),
                    kv.get(PREFIX + "trained_with", ""), metrics, answer, side, *(cats or ()), every=cadence,
-                   surprisal_threshold=s_thr, surprisal_window=s_win)
+                   surprisal_threshold=s_thr, surprisal_window=s_win, window=window)
 
 
 def _categories_from_kv(kv: dict[str, str]):
@@ -321,6 +351,17 @@ def stamp_mismatches(kv: dict[str, str], rec: dict) -> list[str]:
         if stamped is not None and not _same(rec.get(SURPRISAL_WINDOW), window):
             value = text if text is not None else f"absent (so the default, {DEFAULT_SURPRISAL_WINDOW})"
             out.append(f"{PREFIX}{SURPRISAL_WINDOW} is {value} in the file, {rec.get(SURPRISAL_WINDOW)} in its stamp")
+    if WINDOW in rec:  # stamps since the window record it (None: the checks saw everything)
+        text = kv.get(PREFIX + WINDOW)
+        try:
+            window = None if text is None else parse_window(text)
+        except ValueError:
+            window = "unreadable"
+        stamped = rec[WINDOW]
+        stamped = None if stamped is None else tuple(stamped)
+        if window != stamped:
+            out.append(f"{PREFIX}{WINDOW} is {text if text is not None else 'absent (sees everything)'} in the file, "
+                       f"{window_text(stamped) if stamped is not None else 'absent'} in its stamp")
     if rec.get("every"):  # the checks inside the answer were compared at this cadence
         text = kv.get(PREFIX + EVERY)
         every = _number(text) if text is not None else DEFAULT_EVERY

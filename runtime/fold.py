@@ -158,7 +158,7 @@ def convert_gguf(base: str | Path, art: Artifact, out: str | Path, *, progress: 
                       trained_with=str(art.card.get("trained_with", art.digest()[:16])),
                       metrics=art.card.get("metrics", {}), answer_threshold=art.answer_threshold,
                       side_token_ids=side_ids, every=art.every, surprisal_threshold=art.surprisal_threshold,
-                      surprisal_window=art.surprisal_window, **cat_meta)
+                      surprisal_window=art.surprisal_window, window=art.window, **cat_meta)
     if tied:
         emb_rows = np.concatenate([read_rows, rows, art.head])
         out_rows = None

@@ -13,7 +13,7 @@ from .backends.base import CHAT_SAMPLING, Sampling
 from .errors import ContextOverflowError, ModelBusyError, ModelFileError, ParameterError
 from .formats import grammar_for
 from .policy import Categories, SafetyPolicy
-from .prompt import build_prompt, prompt_template, prompt_tokens, user_token_positions
+from .prompt import answer_start, build_prompt, prompt_template, prompt_tokens, user_token_positions
 from .reply import Reply
 from .stops import stop_list
 from .strategy import Generation, generate
@@ -133,6 +133,11 @@ class Model:
             return prompt_tokens(prompt, self.backend, bos), None
         return tokens, [p for p in users if p >= 1]
 
+    def answer_start(self, messages: Any, tokens: list[int]) -> int:
+        """Where the answer text begins in the prompt's `tokens` (a prefill is answer text: runtime/window.py)."""
+        prompt = build_prompt(prompt_template(self.file), messages)
+        return answer_start(prompt, tokens, self.backend, self.file.bos if self.file.add_bos else None)
+
     @property
     def surprisal_rule(self) -> tuple[float | None, int | None]:
         """The file's (surprisal threshold, window), each None when absent (a policy's own values override)."""
@@ -192,12 +197,16 @@ class Model:
         if len(tokens) + 2 > self.backend.n_ctx:
             raise ContextOverflowError(f"the conversation is {len(tokens)} tokens; the context window holds "
                                        f"{self.backend.n_ctx}: shorten the history or load with a larger n_ctx")
+        start = None
         if policy is not None:
             policy = policy.with_every(self.meta.every)  # None: the cadence the file was calibrated at
+            policy = policy.with_window(self.meta.window)  # None: the file's window, else sees everything
+            if policy.windowed is not None:
+                start = self.answer_start(messages, tokens)
         gen = generate(self.backend, tokens, policy=policy, threshold=self.meta.threshold if self.meta else None,
                        answer_threshold=self.meta.answer_threshold if self.meta else None,
                        sampling=sampling, max_tokens=max_tokens, native=self.native, stop=stops,
-                       categories=self.categories, surprisal=rule, user_positions=users)
+                       categories=self.categories, surprisal=rule, user_positions=users, answer_start=start)
         g = Generation(self._locked(gen))
         return g if stream else g.run()
 

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from runtime.contract import DEFAULT_EVERY, valid_answer_threshold, valid_surprisal_threshold, valid_surprisal_window
+from runtime.contract import (DEFAULT_EVERY, parse_window, valid_answer_threshold, valid_surprisal_threshold,
+                              valid_surprisal_window, valid_window)
 
 ACTIONS = ("refuse", "stop")
 TIERS = ("strict", "loose")
@@ -77,6 +78,9 @@ class SafetyPolicy:
     # (nats); None: the model file's `safety.surprisal_threshold` (absent: off); inf: off
     surprisal_threshold: float | None = None
     surprisal_window: int | None = None  # tokens per window; None: the file's, else surprisal.DEFAULT_WINDOW
+    # windowed strategic attention inside the answer (runtime/window.py): (r1, r2, r3) tokens, or "all" (every
+    # check sees everything before it); None: the model file's `safety.window`, else "all"
+    window: tuple[int, int, int] | str | None = None
 
     @property
     def has_category_rules(self) -> bool:
@@ -88,7 +92,26 @@ class SafetyPolicy:
             return self
         return replace(self, every=DEFAULT_EVERY if every is None else int(every))
 
+    def with_window(self, window: tuple[int, int, int] | None) -> "SafetyPolicy":
+        """This policy with `window` resolved: its own, else the model file's, else "all"."""
+        return self if self.window is not None else replace(self, window=window or "all")
+
+    @property
+    def windowed(self) -> tuple[int, int, int] | None:
+        """The window of the checks inside the answer, or None when they see everything."""
+        return self.window if isinstance(self.window, tuple) else None
+
     def __post_init__(self):
+        if self.window is not None and self.window != "all":
+            w = self.window
+            try:
+                w = parse_window(w) if isinstance(w, (str, list)) else w
+            except ValueError as e:
+                raise ValueError(f"SafetyPolicy.window: {e}") from None
+            if not valid_window(w):
+                raise ValueError(f'SafetyPolicy.window must be (r1, r2, r3) tokens with r1 >= 0, r2 >= 1, r3 >= 0, '
+                                 f'"all" or None, got {self.window!r}')
+            object.__setattr__(self, "window", w)
         for name in ("allow", "block"):
             v = getattr(self, name)
             v = frozenset([v] if isinstance(v, str) else v or ())

@@ -180,6 +180,19 @@ def prompt_tokens(prompt: Prompt, vocab, bos: int | None = None) -> list[int]:
     return _tokens(prompt, vocab, bos, locate=False)[0]
 
 
+def answer_start(prompt: Prompt, tokens: list[int], vocab, bos: int | None = None) -> int:
+    """Where the answer text begins in `tokens` (= `prompt_tokens(prompt, ...)`): at the prefill's first token,
+    else at the end. A token merged across the template and the prefill counts as answer text (the tokens
+    that differ from those of the prompt without its prefill)."""
+    if not prompt.prefill:
+        return len(tokens)
+    head = prompt_tokens(Prompt(prompt.segments, None), vocab, bos)
+    n = 0
+    while n < min(len(head), len(tokens)) and head[n] == tokens[n]:
+        n += 1
+    return n
+
+
 def user_token_positions(prompt: Prompt, vocab, bos: int | None = None) -> tuple[list[int], list[int]]:
     """(the ids `prompt_tokens` gives, the indices of those that carry text of a `user` message).
 

@@ -37,6 +37,7 @@ class Safety:
     surprisal: float | None = None
     surprisal_threshold: float | None = None
     surprisal_window: int | None = None
+    window: tuple[int, int, int] | None = None  # the checks inside the answer attended to a window (runtime/window.py)
 
     @property
     def max_p_unsafe(self) -> float | None:

@@ -14,6 +14,9 @@ prompt surprisal evidence of the user's text (runtime/surprisal.py): the backend
 tokens during the prefill it runs anyway, and the prompt is refused when the [CLS] verdict *or* the
 evidence reaches its threshold. Evidence that cannot be computed refuses (fail closed). Without a
 threshold nothing is scored: no extra cost.
+
+With a window (the policy's, else the model file's `safety.window`), a check inside the answer attends to the
+positions runtime/window.py names (the verdict history it needs is kept here); the prompt check is unchanged.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .policy import (ACTIONS, DEFAULT_REFUSAL, TIERS, Categories, SafetyPolicy, 
 from .reply import Reply, Safety, Usage
 from .stops import StopMatcher
 from .surprisal import DEFAULT_WINDOW, SurprisalError, evidence, flags
+from .window import WindowTrack
 
 
 log = logging.getLogger("safechat")  # refusals at INFO; fail-closed refusals (no verdict) at WARNING
@@ -56,6 +60,11 @@ class _Run:
         self.streak = 0
         self.shown: list[str] = []  # every piece shown so far, in order
         self.stopper = StopMatcher(stop or [])
+        self.track: WindowTrack | None = None  # a windowed policy's verdict history (generate sets it)
+
+    def window_kw(self, covered: int) -> dict:
+        """The backend's keywords for a check after `covered` generated tokens: {} when it sees everything."""
+        return {} if self.track is None or covered == 0 else {"window": self.track.ranges(covered)}
 
     @property
     def stopped(self) -> bool:
@@ -121,6 +130,8 @@ class _Run:
                     reason = (f"blocked category {hit}: p={scores[0][i]:.3f} >= {self.cats.thresholds[i]:.3f} "
                               f"at {where}")
                 unsafe = flipped
+        if self.track is not None:
+            self.track.record(covered, flagged_prompt=p >= thr, unsafe=unsafe, streak=self.streak)
         if unsafe:
             self.streak += 1
             if self.streak >= pol.patience:
@@ -158,7 +169,7 @@ def _python_loop(run: _Run, n_prompt: int, max_tokens: int) -> Iterator[str]:
             piece_bytes = backend.token_bytes(tok) if spec.sentence_ends else b""
             why = "end" if last else spec.due(len(generated), since, stats, piece_bytes)
         if why is not None or not last:
-            p = backend.advance(tok, why is not None)
+            p = backend.advance(tok, why is not None, **(run.window_kw(len(generated)) if why is not None else {}))
         if why is not None:
             piece = run.verdict(p, len(generated), why)
         else:
@@ -218,19 +229,21 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
              threshold: float | None, sampling: Sampling, max_tokens: int, native: bool = False,
              answer_threshold: float | None = None, stop: list[str] | None = None,
              categories: Categories | None = None, surprisal: tuple[float | None, int | None] = (None, None),
-             user_positions: list[int] | None = None) -> Iterator[str]:
+             user_positions: list[int] | None = None, answer_start: int | None = None) -> Iterator[str]:
     """Yield text pieces as they are cleared for display; return the final `Reply`.
 
     `policy=None` runs without checks (an explicit caller choice). `native=True` runs the token
     loop inside the backend (`backend.fused_loop`, the C loop for llama.cpp). `stop`: strings that
     end the answer where they first appear in the released text (not shown; runtime/stops.py).
     `categories`: the model's category head; the policy's allow/block/controversial rules need it, and
-    run in the Python loop (the native loop knows thresholds only). Use through `Generation`.
+    run in the Python loop (the native loop knows thresholds only). `answer_start`: where the answer text
+    begins in `prompt_tokens` (before a prefill; None: at the end), for a windowed policy. Use through
+    `Generation`.
     """
     t0 = time.perf_counter()
     enabled = policy is not None
     if enabled:
-        policy = policy.with_every(None)  # a caller that did not resolve the file's cadence: the default
+        policy = policy.with_every(None).with_window(None)  # unresolved: the defaults
     thr = (policy.threshold or threshold) if enabled else None
     if enabled and thr is None:
         raise ValueError("safety is on but no threshold is known (model metadata or SafetyPolicy.threshold)")
@@ -246,6 +259,9 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         raise ValueError("the policy's allow/block/controversial rules need a model with a category head")
     if enabled and categories is not None and policy.has_category_rules:
         native = False  # the C loop does not apply the category rules
+    attend = policy.windowed if enabled else None
+    if attend is not None:
+        native = False  # nor windows (the Python loop computes the same tokens and verdicts otherwise)
     s_thr = None
     if enabled:
         s_thr = policy.surprisal_threshold if policy.surprisal_threshold is not None else surprisal[0]
@@ -253,6 +269,12 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
     window = (policy.surprisal_window or surprisal[1] or DEFAULT_WINDOW) if s_thr is not None else None
     run = _Run(backend, policy, thr, answer_thr, stop, categories)
     safety = run.safety
+    if attend is not None:
+        start = len(prompt_tokens) if answer_start is None else answer_start
+        if not 0 <= start <= len(prompt_tokens):
+            raise ValueError(f"answer_start {answer_start} is outside the prompt's {len(prompt_tokens)} tokens")
+        run.track = WindowTrack(attend, start, len(prompt_tokens))
+        safety.window = attend
     safety.surprisal_threshold, safety.surprisal_window = s_thr, window
     shown = run.shown
     loop = None
@@ -283,7 +305,7 @@ def generate(backend: Backend, prompt_tokens: list[int], *, policy: SafetyPolicy
         generated = run.generated
         if run.enabled and not run.stopped and (run.released < len(generated) or run.streak):
             if run.released < len(generated) and not safety.trace[-1][0] == len(generated):
-                piece = run.verdict(backend.check(), len(generated), "end")
+                piece = run.verdict(backend.check(**run.window_kw(len(generated))), len(generated), "end")
                 if piece:
                     yield piece
             if run.streak:  # the last verdicts were unsafe (below patience): never show what they covered

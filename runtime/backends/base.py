@@ -11,6 +11,13 @@ A backend owns one KV cache and one sampler. The strategy drives it:
 everything in the cache), or None when no check was asked for. A side [CLS] never stays in
 the cache: the next token takes its position.
 
+    p = backend.advance(tok, check=True, window=ranges)      # a windowed check (runtime/window.py)
+    p = backend.check(window=ranges)
+
+`window` (only ever given to a check inside the answer): the half-open position ranges the check's side
+tokens and [CLS] attend to, which then take the positions right after the last range's end; the
+strategy passes it only for a windowed policy, so the other calls are unchanged.
+
     p = backend.start(prompt_tokens, sampling, check=True, score=positions)
     lps = backend.prompt_logprobs()                          # log p(tokens[i] | tokens[:i]), i in positions
 
@@ -157,9 +164,9 @@ class Backend(Protocol):
 
     def sample(self) -> int: ...
 
-    def advance(self, token: int, check: bool) -> float | None: ...
+    def advance(self, token: int, check: bool, window=None) -> float | None: ...
 
-    def check(self) -> float: ...
+    def check(self, window=None) -> float: ...
 
     def hesitation(self) -> tuple[float, float]:
         """(entropy in nats, top-1 minus top-2 probability) of the distribution last sampled from."""

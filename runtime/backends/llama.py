@@ -3,6 +3,14 @@
 Per check step one decode holds two positions, `[token at n, [CLS] at n+1]`, with logits
 for both rows; row 0 feeds the sampler, row 1 gives the verdict, then the [CLS] cell is
 removed from the KV cache so the next token takes position n+1 (docs/design.md section 3).
+
+A windowed check (runtime/window.py) puts the window's cells in a second sequence too
+(`llama_memory_seq_cp`: with the unified KV cache the context is made with, a metadata change), decodes
+the side tokens and [CLS] in that sequence right after the window, reads the verdict and removes the
+sequence. The token of that step is decoded on its own before (llama.cpp refuses a batch whose token
+belongs to two sequences that differ), so a windowed check step is two decodes; the check's decode
+replaces the token's logits, so the next token is drawn from them before it (the sampler sees the same
+calls in the same order) and a copy of the row is kept for `hesitation`.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from ..errors import ModelFileError
 from .base import Sampling, TokensFromFile, category_probs, check_prompt, logprob_py, side_tokens
 from .llama_file import LlamaModelFile, _FreedOnDelete, init_llama, llama_errors  # noqa: F401 (the module's API)
 from .llama_sampler import grammar_sampler, sampler_chain
+from ..window import cls_position
 
 try:  # the native module built from cpp_ext/ by pip install
     import runtime._native as _native  # the compiled module itself, not the package API
@@ -60,7 +69,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         p = ll.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
         p.n_threads = p.n_threads_batch = threads
-        p.n_seq_max = 1
+        p.n_seq_max = 2  # sequence 1: a windowed check's cells (one cache for both: seq_cp copies no data)
+        p.kv_unified = True
         p.no_perf = True
         if embeddings:  # the final normed hidden state of each output row too (`cls_hidden`); no pooling
             p.embeddings = True
@@ -82,18 +92,20 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._cells: list[int] | None = None  # the tokens in cache cells 0..n-1 (None: unknown)
         self._lp: dict[int, float] = {}  # position -> log p of the token there, for the cells in `_cells`
         self._score: list[int] = []  # the positions the last `start` scored
+        self._next: int | None = None  # drawn before a windowed check replaced the logits it came from
+        self._saved = None  # a copy of those logits (numpy), for `hesitation`
 
     # -- decoding --------------------------------------------------------------------
-    def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool, rows=()) -> None:
-        """Decode tokens at start_pos.. (+ the side tokens ending in [CLS] right after them); logits for
-        the last token (and the [CLS]), and for the tokens at the indices `rows` (batch rows = indices)."""
+    def _decode(self, tokens: list[int], start_pos: int, want_last: bool, cls: bool, rows=(), seq: int = 0) -> None:
+        """Decode tokens at start_pos.. (+ the side tokens ending in [CLS] right after them) in sequence `seq`;
+        logits for the last token (and the [CLS]), and for the tokens at the indices `rows` (batch rows)."""
         b = self.batch
         items = list(tokens) + (self.side if cls else [])
         for i, t in enumerate(items):
             b.token[i] = t
             b.pos[i] = start_pos + i
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
+            b.seq_id[i][0] = seq
             b.logits[i] = 0
         for r in rows:
             b.logits[r] = 1
@@ -102,6 +114,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         if cls:
             b.logits[len(items) - 1] = 1
         b.n_tokens = len(items)
+        if want_last and tokens:
+            self._next = self._saved = None
         rc = ll.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
@@ -249,8 +263,30 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         self._cells = list(tokens[:done])
         return [found[p] for p in positions]
 
-    def advance(self, token: int, check: bool) -> float | None:
+    def _windowed(self, window, n: int) -> float:
+        """The verdict of a check attending to the cells in `window` (half-open ranges, all below n) only."""
+        window = [(int(a), int(b)) for a, b in window]
+        if not window or any(a < 0 or b < a or b > n for a, b in window):
+            raise ValueError(f"a check window must be ranges within 0..{n}, got {window}")
+        try:
+            for a, b in window:
+                if b > a:
+                    ll.llama_memory_seq_cp(self.mem, 0, 1, a, b)
+            self._decode([], cls_position(window), want_last=False, cls=True, seq=1)
+            return self._verdict(len(self.side) - 1)
+        finally:
+            if not ll.llama_memory_seq_rm(self.mem, 1, -1, -1):
+                raise RuntimeError("could not remove a windowed check's cells from the KV cache")
+
+    def advance(self, token: int, check: bool, window=None) -> float | None:
         n = self.n_past
+        if check and window is not None:
+            import numpy as np
+            self.advance(token, False)
+            row = ll.llama_get_logits_ith(self.ctx, self._row)
+            saved = np.ctypeslib.as_array(row, shape=(self.mf.n_vocab,)).copy() if row else None
+            self._next, self._saved = self.sample(), saved  # the check's decode replaces these logits
+            return self._windowed(window, n + 1)
         if check:
             p = self._with_cls([token], n, want_last=True)
         else:
@@ -261,7 +297,9 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
             self._cells.append(token)
         return p
 
-    def check(self) -> float:
+    def check(self, window=None) -> float:
+        if window is not None:
+            return self._windowed(window, self.n_past)
         self._decode([], self.n_past, want_last=False, cls=True)
         p = self._verdict(len(self.side) - 1)
         self._drop_cls(self.n_past)
@@ -276,13 +314,20 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         return tuple(self.safety_ids or ()) + self.category_ids
 
     def hesitation(self) -> tuple[float, float]:
-        logits = ll.llama_get_logits_ith(self.ctx, self._row)
         excluded = self.masked_ids
+        if self._saved is not None:  # the row the last token was drawn from, kept across a windowed check
+            if _native is not None:
+                return _native.row_stats(self._saved.ctypes.data, self.mf.n_vocab, excluded)
+            return row_stats_py(self._saved, self.mf.n_vocab, excluded)
+        logits = ll.llama_get_logits_ith(self.ctx, self._row)
         if _native is not None:
             return _native.row_stats(ctypes.addressof(logits.contents), self.mf.n_vocab, excluded)
         return row_stats_py(logits, self.mf.n_vocab, excluded)
 
     def sample(self) -> int:
+        if self._next is not None:
+            t, self._next = self._next, None
+            return t
         return int(ll.llama_sampler_sample(self.sampler, self.ctx, self._row))
 
     def cls_hidden(self, tokens: list[int], reuse: bool = True):
@@ -304,6 +349,8 @@ class LlamaBackend(TokensFromFile, _FreedOnDelete):
         """A copy of the next-token logits at the last real position (n_vocab float32; the safety rows
         included: `masked_ids` names them). For measurements (`bench drift`), not the token loop."""
         import numpy as np
+        if self._saved is not None:
+            return self._saved.copy()
         logits = ll.llama_get_logits_ith(self.ctx, self._row)
         if not logits:
             raise ModelFileError(f"llama.cpp returned no logits for {self.mf.path}")

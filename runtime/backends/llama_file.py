@@ -101,6 +101,12 @@ class LlamaModelFile(_FreedOnDelete):
         self._piece_cache: dict[int, bytes] = {}
         self._specials: tuple[Special, ...] | None = None
 
+    def meta_value(self, key: str) -> str | None:
+        """Any metadata value of the file as text (None: absent); `metadata` keeps the safety.* keys only."""
+        buf = ctypes.create_string_buffer(1 << 12)
+        n = ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
     def _read_metadata(self) -> dict[str, str]:
         out = {}
         buf = ctypes.create_string_buffer(1 << 16)

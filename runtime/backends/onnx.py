@@ -11,6 +11,11 @@ keys and one for values. The graph takes the contiguous view `buf[:, :n]` (bound
 I/O binding, no copy) and returns only the new rows, which are written in place. Nothing
 proportional to the cache is copied per step on the CPU provider.
 
+A windowed check (runtime/window.py) runs the side tokens and [CLS] against the window's rows of the cache,
+gathered into a short past (the graph's mask lets a row see its whole past; the rows keep the keys computed
+at their own positions, and position_ids place the check right after the window). A graph whose family has
+sliding-window layers masks by index in that past, not by position: windows are refused there (fail closed).
+
 The ONNX file holds the weights and the `safety.*` metadata; tokenization, detokenization,
 end-of-generation and the chat template come from a vocab-only llama.cpp load of the safe
 GGUF the model was exported from: `model.gguf` beside `model.onnx` (same stem), the file
@@ -26,6 +31,7 @@ import numpy as np
 from runtime.contract import PREFIX, SIDE_TOKEN_IDS, SafetyMeta
 
 from ..errors import ContextOverflowError, ModelFileError
+from ..window import cls_position
 from .base import Sampling, TokensFromFile, category_probs, check_prompt, logprob_py, side_tokens
 from .llama import LlamaModelFile, p_unsafe_from_logits, row_stats_py
 
@@ -159,8 +165,9 @@ class OnnxBackend(TokensFromFile):
         self._mask = np.array(sorted(set(safety_ids or ()) | set(self.category_ids)), dtype=np.int64)
 
     # -- decoding --------------------------------------------------------------------
-    def _run(self, tokens: list[int], start: int, keep: int, logits_row: int):
-        """Decode `tokens` at positions start..; write the first `keep` new K/V rows into the cache."""
+    def _run(self, tokens: list[int], start: int, keep: int, logits_row: int, past=None):
+        """Decode `tokens` at positions start..; write the first `keep` new K/V rows into the cache.
+        `past`: per cache buffer, the rows to attend to instead of the first `start` (then nothing is kept)."""
         T = len(tokens)
         if start + T > self.n_ctx:
             raise ContextOverflowError(f"position {start + T} is beyond the context of {self.n_ctx}")
@@ -168,9 +175,10 @@ class OnnxBackend(TokensFromFile):
         io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
         io.bind_cpu_input("position_ids", np.arange(start, start + T, dtype=np.int64)[None])
         io.bind_cpu_input("logits_index", np.asarray([logits_row], dtype=np.int64))
-        for name, buf in zip(self.past_names, self.cache):
-            # a contiguous view of the first `start` rows, bound by pointer: no copy
-            io.bind_input(name, "cpu", 0, np.float32, [1, start, buf.shape[2], buf.shape[3]], buf.ctypes.data)
+        for name, buf in zip(self.past_names, past if past is not None else self.cache):
+            # a contiguous view of the first `start` rows (or the gathered past), bound by pointer: no copy
+            rows = buf.shape[1] if past is not None else start
+            io.bind_input(name, "cpu", 0, np.float32, [1, rows, buf.shape[2], buf.shape[3]], buf.ctypes.data)
         for name in self.out_names:
             io.bind_output(name, "cpu")
         self.sess.run_with_iobinding(io)
@@ -217,15 +225,35 @@ class OnnxBackend(TokensFromFile):
     def categories(self):
         return self._categories if self.category_ids else None
 
-    def advance(self, token: int, check: bool) -> float | None:
+    def _windowed(self, window, n: int) -> float:
+        """The verdict of a check attending to the cache rows in `window` (half-open ranges below n) only."""
+        window = [(int(a), int(b)) for a, b in window]
+        if not window or any(a < 0 or b < a or b > n for a, b in window):
+            raise ValueError(f"a check window must be ranges within 0..{n}, got {window}")
+        vf = self.mf.vocab_file
+        arch = vf.architecture or ""
+        if vf.meta_value(f"{arch}.attention.sliding_window"):
+            raise ModelFileError(f"windowed checks on ONNX need a family without sliding-window layers ({arch} has "
+                                 "them): use the llama backend")
+        idx = np.concatenate([np.arange(a, b) for a, b in window])
+        past = [np.ascontiguousarray(buf[:, idx]) for buf in self.cache]
+        _, safety = self._run(self.side, cls_position(window), keep=0, logits_row=0, past=past)
+        return self._verdict(safety)
+
+    def advance(self, token: int, check: bool, window=None) -> float | None:
         n = self.n_past
+        if check and window is not None:
+            self.advance(token, False)
+            return self._windowed(window, n + 1)
         items = [token] + (self.side if check else [])
         logits, safety = self._run(items, n, keep=1, logits_row=0)
         self._logits = logits
         self.n_past = n + 1
         return self._verdict(safety) if check else None
 
-    def check(self) -> float:
+    def check(self, window=None) -> float:
+        if window is not None:
+            return self._windowed(window, self.n_past)
         # the side tokens alone: a logits row is computed (one projection) but not kept
         _, safety = self._run(self.side, self.n_past, keep=0, logits_row=0)
         return self._verdict(safety)

@@ -1,6 +1,7 @@
 """Conversation-level figures of a safe model under one check policy: what a user of the runtime sees.
 
-    safechat bench conversations [--model PATH ...] [--every 4] [--tokens 48] [--refusal 0.02 0.05 0.10] [--suffixes]
+    safechat bench conversations [--model PATH ...] [--every 4] [--window R1,R2,R3|all] [--tokens 48]
+                                 [--refusal 0.02 0.05 0.10] [--suffixes]
 
 Per-position figures (`train report`) score one [CLS] at a time; the runtime refuses a whole
 conversation as soon as *any* check crosses its threshold, so a benign answer checked 12 times
@@ -15,6 +16,12 @@ most `--plain-refusal` of the plain benign refused) the pair that catches the mo
 (`safechat.train.calibrate.pick_pair`, the same choice `train calibrate` writes into a card), applied to
 test ("never" = no answer threshold gains a val attack). A second table per model lists the benign
 families refused at its own pair, and whether at the prompt or inside the answer.
+
+`--window R1,R2,R3` records windowed verdicts inside the answer (runtime/window.py; default: each file's own
+`safety.window`, else seeing everything; `all`: seeing everything). Checking without acting never flags a
+prompt, so every check inside the answer attends to its last R2 answer tokens: what the runtime computes
+when a flagged prompt is refused at once (patience 1). Save windowed and sees-everything traces to two files
+(`--save`) and give each to `train calibrate --traces ... --window ...` to compare them at equal budgets.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import numpy as np
 
 from runtime.model import load
 from runtime.policy import DEFAULT_EVERY
+from runtime.cli_flags import window_arg
 from runtime.strategy import SafetyPolicy
 
 from safechat.train.calibrate import at_cadence, best_pair, held_out_conversations, observe, refused, split_max
@@ -65,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=None,
                     help="check every k generated tokens (default: the runtime's default, 4); with --traces: evaluate the saved traces at "
                          "this coarser cadence (a multiple of theirs), as `train calibrate --every` does")
+    ap.add_argument("--window", type=window_arg, default=None, metavar="R1,R2,R3|all",
+                    help="windowed checks inside the answer (default: the file's safety.window, else all)")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--refusal", type=float, nargs="+", default=[0.02, 0.03, 0.05, 0.10],
                     help="budgets for the benign lookalikes refused (template and real, each), calibrated on val")
@@ -89,9 +99,10 @@ def main(argv=None) -> int:
     every = args.every or DEFAULT_EVERY
     if every < 1:
         raise SystemExit(f"error: --every must be >= 1, got {args.every}")
-    policy = SafetyPolicy(every=every)
+    policy = SafetyPolicy(every=every, window=args.window)
     sizes = lambda s: " / ".join(str(len(groups[s][g])) for g in names)  # noqa: E731
-    print(f"\nevery {every} tokens, up to {args.tokens} greedy tokens; conversations ({' / '.join(names)}): "
+    seen = {None: "each file's window", "all": "every check sees everything"}.get(args.window, f"window {args.window}")
+    print(f"\nevery {every} tokens ({seen}), up to {args.tokens} greedy tokens; conversations ({' / '.join(names)}): "
           f"val {sizes('val')}, test {sizes('test')}; pairs chosen on val with at most "
           f"{args.plain_refusal:.0%} of the plain benign refused\n")
     cols = " | ".join(f"{s} {NAMES[g]}" for s in ("val", "test") for g in names)

@@ -33,6 +33,7 @@ def stamp_of(result, prompt_set: dict, bar: dict) -> dict[str, str]:
            **({} if result.answer_threshold is None else {"answer_threshold": round(result.answer_threshold, 6)}),
            "surprisal_threshold": None if result.surprisal[0] is None else round(result.surprisal[0], 6),
            "surprisal_window": result.surprisal[1],
+           "window": list(result.window) if getattr(result, "window", None) else None,
            "verdict_agreement": round(result.verdict_agreement, 6), "mean_abs_dp": round(result.mean_abs_dp, 6),
            "max_abs_dp": round(result.max_abs_dp, 6), "token_agreement": round(result.token_agreement, 6),
            "bar": bar}

@@ -222,6 +222,8 @@ class ModelResult:
     every: int = 0                           # tokens between the answer checks compared (0: none compared)
     surprisal: tuple[float | None, int] = (None, 8)  # the file's surprisal rule (threshold, None: off; window):
                                                      # recorded in the stamp so that an edit is caught
+    window: tuple[int, int, int] | None = None  # the file's safety.window, recorded likewise (the answer checks
+                                                # compared here see everything: the windowed ones are not yet)
 
 
 def _open(model: Path, threads: int | None):
@@ -309,7 +311,7 @@ def verify_model(model: str | Path, ref: TorchReference, prompt_set: dict, n_tok
                        a["n"], n_tokens, meta.threshold, a["token_agreement"], a["mean_abs_dp"], a["max_abs_dp"],
                        a["verdict_agreement"], ok, {k: agg(v) for k, v in kinds.items()}, rows,
                        round(time.perf_counter() - t0, 1), answer_thr if every else None, a["n_checks"],
-                       a["near_threshold"], every, surprisal_rule(meta))
+                       a["near_threshold"], every, surprisal_rule(meta), window=meta.window)
 
 
 def surprisal_rule(meta) -> tuple[float | None, int]:

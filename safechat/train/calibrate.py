@@ -38,6 +38,7 @@ from runtime.artifact import load_artifact
 from runtime.fetch import base_smollm2
 from runtime.fold import convert_gguf
 from runtime.model import load
+from runtime.cli_flags import window_arg
 from runtime.strategy import SafetyPolicy
 
 from .patience import from_maxima, pick
@@ -206,6 +207,7 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     examples = dataset_for({**card, "recipe": {**card.get("recipe", {}), "real": use_real}})
     held, scored = _held(examples, json.loads(scores_path.read_text()))
     policy = (policy or SafetyPolicy()).with_every(art.every)  # default: the cadence the card records, else 4
+    policy = policy.with_window(art.window)  # default: the windows the card records, else every check sees all
     groups = held_out_conversations(examples, "val", limit)
     if traces is not None:
         if not policy.every:
@@ -234,6 +236,9 @@ def calibrate_artifact(art_dir: Path, budget: float = 0.05, *, plain_budget: flo
     card.pop("every", None)
     if policy.every:  # the file's default policy will check at the cadence these thresholds were chosen for
         card["every"] = int(policy.every)
+    card.pop("window", None)
+    if policy.windowed:  # and with the windows they were chosen with (runtime/window.py)
+        card["window"] = list(policy.windowed)
     card["calibration"] = {
         "method": "val conversations: the (prompt, answer) threshold pair catching the most harmful ones (plain, "
                   "jailbreak-wrapped, prefilled) with at most `plain_budget` of the plain benign ones and at most "
@@ -299,6 +304,10 @@ def add_parser(sub) -> None:
     c.add_argument("--every", type=int, default=None,
                    help="calibrate for a check every k tokens, recorded in the card and the file (default: the "
                         "card's own cadence, else 4); with --traces, a multiple of the cadence they were saved at")
+    c.add_argument("--window", type=window_arg, default=None, metavar="R1,R2,R3|all",
+                   help="calibrate the checks inside the answer windowed (runtime/window.py), recorded in the card and "
+                        "the file; 'all': seeing everything (default: the card's own, else all); with --traces, the "
+                        "windows they were saved with (`bench conversations --window`)")
     c.add_argument("--tokens", type=int, default=48, help="greedy tokens per conversation")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--limit", type=int, default=0, help="at most this many val conversations per group (smoke runs)")
@@ -316,7 +325,7 @@ def add_parser(sub) -> None:
 def _run(args) -> int:
     if args.every is not None and args.every < 1:
         raise SystemExit(f"error: --every must be >= 1, got {args.every}")
-    policy = SafetyPolicy() if args.every is None else SafetyPolicy(every=args.every)
+    policy = SafetyPolicy(every=args.every, window=args.window)
     out = calibrate_artifact(args.artifact, args.budget, plain_budget=args.plain_budget, base=args.base,
                              policy=policy, tokens=args.tokens, threads=args.threads,
                              command="safechat train " + shlex.join(args.argv), limit=args.limit, progress=True,

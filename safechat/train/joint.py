@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .cls_recipe import pack_batches
 from safechat.convert.llama_torch import FrozenLlama
 from .joint_dist import Dist, TrainStep, clip_grad_norm, optimizer_state, shard_layers
+from .joint_window import apply_windows
 from .lora import LoRA
 from .run_state import resume_from, save_state
 
@@ -81,8 +82,9 @@ def expanded_len(s: JointSeq) -> int:
     return len(s.tokens) + len(s.cls_at)
 
 
-def layout(seqs: list[JointSeq]) -> Batch:
-    """Insert the [CLS] positions, build positions, the strategic-attention mask and targets."""
+def layout(seqs: list[JointSeq], window=None) -> Batch:
+    """Insert the [CLS] positions, build positions, the strategic-attention mask and targets; `window`
+    (r1, r2, r3): the [CLS] inside answers attend to their windows (safechat/train/joint_window.py)."""
     rows = []
     for s in seqs:
         T, at, row = len(s.tokens), dict(zip(s.cls_at, s.labels())), []  # row: (id, is_cls, pos, lm, label)
@@ -109,6 +111,8 @@ def layout(seqs: list[JointSeq]) -> Batch:
     eye = torch.eye(S, dtype=torch.bool)
     key_ok = valid[:, None, :] & (~is_cls[:, None, :] | eye[None])   # nobody else sees a [CLS]
     mask = (causal[None] & key_ok)[:, None]
+    if window is not None:
+        apply_windows(seqs, window, pos, mask)
     return Batch(ids, is_cls, pos, mask, lm_t, lab_t)
 
 
@@ -228,7 +232,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 max_seconds: float | None = None, log_every: int = 25, log=print, first_layer: int = 0,
                 lower=None, lm_sample: float = 1.0, bf16: bool = False, state_dir: Path | None = None,
                 state_command: str | None = None, dist: Dist | None = None, accum: int = 1,
-                fsdp: bool = False) -> JointResult:
+                fsdp: bool = False, window=None) -> JointResult:
     """Train LoRA adapters, the [CLS] row and the head rows; checkpoint into out_dir.
 
     The model's weights must already be on the training device. With `resume`, an existing
@@ -248,6 +252,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
     each rank computing its share in `accum` micro-batches, DDP averaging the gradients, rank 0 writing
     the checkpoint. accum > 1 in one process splits each batch the same way (less memory, same step).
     fsdp: shard the transformers base's decoder layers over the ranks instead of replicating it (DDP).
+    window: (r1, r2, r3), the [CLS] inside answers attend to the runtime's windows (joint_window.py).
     """
     dist = dist or Dist()
     out_dir = Path(out_dir)
@@ -270,15 +275,15 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
               "data": data_digest(seqs), "n_seqs": len(seqs)}
     if first_layer or lm_sample < 1:  # absent from older checkpoints' configs, which stay loadable
         config.update(first_layer=first_layer, lm_sample=lm_sample)
-    if bf16:
-        config["bf16"] = True
-    if fsdp:  # its checkpoints hold the optimizer state by parameter name
-        config["fsdp"] = True
+    if bf16 or fsdp or window:  # absent from older configs (fsdp: its checkpoints keep the optimizer by name)
+        config.update({"bf16": True} if bf16 else {}, **({"fsdp": True} if fsdp else {}),
+                      **({"window": list(window)} if window else {}))
     ckpt = out_dir / CHECKPOINT
     st, ckpt = resume_from(ckpt, state_dir) if resume else (None, ckpt)
     if st is not None:
         old = st["config"]
-        diff = {k: (old.get(k), v) for k, v in config.items() if k not in ("steps", "warmup") and old.get(k) != v}
+        diff = {k: (old.get(k), config.get(k)) for k in [*config, *(["window"] if "window" in old else [])]
+                if k not in ("steps", "warmup") and old.get(k) != config.get(k)}  # a window is never dropped silently
         if diff or steps < st["step"]:
             diff.update({"steps": (old["steps"], steps)} if steps < st["step"] else {})
             raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
@@ -338,7 +343,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         if state_dir is not None:
             save_state(state_dir, obj, state_command)
 
-    t0, step, window = time.time(), start, []
+    t0, step, recent = time.time(), start, []  # recent: the losses since the last log line
     t_win = t0
     while step < steps:
         idx = batch_for_step(batches, step, seed)
@@ -350,7 +355,7 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         opt.zero_grad(set_to_none=True)
         lm = cl = 0.0
         for k, part in enumerate(parts):
-            batch = layout([seqs[i] for i in part]).to(dev)
+            batch = layout([seqs[i] for i in part], window).to(dev)
             keep = None
             if lm_sample < 1:
                 g = torch.Generator().manual_seed(seed * 1000003 + step)
@@ -372,16 +377,16 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
         opt.step()
         sched.step()
         step += 1
-        window.append((lm, cl, sum(expanded_len(seqs[i]) for i in idx)))
+        recent.append((lm, cl, sum(expanded_len(seqs[i]) for i in idx)))
         if step % log_every == 0 or step == steps:
-            m = np.mean(window, axis=0)
-            rate = sum(w[2] for w in window) / max(time.time() - t_win, 1e-9)
+            m = np.mean(recent, axis=0)
+            rate = sum(w[2] for w in recent) / max(time.time() - t_win, 1e-9)
             history.append({"step": step, "lm": round(float(m[0]), 4), "cls": round(float(m[1]), 4),
                             "seconds": round(time.time() - t0, 1), "rows_per_s": round(rate, 1)})
             if dist.main:
                 log(f"step {step}/{steps}: lm {m[0]:.4f} cls {m[1]:.4f} ({time.time() - t0:.0f}s, "
                     f"{rate:.0f} rows/s)")
-            window, t_win = [], time.time()
+            recent, t_win = [], time.time()
         if step % ckpt_every == 0 or step == steps:
             save(step)
         if max_seconds is not None and step < steps and dist.any(time.time() - t0 > max_seconds):

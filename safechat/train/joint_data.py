@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.prompt import Prompt, build_prompt, prompt_tokens
+from runtime.prompt import Prompt, answer_start, build_prompt, prompt_tokens
 
 from .cls_recipe import RESPONSE_POINTS, Encoded, encode
 from .joint import JointSeq
@@ -121,9 +121,11 @@ def _comply(train_examples: list[dict], template, vocab, bos, n: int, seed: int,
         pool = [e for e in plain if int(e["label"]) == label]
         for e in rng.sample(pool, min(n, len(pool))):
             msgs = [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": rng.choice(OPENERS)}]
-            toks = prompt_tokens(build_prompt(template, msgs), vocab, bos)
-            if len(toks) <= max_tokens:
-                out.append({"id": e["id"], "tokens": toks, "label": label})
+            prompt = build_prompt(template, msgs)
+            toks = prompt_tokens(prompt, vocab, bos)
+            if len(toks) <= max_tokens:  # answer_at: where the opener (answer text, runtime/window.py) begins
+                out.append({"id": e["id"], "tokens": toks, "label": label,
+                            "answer_at": answer_start(prompt, toks, vocab, bos)})
     return out
 
 
@@ -141,10 +143,12 @@ def prepare(examples: list[dict], vocab, template: str | None, bos: int | None, 
             msgs = [{"role": "user", "content": e["prompt"]}]
             if e.get("prefill"):
                 msgs.append({"role": "assistant", "content": e["prefill"]})
-            toks = prompt_tokens(build_prompt(template, msgs), vocab, bos)
+            prompt = build_prompt(template, msgs)
+            toks = prompt_tokens(prompt, vocab, bos)
             if len(toks) <= max_prompt_tokens:
                 train.append({"id": e["id"], "tokens": toks, "label": int(e["label"]),
-                              "prefill": bool(e.get("prefill")), "augmentation": e["augmentation"]})
+                              "prefill": bool(e.get("prefill")), "augmentation": e["augmentation"],
+                              **({"answer_at": answer_start(prompt, toks, vocab, bos)} if e.get("prefill") else {})})
         elif e["split"] in held:
             enc = encode(e, vocab, template, bos)
             held[e["split"]].append({"id": e["id"], "tokens": enc.tokens, "positions": enc.positions,
@@ -260,6 +264,12 @@ def _inside(start: int, response: list[int], eog: set[int], every: int | None = 
     return [start + k for k in points] + ([start + n] if n > 0 else [])
 
 
+def _answer_at(e: dict) -> dict:
+    """Where a prefill (answer text) begins, for the windows of the [CLS] inside the answer (joint_window.py);
+    {} without a prefill or in data prepared before it was recorded."""
+    return {"answer_at": int(e["answer_at"])} if e.get("answer_at") is not None else {}
+
+
 def _two_turn(prep: dict, firsts: list[tuple[list[int], list[int]]], eog: set[int], every, seed: int,
               refusal_lm: bool = True):
     """Two-turn sequences: a first turn (prompt, own answer) from `firsts`, then each second turn of the prep."""
@@ -301,14 +311,14 @@ def build_sequences(model: FrozenLlama, prep: dict, *, gen_tokens: int = 48, har
     for c, ans in zip(comply, answers[len(want) + len(framings):]):
         n = len(c["tokens"])
         seqs_comply.append(JointSeq(c["tokens"] + ans, [n] + _inside(n, ans, eog, cls_every), c["label"], lm_from=None,
-                                    meta={"id": c["id"], "kind": "comply"}))
+                                    meta={"id": c["id"], "kind": "comply", **_answer_at(c)}))
     answers = answers[:len(want) + len(framings)]
     seqs, firsts = [], []
     for e, ans in zip(want, answers):
         n = len(e["tokens"])
         benign = e["label"] == 0
         seqs.append(JointSeq(e["tokens"] + ans, [n] + _inside(n, ans, eog, cls_every), e["label"],
-                             lm_from=n if benign else None, meta={"id": e["id"], "kind": "answer"}))
+                             lm_from=n if benign else None, meta={"id": e["id"], "kind": "answer", **_answer_at(e)}))
         if benign and not e["prefill"] and e["augmentation"] == "none" and n <= 200:
             firsts.append((e["tokens"], ans))
     framed = [(f["tokens"], a) for f, a in zip(framings, answers[len(want):])]

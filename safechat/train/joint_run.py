@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from runtime.artifact import Artifact, load_artifact
+from runtime.cli_flags import window_arg
 from runtime.fetch import sha256_file
 from runtime.gguf_io import architecture, read_gguf
 from runtime.merge import DELTAS, file_sha256, save_deltas
@@ -191,6 +192,8 @@ def cmd_joint(args) -> int:
         init = (a.cls_embedding, a.head)
     lower = None
     if args.first_layer:
+        if args.window:
+            raise SystemExit("error: --window is not built into the cached lower layers of --first-layer yet")
         if init is None:
             raise SystemExit("error: --first-layer needs --init-from (the [CLS] row stays fixed at that artifact's)")
         from .joint_cache import lower_states
@@ -206,7 +209,8 @@ def cmd_joint(args) -> int:
                       ckpt_every=args.ckpt_every, resume=args.resume, seed=args.seed, init=init,
                       max_seconds=budget, first_layer=args.first_layer, lower=lower, lm_sample=args.lm_sample,
                       bf16=args.bf16, state_dir=args.state, state_command=resume_command(getattr(args, "argv", None)),
-                      dist=dist, accum=args.accum, log=say, log_every=args.log_every, fsdp=args.fsdp)
+                      dist=dist, accum=args.accum, log=say, log_every=args.log_every, fsdp=args.fsdp,
+                      window=args.window)
     sharded_eval = args.fsdp and how == "torch"  # the sharded model's passes need every rank
     if not dist.main and not sharded_eval:  # rank 0 writes the artifact and measures it
         dist.close()
@@ -215,6 +219,8 @@ def cmd_joint(args) -> int:
     card["architecture"] = architecture(read_gguf(base), str(base))
     card["recipe"].update(engine=type(model).__name__, processes=dist.world, accum=args.accum,
                           **({"fsdp": True} if args.fsdp else {}))
+    if args.window:  # the fold writes it as safety.window: the runtime's checks inside the answer use it
+        card["window"] = card["recipe"]["window"] = list(args.window)
     if dist.main:
         card["deltas"] = deltas_card(save_deltas(out, factors=res.factors), res.lora)  # llama eval merges them
     scores = None
@@ -265,6 +271,10 @@ def cmd_joint_eval(args) -> int:
 
 
 # -- command line (also `python -m safechat.train.joint_run`, which needs no llama.cpp import) -----------
+def _window(text: str) -> tuple[int, int, int]:
+    return window_arg(text, allow_all=False)
+
+
 def add_parsers(sub) -> None:
     """`joint` (LoRA + [CLS] + head, safechat/train/joint_run.py), `joint-prep`, `joint-eval`."""
     j = sub.add_parser("joint", help="the paper's joint recipe: LoRA + [CLS] row + head, LM loss + [CLS] loss")
@@ -284,6 +294,9 @@ def add_parsers(sub) -> None:
     j.add_argument("--bf16", action="store_true",
                    help="bfloat16 matrix products on the CPU (autocast; about 3x the float32 rate where the "
                         "CPU has AVX-512 BF16 / AMX; refused where a quick probe finds it slower, as on AVX2)")
+    j.add_argument("--window", type=_window, default=None, metavar="R1,R2,R3",
+                   help="windowed strategic attention: the [CLS] inside answers attend to the runtime's windows "
+                        "(runtime/window.py; the paper's 5,15,10); recorded in the card, so the file carries it")
     j.add_argument("--cls-every", type=int, default=None,
                    help="[CLS] every N tokens inside the answers (default: after 8/24/48 tokens)")
     j.add_argument("--multi-turn", type=int, default=0,
