@@ -275,15 +275,15 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
               "data": data_digest(seqs), "n_seqs": len(seqs)}
     if first_layer or lm_sample < 1:  # absent from older checkpoints' configs, which stay loadable
         config.update(first_layer=first_layer, lm_sample=lm_sample)
-    if bf16 or fsdp or window:  # absent from older configs (fsdp: its checkpoints keep the optimizer by name)
-        config.update({"bf16": True} if bf16 else {}, **({"fsdp": True} if fsdp else {}),
-                      **({"window": list(window)} if window else {}))
+    for key, value in (("bf16", bool(bf16)), ("fsdp", bool(fsdp)), ("window", list(window or ()))):
+        if value:  # absent from older configs unless set (fsdp: its checkpoints keep the optimizer by name)
+            config[key] = value
     ckpt = out_dir / CHECKPOINT
     st, ckpt = resume_from(ckpt, state_dir) if resume else (None, ckpt)
     if st is not None:
         old = st["config"]
-        diff = {k: (old.get(k), config.get(k)) for k in [*config, *(["window"] if "window" in old else [])]
-                if k not in ("steps", "warmup") and old.get(k) != config.get(k)}  # a window is never dropped silently
+        diff = {k: (old.get(k), config.get(k)) for k in [*config, "window"]  # a window is never dropped silently
+                if k not in ("steps", "warmup") and old.get(k) != config.get(k)}
         if diff or steps < st["step"]:
             diff.update({"steps": (old["steps"], steps)} if steps < st["step"] else {})
             raise ValueError(f"{ckpt} was written by a different run (checkpoint vs now: {diff}); "
@@ -361,9 +361,8 @@ def train_joint(model: FrozenLlama, seqs: list[JointSeq], out_dir: str | Path, *
                 g = torch.Generator().manual_seed(seed * 1000003 + step)
                 keep = (torch.rand(batch.ids.shape, generator=g) < lm_sample).to(dev)
             with dist.no_sync(step_mod, k == len(parts) - 1), amp:
-                h = None
-                if first_layer:
-                    h = hidden_upper(model, lora, lower.batch(part, batch.ids.shape[1]).to(dev), batch, first_layer)
+                h = (hidden_upper(model, lora, lower.batch(part, batch.ids.shape[1]).to(dev), batch, first_layer)
+                     if first_layer else None)  # None: step_mod runs the whole model
                 loss, lm_k, cl_k = step_mod(batch, lam=lam, class_w=class_w, h=h, lm_keep=keep, norms=norms)
                 (loss * (weight * dist.world)).backward()  # DDP averages over ranks: the world factor undoes it
             lm, cl = lm + weight * lm_k, cl + weight * cl_k
